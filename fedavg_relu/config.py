@@ -1,0 +1,237 @@
+"""One typed, frozen run configuration, built and validated once.
+
+Flower hands the app a flat mapping of kebab-case keys (``context.run_config``,
+filled from ``[tool.flwr.app.config]`` in ``pyproject.toml`` and overridden by
+``flwr run . --run-config "key=value ..."``). :func:`RunConfig.from_mapping`
+turns it into a :class:`RunConfig` or raises one :class:`ConfigError` that lists
+every problem at once, each as ``key=value: expected ...``.
+
+This module does not import flwr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MODEL_FAMILIES = ("standard", "ntk", "paper")
+LOSSES = ("squared", "cross-entropy")
+DATASETS = ("synthetic", "digits", "mnist", "fashion-mnist", "cifar10")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+LR_SCALINGS = ("constant", "width")
+STRATEGIES = ("fedavg",)
+
+
+class ConfigError(ValueError):
+    """Invalid run configuration; ``problems`` lists every ``key=value: expected ...``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid run configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run. Field ``foo_bar`` is run-config key ``foo-bar``."""
+
+    # --- run -----------------------------------------------------------------
+    num_server_rounds: int = 10  # communication rounds R
+    seed: int = 0  # seeds the model init, the data split and every client's sampling
+    output_dir: str = "runs"  # parent folder of the run folder (relative: to $FEDAVG_RELU_HOME or cwd)
+    run_name: str = ""  # run folder name; "" = a timestamped name
+    save_model: bool = True  # write the final global model (model.pt)
+    # --- data ----------------------------------------------------------------
+    dataset: str = "digits"  # one of DATASETS
+    num_partitions: int = 10  # number of clients K the training set is split into
+    partitioner: str = "iid"  # one of PARTITIONERS
+    dirichlet_alpha: float = 0.5  # concentration of Dirichlet(alpha) label skew
+    classes_per_partition: int = 2  # labels per client for the pathological partitioner
+    test_fraction: float = 0.2  # held-out share for central evaluation
+    synthetic_num_examples: int = 2000  # n, synthetic data set size (train + test)
+    synthetic_input_dim: int = 20  # d, synthetic input dimension
+    synthetic_num_classes: int = 4  # classes of the synthetic teacher
+    synthetic_noise: float = 0.0  # std of Gaussian noise on the teacher's logits
+    # --- model ---------------------------------------------------------------
+    model_family: str = "paper"  # one of MODEL_FAMILIES (THEORY.md)
+    width: int = 2048  # m, hidden width
+    depth: int = 1  # L, hidden layers (paper: trained m x m layers W_1..W_L)
+    loss: str = "squared"  # one of LOSSES
+    # --- local SGD -----------------------------------------------------------
+    local_steps: int = 5  # tau, local steps per round
+    learning_rate: float = 1.0  # eta (lr-scaling=constant) or eta-tilde (lr-scaling=width)
+    lr_scaling: str = "width"  # "width": eta = learning-rate * d / m
+    batch_size: int = 32  # minibatch size; 0 (or "full") = full-batch Local GD
+    momentum: float = 0.0  # SGD momentum, reset every round
+    weight_decay: float = 0.0  # L2 weight decay of local SGD
+    # --- server --------------------------------------------------------------
+    strategy: str = "fedavg"  # one of STRATEGIES
+    fraction_train: float = 1.0  # share of clients sampled per round
+    round_timeout: float = 600.0  # seconds to wait for replies per exchange
+    drift_metrics: bool = True  # second exchange per round measuring THEORY.md's metrics
+    gradient_dissimilarity: bool = True  # clients return their gradient at the average (one model-size upload)
+    tensorboard: bool = False  # also write TensorBoard event files (needs `tensorboard`)
+
+    # ------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Parse and validate a flat kebab-case mapping; raise :class:`ConfigError`."""
+        problems: list[str] = []
+        known = {_key(f.name): f for f in dataclasses.fields(cls) }
+        for key in sorted(values):
+            if key not in known:
+                problems.append(
+                    f"{key}={values[key]!r}: unknown key; expected one of {', '.join(sorted(known))}"
+                )
+        parsed: dict[str, Any] = {}
+        for key, fld in known.items():
+            if key not in values:
+                continue
+            value = values[key]
+            caster = _CASTERS[fld.name]
+            try:
+                parsed[fld.name] = caster(value)
+            except _Invalid as err:
+                problems.append(f"{key}={value!r}: expected {err}")
+        cfg = cls(**parsed)
+        problems.extend(cfg._range_problems(set(parsed)))
+        if problems:
+            raise ConfigError(problems)
+        return cfg
+
+    def _range_problems(self, given: set[str]) -> list[str]:
+        checks: list[tuple[str, bool, str]] = [
+            ("num_server_rounds", self.num_server_rounds >= 1, "an integer >= 1"),
+            ("seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
+            ("dataset", self.dataset in DATASETS, f"one of {DATASETS}"),
+            ("num_partitions", self.num_partitions >= 1, "an integer >= 1"),
+            ("partitioner", self.partitioner in PARTITIONERS, f"one of {PARTITIONERS}"),
+            ("dirichlet_alpha", self.dirichlet_alpha > 0 and math.isfinite(self.dirichlet_alpha), "a finite float > 0"),
+            ("classes_per_partition", self.classes_per_partition >= 1, "an integer >= 1"),
+            ("test_fraction", 0.0 < self.test_fraction < 1.0, "a float in (0, 1)"),
+            ("synthetic_num_examples", self.synthetic_num_examples >= 4, "an integer >= 4"),
+            ("synthetic_input_dim", self.synthetic_input_dim >= 1, "an integer >= 1"),
+            ("synthetic_num_classes", self.synthetic_num_classes >= 2, "an integer >= 2"),
+            ("synthetic_noise", self.synthetic_noise >= 0 and math.isfinite(self.synthetic_noise), "a finite float >= 0"),
+            ("model_family", self.model_family in MODEL_FAMILIES, f"one of {MODEL_FAMILIES}"),
+            ("width", self.width >= 1, "an integer >= 1"),
+            ("depth", self.depth >= 1, "an integer >= 1"),
+            ("loss", self.loss in LOSSES, f"one of {LOSSES}"),
+            ("local_steps", self.local_steps >= 1, "an integer >= 1"),
+            ("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate), "a finite float > 0"),
+            ("lr_scaling", self.lr_scaling in LR_SCALINGS, f"one of {LR_SCALINGS}"),
+            ("batch_size", self.batch_size >= 0, 'an integer >= 0 (0 or "full" = full batch)'),
+            ("momentum", 0.0 <= self.momentum < 1.0, "a float in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0 and math.isfinite(self.weight_decay), "a finite float >= 0"),
+            ("strategy", self.strategy in STRATEGIES, f"one of {STRATEGIES}"),
+            ("fraction_train", 0.0 < self.fraction_train <= 1.0, "a float in (0, 1]"),
+            ("round_timeout", self.round_timeout > 0, "a float > 0 (seconds)"),
+        ]
+        problems = [
+            f"{_key(name)}={getattr(self, name)!r}: expected {what}"
+            for name, ok, what in checks
+            if not ok
+        ]
+        if (
+            self.partitioner == "pathological"
+            and self.dataset == "synthetic"
+            and self.classes_per_partition > self.synthetic_num_classes
+        ):
+            problems.append(
+                f"classes-per-partition={self.classes_per_partition!r}: expected at most "
+                f"synthetic-num-classes={self.synthetic_num_classes}"
+            )
+        return problems
+
+    # ------------------------------------------------------------------------
+    def to_mapping(self) -> dict[str, Any]:
+        """The kebab-case mapping that :meth:`from_mapping` reads back unchanged."""
+        return {
+            _key(f.name): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+        }
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A validated copy with some fields changed (snake_case names)."""
+        mapping = self.to_mapping()
+        mapping.update({_key(k): v for k, v in changes.items()})
+        return RunConfig.from_mapping(mapping)
+
+    @property
+    def full_batch(self) -> bool:
+        """True when local training is full-batch Local GD."""
+        return self.batch_size == 0
+
+    def effective_learning_rate(self, input_dim: int) -> float:
+        """The step size eta the clients use: ``learning-rate`` or ``learning-rate * d / m``."""
+        if self.lr_scaling == "width":
+            return self.learning_rate * input_dim / self.width
+        return self.learning_rate
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise _Invalid("an integer, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise _Invalid(f"an integer, got {type(value).__name__}")
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise _Invalid("a number, got a boolean")
+    if isinstance(value, (int, float)):
+        return float(value)
+    raise _Invalid(f"a number, got {type(value).__name__}")
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _Invalid(f"true or false, got {type(value).__name__}")
+
+
+def _as_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise _Invalid(f"a string, got {type(value).__name__}")
+
+
+def _as_batch_size(value: Any) -> int:
+    if isinstance(value, str) and value.lower() == "full":
+        return 0
+    try:
+        return _as_int(value)
+    except _Invalid as err:
+        raise _Invalid(f'an integer >= 0 or "full", got {type(value).__name__}') from err
+
+
+_TYPE_CASTERS: dict[Any, Callable[[Any], Any]] = {
+    int: _as_int,
+    float: _as_float,
+    bool: _as_bool,
+    str: _as_str,
+    "int": _as_int,
+    "float": _as_float,
+    "bool": _as_bool,
+    "str": _as_str,
+}
+_CASTERS: dict[str, Callable[[Any], Any]] = {
+    f.name: _TYPE_CASTERS[f.type] for f in dataclasses.fields(RunConfig)
+}
+_CASTERS["batch_size"] = _as_batch_size
