@@ -1,0 +1,1 @@
+"""ClientApps of fedavg-relu."""

@@ -1,0 +1,105 @@
+"""The ClientApp: local SGD on ``train``, drift measurement on ``query.drift``.
+
+Handlers only unpack the message, call :mod:`fedavg_relu.task` and pack the
+reply. The final local model of a round is kept in the node's state
+(``context.state``) until the drift exchange of the same round has used it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedavg_relu.config import RunConfig
+from fedavg_relu.records import arrays_to_params, params_to_arrays
+from fedavg_relu.task import client_data, measure_drift, train_client
+from fedavg_relu.training import LocalSGDSettings
+
+LOCAL_PARAMS_KEY = "local-params"
+LOCAL_ROUND_KEY = "local-round"
+
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(items: tuple) -> RunConfig:
+    return RunConfig.from_mapping(dict(items))
+
+
+def run_config(context: Context) -> RunConfig:
+    """The validated run configuration (parsed once per process)."""
+    return _parse(tuple(sorted(context.run_config.items())))
+
+
+def partition_id(context: Context) -> int:
+    """This node's partition, from its node config (``partition-id``)."""
+    if "partition-id" not in context.node_config:
+        raise ValueError("node config lacks 'partition-id' (start the SuperNode with --node-config 'partition-id=N')")
+    return int(context.node_config["partition-id"])
+
+
+def settings_from(config: ConfigRecord, cfg: RunConfig) -> LocalSGDSettings:
+    """Local SGD settings from the round's ConfigRecord (the server's word for this round)."""
+    return LocalSGDSettings(
+        local_steps=int(config["local-steps"]),
+        learning_rate=float(config["learning-rate"]),
+        batch_size=int(config["batch-size"]),
+        momentum=float(config["momentum"]),
+        weight_decay=float(config["weight-decay"]),
+        loss=cfg.loss,
+    )
+
+
+def train(msg: Message, context: Context) -> Message:
+    """Run tau local steps from the received global model and return the local model."""
+    cfg = run_config(context)
+    pid = partition_id(context)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    outcome = train_client(
+        cfg, client_data(cfg, pid), pid, server_round,
+        arrays_to_params(msg.content["arrays"]), settings_from(config, cfg),
+    )
+    local = params_to_arrays(outcome.local_params)
+    if bool(config.get("keep-local-model", True)):
+        context.state[LOCAL_PARAMS_KEY] = local
+        context.state[LOCAL_ROUND_KEY] = ConfigRecord({"server-round": server_round})
+    metrics = MetricRecord(
+        {
+            "train-loss": outcome.train_loss,
+            "loss-before": outcome.loss_before,
+            "num-examples": outcome.num_examples,
+        }
+    )
+    return Message(content=RecordDict({"arrays": local, "metrics": metrics}), reply_to=msg)
+
+
+def drift(msg: Message, context: Context) -> Message:
+    """Compare the gradient at this node's local model with the one at the new average."""
+    cfg = run_config(context)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    kept_round = context.state.get(LOCAL_ROUND_KEY)
+    if LOCAL_PARAMS_KEY not in context.state or kept_round is None or int(kept_round["server-round"]) != server_round:
+        raise RuntimeError(f"no local model kept for round {server_round} on this node")
+    local_params = arrays_to_params(context.state[LOCAL_PARAMS_KEY])
+    del context.state[LOCAL_PARAMS_KEY]  # keep node state small between rounds
+    measured, gradient = measure_drift(
+        cfg, client_data(cfg, partition_id(context)), local_params, arrays_to_params(msg.content["arrays"])
+    )
+    content = RecordDict({"metrics": MetricRecord(measured.to_metrics())})
+    if bool(config.get("return-gradient", False)):
+        content["gradient"] = params_to_arrays(gradient)
+    return Message(content=content, reply_to=msg)
+
+
+def build_client_app(mods: list | None = None) -> ClientApp:
+    """A ClientApp with this module's handlers (``mods``: Flower client mods)."""
+    client_app = ClientApp(mods=mods or [])
+    client_app.train()(train)
+    client_app.query("drift")(drift)
+    return client_app
+
+
+app = build_client_app()

@@ -1,0 +1,207 @@
+"""The per-round quantities of THEORY.md, as pure functions.
+
+Client side, :func:`measure_client_drift` compares client k's final local model
+W_k with the new average W^{r+1} on client k's full local data and returns
+scalars (plus the gradient at the average, for gradient dissimilarity).
+Server side, :func:`summarize_drift` turns the clients' scalars into the round's
+metrics, and :func:`distances_from_init` measures the lazy ball.
+
+Norms are Frobenius norms over all trained parameters; ``p_k = n_k / sum_j n_j``
+over the clients that reported. This module does not import flwr.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .models import ReluMLP, set_trainable
+from .training import full_gradient
+
+
+def squared_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """``sum_l ||a_l - b_l||_F^2`` over the (identical) keys of ``a`` and ``b``."""
+    if set(a) != set(b):
+        raise ValueError(f"parameter names differ: {sorted(set(a) ^ set(b))}")
+    return float(sum(np.sum((np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)) ** 2) for k in a))
+
+
+def distances_from_init(current: Mapping[str, np.ndarray], init: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Per layer ``||W_l - W_l^0||`` and ``||W_l - W_l^0|| / ||W_l^0||``, and the same over all layers.
+
+    Keys: ``distance-from-init/<name>``, ``relative-distance-from-init/<name>``,
+    ``distance-from-init``, ``relative-distance-from-init``. A relative distance
+    whose ``||W_l^0||`` is 0 (e.g. zero-initialised biases) is reported as NaN.
+    """
+    out: dict[str, float] = {}
+    total_sq, init_sq = 0.0, 0.0
+    for name in init:
+        w0 = np.asarray(init[name], np.float64)
+        diff_sq = float(np.sum((np.asarray(current[name], np.float64) - w0) ** 2))
+        norm0_sq = float(np.sum(w0**2))
+        total_sq += diff_sq
+        init_sq += norm0_sq
+        out[f"distance-from-init/{name}"] = math.sqrt(diff_sq)
+        out[f"relative-distance-from-init/{name}"] = math.sqrt(diff_sq / norm0_sq) if norm0_sq > 0 else math.nan
+    out["distance-from-init"] = math.sqrt(total_sq)
+    out["relative-distance-from-init"] = math.sqrt(total_sq / init_sq) if init_sq > 0 else math.nan
+    return out
+
+
+def flip_fraction(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """Fraction of (example, layer, neuron) whose ReLU on/off state differs between ``a`` and ``b``."""
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} vs {len(b)} layers of patterns")
+    differ = sum(int((pa != pb).sum()) for pa, pb in zip(a, b, strict=True))
+    total = sum(pa.numel() for pa in a)
+    return differ / total if total else 0.0
+
+
+@torch.no_grad()
+def activation_patterns(model: ReluMLP, x: torch.Tensor) -> list[torch.Tensor]:
+    """The measured layers' ReLU on/off masks of ``model`` on ``x``."""
+    return model.forward_with_patterns(x)[1]
+
+
+@dataclass(frozen=True)
+class ClientDrift:
+    """One client's end-of-round measurement (all on its full local data)."""
+
+    num_examples: int  # n_k
+    loss_at_global: float  # f_k(W^{r+1})
+    loss_at_local: float  # f_k(W_k)
+    grad_norm_global: float  # ||grad f_k(W^{r+1})||
+    grad_norm_local: float  # ||grad f_k(W_k)||
+    gradient_drift: float  # ||grad f_k(W_k) - grad f_k(W^{r+1})||
+    param_distance: float  # ||W_k - W^{r+1}||
+    flips_local: float  # pattern flips between W_k and W^{r+1}
+    flips_init: float  # pattern flips between W^{r+1} and W^0 (NaN if W^0's patterns are unknown)
+
+    def to_metrics(self) -> dict[str, float]:
+        """Flat kebab-case metrics, ``num-examples`` included."""
+        return {k.replace("_", "-"): float(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float]) -> ClientDrift:
+        """Inverse of :meth:`to_metrics`; raises ``KeyError`` naming a missing key."""
+        values = {}
+        for name in cls.__dataclass_fields__:
+            key = name.replace("_", "-")
+            if key not in metrics:
+                raise KeyError(f"drift reply lacks metric {key!r}")
+            values[name] = metrics[key]
+        values["num_examples"] = int(values["num_examples"])
+        return cls(**values)
+
+
+def measure_client_drift(
+    model: ReluMLP,
+    local_params: Mapping[str, np.ndarray],
+    global_params: Mapping[str, np.ndarray],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str,
+    init_patterns: Sequence[torch.Tensor] | None = None,
+) -> tuple[ClientDrift, dict[str, np.ndarray]]:
+    """Compare the gradient at the local model with the gradient at the average.
+
+    Costs two full-data gradients (at W_k and at W^{r+1}); the activation
+    patterns come from the same forward passes. Returns the scalars and the
+    gradient at W^{r+1} (numpy, per trained parameter).
+    """
+    set_trainable(model, local_params)
+    at_local = full_gradient(model, x, y, loss)
+    set_trainable(model, global_params)
+    at_global = full_gradient(model, x, y, loss)
+    names = list(at_global.grads)
+    drift_sq = sum(float(((at_local.grads[n] - at_global.grads[n]).double() ** 2).sum()) for n in names)
+    g_sq = sum(float((at_global.grads[n].double() ** 2).sum()) for n in names)
+    l_sq = sum(float((at_local.grads[n].double() ** 2).sum()) for n in names)
+    drift = ClientDrift(
+        num_examples=int(x.shape[0]),
+        loss_at_global=at_global.loss,
+        loss_at_local=at_local.loss,
+        grad_norm_global=math.sqrt(g_sq),
+        grad_norm_local=math.sqrt(l_sq),
+        gradient_drift=math.sqrt(drift_sq),
+        param_distance=math.sqrt(squared_distance(local_params, global_params)),
+        flips_local=flip_fraction(at_local.patterns, at_global.patterns),
+        flips_init=flip_fraction(at_global.patterns, init_patterns) if init_patterns is not None else math.nan,
+    )
+    return drift, {n: g.cpu().numpy() for n, g in at_global.grads.items()}
+
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.nan
+
+
+def summarize_drift(
+    drifts: Sequence[ClientDrift],
+    learning_rate: float,
+    mean_global_gradient_sq: float | None = None,
+) -> dict[str, float]:
+    """The round's drift metrics from the clients' measurements.
+
+    Parameters
+    ----------
+    drifts
+        One measurement per client that answered the drift exchange.
+    learning_rate
+        The local step size eta (for effective smoothness in step-size units).
+    mean_global_gradient_sq
+        ``||sum_k p_k grad f_k(W^{r+1})||^2`` (needs the gradient vectors);
+        ``None`` leaves gradient dissimilarity out.
+
+    Returns
+    -------
+    dict
+        ``global-loss`` (sum_k p_k f_k(W^{r+1})), ``local-loss``,
+        ``model-divergence`` (sum_k p_k ||W_k - W^{r+1}||^2),
+        ``model-divergence-max`` (max_k ||W_k - W^{r+1}||),
+        ``gradient-drift-mean``/``-max``, ``relative-gradient-drift-mean``/``-max``
+        (drift / ||grad f_k(W^{r+1})||), ``effective-smoothness-mean``/``-max``
+        (drift / ||W_k - W^{r+1}||, over clients with a nonzero distance),
+        ``effective-smoothness-lr-mean``/``-max`` (the same times eta),
+        ``activation-flips-local``/``-init`` (pooled fractions = sum_k p_k f_k),
+        ``gradient-dissimilarity`` (sum_k p_k ||g_k||^2 / ||sum_k p_k g_k||^2).
+        Means are p-weighted.
+    """
+    if not drifts:
+        return {}
+    n = np.array([d.num_examples for d in drifts], dtype=np.float64)
+    p = n / n.sum()
+    drift = np.array([d.gradient_drift for d in drifts])
+    dist = np.array([d.param_distance for d in drifts])
+    gnorm = np.array([d.grad_norm_global for d in drifts])
+    rel = np.array([_ratio(a, b) for a, b in zip(drift, gnorm, strict=True)])
+    moved = dist > 0
+    out = {
+        "global-loss": float(p @ np.array([d.loss_at_global for d in drifts])),
+        "local-loss": float(p @ np.array([d.loss_at_local for d in drifts])),
+        "model-divergence": float(p @ dist**2),
+        "model-divergence-max": float(dist.max()),
+        "gradient-drift-mean": float(p @ drift),
+        "gradient-drift-max": float(drift.max()),
+        "relative-gradient-drift-mean": float(p @ rel),
+        "relative-gradient-drift-max": float(rel.max()),
+        "activation-flips-local": float(p @ np.array([d.flips_local for d in drifts])),
+        "activation-flips-init": float(p @ np.array([d.flips_init for d in drifts])),
+    }
+    if moved.any():
+        smooth = drift[moved] / dist[moved]
+        pm = p[moved] / p[moved].sum()
+        out["effective-smoothness-mean"] = float(pm @ smooth)
+        out["effective-smoothness-max"] = float(smooth.max())
+    else:
+        out["effective-smoothness-mean"] = out["effective-smoothness-max"] = math.nan
+    out["effective-smoothness-lr-mean"] = out["effective-smoothness-mean"] * learning_rate
+    out["effective-smoothness-lr-max"] = out["effective-smoothness-max"] * learning_rate
+    if mean_global_gradient_sq is not None:
+        out["gradient-dissimilarity"] = _ratio(float(p @ gnorm**2), mean_global_gradient_sq)
+    return out

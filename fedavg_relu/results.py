@@ -1,0 +1,132 @@
+"""Writing a run's outputs: never half-written (write to a temporary file, then rename).
+
+One folder per run holds ``config.json``, ``metrics.jsonl`` (one JSON object per
+round, flat kebab-case keys, non-finite values as ``null``), ``metrics.csv`` (the
+same table), ``model.pt`` (the final global model's full state dict and the
+config) and, on request, TensorBoard event files under ``tensorboard/``.
+
+This module does not import flwr.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def resolve_run_dir(cfg: RunConfig, now: _dt.datetime | None = None) -> Path:
+    """``output-dir/run-name``; a relative ``output-dir`` is taken from $FEDAVG_RELU_HOME or the cwd."""
+    base = Path(cfg.output_dir).expanduser()
+    if not base.is_absolute():
+        base = Path(os.environ.get("FEDAVG_RELU_HOME", os.getcwd())) / base
+    name = cfg.run_name
+    if not name:
+        stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+        name = f"{stamp}-{cfg.model_family}-m{cfg.width}-L{cfg.depth}-tau{cfg.local_steps}-{cfg.partitioner}-s{cfg.seed}"
+    return base.resolve() / name
+
+
+class RunWriter:
+    """Owns one run folder; every write replaces a whole file atomically."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:  # tensorboard is optional
+                raise RuntimeError("tensorboard=true needs the `tensorboard` package: pip install tensorboard") from err
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def write_config(self, cfg: RunConfig, extra: Mapping[str, Any] | None = None) -> None:
+        """``config.json``: the run config (kebab-case keys) and derived facts under ``derived``."""
+        payload = {"config": cfg.to_mapping(), "derived": dict(extra or {})}
+        atomic_write_text(self.run_dir / "config.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+    def append_round(self, row: Mapping[str, Any]) -> None:
+        """Add one round's row and rewrite ``metrics.jsonl`` and ``metrics.csv``."""
+        clean = {k: _clean(v) for k, v in row.items()}
+        self.rows.append(clean)
+        lines = "".join(json.dumps(r, sort_keys=False, allow_nan=False) + "\n" for r in self.rows)
+        atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+        atomic_write_text(self.run_dir / "metrics.csv", rows_to_csv(self.rows))
+        if self._tb is not None:
+            step = int(row.get("round", len(self.rows)))
+            for key, value in clean.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def save_model(self, state: Mapping[str, Any]) -> Path:
+        """``model.pt`` via ``torch.save`` of ``state``, atomically."""
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(dict(state), buffer)
+        path = self.run_dir / "model.pt"
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def close(self) -> None:
+        """Close the TensorBoard writer if there is one."""
+        if self._tb is not None:
+            self._tb.close()
+
+
+def rows_to_csv(rows: list[Mapping[str, Any]]) -> str:
+    """CSV of ``rows`` with the union of their keys as columns (first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return out.getvalue()
+
+
+def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl``."""
+    with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

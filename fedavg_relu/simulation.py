@@ -1,0 +1,70 @@
+"""Run a configured experiment in Flower's Ray simulation engine from Python.
+
+``flwr run .`` is the user's path (see the README and :mod:`fedavg_relu.cli`);
+this is the in-process path for tests and notebooks: it passes the run config
+to both apps itself (``run_simulation`` does not read ``pyproject.toml``) and
+gives Ray its own temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+
+
+def simulate(
+    cfg: RunConfig | Mapping[str, Any],
+    num_supernodes: int | None = None,
+    num_cpus_per_client: int = 1,
+    ray_temp_dir: str | os.PathLike | None = None,
+    client_mods: list | None = None,
+) -> Path:
+    """Run the experiment with ``num_supernodes`` (default ``num-partitions``) virtual nodes.
+
+    Returns the run folder.
+    """
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import build_client_app
+
+    from .server_app import run_experiment
+
+    if not isinstance(cfg, RunConfig):
+        cfg = RunConfig.from_mapping(cfg)
+    mapping = cfg.to_mapping()
+    out: dict[str, Path] = {}
+
+    def inject_config(message, context, call_next):
+        # Flower forbids editing context.run_config: hand the app a copy that shares
+        # the node's state (so the kept local model survives between messages).
+        from flwr.app import Context
+
+        ctx = Context(
+            run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+            state=context.state, run_config=dict(mapping),
+        )
+        return call_next(message, ctx)
+
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid, context) -> None:
+        out["run_dir"] = run_experiment(grid, cfg)
+
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    if ray_temp_dir is not None:
+        init_args["_temp_dir"] = str(Path(ray_temp_dir).resolve())
+    run_simulation(
+        server_app=server,
+        client_app=build_client_app(mods=[inject_config, *(client_mods or [])]),
+        num_supernodes=num_supernodes or cfg.num_partitions,
+        backend_config={"client_resources": {"num_cpus": num_cpus_per_client}, "init_args": init_args},
+    )
+    if "run_dir" not in out:
+        raise RuntimeError("the simulation ended without finishing the run (see the log above)")
+    return out["run_dir"]

@@ -1,0 +1,106 @@
+"""What a client does, without Flower: train one round, then measure its drift.
+
+The ClientApp handlers in ``clients/`` only unpack messages and call these.
+Models and data are cached per process (one Ray actor or one ClientApp
+process), keyed by the parts of the config that define them.
+
+This module does not import flwr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .data import TensorData, dataset_shape, load_partition
+from .metrics import ClientDrift, activation_patterns, measure_client_drift
+from .models import ReluMLP, build_model, get_trainable, set_trainable
+from .training import LocalSGDSettings, client_seed, evaluate, run_local_sgd
+
+_MODEL_FIELDS = ("model_family", "width", "depth", "seed") + (
+    "dataset", "synthetic_input_dim", "synthetic_num_classes",
+)
+
+
+def _only(cfg: RunConfig, fields: tuple[str, ...]) -> RunConfig:
+    return dataclasses.replace(RunConfig(), **{f: getattr(cfg, f) for f in fields})
+
+
+@functools.lru_cache(maxsize=2)
+def _initial_model(cfg: RunConfig) -> ReluMLP:
+    input_dim, num_classes = dataset_shape(cfg)
+    return build_model(cfg, input_dim, num_classes)
+
+
+def working_model(cfg: RunConfig) -> ReluMLP:
+    """A per-process model of the run's architecture (its frozen layers are W^0's).
+
+    The same object is returned on every call; callers load the trained
+    parameters they need into it before use.
+    """
+    return _initial_model(_only(cfg, _MODEL_FIELDS + ("test_fraction",)))
+
+
+@functools.lru_cache(maxsize=2)
+def _init_params(cfg: RunConfig) -> dict[str, np.ndarray]:
+    input_dim, num_classes = dataset_shape(cfg)
+    return get_trainable(build_model(cfg, input_dim, num_classes))
+
+
+def initial_params(cfg: RunConfig) -> dict[str, np.ndarray]:
+    """The trained parameters of W^0 (deterministic in the seed)."""
+    return _init_params(_only(cfg, _MODEL_FIELDS + ("test_fraction",)))
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """One client's round: its final local parameters and what it reports."""
+
+    local_params: dict[str, np.ndarray]
+    num_examples: int
+    train_loss: float  # mean minibatch loss over the tau steps
+    loss_before: float  # f_k(W^r): full-data loss at the model it received
+
+
+def train_client(
+    cfg: RunConfig,
+    data: TensorData,
+    partition_id: int,
+    server_round: int,
+    global_params: Mapping[str, np.ndarray],
+    settings: LocalSGDSettings,
+) -> TrainOutcome:
+    """Set W_k <- W^r and run tau local steps, deterministic in (seed, partition, round)."""
+    model = working_model(cfg)
+    set_trainable(model, global_params)
+    loss_before, _ = evaluate(model, data.x, data.y, settings.loss)
+    generator = torch.Generator().manual_seed(client_seed(cfg.seed, partition_id, server_round))
+    result = run_local_sgd(model, data.x, data.y, settings, generator)
+    return TrainOutcome(get_trainable(model), result.num_examples, result.mean_batch_loss, loss_before)
+
+
+def measure_drift(
+    cfg: RunConfig,
+    data: TensorData,
+    local_params: Mapping[str, np.ndarray],
+    global_params: Mapping[str, np.ndarray],
+) -> tuple[ClientDrift, dict[str, np.ndarray]]:
+    """This client's drift between its local model and the average (see metrics.py).
+
+    Costs two full-data gradients and one forward pass (patterns at W^0).
+    """
+    model = working_model(cfg)
+    set_trainable(model, initial_params(cfg))
+    init_patterns = activation_patterns(model, data.x)
+    return measure_client_drift(model, local_params, global_params, data.x, data.y, cfg.loss, init_patterns)
+
+
+def client_data(cfg: RunConfig, partition_id: int) -> TensorData:
+    """The training data of partition ``partition_id`` (cached by data.py)."""
+    return load_partition(cfg, partition_id)

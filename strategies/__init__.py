@@ -1,0 +1,6 @@
+"""Server strategies; every one records the drift metrics through :mod:`strategies.drift`."""
+
+from .drift import DriftMeasurement
+from .fedavg import DriftFedAvg
+
+__all__ = ["DriftFedAvg", "DriftMeasurement"]

@@ -1,0 +1,221 @@
+"""Drift measurement that any ``flwr.serverapp.strategy`` strategy can wear.
+
+:class:`DriftMeasurement` is a mixin: put it first in the bases of a Flower
+strategy (``class DriftFedAvg(DriftMeasurement, FedAvg)``) and the strategy's own
+averaging is untouched while every round gains THEORY.md's metrics:
+
+1. ``configure_train`` remembers the grid and the nodes it sampled, and hands the
+   parent a fresh ``ConfigRecord`` (Flower's strategies write into it).
+2. ``aggregate_train`` lets the parent average, then measures the distance from
+   W^0 and, when drift metrics are on, runs a second exchange: the new average
+   W^{r+1} goes to the nodes that trained (message type ``query.drift``); each
+   compares the gradient there with the one at its own final local model, kept
+   in its node state, and replies with scalars (and, for gradient
+   dissimilarity, its gradient at W^{r+1}).
+3. The round's metrics go into the ``MetricRecord`` Flower stores and into
+   ``self.round_metrics[server_round]`` for the run's metrics file.
+
+Nodes that trained but did not answer the drift exchange are counted
+(``clients-unmeasured``), never guessed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedavg_relu.metrics import ClientDrift, distances_from_init, summarize_drift
+from fedavg_relu.records import arrays_to_params
+
+DRIFT_MESSAGE_TYPE = "query.drift"
+GRADIENT_RECORD_KEY = "gradient"
+
+
+class DriftMeasurement:
+    """Mixin adding THEORY.md's per-round measurements to a Flower strategy.
+
+    Call :meth:`setup_drift` once after construction.
+    """
+
+    round_metrics: dict[int, dict[str, float]]
+
+    def setup_drift(
+        self,
+        initial_params: Mapping[str, np.ndarray],
+        learning_rate: float,
+        enabled: bool = True,
+        gradient_dissimilarity: bool = True,
+        timeout: float = 600.0,
+    ) -> None:
+        """Set what the measurements need.
+
+        Parameters
+        ----------
+        initial_params
+            The trained parameters of W^0, for the distance from initialization.
+        learning_rate
+            The clients' local step size eta (effective smoothness in step units).
+        enabled
+            Run the drift exchange (``drift-metrics``); off, only the distance
+            from initialization and the client counts are recorded.
+        gradient_dissimilarity
+            Ask clients for their gradient at W^{r+1} (one model-size upload each).
+        timeout
+            Seconds to wait for drift replies.
+        """
+        self.drift_initial = {k: np.asarray(v) for k, v in initial_params.items()}
+        self.drift_learning_rate = float(learning_rate)
+        self.drift_enabled = bool(enabled)
+        self.drift_with_gradients = bool(gradient_dissimilarity)
+        self.drift_timeout = float(timeout)
+        self.round_metrics = {}
+        self._drift_grid: Grid | None = None
+        self._drift_sampled: dict[int, list[int]] = {}
+
+    # --- Flower hooks -------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The parent's messages, from a fresh copy of ``config``; remembers grid and sample."""
+        self._drift_grid = grid
+        messages = list(super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid))  # type: ignore[misc]
+        self._drift_sampled[server_round] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The parent's average, plus this round's measurements in the MetricRecord."""
+        replies = list(replies)  # Flower may hand a one-shot iterable
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        ok = [r for r in replies if not r.has_error()]
+        sampled = self._drift_sampled.pop(server_round, [])
+        row: dict[str, float] = {
+            "clients-sampled": len(sampled),
+            "clients-trained": len(ok),
+            "clients-failed": max(len(sampled), len(replies)) - len(ok),
+        }
+        if arrays is None:
+            row["round-skipped"] = 1
+            log(WARNING, "round %d: no update was aggregated; the global model is unchanged", server_round)
+        else:
+            row["round-skipped"] = 0
+            row.update(distances_from_init(arrays_to_params(arrays), self.drift_initial))
+            if self.drift_enabled:
+                row.update(self.measure_round(server_round, arrays, ok))
+        merged = MetricRecord(dict(metrics) if metrics is not None else {})
+        for key, value in row.items():
+            merged[key] = value
+        self.round_metrics[server_round] = dict(merged)
+        return arrays, merged
+
+    # --- the second exchange ------------------------------------------------
+    def measure_round(self, server_round: int, arrays: ArrayRecord, train_replies: list[Message]) -> dict[str, float]:
+        """Send W^{r+1} to the nodes that trained and summarise their drift replies."""
+        if self._drift_grid is None:
+            raise RuntimeError("configure_train must run before aggregate_train")
+        t0 = time.perf_counter()
+        loss_before: dict[int, float] = {}
+        for reply in train_replies:
+            metrics = next(iter(reply.content.metric_records.values()), {})
+            if "loss-before" in metrics:
+                loss_before[reply.metadata.src_node_id] = float(metrics["loss-before"])
+        record = RecordDict(
+            {
+                "arrays": arrays,
+                "config": ConfigRecord(
+                    {"server-round": server_round, "return-gradient": self.drift_with_gradients}
+                ),
+            }
+        )
+        messages = [
+            Message(content=record, dst_node_id=r.metadata.src_node_id, message_type=DRIFT_MESSAGE_TYPE)
+            for r in train_replies
+        ]
+        drift_replies = list(self._drift_grid.send_and_receive(messages, timeout=self.drift_timeout))
+        drifts: list[ClientDrift] = []
+        before: list[float] = []
+        grad_sum: dict[str, np.ndarray] | None = None
+        rejected = 0
+        for reply in drift_replies:
+            if reply.has_error():
+                log(INFO, "drift: node %d replied with an error: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            try:
+                drift, gradient = _parse_drift_reply(reply, self.drift_with_gradients, self.drift_initial)
+            except (KeyError, ValueError, TypeError) as err:
+                rejected += 1
+                log(WARNING, "drift: reply of node %d rejected: %s", reply.metadata.src_node_id, err)
+                continue
+            drifts.append(drift)
+            before.append(loss_before.get(reply.metadata.src_node_id, math.nan))
+            if gradient is not None:
+                grad_sum = _accumulate(grad_sum, gradient, drift.num_examples)
+        mean_grad_sq = None
+        if grad_sum is not None and len(drifts) > 0:
+            total = float(sum(d.num_examples for d in drifts))
+            mean_grad_sq = float(sum(np.sum((g / total) ** 2) for g in grad_sum.values()))
+        out = summarize_drift(drifts, self.drift_learning_rate, mean_grad_sq)
+        if drifts:
+            p = np.array([d.num_examples for d in drifts], np.float64)
+            p /= p.sum()
+            loss_prev = float(p @ np.array(before))
+            out["loss-before"] = loss_prev
+            out["loss-ratio"] = out["global-loss"] / loss_prev if loss_prev > 0 else math.nan
+        out["clients-measured"] = len(drifts)
+        out["clients-unmeasured"] = len(train_replies) - len(drifts)
+        out["drift-rejected"] = rejected
+        out["drift-seconds"] = time.perf_counter() - t0
+        return out
+
+
+def _parse_drift_reply(
+    reply: Message, want_gradient: bool, reference: Mapping[str, np.ndarray]
+) -> tuple[ClientDrift, dict[str, np.ndarray] | None]:
+    metrics = next(iter(reply.content.metric_records.values()), None)
+    if metrics is None:
+        raise KeyError("drift reply has no MetricRecord")
+    drift = ClientDrift.from_metrics(metrics)
+    if drift.num_examples <= 0:
+        raise ValueError(f"num-examples={drift.num_examples}: expected a positive integer")
+    values = [v for k, v in drift.to_metrics().items() if k != "flips-init"]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("non-finite drift measurement")
+    gradient = None
+    if want_gradient:
+        if GRADIENT_RECORD_KEY not in reply.content.array_records:
+            raise KeyError(f"drift reply lacks the {GRADIENT_RECORD_KEY!r} ArrayRecord")
+        gradient = arrays_to_params(reply.content.array_records[GRADIENT_RECORD_KEY])
+        if set(gradient) != set(reference) or any(gradient[k].shape != reference[k].shape for k in reference):
+            raise ValueError("gradient arrays do not match the model's parameters")
+        if not all(np.isfinite(g).all() for g in gradient.values()):
+            raise ValueError("non-finite gradient")
+    return drift, gradient
+
+
+def _accumulate(acc: dict[str, np.ndarray] | None, grad: Mapping[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:
+    if acc is None:
+        return {k: np.asarray(v, np.float64) * weight for k, v in grad.items()}
+    for k, v in grad.items():
+        acc[k] += np.asarray(v, np.float64) * weight
+    return acc
+
+
+def round_summary(row: Mapping[str, Any]) -> str:
+    """The drift part of the console line of a round."""
+    parts = []
+    if "global-loss" in row:
+        parts.append(f"train-loss {row['global-loss']:.4g}")
+    if "gradient-drift-mean" in row:
+        parts.append(f"drift {row['gradient-drift-mean']:.3g} (rel {row['relative-gradient-drift-mean']:.3g})")
+    if "model-divergence" in row:
+        parts.append(f"divergence {row['model-divergence']:.3g}")
+    return "  ".join(parts)
