@@ -68,3 +68,20 @@ def simulate(
     if "run_dir" not in out:
         raise RuntimeError("the simulation ended without finishing the run (see the log above)")
     return out["run_dir"]
+
+
+def run_in_process(cfg: RunConfig | Mapping[str, Any], num_nodes: int | None = None, client_app=None) -> Path:
+    """Run the experiment on a :class:`~fedavg_relu.local_grid.LocalGrid` (no Ray); return the run folder.
+
+    Same ServerApp logic, strategy and ClientApp handlers as :func:`simulate`;
+    only the transport differs. ``client_app`` replaces the project's ClientApp.
+    """
+    from clients.client_app import build_client_app
+
+    from .local_grid import LocalGrid
+    from .server_app import run_experiment
+
+    if not isinstance(cfg, RunConfig):
+        cfg = RunConfig.from_mapping(cfg)
+    grid = LocalGrid(client_app or build_client_app(), num_nodes or cfg.num_partitions, cfg.to_mapping())
+    return run_experiment(grid, cfg)

@@ -1,0 +1,110 @@
+"""A Flower ``Grid`` that runs the ClientApp in this process.
+
+The strategy, the messages and the ClientApp handlers are the real ones; only
+the transport is replaced: every message is handed to ``client_app(message,
+context)`` with that node's own ``Context`` (its ``state`` persists across
+messages, as on a SuperNode), in order. A handler's exception becomes an error
+reply, as Flower's engines do. No Ray, no network, no start-up cost: for unit
+tests of the strategy hooks and for quick studies on one core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+CLIENT_APP_EXCEPTION = 300  # the error code Flower uses for a ClientApp exception
+
+
+def ensure_task_identity(run_id: int = 1) -> None:
+    """Give this process a task identity, which Flower needs to build messages outside an app."""
+    for field, value in (("run_id", run_id), ("task_id", 1), ("node_id", 0)):
+        try:
+            getattr(TaskIdentity, field)
+        except RuntimeError:
+            setattr(TaskIdentity, field, value)
+
+
+class LocalGrid(Grid):
+    """In-process nodes ``1..num_nodes`` with ``partition-id`` ``0..num_nodes-1``.
+
+    Parameters
+    ----------
+    client_app
+        The ClientApp (or any ``(Message, Context) -> Message`` callable).
+    num_nodes
+        How many nodes.
+    run_config
+        The run config every node's context carries.
+    node_configs
+        Optional per-node node configs (default ``partition-id``/``num-partitions``).
+    """
+
+    def __init__(
+        self,
+        client_app: Callable[[Message, Context], Message],
+        num_nodes: int,
+        run_config: Mapping[str, Any],
+        node_configs: list[dict[str, Any]] | None = None,
+    ) -> None:
+        ensure_task_identity()
+        self.client_app = client_app
+        configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
+        self.contexts: dict[int, Context] = {
+            i + 1: Context(
+                run_id=1, node_id=i + 1, node_config=dict(cfg), state=RecordDict(), run_config=dict(run_config)
+            )
+            for i, cfg in enumerate(configs)
+        }
+        self.sent: list[Message] = []  # every message, for inspection in tests
+
+    # --- the part of the Grid API strategies use ------------------------------
+    def get_node_ids(self) -> Iterable[int]:
+        """The node ids."""
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Deliver each message to its node's ClientApp, in order; collect the replies."""
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            context = self.contexts.get(message.metadata.dst_node_id)
+            if context is None:
+                replies.append(Message(Error(CLIENT_APP_EXCEPTION, "unknown node"), reply_to=message))
+                continue
+            try:
+                replies.append(self.client_app(message, context))
+            except Exception as err:  # a faulty client is an error reply, never a crash
+                replies.append(
+                    Message(Error(CLIENT_APP_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=message)
+                )
+        return replies
+
+    # --- the rest of the abstract API: not needed in process ------------------
+    def set_run(self, run_id: int) -> None:  # pragma: no cover - not used in process
+        """Not used in process."""
+
+    @property
+    def run(self):  # pragma: no cover - not used in process
+        """Not used in process."""
+        raise NotImplementedError("LocalGrid has no Run")
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:  # noqa: D401
+        """Build a message (as ``Message(...)`` would)."""
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_nodes(self):  # pragma: no cover
+        """Not used in process."""
+        raise NotImplementedError
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
+        """Not used in process."""
+        raise NotImplementedError("use send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
+        """Not used in process."""
+        raise NotImplementedError("use send_and_receive")

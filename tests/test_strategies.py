@@ -1,0 +1,222 @@
+"""Tests of strategies/ (DriftFedAvg and the DriftMeasurement mixin), in process (no Ray)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from clients.client_app import build_client_app
+from fedavg_relu.config import RunConfig
+from fedavg_relu.data import load_central, load_partition
+from fedavg_relu.local_grid import LocalGrid
+from fedavg_relu.models import build_model, compute_loss, get_trainable, set_trainable
+from fedavg_relu.records import arrays_to_params, params_to_arrays
+from fedavg_relu.server_app import build_strategy, train_config
+from fedavg_relu.task import initial_params
+from strategies import DriftFedAvg
+
+
+def _reply(node_id: int, params: dict, n: int, **metrics) -> Message:
+    """A train reply from ``node_id`` as a ClientApp would send it."""
+    request = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
+    content = RecordDict({"arrays": params_to_arrays(params), "metrics": MetricRecord({"num-examples": n, **metrics})})
+    return Message(content=content, reply_to=request)
+
+
+def _run_rounds(cfg: RunConfig, num_rounds: int, node_configs=None):
+    """Run the project's strategy for ``num_rounds`` on a LocalGrid; return (strategy, result, grid)."""
+    from fedavg_relu.data import dataset_shape
+
+    input_dim, _ = dataset_shape(cfg)
+    lr = cfg.effective_learning_rate(input_dim)
+    num_nodes = len(node_configs) if node_configs else cfg.num_partitions
+    grid = LocalGrid(build_client_app(), num_nodes, cfg.to_mapping(), node_configs)
+    strategy = build_strategy(cfg, lr)
+    strategy.min_available_nodes = num_nodes
+    strategy.min_train_nodes = num_nodes
+    result = strategy.start(
+        grid=grid, initial_arrays=params_to_arrays(initial_params(cfg)), num_rounds=num_rounds,
+        train_config=train_config(cfg, lr),
+    )
+    return strategy, result, grid
+
+
+def test_average_is_bit_identical_to_flower_fedavg():
+    """Same replies -> DriftFedAvg's arrays == Flower FedAvg's arrays, byte for byte (and == np.average)."""
+    rng = np.random.default_rng(0)
+    params = [{"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)} for _ in range(3)]
+    sizes = [5, 11, 7]
+    replies = [_reply(i + 1, p, n, **{"train-loss": 0.1 * i}) for i, (p, n) in enumerate(zip(params, sizes, strict=True))]
+    ours = DriftFedAvg()
+    ours.setup_drift({"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}, 0.1, enabled=False)
+    arrays, metrics = ours.aggregate_train(1, iter(replies))  # a one-shot iterable, as Flower may pass
+    ref_arrays, ref_metrics = FedAvg().aggregate_train(1, replies)
+    for key in ("w", "b"):
+        assert arrays[key].numpy().tobytes() == ref_arrays[key].numpy().tobytes()
+        np.testing.assert_allclose(
+            arrays[key].numpy(), np.average([p[key] for p in params], axis=0, weights=sizes), rtol=1e-6
+        )
+    assert metrics["train-loss"] == pytest.approx(ref_metrics["train-loss"])
+    assert metrics["clients-trained"] == 3
+    assert metrics["distance-from-init/w"] == pytest.approx(float(np.linalg.norm(arrays["w"].numpy())))
+
+
+def test_configure_train_leaves_callers_config_alone():
+    """Flower's FedAvg writes server-round into the ConfigRecord it gets; the mixin hands it a copy."""
+    cfg = RunConfig(dataset="synthetic", synthetic_num_examples=40, num_partitions=2, width=8, model_family="standard")
+    grid = LocalGrid(build_client_app(), 2, cfg.to_mapping())
+    strategy = build_strategy(cfg, 0.1)
+    config = ConfigRecord({"learning-rate": 0.1})
+    messages = list(strategy.configure_train(3, params_to_arrays(initial_params(cfg)), config, grid))
+    assert "server-round" not in config
+    assert [m.content["config"]["server-round"] for m in messages] == [3, 3]
+
+
+def test_one_client_full_batch_round_equals_centralized_gd_step():
+    """K=1 holding all data, tau=1, full batch: W^1 = W^0 - eta * grad F(W^0) on the whole training pool."""
+    cfg = RunConfig(
+        dataset="synthetic", synthetic_num_examples=50, synthetic_input_dim=6, num_partitions=1, width=32, depth=2,
+        model_family="standard", loss="cross-entropy", local_steps=1, batch_size=0, learning_rate=0.3,
+        lr_scaling="constant", drift_metrics=False,
+    )
+    _, result, _ = _run_rounds(cfg, 1)
+    model = build_model(cfg, 6, cfg.synthetic_num_classes)
+    train = load_central(cfg).train
+    loss = compute_loss(model(train.x), train.y, cfg.loss)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    got = arrays_to_params(result.arrays)
+    for name, g in zip(names, grads, strict=True):
+        expected = dict(model.named_parameters())[name].detach().numpy() - 0.3 * g.numpy()
+        np.testing.assert_allclose(got[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_equal_clients_full_batch_average_equals_centralized_gd_step():
+    """K=4 IID clients of 20 examples each, tau=1, full batch: sum_k (1/4)(W0 - eta g_k) = W0 - eta grad F(union)."""
+    cfg = RunConfig(
+        dataset="synthetic", synthetic_num_examples=100, test_fraction=0.2, synthetic_input_dim=5,
+        num_partitions=4, width=16, depth=1, model_family="paper", local_steps=1, batch_size=0,
+        learning_rate=0.5, lr_scaling="constant", drift_metrics=False,
+    )
+    sizes = [len(load_partition(cfg, k)) for k in range(4)]
+    assert sizes == [20, 20, 20, 20]
+    _, result, _ = _run_rounds(cfg, 1)
+    model = build_model(cfg, 5, cfg.synthetic_num_classes)
+    train = load_central(cfg).train
+    loss = compute_loss(model(train.x), train.y, "squared")
+    (g,) = torch.autograd.grad(loss, [model.hidden[0].weight])
+    expected = model.hidden[0].weight.detach().numpy() - 0.5 * g.numpy()
+    np.testing.assert_allclose(arrays_to_params(result.arrays)["hidden.0.weight"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_identical_clients_have_zero_divergence_and_drift():
+    """Three nodes with the same partition and seed train identical W_k = W̄ (up to float rounding of the average)."""
+    cfg = RunConfig(
+        dataset="synthetic", synthetic_num_examples=60, num_partitions=3, width=64, model_family="paper",
+        local_steps=3, batch_size=8,
+    )
+    same = [{"partition-id": 0, "num-partitions": 3}] * 3
+    strategy, _, _ = _run_rounds(cfg, 2, node_configs=same)
+    for rnd in (1, 2):
+        row = strategy.round_metrics[rnd]
+        assert row["clients-measured"] == 3
+        assert row["model-divergence"] < 1e-10  # float32 rounding of (w + w + w) / 3 only
+        assert row["relative-gradient-drift-max"] < 1e-5
+        assert row["activation-flips-local"] == 0.0
+        assert row["gradient-dissimilarity"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_heterogeneous_round_records_every_metric_and_drift_is_positive():
+    """Dirichlet(0.1) clients: every THEORY.md metric present and finite; drift, divergence > 0; loss falls."""
+    cfg = RunConfig(
+        dataset="synthetic", synthetic_num_examples=200, num_partitions=4, partitioner="dirichlet",
+        dirichlet_alpha=0.1, width=128, model_family="paper", local_steps=5, batch_size=0,
+    )
+    strategy, result, _ = _run_rounds(cfg, 3)
+    keys = [
+        "global-loss", "loss-ratio", "distance-from-init/hidden.0.weight", "relative-distance-from-init/hidden.0.weight",
+        "model-divergence", "model-divergence-max", "gradient-drift-mean", "gradient-drift-max",
+        "relative-gradient-drift-mean", "relative-gradient-drift-max", "effective-smoothness-mean",
+        "effective-smoothness-lr-mean", "activation-flips-local", "activation-flips-init", "gradient-dissimilarity",
+    ]
+    for rnd in (1, 2, 3):
+        row = strategy.round_metrics[rnd]
+        for key in keys:
+            assert key in row and math.isfinite(row[key]), (rnd, key)
+        assert row["gradient-drift-mean"] > 0 and row["model-divergence"] > 0
+        assert row["gradient-dissimilarity"] > 1.0  # heterogeneous gradients
+        assert result.train_metrics_clientapp[rnd]["gradient-drift-mean"] == row["gradient-drift-mean"]
+    assert strategy.round_metrics[3]["global-loss"] < strategy.round_metrics[1]["loss-before"]
+
+
+def test_loss_ratio_is_global_loss_over_loss_before():
+    """loss-ratio = F(W^{r+1}) / F(W^r) on the measured clients; F(W^{r+1}) of round r = F(W^r) of round r+1 under full participation."""
+    cfg = RunConfig(dataset="synthetic", synthetic_num_examples=80, num_partitions=2, width=32, local_steps=2, batch_size=0)
+    strategy, _, _ = _run_rounds(cfg, 2)
+    r1, r2 = strategy.round_metrics[1], strategy.round_metrics[2]
+    assert r1["loss-ratio"] == pytest.approx(r1["global-loss"] / r1["loss-before"])
+    assert r2["loss-before"] == pytest.approx(r1["global-loss"], rel=1e-6)
+
+
+def test_unreachable_client_in_drift_exchange_is_counted():
+    """A node whose drift handler fails is counted as unmeasured; the average still uses its update."""
+    cfg = RunConfig(dataset="synthetic", synthetic_num_examples=80, num_partitions=3, width=16, local_steps=1)
+    app = build_client_app()
+
+    def flaky(message, context):
+        if message.metadata.message_type == "query.drift" and context.node_id == 2:
+            raise ConnectionError("node went away")
+        return app(message, context)
+
+    grid = LocalGrid(flaky, 3, cfg.to_mapping())
+    strategy = build_strategy(cfg, 0.1)
+    strategy.start(grid=grid, initial_arrays=params_to_arrays(initial_params(cfg)), num_rounds=1, train_config=train_config(cfg, 0.1))
+    row = strategy.round_metrics[1]
+    assert (row["clients-trained"], row["clients-measured"], row["clients-unmeasured"]) == (3, 2, 1)
+
+
+def test_failed_training_client_is_counted_and_round_completes():
+    """One of three nodes raises in train: 2 trained, 1 failed, the model still moves."""
+    cfg = RunConfig(dataset="synthetic", synthetic_num_examples=80, num_partitions=3, width=16, local_steps=1)
+    app = build_client_app()
+
+    def broken(message, context):
+        if message.metadata.message_type == "train" and context.node_id == 1:
+            raise RuntimeError("boom")
+        return app(message, context)
+
+    grid = LocalGrid(broken, 3, cfg.to_mapping())
+    strategy = build_strategy(cfg, 0.1)
+    result = strategy.start(grid=grid, initial_arrays=params_to_arrays(initial_params(cfg)), num_rounds=1, train_config=train_config(cfg, 0.1))
+    row = strategy.round_metrics[1]
+    assert (row["clients-trained"], row["clients-failed"], row["clients-measured"]) == (2, 1, 2)
+    assert row["distance-from-init"] > 0
+    assert len(result.arrays) == 1
+
+
+def test_drift_off_sends_no_second_exchange():
+    """drift-metrics=false: only train messages go out; distance from init is still recorded."""
+    cfg = RunConfig(dataset="synthetic", synthetic_num_examples=60, num_partitions=2, width=16, drift_metrics=False)
+    strategy, _, grid = _run_rounds(cfg, 1)
+    assert {m.metadata.message_type for m in grid.sent} == {"train"}
+    assert "gradient-drift-mean" not in strategy.round_metrics[1]
+    assert strategy.round_metrics[1]["distance-from-init"] > 0
+
+
+def test_distance_from_init_shrinks_with_width_paper_family():
+    """THEORY prediction 2 at small scale: paper family, eta = eta~ * d / m, same rounds -> ||W - W0|| smaller at m=2048 than m=256."""
+    base = dict(
+        dataset="synthetic", synthetic_num_examples=100, synthetic_input_dim=10, num_partitions=2,
+        model_family="paper", local_steps=2, batch_size=0, learning_rate=1.0, lr_scaling="width", drift_metrics=False,
+    )
+    dist = {}
+    for width in (256, 2048):
+        strategy, _, _ = _run_rounds(RunConfig(width=width, **base), 2)
+        dist[width] = strategy.round_metrics[2]["distance-from-init"]
+    assert dist[2048] < dist[256]
+    assert dist[2048] / dist[256] < 0.75  # theory: ~ (256/2048)^(1/2) ~ 0.35
