@@ -139,14 +139,11 @@ class RunConfig:
             for name, ok, what in checks
             if not ok
         ]
-        if (
-            self.partitioner == "pathological"
-            and self.dataset == "synthetic"
-            and self.classes_per_partition > self.synthetic_num_classes
-        ):
+        num_classes = self.synthetic_num_classes if self.dataset == "synthetic" else 10
+        if self.partitioner == "pathological" and self.classes_per_partition > num_classes:
             problems.append(
-                f"classes-per-partition={self.classes_per_partition!r}: expected at most "
-                f"synthetic-num-classes={self.synthetic_num_classes}"
+                f"classes-per-partition={self.classes_per_partition!r}: expected at most the "
+                f"{num_classes} classes of dataset={self.dataset!r}"
             )
         return problems
 

@@ -78,6 +78,8 @@ class IsolatedFlower:
         self.control_port = free_port()
         self.process: subprocess.Popen | None = None
         self.home.mkdir(parents=True, exist_ok=True)
+        # Ray's socket paths must stay under ~107 characters: a short temp dir of its own
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="fr-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
         self.env = dict(os.environ)
         self.env.update(
             {
@@ -87,7 +89,7 @@ class IsolatedFlower:
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 "FLWR_TELEMETRY_ENABLED": "0",
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "RAY_TMPDIR": str(self.home / "ray"),
+                "RAY_TMPDIR": str(self.ray_tmp),
                 "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
                 "PYTHONUNBUFFERED": "1",
@@ -95,7 +97,6 @@ class IsolatedFlower:
                 "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
             }
         )
-        (self.home / "ray").mkdir(exist_ok=True)
 
     # --- lifecycle ----------------------------------------------------------
     def start(self, timeout: float = 60.0) -> None:
@@ -147,6 +148,7 @@ class IsolatedFlower:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
         if self._own_home and not self.keep_home:
             shutil.rmtree(self.home, ignore_errors=True)
 

@@ -122,13 +122,12 @@ def set_trainable(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
     expected = trainable_names(model)
     if sorted(params) != sorted(expected):
         raise ValueError(f"parameter names {sorted(params)} do not match the model's {sorted(expected)}")
+    values = {name: torch.as_tensor(np.asarray(params[name])) for name in expected}
+    for name, value in values.items():  # check everything before changing anything
+        if tuple(value.shape) != tuple(own[name].shape):
+            raise ValueError(f"parameter {name}: shape {tuple(value.shape)} != model's {tuple(own[name].shape)}")
     with torch.no_grad():
-        for name in expected:
-            value = torch.as_tensor(np.asarray(params[name]))
-            if tuple(value.shape) != tuple(own[name].shape):
-                raise ValueError(
-                    f"parameter {name}: shape {tuple(value.shape)} != model's {tuple(own[name].shape)}"
-                )
+        for name, value in values.items():
             own[name].copy_(value)
 
 

@@ -9,6 +9,8 @@ gives Ray its own temporary directory.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,15 +58,20 @@ def simulate(
     def _main(grid, context) -> None:
         out["run_dir"] = run_experiment(grid, cfg)
 
-    init_args: dict[str, Any] = {"include_dashboard": False}
-    if ray_temp_dir is not None:
-        init_args["_temp_dir"] = str(Path(ray_temp_dir).resolve())
-    run_simulation(
-        server_app=server,
-        client_app=build_client_app(mods=[inject_config, *(client_mods or [])]),
-        num_supernodes=num_supernodes or cfg.num_partitions,
-        backend_config={"client_resources": {"num_cpus": num_cpus_per_client}, "init_args": init_args},
-    )
+    # Ray's socket paths must stay under ~107 characters: default to a short private dir
+    own_tmp = ray_temp_dir is None
+    temp_dir = Path(tempfile.mkdtemp(prefix="fr-ray-", dir="/tmp")) if own_tmp else Path(ray_temp_dir).resolve()
+    init_args: dict[str, Any] = {"include_dashboard": False, "_temp_dir": str(temp_dir)}
+    try:
+        run_simulation(
+            server_app=server,
+            client_app=build_client_app(mods=[inject_config, *(client_mods or [])]),
+            num_supernodes=num_supernodes or cfg.num_partitions,
+            backend_config={"client_resources": {"num_cpus": num_cpus_per_client}, "init_args": init_args},
+        )
+    finally:
+        if own_tmp:
+            shutil.rmtree(temp_dir, ignore_errors=True)
     if "run_dir" not in out:
         raise RuntimeError("the simulation ended without finishing the run (see the log above)")
     return out["run_dir"]

@@ -52,7 +52,9 @@ def run_local_sgd(
 
     Minibatches are drawn without replacement from a fresh permutation of the
     client's examples each epoch (``generator`` decides it); a batch size of 0 or
-    one at least ``n`` is full-batch gradient descent.
+    one at least ``n`` is full-batch gradient descent. When ``n`` is not a
+    multiple of the batch size, the leftover examples of an epoch are skipped
+    (like ``drop_last``) and a new permutation starts.
     """
     n = x.shape[0]
     if n == 0:
@@ -116,6 +118,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, batc
     """Mean loss and accuracy (argmax of the output) on ``(x, y)``."""
     model.eval()
     total_loss, correct, n = 0.0, 0, x.shape[0]
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty data set")
     for start in range(0, n, batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         out = model(xb)
