@@ -146,7 +146,14 @@ def test_out_of_range_fractions_are_rejected():
 def test_pathological_classes_exceeding_synthetic_classes_is_rejected():
     """classes-per-partition=5 > synthetic-num-classes=4 with a pathological synthetic split is named."""
     mapping = {"dataset": "synthetic", "partitioner": "pathological", "classes-per-partition": 5}
-    with pytest.raises(ConfigError, match=_problem("classes-per-partition=5: expected at most synthetic-num-classes=4")):
+    with pytest.raises(ConfigError, match=_problem("classes-per-partition=5: expected at most the 4 classes")):
+        RunConfig.from_mapping(mapping)
+
+
+def test_pathological_classes_exceeding_digits_classes_is_rejected():
+    """digits has 10 classes: classes-per-partition=11 is refused before any data is loaded."""
+    mapping = {"dataset": "digits", "partitioner": "pathological", "classes-per-partition": 11}
+    with pytest.raises(ConfigError, match=_problem("classes-per-partition=11: expected at most the 10 classes")):
         RunConfig.from_mapping(mapping)
 
 

@@ -1,0 +1,31 @@
+# Two commands do all the set-up (see README.md):
+#   make run    -- create .venv, install, run the default simulation with `flwr run`
+#   make test   -- create .venv, install, run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_CONFIG ?=
+
+.PHONY: install run test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# torch==2.13.0 explicitly: the CPU wheel (a looser pin can pull a multi-GB CUDA build)
+	$(PY) -m pip install --disable-pip-version-check -q "torch==2.13.0" -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/fedavg-relu run $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e"
+
+bench: install
+	$(PY) benchmarks/drift_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
