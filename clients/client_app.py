@@ -19,6 +19,7 @@ from fedavg_relu.training import LocalSGDSettings
 
 LOCAL_PARAMS_KEY = "local-params"
 LOCAL_ROUND_KEY = "local-round"
+MEASURED_LOSS_KEY = "measured-loss"  # f_k at the model of the last drift exchange
 
 
 
@@ -57,9 +58,13 @@ def train(msg: Message, context: Context) -> Message:
     pid = partition_id(context)
     config = msg.content["config"]
     server_round = int(config["server-round"])
+    known = context.state.get(MEASURED_LOSS_KEY)
+    loss_before = None
+    if known is not None and "measured-round" in config and int(known["server-round"]) == int(config["measured-round"]):
+        loss_before = float(known["loss"])  # this very model was measured here last round
     outcome = train_client(
         cfg, client_data(cfg, pid), pid, server_round,
-        arrays_to_params(msg.content["arrays"]), settings_from(config, cfg),
+        arrays_to_params(msg.content["arrays"]), settings_from(config, cfg), loss_before,
     )
     local = params_to_arrays(outcome.local_params)
     if bool(config.get("keep-local-model", True)):
@@ -88,6 +93,7 @@ def drift(msg: Message, context: Context) -> Message:
     measured, gradient = measure_drift(
         cfg, client_data(cfg, partition_id(context)), local_params, arrays_to_params(msg.content["arrays"])
     )
+    context.state[MEASURED_LOSS_KEY] = MetricRecord({"server-round": server_round, "loss": measured.loss_at_global})
     content = RecordDict({"metrics": MetricRecord(measured.to_metrics())})
     if bool(config.get("return-gradient", False)):
         content["gradient"] = params_to_arrays(gradient)

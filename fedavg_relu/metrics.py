@@ -118,21 +118,24 @@ def measure_client_drift(
     set_trainable(model, global_params)
     at_global = full_gradient(model, x, y, loss)
     names = list(at_global.grads)
-    drift_sq = sum(float(((at_local.grads[n] - at_global.grads[n]).double() ** 2).sum()) for n in names)
-    g_sq = sum(float((at_global.grads[n].double() ** 2).sum()) for n in names)
-    l_sq = sum(float((at_local.grads[n].double() ** 2).sum()) for n in names)
+    delta = [torch.from_numpy(np.asarray(local_params[n])) - torch.from_numpy(np.asarray(global_params[n])) for n in names]
     drift = ClientDrift(
         num_examples=int(x.shape[0]),
         loss_at_global=at_global.loss,
         loss_at_local=at_local.loss,
-        grad_norm_global=math.sqrt(g_sq),
-        grad_norm_local=math.sqrt(l_sq),
-        gradient_drift=math.sqrt(drift_sq),
-        param_distance=math.sqrt(squared_distance(local_params, global_params)),
+        grad_norm_global=_norm(at_global.grads[n] for n in names),
+        grad_norm_local=_norm(at_local.grads[n] for n in names),
+        gradient_drift=_norm(at_local.grads[n] - at_global.grads[n] for n in names),
+        param_distance=_norm(delta),
         flips_local=flip_fraction(at_local.patterns, at_global.patterns),
         flips_init=flip_fraction(at_global.patterns, init_patterns) if init_patterns is not None else math.nan,
     )
     return drift, {n: g.cpu().numpy() for n, g in at_global.grads.items()}
+
+
+def _norm(tensors) -> float:
+    """Frobenius norm over several tensors (float32 storage, float64 accumulation of the per-tensor norms)."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors))
 
 
 def _ratio(num: float, den: float) -> float:

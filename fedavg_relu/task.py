@@ -75,11 +75,16 @@ def train_client(
     server_round: int,
     global_params: Mapping[str, np.ndarray],
     settings: LocalSGDSettings,
+    loss_before: float | None = None,
 ) -> TrainOutcome:
-    """Set W_k <- W^r and run tau local steps, deterministic in (seed, partition, round)."""
+    """Set W_k <- W^r and run tau local steps, deterministic in (seed, partition, round).
+
+    ``loss_before`` (f_k(W^r)) is computed with one forward pass unless the caller knows it.
+    """
     model = working_model(cfg)
     set_trainable(model, global_params)
-    loss_before, _ = evaluate(model, data.x, data.y, settings.loss)
+    if loss_before is None:
+        loss_before, _ = evaluate(model, data.x, data.y, settings.loss)
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, partition_id, server_round))
     result = run_local_sgd(model, data.x, data.y, settings, generator)
     return TrainOutcome(get_trainable(model), result.num_examples, result.mean_batch_loss, loss_before)

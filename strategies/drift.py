@@ -79,6 +79,7 @@ class DriftMeasurement:
         self.round_metrics = {}
         self._drift_grid: Grid | None = None
         self._drift_sampled: dict[int, list[int]] = {}
+        self._drift_last_measured: tuple[int, ArrayRecord] | None = None
 
     # --- Flower hooks -------------------------------------------------------
     def configure_train(
@@ -86,7 +87,11 @@ class DriftMeasurement:
     ) -> Iterable[Message]:
         """The parent's messages, from a fresh copy of ``config``; remembers grid and sample."""
         self._drift_grid = grid
-        messages = list(super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid))  # type: ignore[misc]
+        config = ConfigRecord(dict(config))
+        if self._drift_last_measured is not None and self._drift_last_measured[1] is arrays:
+            # clients measured f_k at exactly this model in the last drift exchange: they may reuse it
+            config["measured-round"] = self._drift_last_measured[0]
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self._drift_sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         return messages
 
@@ -123,6 +128,7 @@ class DriftMeasurement:
         if self._drift_grid is None:
             raise RuntimeError("configure_train must run before aggregate_train")
         t0 = time.perf_counter()
+        self._drift_last_measured = (server_round, arrays)
         loss_before: dict[int, float] = {}
         for reply in train_replies:
             metrics = next(iter(reply.content.metric_records.values()), {})

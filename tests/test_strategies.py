@@ -155,12 +155,26 @@ def test_heterogeneous_round_records_every_metric_and_drift_is_positive():
 
 
 def test_loss_ratio_is_global_loss_over_loss_before():
-    """loss-ratio = F(W^{r+1}) / F(W^r) on the measured clients; F(W^{r+1}) of round r = F(W^r) of round r+1 under full participation."""
+    """loss-ratio = F(W^{r+1}) / F(W^r) on the measured clients, with F(W^1) checked independently.
+
+    F(W^1) = sum_k p_k f_k(W^1): evaluated here on each partition with the model a 1-round run
+    returns; round 2 of a 2-round run (same seeds) reports it as loss-before, reusing the drift
+    exchange's measurement (its train messages carry measured-round = 1).
+    """
     cfg = RunConfig(dataset="synthetic", synthetic_num_examples=80, num_partitions=2, width=32, local_steps=2, batch_size=0)
-    strategy, _, _ = _run_rounds(cfg, 2)
+    strategy, _, grid = _run_rounds(cfg, 2)
     r1, r2 = strategy.round_metrics[1], strategy.round_metrics[2]
     assert r1["loss-ratio"] == pytest.approx(r1["global-loss"] / r1["loss-before"])
-    assert r2["loss-before"] == pytest.approx(r1["global-loss"], rel=1e-6)
+    assert r2["loss-ratio"] == pytest.approx(r2["global-loss"] / r2["loss-before"])
+    _, one_round, _ = _run_rounds(cfg, 1)
+    model = build_model(cfg, cfg.synthetic_input_dim, cfg.synthetic_num_classes)
+    set_trainable(model, arrays_to_params(one_round.arrays))
+    parts = [load_partition(cfg, k) for k in range(2)]
+    n = np.array([len(p) for p in parts], float)
+    f = [float(compute_loss(model(p.x), p.y, "squared")) for p in parts]
+    assert r2["loss-before"] == pytest.approx(float(n @ f / n.sum()), rel=1e-5)
+    round2 = [m for m in grid.sent if m.metadata.message_type == "train" and m.content["config"]["server-round"] == 2]
+    assert [m.content["config"]["measured-round"] for m in round2] == [1, 1]
 
 
 def test_unreachable_client_in_drift_exchange_is_counted():
