@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 
 from fedavg_relu.config import RunConfig
 from fedavg_relu.records import arrays_to_params, params_to_arrays
-from fedavg_relu.task import client_data, measure_drift, train_client
+from fedavg_relu.task import client_data, measure_drift, node_seed_id, train_client
 from fedavg_relu.training import LocalSGDSettings
 
 LOCAL_PARAMS_KEY = "local-params"
@@ -33,13 +33,6 @@ def run_config(context: Context) -> RunConfig:
     return _parse(tuple(sorted(context.run_config.items())))
 
 
-def partition_id(context: Context) -> int:
-    """This node's partition, from its node config (``partition-id``)."""
-    if "partition-id" not in context.node_config:
-        raise ValueError("node config lacks 'partition-id' (start the SuperNode with --node-config 'partition-id=N')")
-    return int(context.node_config["partition-id"])
-
-
 def settings_from(config: ConfigRecord, cfg: RunConfig) -> LocalSGDSettings:
     """Local SGD settings from the round's ConfigRecord (the server's word for this round)."""
     return LocalSGDSettings(
@@ -55,7 +48,6 @@ def settings_from(config: ConfigRecord, cfg: RunConfig) -> LocalSGDSettings:
 def train(msg: Message, context: Context) -> Message:
     """Run tau local steps from the received global model and return the local model."""
     cfg = run_config(context)
-    pid = partition_id(context)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     known = context.state.get(MEASURED_LOSS_KEY)
@@ -63,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
     if known is not None and "measured-round" in config and int(known["server-round"]) == int(config["measured-round"]):
         loss_before = float(known["loss"])  # this very model was measured here last round
     outcome = train_client(
-        cfg, client_data(cfg, pid), pid, server_round,
+        cfg, client_data(cfg, context.node_config), node_seed_id(context.node_config, context.node_id), server_round,
         arrays_to_params(msg.content["arrays"]), settings_from(config, cfg), loss_before,
     )
     local = params_to_arrays(outcome.local_params)
@@ -91,7 +83,7 @@ def drift(msg: Message, context: Context) -> Message:
     local_params = arrays_to_params(context.state[LOCAL_PARAMS_KEY])
     del context.state[LOCAL_PARAMS_KEY]  # keep node state small between rounds
     measured, gradient = measure_drift(
-        cfg, client_data(cfg, partition_id(context)), local_params, arrays_to_params(msg.content["arrays"])
+        cfg, client_data(cfg, context.node_config), local_params, arrays_to_params(msg.content["arrays"])
     )
     context.state[MEASURED_LOSS_KEY] = MetricRecord({"server-round": server_round, "loss": measured.loss_at_global})
     content = RecordDict({"metrics": MetricRecord(measured.to_metrics())})

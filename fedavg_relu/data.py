@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -268,3 +270,50 @@ def load_test(cfg: RunConfig) -> TensorData:
     if cfg.dataset in HUB_DATASETS:
         return load_hub_test(cfg)
     return load_central(cfg).test
+
+
+# --- a device's own data file ---------------------------------------------------
+def load_data_file(path: str | os.PathLike, input_dim: int | None = None, num_classes: int | None = None) -> TensorData:
+    """A node's own training data from ``.npz`` (arrays ``x`` (n, d) and ``y`` (n,)) or ``.csv``.
+
+    A CSV has one example per row: ``d`` feature columns then the integer label; a header
+    row is skipped when it is not numeric. Inputs are scaled to unit norm like every
+    built-in data set. Raises ``ValueError`` naming the file and what is wrong.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"data-path={str(path)!r}: no such file")
+    return _load_data_file_cached(str(p.resolve()), p.stat().st_mtime_ns, input_dim, num_classes)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_data_file_cached(path: str, _mtime: int, input_dim: int | None, num_classes: int | None) -> TensorData:
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                if "x" not in npz or "y" not in npz:
+                    raise ValueError(f"expected arrays 'x' and 'y', found {sorted(npz.files)}")
+                x, y = np.asarray(npz["x"]), np.asarray(npz["y"])
+        elif suffix == ".csv":
+            try:
+                table = np.loadtxt(path, delimiter=",", ndmin=2)
+            except ValueError:
+                table = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=1)
+            x, y = table[:, :-1], table[:, -1]
+        else:
+            raise ValueError("expected a .npz or .csv file")
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"data-path={path!r}: cannot read: {err}") from err
+    x = x.reshape(len(x), -1)
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"data-path={path!r}: expected n >= 1 rows with one label each, got x {x.shape}, y {y.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"data-path={path!r}: inputs contain NaN or inf")
+    if not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0:
+        raise ValueError(f"data-path={path!r}: labels must be non-negative integers")
+    if input_dim is not None and x.shape[1] != input_dim:
+        raise ValueError(f"data-path={path!r}: {x.shape[1]} features per example, expected {input_dim} (the model's input)")
+    if num_classes is not None and y.max() >= num_classes:
+        raise ValueError(f"data-path={path!r}: label {int(y.max())} out of range, expected < {num_classes}")
+    return _to_tensors(unit_norm(x), y.astype(np.int64))

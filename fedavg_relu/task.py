@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig
-from .data import TensorData, dataset_shape, load_partition
+from .data import TensorData, dataset_shape, load_data_file, load_partition
 from .metrics import ClientDrift, activation_patterns, measure_client_drift
 from .models import ReluMLP, build_model, get_trainable, set_trainable
 from .training import LocalSGDSettings, client_seed, evaluate, run_local_sgd
@@ -106,6 +106,24 @@ def measure_drift(
     return measure_client_drift(model, local_params, global_params, data.x, data.y, cfg.loss, init_patterns)
 
 
-def client_data(cfg: RunConfig, partition_id: int) -> TensorData:
-    """The training data of partition ``partition_id`` (cached by data.py)."""
-    return load_partition(cfg, partition_id)
+def client_data(cfg: RunConfig, node_config: Mapping[str, object]) -> TensorData:
+    """This node's training data: its own file (``data-path``) or a built-in partition (``partition-id``).
+
+    Raises ``ValueError`` with a clear message when neither is usable.
+    """
+    if "data-path" in node_config:
+        input_dim, num_classes = dataset_shape(cfg)
+        return load_data_file(str(node_config["data-path"]), input_dim, num_classes)
+    if "partition-id" not in node_config:
+        raise ValueError(
+            "node config has neither 'data-path' nor 'partition-id' (start the SuperNode with "
+            "--node-config \"data-path='/path/data.npz'\" or --node-config 'partition-id=N')"
+        )
+    return load_partition(cfg, int(node_config["partition-id"]))
+
+
+def node_seed_id(node_config: Mapping[str, object], node_id: int) -> int:
+    """The id that seeds this node's minibatch order: its partition id, else its node id."""
+    if "partition-id" in node_config:
+        return int(node_config["partition-id"])
+    return int(node_id) % (2**31)

@@ -1,0 +1,82 @@
+"""Tests of clients/client_app.py: handlers, node state, a device's own data file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from clients.client_app import LOCAL_PARAMS_KEY, build_client_app
+from fedavg_relu.config import RunConfig
+from fedavg_relu.data import load_data_file, load_partition
+from fedavg_relu.local_grid import LocalGrid
+from fedavg_relu.records import params_to_arrays
+from fedavg_relu.server_app import build_strategy, train_config
+from fedavg_relu.task import initial_params
+
+CFG = RunConfig(dataset="synthetic", synthetic_num_examples=80, synthetic_input_dim=6, num_partitions=2, width=16, local_steps=2)
+
+
+def _context(node_config) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=CFG.to_mapping())
+
+
+def _train_message(server_round: int = 1) -> Message:
+    config = train_config(CFG, 0.1)
+    config["server-round"] = server_round
+    return Message(
+        content=RecordDict({"arrays": params_to_arrays(initial_params(CFG)), "config": config}),
+        dst_node_id=7, message_type="train",
+    )
+
+
+def test_train_reply_and_kept_local_model():
+    """train replies with arrays + metrics (num-examples = partition size) and keeps W_k in node state."""
+    app, ctx = build_client_app(), _context({"partition-id": 1})
+    reply = app(_train_message(), ctx)
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == len(load_partition(CFG, 1))
+    assert set(reply.content["arrays"].keys()) == {"hidden.0.weight"}
+    kept = ctx.state[LOCAL_PARAMS_KEY]["hidden.0.weight"].numpy()
+    np.testing.assert_array_equal(kept, reply.content["arrays"]["hidden.0.weight"].numpy())
+
+
+def test_drift_without_kept_model_raises_clear_error():
+    """A drift query for a round this node did not train in is refused with the round named."""
+    app, ctx = build_client_app(), _context({"partition-id": 0})
+    query = Message(
+        content=RecordDict({"arrays": params_to_arrays(initial_params(CFG)), "config": ConfigRecord({"server-round": 4})}),
+        dst_node_id=7, message_type="query.drift",
+    )
+    with pytest.raises(RuntimeError, match="no local model kept for round 4"):
+        app(query, ctx)
+
+
+def test_device_data_file_npz_and_csv(tmp_path):
+    """data-path .npz and .csv load as unit-norm rows with integer labels; shape mismatches are named."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((12, 6)), np.arange(12) % 4
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    np.savetxt(tmp_path / "d.csv", np.column_stack([x, y]), delimiter=",", header="f1,f2,f3,f4,f5,f6,label")
+    for name in ("d.npz", "d.csv"):
+        data = load_data_file(tmp_path / name, input_dim=6, num_classes=4)
+        assert data.x.shape == (12, 6) and data.y.tolist() == y.tolist()
+        np.testing.assert_allclose(data.x.norm(dim=1).numpy(), np.ones(12), rtol=1e-6)
+    with pytest.raises(ValueError, match="6 features per example, expected 5"):
+        load_data_file(tmp_path / "d.npz", input_dim=5)
+    with pytest.raises(ValueError, match="label 3 out of range, expected < 3"):
+        load_data_file(tmp_path / "d.npz", input_dim=6, num_classes=3)
+    with pytest.raises(ValueError, match="no such file"):
+        load_data_file(tmp_path / "missing.npz")
+
+
+def test_bad_data_file_is_an_error_reply_not_a_crash(tmp_path):
+    """Node 1 reads a good file, node 2 a missing one: the round completes with node 1, node 2 counted as failed."""
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "good.npz", x=rng.standard_normal((20, 6)), y=np.arange(20) % 4)
+    nodes = [{"data-path": str(tmp_path / "good.npz")}, {"data-path": str(tmp_path / "nope.npz")}]
+    grid = LocalGrid(build_client_app(), 2, CFG.to_mapping(), node_configs=nodes)
+    strategy = build_strategy(CFG, 0.1)
+    strategy.start(grid=grid, initial_arrays=params_to_arrays(initial_params(CFG)), num_rounds=1, train_config=train_config(CFG, 0.1))
+    row = strategy.round_metrics[1]
+    assert (row["clients-trained"], row["clients-failed"], row["clients-measured"]) == (1, 1, 1)
