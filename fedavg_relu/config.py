@@ -78,6 +78,10 @@ class RunConfig:
     drift_metrics: bool = True  # second exchange per round measuring THEORY.md's metrics
     gradient_dissimilarity: bool = True  # clients return their gradient at the average (one model-size upload)
     tensorboard: bool = False  # also write TensorBoard event files (needs `tensorboard`)
+    # --- reliability ---------------------------------------------------------
+    max_num_examples: int = 1_000_000_000  # a reply claiming more examples is rejected
+    max_update_norm: float = 0.0  # reject updates with ||W_k - W^r|| above this; 0 = no bound
+    resume: bool = False  # continue the run folder's last checkpoint (same config) instead of starting over
 
     # ------------------------------------------------------------------------
     @classmethod
@@ -133,6 +137,8 @@ class RunConfig:
             ("strategy", self.strategy in STRATEGIES, f"one of {STRATEGIES}"),
             ("fraction_train", 0.0 < self.fraction_train <= 1.0, "a float in (0, 1]"),
             ("round_timeout", self.round_timeout > 0, "a float > 0 (seconds)"),
+            ("max_num_examples", self.max_num_examples >= 1, "an integer >= 1"),
+            ("max_update_norm", self.max_update_norm >= 0 and math.isfinite(self.max_update_norm), "a finite float >= 0 (0 = no bound)"),
         ]
         problems = [
             f"{_key(name)}={getattr(self, name)!r}: expected {what}"

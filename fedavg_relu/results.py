@@ -66,10 +66,10 @@ def resolve_run_dir(cfg: RunConfig, now: _dt.datetime | None = None) -> Path:
 class RunWriter:
     """Owns one run folder; every write replaces a whole file atomically."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = False, rows: list[dict[str, Any]] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(rows or [])  # earlier rounds, when resuming
         self._tb = None
         if tensorboard:
             try:

@@ -17,15 +17,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from strategies import DriftFedAvg
-from strategies.drift import round_summary
+from strategies.drift import DEFAULT_METRIC_KEYS, round_summary
 
 from .config import RunConfig
 from .data import dataset_shape, load_test
 from .models import build_model, num_trainable, set_trainable
 from .records import arrays_to_params, params_to_arrays
 from .results import RunWriter, resolve_run_dir
+from .checkpoint import load_checkpoint, save_checkpoint
 from .task import initial_params
 from .training import evaluate
+from .validation import UpdateRules
 
 app = ServerApp()
 
@@ -37,8 +39,8 @@ def main(grid: Grid, context: Context) -> None:
     run_experiment(grid, cfg)
 
 
-def build_strategy(cfg: RunConfig, learning_rate: float) -> DriftFedAvg:
-    """The configured strategy, with drift measurement set up."""
+def build_strategy(cfg: RunConfig, learning_rate: float, round_offset: int = 0) -> DriftFedAvg:
+    """The configured strategy, with drift measurement and reply validation set up."""
     strategy = DriftFedAvg(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,  # clients report their loss in the drift exchange instead
@@ -46,9 +48,12 @@ def build_strategy(cfg: RunConfig, learning_rate: float) -> DriftFedAvg:
         min_evaluate_nodes=0,
         min_available_nodes=cfg.num_partitions,
     )
+    init = initial_params(cfg)
     strategy.setup_drift(
-        initial_params(cfg), learning_rate, enabled=cfg.drift_metrics,
+        init, learning_rate, enabled=cfg.drift_metrics,
         gradient_dissimilarity=cfg.gradient_dissimilarity, timeout=cfg.round_timeout,
+        rules=UpdateRules.for_model(init, DEFAULT_METRIC_KEYS, cfg.max_num_examples, cfg.max_update_norm),
+        round_offset=round_offset,
     )
     return strategy
 
@@ -68,12 +73,15 @@ def train_config(cfg: RunConfig, learning_rate: float) -> ConfigRecord:
 
 
 def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
-    """Run ``num-server-rounds`` rounds on ``grid``; return the run folder."""
+    """Run ``num-server-rounds`` rounds on ``grid`` (or the rest of them, with ``resume``); return the run folder."""
     input_dim, num_classes = dataset_shape(cfg)
     learning_rate = cfg.effective_learning_rate(input_dim)
     model = build_model(cfg, input_dim, num_classes)
     test = load_test(cfg)
-    writer = RunWriter(resolve_run_dir(cfg), tensorboard=cfg.tensorboard)
+    run_dir = resolve_run_dir(cfg)
+    checkpoint = load_checkpoint(run_dir, cfg) if cfg.resume else None
+    done = checkpoint.round if checkpoint else 0
+    writer = RunWriter(run_dir, tensorboard=cfg.tensorboard, rows=checkpoint.rows if checkpoint else None)
     writer.write_config(
         cfg,
         {
@@ -81,13 +89,22 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
             "num-trainable-parameters": num_trainable(model), "test-examples": len(test),
         },
     )
-    strategy = build_strategy(cfg, learning_rate)
+    strategy = build_strategy(cfg, learning_rate, round_offset=done)
+    start_params = initial_params(cfg)
+    if checkpoint:
+        checkpoint.restore(strategy)
+        start_params = checkpoint.params
+        log(INFO, "fedavg-relu: resuming %s after round %d of %d", run_dir, done, cfg.num_server_rounds)
     log(INFO, "fedavg-relu: %s family, m=%d, L=%d, eta=%.4g, tau=%d, %d clients; writing to %s",
         cfg.model_family, cfg.width, cfg.depth, learning_rate, cfg.local_steps, cfg.num_partitions, writer.run_dir)
     clock = {"start": time.perf_counter(), "last": time.perf_counter()}
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        set_trainable(model, arrays_to_params(arrays))
+    def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = flower_round + done
+        if flower_round == 0 and checkpoint:
+            return None  # round `done` is already in the history
+        params = arrays_to_params(arrays)
+        set_trainable(model, params)
         test_loss, test_acc = evaluate(model, test.x, test.y, cfg.loss)
         now = time.perf_counter()
         row = {"round": server_round, "test-loss": test_loss, "test-accuracy": test_acc}
@@ -95,20 +112,21 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         row.update({"seconds": now - clock["last"], "elapsed": now - clock["start"]})
         clock["last"] = now
         writer.append_round(row)
+        save_checkpoint(run_dir, server_round, params, strategy, writer.rows, cfg)
         log(INFO, "round %3d/%d  %s  test-loss %.4g  test-acc %.3f  %.1fs", server_round, cfg.num_server_rounds,
             round_summary(row), test_loss, test_acc, row["seconds"])
         return MetricRecord({"test-loss": test_loss, "test-accuracy": test_acc})
 
     result = strategy.start(
         grid=grid,
-        initial_arrays=params_to_arrays(initial_params(cfg)),
-        num_rounds=cfg.num_server_rounds,
+        initial_arrays=params_to_arrays(start_params),
+        num_rounds=cfg.num_server_rounds - done,
         timeout=cfg.round_timeout,
         train_config=train_config(cfg, learning_rate),
         evaluate_fn=evaluate_fn,
     )
     if cfg.save_model:
-        set_trainable(model, arrays_to_params(result.arrays) if len(result.arrays) else initial_params(cfg))
+        set_trainable(model, arrays_to_params(result.arrays) if len(result.arrays) else start_params)
         writer.save_model({"state_dict": model.state_dict(), "config": cfg.to_mapping()})
     writer.close()
     log(INFO, "fedavg-relu: run finished; outputs in %s", writer.run_dir)

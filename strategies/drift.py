@@ -21,6 +21,7 @@ Nodes that trained but did not answer the drift exchange are counted
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -34,8 +35,14 @@ from flwr.serverapp import Grid
 
 from fedavg_relu.metrics import ClientDrift, distances_from_init, summarize_drift
 from fedavg_relu.records import arrays_to_params
+from fedavg_relu.validation import REASONS, Rejected, UpdateRules, check_update
 
 DRIFT_MESSAGE_TYPE = "query.drift"
+DEFAULT_METRIC_KEYS = frozenset({"num-examples", "train-loss", "loss-before"})
+
+
+class RunAborted(RuntimeError):
+    """The run cannot go on safely (e.g. a Ray actor died); the message says why."""
 GRADIENT_RECORD_KEY = "gradient"
 
 
@@ -54,8 +61,10 @@ class DriftMeasurement:
         enabled: bool = True,
         gradient_dissimilarity: bool = True,
         timeout: float = 600.0,
+        rules: UpdateRules | None = None,
+        round_offset: int = 0,
     ) -> None:
-        """Set what the measurements need.
+        """Set what the measurements (and the reply validation) need.
 
         Parameters
         ----------
@@ -70,14 +79,25 @@ class DriftMeasurement:
             Ask clients for their gradient at W^{r+1} (one model-size upload each).
         timeout
             Seconds to wait for drift replies.
+        rules
+            What a valid train reply is (:class:`fedavg_relu.validation.UpdateRules`);
+            default: arrays shaped like W^0 and the metric keys of this project's
+            ClientApp (``num-examples``, ``train-loss``, ``loss-before``).
+        round_offset
+            Rounds already done before this ``start`` (resuming a run): Flower
+            counts from 1 again, the hooks add the offset, so clients, metrics and
+            checkpoints see the true round.
         """
         self.drift_initial = {k: np.asarray(v) for k, v in initial_params.items()}
         self.drift_learning_rate = float(learning_rate)
         self.drift_enabled = bool(enabled)
         self.drift_with_gradients = bool(gradient_dissimilarity)
         self.drift_timeout = float(timeout)
+        self.update_rules = rules or UpdateRules.for_model(self.drift_initial, DEFAULT_METRIC_KEYS)
+        self.round_offset = int(round_offset)
         self.round_metrics = {}
         self._drift_grid: Grid | None = None
+        self._drift_global: dict[str, np.ndarray] | None = None
         self._drift_sampled: dict[int, list[int]] = {}
         self._drift_last_measured: tuple[int, ArrayRecord] | None = None
 
@@ -86,7 +106,9 @@ class DriftMeasurement:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """The parent's messages, from a fresh copy of ``config``; remembers grid and sample."""
+        server_round += self.round_offset
         self._drift_grid = grid
+        self._drift_global = arrays_to_params(arrays)
         config = ConfigRecord(dict(config))
         if self._drift_last_measured is not None and self._drift_last_measured[1] is arrays:
             # clients measured f_k at exactly this model in the last drift exchange: they may reuse it
@@ -98,16 +120,26 @@ class DriftMeasurement:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The parent's average, plus this round's measurements in the MetricRecord."""
+        """Validate the replies, let the parent average the valid ones, then measure.
+
+        Error replies are counted as failed, invalid ones as rejected per reason;
+        neither reaches the parent's average. With nothing valid left the
+        parent is not called: the global model stays exactly as it was.
+        """
+        server_round += self.round_offset
         replies = list(replies)  # Flower may hand a one-shot iterable
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
-        ok = [r for r in replies if not r.has_error()]
         sampled = self._drift_sampled.pop(server_round, [])
+        ok, rejected, failed = self.screen_replies(replies, sampled)
+        arrays, metrics = (None, None)
+        if ok:
+            arrays, metrics = super().aggregate_train(server_round, ok)  # type: ignore[misc]
         row: dict[str, float] = {
             "clients-sampled": len(sampled),
             "clients-trained": len(ok),
-            "clients-failed": max(len(sampled), len(replies)) - len(ok),
+            "clients-failed": failed + max(0, len(sampled) - len(replies)),
+            "clients-rejected": sum(rejected.values()),
         }
+        row.update({f"rejected-{reason}": rejected.get(reason, 0) for reason in REASONS})
         if arrays is None:
             row["round-skipped"] = 1
             log(WARNING, "round %d: no update was aggregated; the global model is unchanged", server_round)
@@ -121,6 +153,58 @@ class DriftMeasurement:
             merged[key] = value
         self.round_metrics[server_round] = dict(merged)
         return arrays, merged
+
+    # --- checkpoints ----------------------------------------------------------
+    checkpoint_attrs: tuple[str, ...] = ()  # the strategy's own state, e.g. server momentum
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The strategy state a resumed run needs (attributes named in ``checkpoint_attrs``)."""
+        return {name: copy.deepcopy(getattr(self, name, None)) for name in self.checkpoint_attrs}
+
+    def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint_state`."""
+        for name, value in state.items():
+            setattr(self, name, copy.deepcopy(value))
+
+    # --- reply validation ---------------------------------------------------
+    def screen_replies(self, replies: list[Message], sampled: list[int]) -> tuple[list[Message], dict[str, int], int]:
+        """Split replies into valid ones, rejections per reason and the number of error replies.
+
+        Raises :class:`RunAborted` when a reply says a Ray actor died: Flower 1.42 does not
+        replace it, so later rounds would silently train on fewer clients.
+        """
+        valid: list[Message] = []
+        rejected: dict[str, int] = {}
+        failed = 0
+        seen: set[int] = set()
+        expected = set(sampled)
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                failed += 1
+                reason = msg.error.reason or ""
+                log(WARNING, "node %d failed: %s", node, reason[:500])
+                if "ActorDiedError" in reason or "RayActorError" in reason:
+                    raise RunAborted(
+                        f"a Ray actor died while serving node {node} ({reason[:200]}). Flower 1.42 does not replace "
+                        "dead actors, so every later round would silently lose its clients; the run stops here. "
+                        "The last complete round is checkpointed: rerun with resume=true to continue."
+                    )
+                continue
+            try:
+                if node in seen:
+                    raise Rejected("duplicate-node", f"node {node} already replied this round")
+                seen.add(node)
+                if expected and node not in expected:
+                    raise Rejected("unexpected-node", f"node {node} was not sampled this round")
+                params, metrics = _extract_update(msg)
+                check_update(params, metrics, self.update_rules, self._drift_global)
+            except Rejected as err:
+                rejected[err.reason] = rejected.get(err.reason, 0) + 1
+                log(WARNING, "reply of node %d rejected: %s", node, err)
+                continue
+            valid.append(msg)
+        return valid, rejected, failed
 
     # --- the second exchange ------------------------------------------------
     def measure_round(self, server_round: int, arrays: ArrayRecord, train_replies: list[Message]) -> dict[str, float]:
@@ -181,6 +265,20 @@ class DriftMeasurement:
         out["drift-rejected"] = rejected
         out["drift-seconds"] = time.perf_counter() - t0
         return out
+
+
+def _extract_update(msg: Message) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    content = msg.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        raise Rejected(
+            "malformed",
+            f"{len(content.array_records)} ArrayRecords and {len(content.metric_records)} MetricRecords, expected 1 and 1",
+        )
+    try:
+        params = arrays_to_params(next(iter(content.array_records.values())))
+    except Exception as err:  # unreadable bytes, unknown dtype, ...
+        raise Rejected("malformed", f"unreadable arrays: {type(err).__name__}: {err}") from err
+    return params, dict(next(iter(content.metric_records.values())))
 
 
 def _parse_drift_reply(

@@ -51,7 +51,10 @@ def test_average_is_bit_identical_to_flower_fedavg():
     rng = np.random.default_rng(0)
     params = [{"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)} for _ in range(3)]
     sizes = [5, 11, 7]
-    replies = [_reply(i + 1, p, n, **{"train-loss": 0.1 * i}) for i, (p, n) in enumerate(zip(params, sizes, strict=True))]
+    replies = [
+        _reply(i + 1, p, n, **{"train-loss": 0.1 * i, "loss-before": 1.0})
+        for i, (p, n) in enumerate(zip(params, sizes, strict=True))
+    ]
     ours = DriftFedAvg()
     ours.setup_drift({"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}, 0.1, enabled=False)
     arrays, metrics = ours.aggregate_train(1, iter(replies))  # a one-shot iterable, as Flower may pass
