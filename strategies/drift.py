@@ -136,7 +136,8 @@ class DriftMeasurement:
         row: dict[str, float] = {
             "clients-sampled": len(sampled),
             "clients-trained": len(ok),
-            "clients-failed": failed + max(0, len(sampled) - len(replies)),
+            # error replies, plus sampled nodes that sent nothing (timed out)
+            "clients-failed": failed + len(set(sampled) - {r.metadata.src_node_id for r in replies}),
             "clients-rejected": sum(rejected.values()),
         }
         row.update({f"rejected-{reason}": rejected.get(reason, 0) for reason in REASONS})
@@ -153,6 +154,38 @@ class DriftMeasurement:
             merged[key] = value
         self.round_metrics[server_round] = dict(merged)
         return arrays, merged
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The parent's evaluation average over the well-formed replies only.
+
+        A reply is kept when it has no error, exactly one MetricRecord with a
+        positive integer ``num-examples`` (within ``max-num-examples``), finite
+        values, and the same keys as the first kept reply; a malformed reply is
+        logged and dropped instead of ending the run.
+        """
+        server_round += self.round_offset
+        kept: list[Message] = []
+        keys: set[str] | None = None
+        for msg in replies:
+            if msg.has_error():
+                continue
+            records = msg.content.metric_records
+            metrics = dict(next(iter(records.values()))) if len(records) == 1 else None
+            n = metrics.get("num-examples") if metrics else None
+            ok = (
+                metrics is not None
+                and not msg.content.array_records
+                and isinstance(n, (int, float)) and not isinstance(n, bool)
+                and float(n).is_integer() and 1 <= n <= self.update_rules.max_num_examples
+                and all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+                and (keys is None or set(metrics) == keys)
+            )
+            if not ok:
+                log(WARNING, "evaluate reply of node %d dropped: malformed", msg.metadata.src_node_id)
+                continue
+            keys = keys or set(metrics)
+            kept.append(msg)
+        return super().aggregate_evaluate(server_round, kept) if kept else None  # type: ignore[misc]
 
     # --- checkpoints ----------------------------------------------------------
     checkpoint_attrs: tuple[str, ...] = ()  # the strategy's own state, e.g. server momentum
