@@ -1,0 +1,290 @@
+"""A long-running ClientApp process for a SuperNode started with ``--isolation process``.
+
+With its default isolation (``subprocess``) a SuperNode starts ``flower-superexec``,
+which starts a new ``flwr-clientapp`` process for *every message*: each one imports
+torch and flwr, installs the app bundle (FAB) and loads the ClientApp again. On a
+small device that start-up dominates a round, and the drift measurement sends a
+second message per round.
+
+With ``flower-supernode --isolation process`` the SuperNode starts no executor: it
+serves its Runtime API (``--host``/``--port``, default ``127.0.0.1:9094``) and waits
+for an outside process to acquire its tasks. :class:`ClientAppWorker` is that
+process. It does, for each task, what Flower's ``flwr-clientapp`` does (pull the
+message, the node's context and the FAB; run the ClientApp; push the reply and the
+updated context, heartbeating meanwhile), but in one process that stays up: torch,
+the app's modules and their per-process caches (model, data) are loaded once.
+
+The node's state (``context.state``) still lives in the SuperNode, exactly as with
+``flwr-clientapp``: each task pulls it and pushes it back, so the drift exchange
+finds the local model its train message kept whichever path runs it.
+
+Run one per SuperNode, on the same device::
+
+    flower-supernode --isolation process --port 9094 ...  &
+    python -m fedavg_relu.clientapp_worker --runtime-api-address 127.0.0.1:9094 --insecure
+
+The worker serves one app version at a time: when a run ships a different FAB, it
+unloads the previous app's modules (those imported from its install folder) before
+loading the new one; third-party modules (torch, numpy) stay loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from logging import DEBUG, ERROR, INFO, WARNING
+from pathlib import Path
+
+import httpx
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.client_app import ClientApp, LoadClientAppError
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.common.logger import log
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.object_ref import load_app
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+# The SuperExec auth interceptor signs only these methods (as flower-superexec does)
+_AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
+
+
+@dataclass
+class TaskOutcome:
+    """What one task did (for logs and tests)."""
+
+    message_type: str
+    ok: bool
+    seconds: float
+    details: str = ""
+
+
+class ClientAppWorker:
+    """Acquire this SuperNode's ClientApp tasks and run them in this process.
+
+    Parameters
+    ----------
+    runtime_api_address
+        The SuperNode's Runtime API, ``host:port`` (its ``--host``/``--port``).
+    insecure
+        Plain HTTP to the Runtime API (the SuperNode serves HTTP unless given
+        ``--ssl-certfile``/``--ssl-keyfile``; it binds 127.0.0.1 by default).
+    root_certificates
+        PEM path of the CA that signed the Runtime API's certificate (TLS case).
+    superexec_auth_secret
+        The bytes of the SuperNode's ``--superexec-auth-secret-file``: then only a
+        process that knows the secret can acquire tasks.
+    poll_interval
+        Seconds between ``AcquireTask`` polls when the SuperNode has no task.
+    """
+
+    def __init__(
+        self,
+        runtime_api_address: str,
+        insecure: bool = True,
+        root_certificates: str | None = None,
+        superexec_auth_secret: bytes | None = None,
+        poll_interval: float = 0.1,
+    ) -> None:
+        self.runtime_api_address = runtime_api_address
+        self.insecure = insecure
+        self.root_certificates = None if insecure else root_certificates
+        self.poll_interval = poll_interval
+        self._stop = threading.Event()
+        self._app: ClientApp | None = None
+        self._app_hash: str | None = None
+        self._app_dir: Path | None = None
+        self.outcomes: list[TaskOutcome] = []
+        interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+        if superexec_auth_secret:
+            interceptors.append(
+                SuperExecAuthHttpInterceptor(master_secret=superexec_auth_secret, protected_methods=_AUTH_METHODS)
+            )
+        self._control = RuntimeHttpClient.from_server_address(
+            server_address=runtime_api_address,
+            insecure=insecure,
+            root_certificates=self.root_certificates,
+            interceptors=interceptors,
+            retry_invoker=None,  # polls: an unreachable SuperNode is retried by serve(), interruptibly
+        )
+
+    # --- main loop ----------------------------------------------------------
+    def serve(self, max_tasks: int | None = None) -> None:
+        """Acquire and run tasks until :meth:`stop` (or ``max_tasks`` tasks)."""
+        log(INFO, "ClientApp worker: serving the SuperNode Runtime API at %s (pid %d)",
+            self.runtime_api_address, os.getpid())
+        done = 0
+        try:
+            while not self._stop.is_set() and (max_tasks is None or done < max_tasks):
+                try:
+                    res = self._control.AcquireTask(
+                        AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+                    )
+                except httpx.TransportError as err:  # SuperNode not up yet, or restarting
+                    log(DEBUG, "ClientApp worker: Runtime API not reachable: %s", err)
+                    self._stop.wait(1.0)
+                    continue
+                if res.HasField("task") and res.token:
+                    if res.task.type != TaskType.CLIENT_APP.value:
+                        log(ERROR, "ClientApp worker: cannot run task type %r (task %d)", res.task.type, res.task.task_id)
+                        continue
+                    self.run_task(res.token)
+                    done += 1
+                else:
+                    self._stop.wait(self.poll_interval)
+        finally:
+            self._control.close()
+
+    def stop(self) -> None:
+        """Stop after the current task."""
+        self._stop.set()
+
+    # --- one task -----------------------------------------------------------
+    def run_task(self, token: str) -> TaskOutcome:
+        """Run the task behind ``token``: what ``flwr-clientapp --token`` does, in this process."""
+        t0 = time.perf_counter()
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_api_address,
+            insecure=self.insecure,
+            root_certificates=self.root_certificates,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+        heartbeat = HeartbeatSender(_heartbeat_fn(client))
+        message = context = reply = None
+        sub_status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+        try:
+            heartbeat.start()
+            message, context, run, fab = pull_task_input(client)
+            client_app = self._load(run.fab_id, run.fab_version, fab.hash_str, fab.content)
+            reply = client_app(message=message, context=context)
+            sub_status, details = SubStatus.COMPLETED, ""
+        except Exception as ex:  # pylint: disable=broad-exception-caught
+            # same error reply as flwr-clientapp: the run goes on, the server sees the reason
+            code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+            if isinstance(ex, LoadClientAppError):
+                code, reason = ErrorCode.LOAD_CLIENT_APP_EXCEPTION, f"An exception was raised when attempting to load `ClientApp`: {ex}"
+            log(ERROR, "ClientApp raised an exception", exc_info=ex)
+            details = reason
+            if message is not None:
+                reply = Message(Error(code=code, reason=reason), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+            except Exception as ex:  # pylint: disable=broad-exception-caught
+                log(ERROR, "ClientApp worker: failed to push the reply", exc_info=ex)
+                sub_status, details = SubStatus.FAILED, f"failed to push reply: {ex}"
+            push_task_output(client, context, sub_status, details)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+        outcome = TaskOutcome(
+            message.metadata.message_type if message is not None else "?",
+            sub_status == SubStatus.COMPLETED, time.perf_counter() - t0, details,
+        )
+        self.outcomes.append(outcome)
+        log(INFO, "ClientApp worker: %s task %s in %.2fs", outcome.message_type,
+            "done" if outcome.ok else "FAILED", outcome.seconds)
+        return outcome
+
+    def _load(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> ClientApp:
+        """The ClientApp of this FAB: installed and imported once per FAB hash."""
+        if self._app is not None and self._app_hash == fab_hash:
+            return self._app
+        if self._app_dir is not None:
+            _unload_modules_under(self._app_dir)
+        app_dir = install_from_fab(fab_content, skip_prompt=True)
+        from flwr.common.config import get_project_config  # noqa: PLC0415 - only here
+
+        config = get_project_config(app_dir)
+        ref = config["tool"]["flwr"]["app"]["components"]["clientapp"]
+        client_app = load_app(ref, LoadClientAppError, app_dir)
+        if not isinstance(client_app, ClientApp):
+            raise LoadClientAppError(f"Attribute {ref} is not of type {ClientApp}")
+        log(INFO, "ClientApp worker: loaded %s (%s %s, FAB %s) from %s", ref, fab_id, fab_version, fab_hash[:8], app_dir)
+        self._app, self._app_hash, self._app_dir = client_app, fab_hash, Path(app_dir).resolve()
+        return client_app
+
+
+def _heartbeat_fn(client: RuntimeHttpClient):
+    """Task heartbeats; unlike flwr-clientapp's, a refused one does not SIGINT the process."""
+    request = SendTaskHeartbeatRequest()
+
+    def send() -> bool:
+        try:
+            res = client.SendTaskHeartbeat(request)
+        except (httpx.TransportError, httpx.HTTPStatusError):
+            return False
+        if not res.success:
+            log(WARNING, "ClientApp worker: the SuperNode no longer knows this task")
+        return True
+
+    return send
+
+
+def _unload_modules_under(directory: Path) -> None:
+    """Forget modules imported from ``directory`` (a previous app version) and its sys.path entry."""
+    prefix = str(directory) + os.sep
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None) or ""
+        if path.startswith(prefix):
+            del sys.modules[name]
+    while str(directory) in sys.path:
+        sys.path.remove(str(directory))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fedavg_relu.clientapp_worker``: serve one SuperNode until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(description="Long-running ClientApp process for a SuperNode started "
+                                     "with --isolation process.")
+    parser.add_argument("--runtime-api-address", default="127.0.0.1:9094",
+                        help="the SuperNode's Runtime API host:port (its --host/--port; default 127.0.0.1:9094)")
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument("--insecure", action="store_true",
+                     help="plain HTTP to the Runtime API (the SuperNode's default; keep it on 127.0.0.1)")
+    tls.add_argument("--root-certificates", help="CA of the Runtime API's TLS certificate")
+    parser.add_argument("--superexec-auth-secret-file",
+                        help="the file given to the SuperNode's --superexec-auth-secret-file")
+    parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds between polls (default 0.1)")
+    parser.add_argument("--max-tasks", type=int, default=None, help="exit after this many tasks (tests)")
+    args = parser.parse_args(argv)
+    secret = Path(args.superexec_auth_secret_file).read_bytes() if args.superexec_auth_secret_file else None
+    worker = ClientAppWorker(
+        args.runtime_api_address,
+        insecure=args.root_certificates is None,
+        root_certificates=args.root_certificates,
+        superexec_auth_secret=secret,
+        poll_interval=args.poll_interval,
+    )
+
+    def _graceful(signum, _frame):  # finish the current task, then exit
+        log(INFO, "ClientApp worker: signal %d, stopping after the current task", signum)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, _graceful)
+    signal.signal(signal.SIGINT, _graceful)
+    worker.serve(max_tasks=args.max_tasks)
+
+
+if __name__ == "__main__":
+    main()
