@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from logging import INFO
 from pathlib import Path
@@ -91,6 +92,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     )
     strategy = build_strategy(cfg, learning_rate, round_offset=done)
     start_params = initial_params(cfg)
+    random.seed(cfg.seed)  # Flower samples clients with Python's `random`: make runs repeatable
     if checkpoint:
         checkpoint.restore(strategy)
         start_params = checkpoint.params

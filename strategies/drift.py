@@ -219,7 +219,8 @@ class DriftMeasurement:
                 log(WARNING, "node %d failed: %s", node, reason[:500])
                 if "ActorDiedError" in reason or "RayActorError" in reason:
                     raise RunAborted(
-                        f"a Ray actor died while serving node {node} ({reason[:200]}). Flower 1.42 does not replace "
+                        f"a Ray actor died while serving node {node} ({reason.splitlines()[0][:200]}). "
+                        "Flower 1.42 does not replace "
                         "dead actors, so every later round would silently lose its clients; the run stops here. "
                         "The last complete round is checkpointed: rerun with resume=true to continue."
                     )

@@ -86,3 +86,79 @@ def test_simulation_api_run(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[2]["global-loss"] < rows[1]["loss-before"]
     assert rows[2]["test-loss"] < rows[0]["test-loss"]
+
+
+def _faulty_client_mods():
+    """Client mods (closures, so Ray pickles them by value): partition 0 raises in train, partition 1 returns NaN."""
+
+    def raise_on_partition_0(message, context, call_next):
+        if message.metadata.message_type == "train" and context.node_config.get("partition-id") == 0:
+            raise RuntimeError("injected client failure")
+        return call_next(message, context)
+
+    def nan_on_partition_1(message, context, call_next):
+        reply = call_next(message, context)
+        if message.metadata.message_type == "train" and context.node_config.get("partition-id") == 1 and not reply.has_error():
+            import numpy as np
+            from flwr.app import Array
+
+            arrays = reply.content["arrays"]
+            name = next(iter(arrays.keys()))
+            bad = arrays[name].numpy().copy()
+            bad.flat[0] = np.nan
+            arrays[name] = Array(bad)
+        return reply
+
+    return [raise_on_partition_0, nan_on_partition_1]
+
+
+def test_faulty_clients_never_take_the_run_down(tmp_path):
+    """Ray simulation, 4 clients, 3 rounds: one raises every round, one sends NaN every round.
+
+    Every round completes with the 2 healthy clients: clients-failed = 1, rejected-non-finite = 1,
+    clients-measured = 2, and the final model is finite.
+    """
+    import torch
+
+    from fedavg_relu.simulation import simulate
+
+    run_dir = simulate(
+        {
+            "num-server-rounds": 3, "num-partitions": 4, "dataset": "synthetic", "synthetic-num-examples": 200,
+            "width": 64, "output-dir": str(tmp_path), "run-name": "faulty",
+        },
+        client_mods=_faulty_client_mods(),
+    )
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    for row in rows[1:]:
+        assert (row["clients-trained"], row["clients-failed"], row["rejected-non-finite"], row["clients-measured"]) == (2, 1, 1, 2)
+        assert math.isfinite(row["test-loss"])
+    state = torch.load(run_dir / "model.pt")["state_dict"]
+    assert all(torch.isfinite(t).all() for t in state.values())
+    assert rows[3]["global-loss"] < rows[1]["loss-before"]
+
+
+def test_dead_ray_actor_stops_the_run_with_a_clear_message(tmp_path):
+    """An actor process that dies in round 2 (os._exit) stops the run with a message naming it; round 1 is checkpointed."""
+    from fedavg_relu.simulation import simulate
+    from strategies.drift import RunAborted
+
+    def die_in_round_2(message, context, call_next):
+        if message.metadata.message_type == "train" and message.content["config"]["server-round"] == 2:
+            if context.node_config.get("partition-id") == 0:
+                import os as _os
+
+                _os._exit(1)
+        return call_next(message, context)
+
+    with pytest.raises(RunAborted, match="a Ray actor died .* resume=true"):
+        simulate(
+            {
+                "num-server-rounds": 3, "num-partitions": 2, "dataset": "synthetic", "synthetic-num-examples": 100,
+                "width": 32, "output-dir": str(tmp_path), "run-name": "dead",
+            },
+            client_mods=[die_in_round_2],
+        )
+    assert [r["round"] for r in read_metrics(tmp_path / "dead")] == [0, 1]
+    assert (tmp_path / "dead" / "checkpoint.pt").exists()
