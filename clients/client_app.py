@@ -16,10 +16,12 @@ from fedavg_relu.config import RunConfig
 from fedavg_relu.records import arrays_to_params, params_to_arrays
 from fedavg_relu.task import client_data, measure_drift, node_seed_id, train_client
 from fedavg_relu.training import LocalSGDSettings
+from strategies.scaffold import CONTROL_PREFIX, DELTA_PREFIX
 
 LOCAL_PARAMS_KEY = "local-params"
 LOCAL_ROUND_KEY = "local-round"
 MEASURED_LOSS_KEY = "measured-loss"  # f_k at the model of the last drift exchange
+CLIENT_CONTROL_KEY = "scaffold-client-control"  # SCAFFOLD's c_k, kept across rounds
 
 
 
@@ -42,6 +44,8 @@ def settings_from(config: ConfigRecord, cfg: RunConfig) -> LocalSGDSettings:
         momentum=float(config["momentum"]),
         weight_decay=float(config["weight-decay"]),
         loss=cfg.loss,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # FedProx sends it
+        local_epochs=float(config.get("local-epochs", 0.0)),
     )
 
 
@@ -54,11 +58,24 @@ def train(msg: Message, context: Context) -> Message:
     loss_before = None
     if known is not None and "measured-round" in config and int(known["server-round"]) == int(config["measured-round"]):
         loss_before = float(known["loss"])  # this very model was measured here last round
+    received = arrays_to_params(msg.content["arrays"])
+    global_params = {k: v for k, v in received.items() if not k.startswith(CONTROL_PREFIX)}
+    scaffold = None
+    if len(global_params) < len(received):  # SCAFFOLD: the server control variate came along
+        server_c = {k[len(CONTROL_PREFIX):]: v for k, v in received.items() if k.startswith(CONTROL_PREFIX)}
+        kept = context.state.get(CLIENT_CONTROL_KEY)
+        scaffold = (server_c, arrays_to_params(kept) if kept is not None else None)
     outcome = train_client(
         cfg, client_data(cfg, context.node_config), node_seed_id(context.node_config, context.node_id), server_round,
-        arrays_to_params(msg.content["arrays"]), settings_from(config, cfg), loss_before,
+        global_params, settings_from(config, cfg), loss_before, scaffold,
     )
     local = params_to_arrays(outcome.local_params)
+    reply_arrays = local
+    if outcome.control_delta is not None:
+        context.state[CLIENT_CONTROL_KEY] = params_to_arrays(outcome.client_control)
+        reply_arrays = params_to_arrays(
+            {**outcome.local_params, **{DELTA_PREFIX + k: v for k, v in outcome.control_delta.items()}}
+        )
     if bool(config.get("keep-local-model", True)):
         context.state[LOCAL_PARAMS_KEY] = local
         context.state[LOCAL_ROUND_KEY] = ConfigRecord({"server-round": server_round})
@@ -67,9 +84,10 @@ def train(msg: Message, context: Context) -> Message:
             "train-loss": outcome.train_loss,
             "loss-before": outcome.loss_before,
             "num-examples": outcome.num_examples,
+            "local-steps": outcome.num_steps,
         }
     )
-    return Message(content=RecordDict({"arrays": local, "metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({"arrays": reply_arrays, "metrics": metrics}), reply_to=msg)
 
 
 def drift(msg: Message, context: Context) -> Message:

@@ -22,7 +22,10 @@ LOSSES = ("squared", "cross-entropy")
 DATASETS = ("synthetic", "digits", "mnist", "fashion-mnist", "cifar10")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 LR_SCALINGS = ("constant", "width")
-STRATEGIES = ("fedavg",)
+STRATEGIES = (
+    "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+    "fedmedian", "fedtrimmedavg", "krum", "scaffold", "fednova",
+)
 
 
 class ConfigError(ValueError):
@@ -71,8 +74,18 @@ class RunConfig:
     batch_size: int = 32  # minibatch size; 0 (or "full") = full-batch Local GD
     momentum: float = 0.0  # SGD momentum, reset every round
     weight_decay: float = 0.0  # L2 weight decay of local SGD
+    local_epochs: float = 0.0  # > 0: client k runs ceil(local-epochs * n_k / batch) steps (unequal tau_k)
     # --- server --------------------------------------------------------------
     strategy: str = "fedavg"  # one of STRATEGIES
+    proximal_mu: float = 0.01  # FedProx: weight mu of the proximal term
+    server_learning_rate: float = 1.0  # FedAvgM / SCAFFOLD: server step size on the averaged update
+    server_momentum: float = 0.9  # FedAvgM: server momentum
+    server_eta: float = 0.01  # FedAdam / FedYogi / FedAdagrad: server learning rate
+    beta_1: float = 0.9  # FedAdam / FedYogi: first-moment decay
+    beta_2: float = 0.99  # FedAdam / FedYogi: second-moment decay
+    adaptivity: float = 1e-3  # FedAdam / FedYogi / FedAdagrad: tau, the degree of adaptability
+    trim_fraction: float = 0.2  # FedTrimmedAvg: share cut from each end
+    num_malicious_nodes: int = 0  # Krum: assumed number of malicious nodes
     fraction_train: float = 1.0  # share of clients sampled per round
     round_timeout: float = 600.0  # seconds to wait for replies per exchange
     drift_metrics: bool = True  # second exchange per round measuring THEORY.md's metrics
@@ -134,7 +147,17 @@ class RunConfig:
             ("batch_size", self.batch_size >= 0, 'an integer >= 0 (0 or "full" = full batch)'),
             ("momentum", 0.0 <= self.momentum < 1.0, "a float in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0 and math.isfinite(self.weight_decay), "a finite float >= 0"),
-            ("strategy", self.strategy in STRATEGIES, f"one of {STRATEGIES}"),
+            ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+            ("local_epochs", self.local_epochs >= 0 and math.isfinite(self.local_epochs), "a finite float >= 0 (0 = use local-steps)"),
+            ("proximal_mu", self.proximal_mu >= 0 and math.isfinite(self.proximal_mu), "a finite float >= 0"),
+            ("server_learning_rate", self.server_learning_rate > 0 and math.isfinite(self.server_learning_rate), "a finite float > 0"),
+            ("server_momentum", 0.0 <= self.server_momentum < 1.0, "a float in [0, 1)"),
+            ("server_eta", self.server_eta > 0 and math.isfinite(self.server_eta), "a finite float > 0"),
+            ("beta_1", 0.0 <= self.beta_1 < 1.0, "a float in [0, 1)"),
+            ("beta_2", 0.0 <= self.beta_2 < 1.0, "a float in [0, 1)"),
+            ("adaptivity", self.adaptivity > 0 and math.isfinite(self.adaptivity), "a finite float > 0"),
+            ("trim_fraction", 0.0 <= self.trim_fraction < 0.5, "a float in [0, 0.5)"),
+            ("num_malicious_nodes", self.num_malicious_nodes >= 0, "an integer >= 0"),
             ("fraction_train", 0.0 < self.fraction_train <= 1.0, "a float in (0, 1]"),
             ("round_timeout", self.round_timeout > 0, "a float > 0 (seconds)"),
             ("max_num_examples", self.max_num_examples >= 1, "an integer >= 1"),
@@ -145,6 +168,11 @@ class RunConfig:
             for name, ok, what in checks
             if not ok
         ]
+        if self.strategy == "krum" and self.num_partitions < 2 * self.num_malicious_nodes + 3:
+            problems.append(
+                f"num-malicious-nodes={self.num_malicious_nodes!r}: expected Krum's bound "
+                f"num-partitions >= 2 * num-malicious-nodes + 3 (num-partitions={self.num_partitions})"
+            )
         num_classes = self.synthetic_num_classes if self.dataset == "synthetic" else 10
         if self.partitioner == "pathological" and self.classes_per_partition > num_classes:
             problems.append(

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from logging import INFO
@@ -17,8 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from strategies import DriftFedAvg
-from strategies.drift import DEFAULT_METRIC_KEYS, round_summary
+from strategies.drift import round_summary
+from strategies.registry import build_strategy
 
 from .config import RunConfig
 from .data import dataset_shape, load_test
@@ -28,7 +27,6 @@ from .results import RunWriter, resolve_run_dir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .task import initial_params
 from .training import evaluate
-from .validation import UpdateRules
 
 app = ServerApp()
 
@@ -38,25 +36,6 @@ def main(grid: Grid, context: Context) -> None:
     """Flower entry point."""
     cfg = RunConfig.from_mapping(context.run_config)  # raises ConfigError before any message
     run_experiment(grid, cfg)
-
-
-def build_strategy(cfg: RunConfig, learning_rate: float, round_offset: int = 0) -> DriftFedAvg:
-    """The configured strategy, with drift measurement and reply validation set up."""
-    strategy = DriftFedAvg(
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=0.0,  # clients report their loss in the drift exchange instead
-        min_train_nodes=max(1, math.ceil(cfg.fraction_train * cfg.num_partitions)),
-        min_evaluate_nodes=0,
-        min_available_nodes=cfg.num_partitions,
-    )
-    init = initial_params(cfg)
-    strategy.setup_drift(
-        init, learning_rate, enabled=cfg.drift_metrics,
-        gradient_dissimilarity=cfg.gradient_dissimilarity, timeout=cfg.round_timeout,
-        rules=UpdateRules.for_model(init, DEFAULT_METRIC_KEYS, cfg.max_num_examples, cfg.max_update_norm),
-        round_offset=round_offset,
-    )
-    return strategy
 
 
 def train_config(cfg: RunConfig, learning_rate: float) -> ConfigRecord:
@@ -69,6 +48,7 @@ def train_config(cfg: RunConfig, learning_rate: float) -> ConfigRecord:
             "momentum": cfg.momentum,
             "weight-decay": cfg.weight_decay,
             "keep-local-model": cfg.drift_metrics,
+            "local-epochs": cfg.local_epochs,
         }
     )
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .aggregation import scaffold_client_control
 from .config import RunConfig
 from .data import TensorData, dataset_shape, load_data_file, load_partition
 from .metrics import ClientDrift, activation_patterns, measure_client_drift
@@ -66,6 +67,9 @@ class TrainOutcome:
     num_examples: int
     train_loss: float  # mean minibatch loss over the tau steps
     loss_before: float  # f_k(W^r): full-data loss at the model it received
+    num_steps: int  # tau_k, the local steps run
+    control_delta: dict[str, np.ndarray] | None = None  # SCAFFOLD: c_k+ - c_k
+    client_control: dict[str, np.ndarray] | None = None  # SCAFFOLD: c_k+ (to keep in node state)
 
 
 def train_client(
@@ -76,18 +80,32 @@ def train_client(
     global_params: Mapping[str, np.ndarray],
     settings: LocalSGDSettings,
     loss_before: float | None = None,
+    scaffold: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray] | None] | None = None,
 ) -> TrainOutcome:
-    """Set W_k <- W^r and run tau local steps, deterministic in (seed, partition, round).
+    """Set W_k <- W^r and run tau_k local steps, deterministic in (seed, partition, round).
 
     ``loss_before`` (f_k(W^r)) is computed with one forward pass unless the caller knows it.
+    ``scaffold = (c, c_k)`` (``c_k`` None on a node's first round: zeros) turns on
+    SCAFFOLD's gradient correction ``c - c_k`` and its option-II control update.
     """
     model = working_model(cfg)
     set_trainable(model, global_params)
     if loss_before is None:
         loss_before, _ = evaluate(model, data.x, data.y, settings.loss)
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, partition_id, server_round))
-    result = run_local_sgd(model, data.x, data.y, settings, generator)
-    return TrainOutcome(get_trainable(model), result.num_examples, result.mean_batch_loss, loss_before)
+    correction = None
+    if scaffold is not None:
+        server_c, client_c = scaffold
+        client_c = client_c or {k: np.zeros_like(v) for k, v in server_c.items()}
+        correction = {k: torch.from_numpy(np.asarray(server_c[k] - client_c[k])) for k in server_c}
+    result = run_local_sgd(model, data.x, data.y, settings, generator, correction)
+    local = get_trainable(model)
+    outcome = TrainOutcome(local, result.num_examples, result.mean_batch_loss, loss_before, result.num_steps)
+    if scaffold is not None:
+        new_c = scaffold_client_control(client_c, server_c, global_params, local, result.num_steps, settings.learning_rate)
+        delta = {k: (new_c[k] - client_c[k]).astype(new_c[k].dtype) for k in new_c}
+        outcome = dataclasses.replace(outcome, control_delta=delta, client_control=new_c)
+    return outcome
 
 
 def measure_drift(

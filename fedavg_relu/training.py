@@ -5,6 +5,7 @@ This module does not import flwr.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,15 @@ class LocalSGDSettings:
     momentum: float = 0.0
     weight_decay: float = 0.0
     loss: str = "squared"
+    proximal_mu: float = 0.0  # FedProx: adds mu * (W - W^r) to every gradient
+    local_epochs: float = 0.0  # > 0: tau_k = ceil(local_epochs * n_k / batch) instead of local_steps
+
+    def steps_for(self, num_examples: int) -> int:
+        """This client's number of local steps tau_k."""
+        if self.local_epochs <= 0:
+            return self.local_steps
+        batch = num_examples if self.batch_size <= 0 else min(self.batch_size, num_examples)
+        return max(1, math.ceil(self.local_epochs * num_examples / batch))
 
 
 @dataclass(frozen=True)
@@ -47,8 +57,14 @@ def run_local_sgd(
     y: torch.Tensor,  # (n,) int64 labels
     settings: LocalSGDSettings,
     generator: torch.Generator,
+    correction: dict[str, torch.Tensor] | None = None,
 ) -> LocalSGDResult:
     """Run ``tau`` steps of (minibatch) SGD on ``model`` in place.
+
+    Each step's gradient ``g`` becomes ``g + correction + mu (W - W_start)`` before the
+    optimizer (SGD with momentum and weight decay) uses it: ``correction`` is
+    SCAFFOLD's ``c - c_k`` (per trained parameter name), ``mu`` FedProx's
+    proximal weight, ``W_start`` the model at the start of the round.
 
     Minibatches are drawn without replacement from a fresh permutation of the
     client's examples each epoch (``generator`` decides it); a batch size of 0 or
@@ -59,7 +75,11 @@ def run_local_sgd(
     n = x.shape[0]
     if n == 0:
         raise ValueError("client has no training examples")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else None
+    extra = [correction[name] for name, _ in named] if correction is not None else None
+    num_steps = settings.steps_for(n)
     optimizer = torch.optim.SGD(
         params,
         lr=settings.learning_rate,
@@ -71,7 +91,7 @@ def run_local_sgd(
     cursor = 0
     losses = []
     model.train()
-    for _ in range(settings.local_steps):
+    for _ in range(num_steps):
         if batch == n:
             xb, yb = x, y
         else:
@@ -84,9 +104,16 @@ def run_local_sgd(
         optimizer.zero_grad(set_to_none=True)
         loss = compute_loss(model(xb), yb, settings.loss)
         loss.backward()
+        if anchor is not None or extra is not None:
+            with torch.no_grad():
+                for i, p in enumerate(params):
+                    if extra is not None:
+                        p.grad.add_(extra[i])
+                    if anchor is not None:
+                        p.grad.add_(p - anchor[i], alpha=settings.proximal_mu)
         optimizer.step()
         losses.append(loss.item())
-    return LocalSGDResult(float(np.mean(losses)), settings.local_steps, n)
+    return LocalSGDResult(float(np.mean(losses)), num_steps, n)
 
 
 @dataclass

@@ -2,5 +2,7 @@
 
 from .drift import DriftMeasurement
 from .fedavg import DriftFedAvg
+from .fednova import DriftFedNova, FedNova
+from .scaffold import DriftScaffold, Scaffold
 
-__all__ = ["DriftFedAvg", "DriftMeasurement"]
+__all__ = ["DriftFedAvg", "DriftFedNova", "DriftMeasurement", "DriftScaffold", "FedNova", "Scaffold"]

@@ -38,7 +38,7 @@ from fedavg_relu.records import arrays_to_params
 from fedavg_relu.validation import REASONS, Rejected, UpdateRules, check_update
 
 DRIFT_MESSAGE_TYPE = "query.drift"
-DEFAULT_METRIC_KEYS = frozenset({"num-examples", "train-loss", "loss-before"})
+DEFAULT_METRIC_KEYS = frozenset({"num-examples", "train-loss", "loss-before", "local-steps"})
 
 
 class RunAborted(RuntimeError):

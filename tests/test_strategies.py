@@ -52,7 +52,7 @@ def test_average_is_bit_identical_to_flower_fedavg():
     params = [{"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)} for _ in range(3)]
     sizes = [5, 11, 7]
     replies = [
-        _reply(i + 1, p, n, **{"train-loss": 0.1 * i, "loss-before": 1.0})
+        _reply(i + 1, p, n, **{"train-loss": 0.1 * i, "loss-before": 1.0, "local-steps": 2})
         for i, (p, n) in enumerate(zip(params, sizes, strict=True))
     ]
     ours = DriftFedAvg()

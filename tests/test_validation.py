@@ -14,7 +14,7 @@ from fedavg_relu.validation import Rejected, UpdateRules, check_update
 from strategies import DriftFedAvg
 
 GLOBAL = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([0.5, -0.5], np.float32)}
-KEYS = frozenset({"num-examples", "train-loss", "loss-before"})
+KEYS = frozenset({"num-examples", "train-loss", "loss-before"})  # this test's own rules
 RULES = UpdateRules.for_model(GLOBAL, KEYS, max_num_examples=10_000)
 GOOD_METRICS = {"num-examples": 10, "train-loss": 0.3, "loss-before": 0.4}
 

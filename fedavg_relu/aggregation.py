@@ -1,0 +1,90 @@
+"""Server-side update rules that Flower does not ship (pure numpy, no flwr).
+
+``fednova_average``
+    FedNova (Wang et al., NeurIPS 2020): normalised averaging that removes the
+    objective inconsistency of clients running different numbers of local steps.
+``scaffold_server_update`` / ``scaffold_client_control``
+    SCAFFOLD (Karimireddy et al., ICML 2020), option II control variates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+Params = Mapping[str, np.ndarray]
+
+
+def fednova_normalizer(local_steps: int, momentum: float = 0.0) -> float:
+    """``a_k``: the l1 norm of client k's gradient-accumulation vector.
+
+    Plain SGD: ``a_k = tau_k``. Heavy-ball momentum rho (PyTorch's
+    ``v <- rho v + g; w <- w - eta v``):
+    ``a_k = (tau_k - rho (1 - rho^tau_k) / (1 - rho)) / (1 - rho)``.
+    """
+    if momentum == 0.0:
+        return float(local_steps)
+    rho = momentum
+    return (local_steps - rho * (1 - rho**local_steps) / (1 - rho)) / (1 - rho)
+
+
+def fednova_average(
+    global_params: Params,
+    local_params: Sequence[Params],
+    num_examples: Sequence[int],
+    local_steps: Sequence[int],
+    momentum: float = 0.0,
+    server_learning_rate: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """``x - eta_g * tau_eff * sum_k p_k (x - y_k) / a_k`` with ``tau_eff = sum_k p_k a_k``.
+
+    With equal ``tau_k`` and ``eta_g = 1`` this is FedAvg's ``sum_k p_k y_k``.
+    """
+    p = np.asarray(num_examples, np.float64)
+    p = p / p.sum()
+    a = np.array([fednova_normalizer(int(t), momentum) for t in local_steps])
+    tau_eff = float(p @ a)
+    out = {}
+    for name, x in global_params.items():
+        x64 = np.asarray(x, np.float64)
+        d = sum(pk / ak * (x64 - np.asarray(y[name], np.float64)) for pk, ak, y in zip(p, a, local_params, strict=True))
+        out[name] = (x64 - server_learning_rate * tau_eff * d).astype(np.asarray(x).dtype)
+    return out
+
+
+def scaffold_client_control(
+    client_control: Params, server_control: Params, global_params: Params, local_params: Params,
+    local_steps: int, learning_rate: float,
+) -> dict[str, np.ndarray]:
+    """Option II: ``c_k+ = c_k - c + (x - y_k) / (tau_k * eta)``."""
+    scale = 1.0 / (local_steps * learning_rate)
+    return {
+        name: (
+            np.asarray(client_control[name], np.float64) - np.asarray(server_control[name], np.float64)
+            + scale * (np.asarray(global_params[name], np.float64) - np.asarray(local_params[name], np.float64))
+        ).astype(np.asarray(global_params[name]).dtype)
+        for name in global_params
+    }
+
+
+def scaffold_server_update(
+    global_params: Params, server_control: Params, local_params: Sequence[Params], control_deltas: Sequence[Params],
+    num_examples: Sequence[int], num_clients_total: int, server_learning_rate: float = 1.0,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``x <- x + eta_g sum_k p_k (y_k - x)``; ``c <- c + (|S| / N) sum_k p_k dc_k``.
+
+    ``p_k = n_k / sum n`` over the sampled clients S (the SCAFFOLD paper uses the
+    uniform 1/|S|; weighting by examples keeps eta_g = 1 identical to FedAvg).
+    """
+    p = np.asarray(num_examples, np.float64)
+    p = p / p.sum()
+    share = len(local_params) / max(num_clients_total, len(local_params))
+    new_x, new_c = {}, {}
+    for name, x in global_params.items():
+        x64 = np.asarray(x, np.float64)
+        dy = sum(pk * (np.asarray(y[name], np.float64) - x64) for pk, y in zip(p, local_params, strict=True))
+        dc = sum(pk * np.asarray(d[name], np.float64) for pk, d in zip(p, control_deltas, strict=True))
+        new_x[name] = (x64 + server_learning_rate * dy).astype(np.asarray(x).dtype)
+        new_c[name] = (np.asarray(server_control[name], np.float64) + share * dc).astype(np.asarray(x).dtype)
+    return new_x, new_c

@@ -1,0 +1,53 @@
+"""FedNova on Flower's Message API (Flower does not ship it).
+
+Clients report the local steps they ran (``local-steps``, which differ across
+clients with ``local-epochs > 0``); the server normalises each client's update
+by its step count before averaging (:func:`fedavg_relu.aggregation.fednova_average`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedavg_relu.aggregation import fednova_average
+from fedavg_relu.records import arrays_to_params, params_to_arrays
+
+from .drift import DriftMeasurement
+
+
+class FedNova(FedAvg):
+    """FedNova (Wang et al., 2020) for local SGD with momentum ``momentum``."""
+
+    def __init__(self, *, momentum: float = 0.0, server_learning_rate: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.momentum = momentum
+        self.server_learning_rate = server_learning_rate
+        self.current_params = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Remember W^r, then FedAvg's messages."""
+        self.current_params = arrays_to_params(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Normalised averaging of the valid replies."""
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        if not valid or self.current_params is None:
+            return None, None
+        locals_, sizes, steps = [], [], []
+        for msg in valid:
+            locals_.append(arrays_to_params(next(iter(msg.content.array_records.values()))))
+            metrics = next(iter(msg.content.metric_records.values()))
+            sizes.append(int(metrics[self.weighted_by_key]))
+            steps.append(int(metrics["local-steps"]))
+        new_x = fednova_average(self.current_params, locals_, sizes, steps, self.momentum, self.server_learning_rate)
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return params_to_arrays(new_x), metrics
+
+
+class DriftFedNova(DriftMeasurement, FedNova):
+    """FedNova with the drift measurements."""

@@ -1,0 +1,85 @@
+"""``strategy = NAME`` -> a configured strategy that records the drift metrics.
+
+Flower's own strategies are used as they ship: each gains the measurements by
+composition, ``type("DriftFedProx", (DriftMeasurement, FedProx), {})``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
+
+from fedavg_relu.config import RunConfig
+from fedavg_relu.task import initial_params
+from fedavg_relu.validation import UpdateRules
+
+from .drift import DEFAULT_METRIC_KEYS, DriftMeasurement
+from .fedavg import DriftFedAvg
+from .fednova import DriftFedNova
+from .scaffold import DELTA_PREFIX, DriftScaffold
+
+
+def _with_drift(base: type, state: tuple[str, ...] = ()) -> type:
+    return type(f"Drift{base.__name__}", (DriftMeasurement, base), {"checkpoint_attrs": state, "__doc__": f"{base.__name__} with the drift measurements."})
+
+
+STRATEGY_CLASSES: dict[str, type] = {
+    "fedavg": DriftFedAvg,
+    "fedprox": _with_drift(FedProx),
+    "fedavgm": _with_drift(FedAvgM, ("momentum_vector",)),
+    "fedadam": _with_drift(FedAdam, ("m_t", "v_t")),
+    "fedyogi": _with_drift(FedYogi, ("m_t", "v_t")),
+    "fedadagrad": _with_drift(FedAdagrad, ("m_t", "v_t")),
+    "fedmedian": _with_drift(FedMedian),
+    "fedtrimmedavg": _with_drift(FedTrimmedAvg),
+    "krum": _with_drift(Krum),
+    "scaffold": DriftScaffold,
+    "fednova": DriftFedNova,
+}
+
+
+def strategy_kwargs(cfg: RunConfig, learning_rate: float) -> dict[str, Any]:
+    """Constructor arguments of the configured strategy, from the run config."""
+    kwargs: dict[str, Any] = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": 0.0,  # clients report their loss in the drift exchange instead
+        "min_train_nodes": max(1, math.ceil(cfg.fraction_train * cfg.num_partitions)),
+        "min_evaluate_nodes": 0,
+        "min_available_nodes": cfg.num_partitions,
+    }
+    name = cfg.strategy
+    if name == "fedprox":
+        kwargs["proximal_mu"] = cfg.proximal_mu
+    elif name == "fedavgm":
+        kwargs.update(server_learning_rate=cfg.server_learning_rate, server_momentum=cfg.server_momentum)
+    elif name in ("fedadam", "fedyogi"):
+        kwargs.update(eta=cfg.server_eta, eta_l=learning_rate, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=cfg.adaptivity)
+    elif name == "fedadagrad":
+        kwargs.update(eta=cfg.server_eta, eta_l=learning_rate, tau=cfg.adaptivity)
+    elif name == "fedtrimmedavg":
+        kwargs["beta"] = cfg.trim_fraction
+    elif name == "krum":
+        kwargs["num_malicious_nodes"] = cfg.num_malicious_nodes
+    elif name == "scaffold":
+        kwargs["server_learning_rate"] = cfg.server_learning_rate
+    elif name == "fednova":
+        kwargs.update(momentum=cfg.momentum, server_learning_rate=cfg.server_learning_rate)
+    return kwargs
+
+
+def build_strategy(cfg: RunConfig, learning_rate: float, round_offset: int = 0) -> DriftMeasurement:
+    """The configured strategy, with drift measurement and reply validation set up."""
+    strategy = STRATEGY_CLASSES[cfg.strategy](**strategy_kwargs(cfg, learning_rate))
+    init = initial_params(cfg)
+    shapes = dict(init)
+    if cfg.strategy == "scaffold":  # replies also carry the control-variate deltas
+        shapes.update({DELTA_PREFIX + k: v for k, v in init.items()})
+    strategy.setup_drift(
+        init, learning_rate, enabled=cfg.drift_metrics,
+        gradient_dissimilarity=cfg.gradient_dissimilarity, timeout=cfg.round_timeout,
+        rules=UpdateRules.for_model(shapes, DEFAULT_METRIC_KEYS, cfg.max_num_examples, cfg.max_update_norm),
+        round_offset=round_offset,
+    )
+    return strategy
