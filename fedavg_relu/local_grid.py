@@ -3,13 +3,16 @@
 The strategy, the messages and the ClientApp handlers are the real ones; only
 the transport is replaced: every message is handed to ``client_app(message,
 context)`` with that node's own ``Context`` (its ``state`` persists across
-messages, as on a SuperNode), in order. A handler's exception becomes an error
+messages, as on a SuperNode), in order. Messages and replies are deep-copied, as
+the wire would (some strategies consume reply arrays in place, and a node's state
+must not share objects with its replies). A handler's exception becomes an error
 reply, as Flower's engines do. No Ray, no network, no start-up cost: for unit
 tests of the strategy hooks and for quick studies on one core.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -77,7 +80,9 @@ class LocalGrid(Grid):
                 replies.append(Message(Error(CLIENT_APP_EXCEPTION, "unknown node"), reply_to=message))
                 continue
             try:
-                replies.append(self.client_app(message, context))
+                # copies in both directions stand in for the wire: no object is shared between
+                # the server, the node's state and the reply (some strategies consume arrays in place)
+                replies.append(copy.deepcopy(self.client_app(copy.deepcopy(message), context)))
             except Exception as err:  # a faulty client is an error reply, never a crash
                 replies.append(
                     Message(Error(CLIENT_APP_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=message)

@@ -1,0 +1,165 @@
+"""Tests of strategies/registry.py, strategies/scaffold.py and strategies/fednova.py through the real app code."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedavg_relu.config import STRATEGIES, ConfigError, RunConfig
+from fedavg_relu.data import load_partition
+from fedavg_relu.models import build_model, compute_loss, get_trainable, set_trainable
+from fedavg_relu.records import arrays_to_params
+from fedavg_relu.results import read_metrics
+from fedavg_relu.simulation import run_in_process
+from strategies.drift import DriftMeasurement
+from strategies.registry import STRATEGY_CLASSES
+
+SMALL = {
+    "dataset": "synthetic", "synthetic-num-examples": 120, "synthetic-input-dim": 5, "num-partitions": 3,
+    "partitioner": "dirichlet", "dirichlet-alpha": 0.5, "width": 16, "model-family": "standard",
+    "local-steps": 2, "batch-size": 0, "learning-rate": 0.2, "lr-scaling": "constant", "num-server-rounds": 2,
+}
+
+
+def _final_params(run_dir) -> dict[str, np.ndarray]:
+    state = torch.load(run_dir / "model.pt")["state_dict"]
+    return {k: v.numpy() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_runs_two_rounds_with_drift_metrics(name, tmp_path):
+    """Each of the 11 strategies runs 2 rounds through the app and records finite drift metrics."""
+    rows = read_metrics(run_in_process(dict(SMALL, strategy=name, **{"output-dir": str(tmp_path), "run-name": name})))
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients-trained"] == 3 and row["clients-measured"] == 3, name
+        for key in ("gradient-drift-mean", "model-divergence", "activation-flips-local", "distance-from-init"):
+            assert math.isfinite(row[key]), (name, key)
+    assert issubclass(STRATEGY_CLASSES[name], DriftMeasurement)  # measured by composition
+
+
+def test_bad_strategy_name_lists_the_choices():
+    """An unknown strategy is refused with the valid names listed."""
+    with pytest.raises(ConfigError, match=r"strategy='fedsgd': expected one of fedavg, fedprox, .*scaffold, fednova"):
+        RunConfig.from_mapping({"strategy": "fedsgd"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("proximal-mu", -0.1, "a finite float >= 0"),
+        ("server-momentum", 1.0, r"a float in \[0, 1\)"),
+        ("trim-fraction", 0.5, r"a float in \[0, 0.5\)"),
+        ("beta-1", 1.5, r"a float in \[0, 1\)"),
+        ("server-eta", 0.0, "a finite float > 0"),
+    ],
+)
+def test_bad_strategy_hyper_parameter_is_named(key, value, expected):
+    """Each strategy hyper-parameter is validated like every other key."""
+    with pytest.raises(ConfigError, match=f"{key}={value!r}: expected {expected}"):
+        RunConfig.from_mapping({key: value})
+
+
+def test_krum_bound_is_checked():
+    """Krum needs num-partitions >= 2 f + 3: f = 1 with 4 clients is refused."""
+    with pytest.raises(ConfigError, match="num-malicious-nodes=1: expected Krum's bound"):
+        RunConfig.from_mapping({"strategy": "krum", "num-partitions": 4, "num-malicious-nodes": 1})
+
+
+def test_fednova_equal_steps_equals_fedavg(tmp_path):
+    """Same local steps everywhere: FedNova's model equals FedAvg's (float tolerance: FedNova averages in float64)."""
+    fedavg = _final_params(run_in_process(dict(SMALL, **{"output-dir": str(tmp_path), "run-name": "a"})))
+    fednova = _final_params(run_in_process(dict(SMALL, strategy="fednova", **{"output-dir": str(tmp_path), "run-name": "b"})))
+    for k in fedavg:
+        np.testing.assert_allclose(fednova[k], fedavg[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fednova_unequal_steps_differs_from_fedavg(tmp_path):
+    """local-epochs=1 with batch 8 gives tau_k = ceil(n_k / 8), different per client; FedNova then differs from FedAvg."""
+    cfg = dict(SMALL, **{"batch-size": 8, "local-epochs": 1.0, "output-dir": str(tmp_path)})
+    fedavg = run_in_process(dict(cfg, **{"run-name": "a"}))
+    fednova = run_in_process(dict(cfg, strategy="fednova", **{"run-name": "b"}))
+    steps = {math.ceil(len(load_partition(RunConfig.from_mapping(dict(SMALL)), k)) / 8) for k in range(3)}
+    assert len(steps) > 1
+    a, b = _final_params(fedavg), _final_params(fednova)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) > 1e-4
+
+
+def _reference_scaffold(cfg: RunConfig, rounds: int) -> dict[str, np.ndarray]:
+    """SCAFFOLD written out here, independently: full-batch local GD with correction c - c_k (option II).
+
+    x_k <- x_k - eta (grad f_k(x_k) + c - c_k) for tau steps; c_k+ = c_k - c + (x - y_k) / (tau eta);
+    x <- sum_k p_k y_k; c <- c + (|S|/N) sum_k p_k (c_k+ - c_k), with |S| = N = 3 here.
+    """
+    model = build_model(cfg, cfg.synthetic_input_dim, cfg.synthetic_num_classes)
+    x = {k: v.astype(np.float64) for k, v in get_trainable(model).items()}
+    c = {k: np.zeros_like(v) for k, v in x.items()}
+    ck = [{k: np.zeros_like(v) for k, v in x.items()} for _ in range(3)]
+    parts = [load_partition(cfg, i) for i in range(3)]
+    n = np.array([len(p) for p in parts], float)
+    p = n / n.sum()
+    eta, tau = cfg.learning_rate, cfg.local_steps
+    for _ in range(rounds):
+        ys, dcs = [], []
+        for i, data in enumerate(parts):
+            y = {k: v.copy() for k, v in x.items()}
+            for _ in range(tau):
+                set_trainable(model, {k: v.astype(np.float32) for k, v in y.items()})
+                loss = compute_loss(model(data.x), data.y, cfg.loss)
+                names = [nm for nm, prm in model.named_parameters() if prm.requires_grad]
+                grads = torch.autograd.grad(loss, [prm for prm in model.parameters() if prm.requires_grad])
+                for nm, g in zip(names, grads, strict=True):
+                    y[nm] = y[nm] - eta * (g.double().numpy() + c[nm] - ck[i][nm])
+            new_ck = {k: ck[i][k] - c[k] + (x[k] - y[k]) / (tau * eta) for k in x}
+            dcs.append({k: new_ck[k] - ck[i][k] for k in x})
+            ck[i] = new_ck
+            ys.append(y)
+        x = {k: sum(p[i] * ys[i][k] for i in range(3)) for k in x}
+        c = {k: c[k] + sum(p[i] * dcs[i][k] for i in range(3)) for k in c}
+    return x
+
+
+def test_scaffold_two_rounds_match_reference_loop(tmp_path):
+    """Two rounds of the app's SCAFFOLD (3 non-IID clients, full-batch, tau=2) equal the reference loop above."""
+    cfg = RunConfig.from_mapping(dict(SMALL, strategy="scaffold", **{"output-dir": str(tmp_path), "run-name": "s"}))
+    got = _final_params(run_in_process(cfg))
+    expected = _reference_scaffold(cfg, 2)
+    for k, v in expected.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_scaffold_with_identical_clients_is_fedavg(tmp_path):
+    """Every node holds partition 0 with the same seed: c_k = c, the correction vanishes, SCAFFOLD = FedAvg."""
+    from clients.client_app import build_client_app
+    from fedavg_relu.local_grid import LocalGrid
+    from fedavg_relu.server_app import run_experiment
+
+    finals = {}
+    for name in ("fedavg", "scaffold"):
+        cfg = RunConfig.from_mapping(dict(SMALL, strategy=name, **{"output-dir": str(tmp_path), "run-name": name}))
+        nodes = [{"partition-id": 0}] * 3
+        finals[name] = _final_params(run_experiment(LocalGrid(build_client_app(), 3, cfg.to_mapping(), nodes), cfg))
+    for k in finals["fedavg"]:
+        np.testing.assert_allclose(finals["scaffold"][k], finals["fedavg"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_fedprox_mu_changes_the_local_update(tmp_path):
+    """FedProx's proximal-mu reaches the clients: a large mu keeps W closer to W^0 than FedAvg after 2 rounds."""
+    base = dict(SMALL, **{"local-steps": 10, "output-dir": str(tmp_path)})
+    avg = read_metrics(run_in_process(dict(base, **{"run-name": "a"})))[-1]["distance-from-init"]
+    prox = read_metrics(run_in_process(dict(base, strategy="fedprox", **{"proximal-mu": 5.0, "run-name": "p"})))[-1][
+        "distance-from-init"
+    ]
+    assert prox < 0.8 * avg
+
+
+def test_strategy_state_checkpointed_for_resume(tmp_path):
+    """FedAdam's moments and SCAFFOLD's control variate are saved in checkpoint.pt."""
+    for name, attrs in (("fedadam", {"m_t", "v_t"}), ("scaffold", {"control"})):
+        run_dir = run_in_process(dict(SMALL, strategy=name, **{"output-dir": str(tmp_path), "run-name": name}))
+        state = torch.load(run_dir / "checkpoint.pt", weights_only=False)["strategy_state"]
+        assert set(state) == attrs
+        assert all(v is not None for v in state.values())
