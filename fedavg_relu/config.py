@@ -95,6 +95,9 @@ class RunConfig:
     max_num_examples: int = 1_000_000_000  # a reply claiming more examples is rejected
     max_update_norm: float = 0.0  # reject updates with ||W_k - W^r|| above this; 0 = no bound
     resume: bool = False  # continue the run folder's last checkpoint (same config) instead of starting over
+    # --- scale (packed mode; README "Scale and speed") ------------------------
+    clients_per_node: int = 0  # 0/1: one Flower node = one client; K > 1: node j simulates virtual clients jK..jK+K-1
+    lockstep_drift_steps: str = ""  # packed mode: local steps t at which to record drift against W-bar^t ("1,5", "all"; "" = none)
 
     # ------------------------------------------------------------------------
     @classmethod
@@ -173,6 +176,7 @@ class RunConfig:
                 f"num-malicious-nodes={self.num_malicious_nodes!r}: expected Krum's bound "
                 f"num-partitions >= 2 * num-malicious-nodes + 3 (num-partitions={self.num_partitions})"
             )
+        problems.extend(self._packed_problems())
         num_classes = self.synthetic_num_classes if self.dataset == "synthetic" else 10
         if self.partitioner == "pathological" and self.classes_per_partition > num_classes:
             problems.append(
@@ -180,6 +184,49 @@ class RunConfig:
                 f"{num_classes} classes of dataset={self.dataset!r}"
             )
         return problems
+
+    def _packed_problems(self) -> list[str]:
+        problems = []
+        if self.clients_per_node < 0:
+            problems.append(f"clients-per-node={self.clients_per_node!r}: expected an integer >= 0 (0 or 1 = one client per node)")
+        if self.packed and self.strategy != "fedavg":
+            problems.append(f"clients-per-node={self.clients_per_node!r}: expected 0 or 1 with strategy={self.strategy!r} (packed mode runs fedavg only)")
+        try:
+            steps = self.lockstep_steps()
+        except ValueError:
+            problems.append(
+                f"lockstep-drift-steps={self.lockstep_drift_steps!r}: expected \"\", \"all\" or comma-separated "
+                f"local steps in [1, local-steps={self.local_steps}]"
+            )
+            steps = ()
+        if steps and not (self.packed and self.drift_metrics and self.local_epochs == 0):
+            problems.append(
+                f"lockstep-drift-steps={self.lockstep_drift_steps!r}: expected \"\" unless clients-per-node > 1, "
+                "drift-metrics=true and local-epochs=0 (the cohort must step in lockstep)"
+            )
+        return problems
+
+    @property
+    def packed(self) -> bool:
+        """True in packed mode: every Flower node simulates ``clients-per-node`` virtual clients."""
+        return self.clients_per_node > 1
+
+    @property
+    def num_nodes(self) -> int:
+        """Flower nodes (SuperNodes) the run needs: ``num-partitions``, or ``ceil(num-partitions / clients-per-node)``."""
+        return math.ceil(self.num_partitions / self.clients_per_node) if self.packed else self.num_partitions
+
+    def lockstep_steps(self) -> tuple[int, ...]:
+        """The local steps of ``lockstep-drift-steps``, sorted; raises ``ValueError`` when malformed."""
+        text = self.lockstep_drift_steps.strip().lower()
+        if not text:
+            return ()
+        if text == "all":
+            return tuple(range(1, self.local_steps + 1))
+        steps = sorted({int(part) for part in text.split(",")})
+        if steps[0] < 1 or steps[-1] > self.local_steps:
+            raise ValueError(f"steps {steps} outside [1, {self.local_steps}]")
+        return tuple(steps)
 
     # ------------------------------------------------------------------------
     def to_mapping(self) -> dict[str, Any]:
