@@ -7,6 +7,12 @@
     the run's final status and print the output folder.
 ``fedavg-relu validate``
     Only the validation step.
+``fedavg-relu sweep CONFIG``
+    Run a grid of configurations (resumable) into tidy tables (:mod:`fedavg_relu.sweep`).
+``fedavg-relu compare CONFIG``
+    Compare strategies on the same partitions and seeds (:mod:`fedavg_relu.compare`).
+``fedavg-relu plot SWEEP_DIR``
+    Draw the theory figures from a sweep's tables (:mod:`fedavg_relu.plots`).
 """
 
 from __future__ import annotations
@@ -124,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
     val = sub.add_parser("validate", parents=[common], help="validate the run config and print it")
     val.set_defaults(func=_cmd_validate)
+    from .plots import add_plot_command
+    from .sweep import add_sweep_command
+
+    add_sweep_command(sub)
+    add_plot_command(sub)
+    from .compare import add_compare_command
+
+    add_compare_command(sub)
     return parser
 
 
