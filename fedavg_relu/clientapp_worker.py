@@ -23,9 +23,10 @@ Run one per SuperNode, on the same device::
     flower-supernode --isolation process --port 9094 ...  &
     python -m fedavg_relu.clientapp_worker --runtime-api-address 127.0.0.1:9094 --insecure
 
-The worker serves one app version at a time: when a run ships a different FAB, it
-unloads the previous app's modules (those imported from its install folder) before
-loading the new one; third-party modules (torch, numpy) stay loaded.
+The worker runs the code the run shipped: it imports the app's packages from the FAB's
+install folder (dropping any copy imported earlier, e.g. from an editable install), and
+when a run ships a different FAB it drops the previous app's modules and loads the new
+one; third-party modules (torch, numpy, flwr) stay loaded.
 """
 
 from __future__ import annotations
@@ -208,12 +209,16 @@ class ClientAppWorker:
         return outcome
 
     def _load(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> ClientApp:
-        """The ClientApp of this FAB: installed and imported once per FAB hash."""
+        """The ClientApp of this FAB: installed and imported once per FAB hash.
+
+        The app's top-level packages are (re)imported from the FAB's install folder, not from
+        wherever this process first found them (e.g. an editable install of the same project),
+        so the worker runs exactly the code ``flwr run`` shipped.
+        """
         if self._app is not None and self._app_hash == fab_hash:
             return self._app
-        if self._app_dir is not None:
-            _unload_modules_under(self._app_dir)
-        app_dir = install_from_fab(fab_content, skip_prompt=True)
+        app_dir = Path(install_from_fab(fab_content, skip_prompt=True)).resolve()
+        _unload_app_packages(app_dir, self._app_dir)
         from flwr.common.config import get_project_config  # noqa: PLC0415 - only here
 
         config = get_project_config(app_dir)
@@ -222,7 +227,7 @@ class ClientAppWorker:
         if not isinstance(client_app, ClientApp):
             raise LoadClientAppError(f"Attribute {ref} is not of type {ClientApp}")
         log(INFO, "ClientApp worker: loaded %s (%s %s, FAB %s) from %s", ref, fab_id, fab_version, fab_hash[:8], app_dir)
-        self._app, self._app_hash, self._app_dir = client_app, fab_hash, Path(app_dir).resolve()
+        self._app, self._app_hash, self._app_dir = client_app, fab_hash, app_dir
         return client_app
 
 
@@ -242,15 +247,19 @@ def _heartbeat_fn(client: RuntimeHttpClient):
     return send
 
 
-def _unload_modules_under(directory: Path) -> None:
-    """Forget modules imported from ``directory`` (a previous app version) and its sys.path entry."""
-    prefix = str(directory) + os.sep
-    for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None) or ""
-        if path.startswith(prefix):
+def _unload_app_packages(app_dir: Path, previous_dir: Path | None) -> None:
+    """Forget the modules of the app's top-level packages and the previous app's sys.path entry.
+
+    Third-party modules (torch, numpy, flwr) stay loaded: that is the point of a warm worker.
+    """
+    tops = {p.name for p in app_dir.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    tops |= {p.stem for p in app_dir.glob("*.py")}
+    for name in list(sys.modules):
+        if name.split(".")[0] in tops and name != __name__:
             del sys.modules[name]
-    while str(directory) in sys.path:
-        sys.path.remove(str(directory))
+    if previous_dir is not None:
+        while str(previous_dir) in sys.path:
+            sys.path.remove(str(previous_dir))
 
 
 def main(argv: list[str] | None = None) -> None:

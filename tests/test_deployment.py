@@ -1,0 +1,234 @@
+"""A real deployment on loopback: TLS SuperLink, authenticated SuperNodes, `flwr run` (marked e2e).
+
+Every test starts its own processes (SuperLink, SuperNodes, long-running ClientApp workers)
+with a private FLWR_HOME and free ports, via :class:`fedavg_relu.deploy.Deployment`, and
+stops them by PID. About 3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedavg_relu.config import RunConfig
+from fedavg_relu.data import dataset_shape, load_data_file, make_synthetic
+from fedavg_relu.deploy import Deployment
+from fedavg_relu.results import read_metrics
+from fedavg_relu.task import initial_params, working_model
+from fedavg_relu.models import set_trainable
+from fedavg_relu.training import evaluate
+
+pytestmark = pytest.mark.e2e
+
+APP_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(APP_DIR / "scripts"))
+from make_certs import make_certificates  # noqa: E402
+
+DRIFT_KEYS = [
+    "global-loss", "loss-before", "model-divergence", "gradient-drift-mean", "gradient-drift-max",
+    "relative-gradient-drift-mean", "effective-smoothness-mean", "activation-flips-local",
+    "gradient-dissimilarity", "distance-from-init",
+]
+# small and fast: synthetic inputs (d=20, 4 classes), width 64, 2 rounds
+RUN = {"num-server-rounds": 2, "num-partitions": 2, "dataset": "synthetic", "width": 64, "local-steps": 3}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _write_node_data(folder: Path) -> tuple[Path, Path]:
+    """Two device files unlike any built-in partition: 150 examples as .npz, 250 as .csv."""
+    x, y = make_synthetic(400, 20, 4, 0.0, seed=123)
+    npz, csv = folder / "node1.npz", folder / "node2.csv"
+    np.savez(npz, x=x[:150], y=y[:150])
+    np.savetxt(csv, np.column_stack([x[150:], y[150:]]), delimiter=",", header=",".join(["f"] * 20 + ["label"]))
+    return npz, csv
+
+
+def _start_two_nodes(dep: Deployment, certs: Path, files: tuple[Path, Path]) -> list:
+    for i in (1, 2):
+        dep.register(certs / f"supernode-{i}.pub", name=f"device-{i}")
+    nodes = [dep.start_supernode(certs / f"supernode-{i}", {"data-path": str(files[i - 1])}) for i in (1, 2)]
+    dep.wait_online(2, timeout=60)
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    """CA, server certificate for 127.0.0.1/localhost, 4 SuperNode key pairs; plus a foreign CA."""
+    root = tmp_path_factory.mktemp("pki")
+    make_certificates(root / "certs", num_nodes=4)
+    make_certificates(root / "foreign", num_nodes=0)
+    return root / "certs"
+
+
+@pytest.fixture(scope="module")
+def node_files(tmp_path_factory) -> tuple[Path, Path]:
+    return _write_node_data(tmp_path_factory.mktemp("device-data"))
+
+
+@pytest.fixture(scope="module")
+def deployment(certs, node_files, tmp_path_factory):
+    """One TLS + auth SuperLink with two registered SuperNodes (process isolation + worker)."""
+    dep = Deployment(certs, home=tmp_path_factory.mktemp("flwr-home"))
+    try:
+        dep.start()
+        _start_two_nodes(dep, certs, node_files)
+        yield dep
+    finally:
+        dep.stop()
+
+
+@pytest.fixture(scope="module")
+def reference_run(deployment, tmp_path_factory):
+    """2 rounds on the two registered nodes: (result, metrics rows)."""
+    out = tmp_path_factory.mktemp("runs")
+    result = deployment.run(APP_DIR, {**RUN, "output-dir": str(out), "run-name": "ref"}, timeout=300)
+    rows = read_metrics(out / "ref") if (out / "ref" / "metrics.jsonl").exists() else []
+    return result, rows
+
+
+def test_make_certs_keys_private_and_idempotent(tmp_path):
+    """Private keys are 0600; a rerun keeps every file and adds only missing node keys."""
+    first = make_certificates(tmp_path / "c", num_nodes=1)
+    assert {p.name for p in first["created"]} == {
+        "ca.crt", "ca.key", "server.pem", "server.key", "supernode-1", "supernode-1.pub"}
+    for name in ("ca.key", "server.key", "supernode-1"):
+        assert stat.S_IMODE((tmp_path / "c" / name).stat().st_mode) == 0o600
+    before = (tmp_path / "c" / "ca.crt").read_bytes()
+    second = make_certificates(tmp_path / "c", num_nodes=2)
+    assert {p.name for p in second["created"]} == {"supernode-2", "supernode-2.pub"}
+    assert (tmp_path / "c" / "ca.crt").read_bytes() == before
+    assert (tmp_path / "c" / "supernode-2.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    (tmp_path / "c" / "server.key").unlink()
+    with pytest.raises(FileExistsError, match="--force"):
+        make_certificates(tmp_path / "c", num_nodes=2)
+
+
+def test_tls_auth_run_with_device_files(deployment, reference_run, node_files):
+    """TLS SuperLink + node auth, 2 registered SuperNodes reading their own files, `flwr run` 2 rounds.
+
+    The run finishes, every round's drift metrics come from both nodes, and round 1's
+    loss-before equals the loss of W^0 on the two files together
+    (sum_k p_k f_k(W^0) = mean loss over the union, p_k = n_k / N), so each node trained on its file.
+    """
+    result, rows = reference_run
+    assert result.returncode == 0, result.output[-3000:]
+    assert result.status == "finished:completed", result.output[-3000:]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients-trained"] == 2 and row["clients-failed"] == 0
+        assert row["clients-measured"] == 2 and row["clients-unmeasured"] == 0
+        for key in DRIFT_KEYS:
+            assert row[key] is not None and math.isfinite(row[key]), key
+        assert row["gradient-drift-mean"] > 0
+    cfg = RunConfig.from_mapping(RUN)
+    input_dim, num_classes = dataset_shape(cfg)
+    data = [load_data_file(p, input_dim, num_classes) for p in node_files]
+    model = working_model(cfg)
+    set_trainable(model, initial_params(cfg))
+    import torch
+
+    loss_w0, _ = evaluate(model, torch.cat([d.x for d in data]), torch.cat([d.y for d in data]), cfg.loss)
+    assert rows[1]["loss-before"] == pytest.approx(loss_w0, rel=1e-5)
+    assert rows[2]["global-loss"] < rows[1]["loss-before"]
+    for node in deployment.supernodes[:2]:  # the drift state survived between the two exchanges
+        assert "query.drift task done" in node.worker_log()
+
+
+def test_unregistered_key_and_wrong_ca_are_refused(deployment, reference_run, certs, tmp_path):
+    """An unregistered key gets Flower's `[code: 2004] Failed to activate SuperNode`, a SuperNode
+    trusting another CA `CERTIFICATE_VERIFY_FAILED`, one without a key `[code: 2001]`; all exit,
+    none is ever listed online, and a run started meanwhile equals the reference run."""
+    ref_result, ref_rows = reference_run
+    assert ref_result.status == "finished:completed"
+    deployment.register(certs / "supernode-3.pub", name="registered-but-wrong-ca")
+    bounded = {"max_retries": 2, "max_wait_time": 20}
+    rogues = {
+        "unregistered": deployment.start_supernode(
+            certs / "supernode-4", {"partition-id": 0}, isolation="subprocess", name="rogue-unregistered", **bounded),
+        "wrong-ca": deployment.start_supernode(
+            certs / "supernode-3", {"partition-id": 0}, isolation="subprocess", name="rogue-wrong-ca",
+            root_certificates=certs.parent / "foreign" / "ca.crt", **bounded),
+        "no-key": deployment.start_supernode(
+            None, {"partition-id": 0}, isolation="subprocess", name="rogue-no-key", **bounded),
+    }
+    result = deployment.run(APP_DIR, {**RUN, "output-dir": str(tmp_path), "run-name": "attacked"}, timeout=300)
+    codes = {name: node.wait(timeout=60) for name, node in rogues.items()}
+    assert all(code != 0 for code in codes.values()), codes
+    assert "[code: 2004] Failed to activate SuperNode" in rogues["unregistered"].log()
+    assert "CERTIFICATE_VERIFY_FAILED" in rogues["wrong-ca"].log()
+    assert "[code: 2001] SuperNode authentication is enabled" in rogues["no-key"].log()
+    for node in rogues.values():
+        assert "Exit Code: 305" in node.log()
+    statuses = {n["node-id"]: n for n in deployment.nodes()}
+    online = [n for n in statuses.values() if n["status"] == "online"]
+    assert len(online) == 2
+    wrong_ca = [n for n in statuses.values() if n["status"] == "registered"]
+    assert len(wrong_ca) == 1 and wrong_ca[0]["online-at"] == "N/A"  # never connected
+    assert result.status == "finished:completed", result.output[-3000:]
+    rows = read_metrics(tmp_path / "attacked")
+    assert len(rows) == len(ref_rows) == 3
+    logs = "\n".join(node.worker_log()[-3000:] for node in deployment.supernodes[:2])
+    for row, ref in zip(rows[1:], ref_rows[1:]):
+        assert row["clients-sampled"] == 2 and row["clients-trained"] == 2 and row["clients-failed"] == 0, logs
+        for key in DRIFT_KEYS + ["test-loss", "test-accuracy"]:
+            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-9), key
+
+
+def test_supernode_killed_mid_run(certs, node_files, tmp_path):
+    """A SuperNode (and its ClientApp worker) SIGKILLed when its round-2 train message arrives:
+    the run completes with the other node, and round 2 counts the loss (clients-failed or
+    clients-unmeasured >= 1) while round 1 is complete."""
+    with Deployment(certs, home=tmp_path / "flwr-home") as dep:
+        survivor, victim = _start_two_nodes(dep, certs, node_files)
+        killed = threading.Event()
+
+        def watch() -> None:  # kill as soon as the victim logs receiving its second train message
+            while not killed.is_set():
+                if victim.log().count("Receiving: train message") >= 2:
+                    victim.kill()
+                    killed.set()
+                    return
+                if not victim.alive():
+                    return
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        pids = [dep.superlink.pid, survivor.process.pid, survivor.worker.pid]
+        result = dep.run(
+            APP_DIR, {**RUN, "round-timeout": 20.0, "output-dir": str(tmp_path), "run-name": "killed"}, timeout=300
+        )
+        killed.set()
+        watcher.join(timeout=5)
+        assert not victim.alive() and victim.process.returncode == -9, victim.log()[-2000:]
+        assert survivor.alive()
+    assert not any(_pid_alive(pid) for pid in pids)
+    assert result.returncode == 0, result.output[-3000:]
+    assert result.status == "finished:completed", result.output[-3000:]
+    rows = read_metrics(tmp_path / "killed")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["clients-trained"] == 2 and rows[1]["clients-failed"] == 0 and rows[1]["clients-measured"] == 2
+    lost = rows[2]
+    assert lost["clients-sampled"] == 2
+    assert lost["clients-failed"] + lost["clients-unmeasured"] >= 1, lost
+    assert lost["clients-measured"] == 1
+    assert lost["round-skipped"] == 0 and math.isfinite(lost["global-loss"])
