@@ -72,6 +72,27 @@ def run_local_sgd(
     multiple of the batch size, the leftover examples of an epoch are skipped
     (like ``drop_last``) and a new permutation starts.
     """
+    steps = iter_local_sgd(model, x, y, settings, generator, correction)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def iter_local_sgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: LocalSGDSettings,
+    generator: torch.Generator,
+    correction: dict[str, torch.Tensor] | None = None,
+):
+    """:func:`run_local_sgd` one step at a time: yields the step number t (1-based) after step t.
+
+    Returns (``StopIteration.value``) the :class:`LocalSGDResult`. Lets a caller step
+    a cohort of clients in lockstep with exactly the updates ``run_local_sgd`` makes.
+    """
     n = x.shape[0]
     if n == 0:
         raise ValueError("client has no training examples")
@@ -91,7 +112,7 @@ def run_local_sgd(
     cursor = 0
     losses = []
     model.train()
-    for _ in range(num_steps):
+    for step in range(num_steps):
         if batch == n:
             xb, yb = x, y
         else:
@@ -113,6 +134,7 @@ def run_local_sgd(
                         p.grad.add_(p - anchor[i], alpha=settings.proximal_mu)
         optimizer.step()
         losses.append(loss.item())
+        yield step + 1
     return LocalSGDResult(float(np.mean(losses)), num_steps, n)
 
 
