@@ -82,3 +82,20 @@ def test_tiny_comparison_writes_table_and_figures(tmp_path):
     from fedavg_relu.sweep import run_sweep
 
     assert run_sweep(spec, progress=False).ran == []
+
+
+@pytest.mark.e2e
+def test_notebook_02_small_mode_executes(tmp_path):
+    """notebooks/02_compare_strategies.ipynb in small mode runs every cell without error and prints its findings."""
+    from pathlib import Path
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    root = Path(__file__).resolve().parent.parent
+    nb = nbformat.read(root / "notebooks" / "02_compare_strategies.ipynb", as_version=4)
+    assert nb.cells[1].source.strip().startswith('MODE = "small"')
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(root / "notebooks")}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "small mode: 8 runs" in outputs
+    assert "FedAvg mean relative drift" in outputs and "SCAFFOLD / FedAvg drift ratio" in outputs
