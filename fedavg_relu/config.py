@@ -242,6 +242,10 @@ class RunConfig:
         mapping.update({_key(k): v for k, v in changes.items()})
         return RunConfig.from_mapping(mapping)
 
+    def only(self, *fields: str) -> RunConfig:
+        """This config with every field outside ``fields`` (snake_case) at its default: a cache key."""
+        return dataclasses.replace(RunConfig(), **{f: getattr(self, f) for f in fields})
+
     @property
     def full_batch(self) -> bool:
         """True when local training is full-batch Local GD."""

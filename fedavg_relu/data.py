@@ -24,7 +24,6 @@ This module does not import flwr (only flwr-datasets).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import warnings
@@ -118,14 +117,9 @@ _DATA_FIELDS = (
 _PARTITION_FIELDS = _DATA_FIELDS + ("num_partitions", "partitioner", "dirichlet_alpha", "classes_per_partition")
 
 
-def _only(cfg: RunConfig, fields: tuple[str, ...]) -> RunConfig:
-    """``cfg`` with every field outside ``fields`` at its default: a cache key."""
-    return dataclasses.replace(RunConfig(), **{f: getattr(cfg, f) for f in fields})
-
-
 def load_central(cfg: RunConfig) -> CentralData:
     """Training pool and held-out split of a built-in data set (cached per process)."""
-    return _load_central_cached(_only(cfg, _DATA_FIELDS))
+    return _load_central_cached(cfg.only(*_DATA_FIELDS))
 
 
 @functools.lru_cache(maxsize=4)
@@ -204,7 +198,7 @@ def load_partition(cfg: RunConfig, partition_id: int) -> TensorData:
         raise ValueError(f"partition-id={partition_id}: expected an integer in [0, num-partitions={cfg.num_partitions})")
     if cfg.dataset in HUB_DATASETS:
         return load_hub_partition(cfg, partition_id)
-    idx = _partitions_cached(_only(cfg, _PARTITION_FIELDS))[partition_id]
+    idx = _partitions_cached(cfg.only(*_PARTITION_FIELDS))[partition_id]
     train = load_central(cfg).train
     return TensorData(train.x[idx], train.y[idx])
 

@@ -24,13 +24,10 @@ from .metrics import ClientDrift, activation_patterns, measure_client_drift
 from .models import ReluMLP, build_model, get_trainable, set_trainable
 from .training import LocalSGDSettings, client_seed, evaluate, run_local_sgd
 
-_MODEL_FIELDS = ("model_family", "width", "depth", "seed") + (
-    "dataset", "synthetic_input_dim", "synthetic_num_classes",
+# what W^0 depends on: the architecture, the seed, and the data set's shape
+_MODEL_FIELDS = (
+    "model_family", "width", "depth", "seed", "dataset", "synthetic_input_dim", "synthetic_num_classes", "test_fraction",
 )
-
-
-def _only(cfg: RunConfig, fields: tuple[str, ...]) -> RunConfig:
-    return dataclasses.replace(RunConfig(), **{f: getattr(cfg, f) for f in fields})
 
 
 @functools.lru_cache(maxsize=2)
@@ -45,7 +42,7 @@ def working_model(cfg: RunConfig) -> ReluMLP:
     The same object is returned on every call; callers load the trained
     parameters they need into it before use.
     """
-    return _initial_model(_only(cfg, _MODEL_FIELDS + ("test_fraction",)))
+    return _initial_model(cfg.only(*_MODEL_FIELDS))
 
 
 @functools.lru_cache(maxsize=2)
@@ -56,7 +53,7 @@ def _init_params(cfg: RunConfig) -> dict[str, np.ndarray]:
 
 def initial_params(cfg: RunConfig) -> dict[str, np.ndarray]:
     """The trained parameters of W^0 (deterministic in the seed)."""
-    return _init_params(_only(cfg, _MODEL_FIELDS + ("test_fraction",)))
+    return _init_params(cfg.only(*_MODEL_FIELDS))
 
 
 @dataclass(frozen=True)
