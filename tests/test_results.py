@@ -68,3 +68,18 @@ def test_run_dir_resolution(tmp_path, monkeypatch):
 def test_rows_to_csv_empty_header_only():
     """No rows -> an empty header line."""
     assert rows_to_csv([]) == "\n"
+
+
+def test_tensorboard_event_files_hold_the_metrics(tmp_path):
+    """tensorboard=true writes one scalar per metric and round, readable by TensorBoard's own reader."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = RunWriter(tmp_path, tensorboard=True)
+    writer.append_round({"round": 1, "global-loss": 0.5, "gradient-drift-mean": 2.0})
+    writer.append_round({"round": 2, "global-loss": 0.25, "gradient-drift-mean": math.nan})
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("global-loss")] == [(1, 0.5), (2, 0.25)]
+    assert [(e.step, e.value) for e in acc.Scalars("gradient-drift-mean")] == [(1, 2.0)]  # NaN rounds left out
