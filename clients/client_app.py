@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from fedavg_relu.config import RunConfig
 from fedavg_relu.records import arrays_to_params, params_to_arrays
 from fedavg_relu.task import client_data, measure_drift, node_seed_id, train_client
+from fedavg_relu.threads import configure_torch_threads
 from fedavg_relu.training import LocalSGDSettings
 from strategies.scaffold import CONTROL_PREFIX, DELTA_PREFIX
 
@@ -51,7 +52,12 @@ def settings_from(config: ConfigRecord, cfg: RunConfig) -> LocalSGDSettings:
 
 def train(msg: Message, context: Context) -> Message:
     """Run tau local steps from the received global model and return the local model."""
+    configure_torch_threads()
     cfg = run_config(context)
+    if cfg.packed:  # clients-per-node > 1: this node trains a cohort (clients/packed_app.py)
+        from clients.packed_app import packed_train
+
+        return packed_train(msg, context)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     known = context.state.get(MEASURED_LOSS_KEY)
@@ -92,7 +98,12 @@ def train(msg: Message, context: Context) -> Message:
 
 def drift(msg: Message, context: Context) -> Message:
     """Compare the gradient at this node's local model with the one at the new average."""
+    configure_torch_threads()
     cfg = run_config(context)
+    if cfg.packed:
+        from clients.packed_app import packed_drift
+
+        return packed_drift(msg, context)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     kept_round = context.state.get(LOCAL_ROUND_KEY)
@@ -115,6 +126,9 @@ def build_client_app(mods: list | None = None) -> ClientApp:
     client_app = ClientApp(mods=mods or [])
     client_app.train()(train)
     client_app.query("drift")(drift)
+    from clients.packed_app import cohort
+
+    client_app.query("cohort")(cohort)  # packed mode: which virtual clients a node holds
     return client_app
 
 

@@ -25,7 +25,8 @@ def simulate(
     ray_temp_dir: str | os.PathLike | None = None,
     client_mods: list | None = None,
 ) -> Path:
-    """Run the experiment with ``num_supernodes`` (default ``num-partitions``) virtual nodes.
+    """Run the experiment with ``num_supernodes`` (default ``RunConfig.num_nodes``: ``num-partitions``,
+    or ``ceil(num-partitions / clients-per-node)`` in packed mode) virtual nodes.
 
     Returns the run folder.
     """
@@ -66,7 +67,7 @@ def simulate(
         run_simulation(
             server_app=server,
             client_app=build_client_app(mods=[inject_config, *(client_mods or [])]),
-            num_supernodes=num_supernodes or cfg.num_partitions,
+            num_supernodes=num_supernodes or cfg.num_nodes,
             backend_config={"client_resources": {"num_cpus": num_cpus_per_client}, "init_args": init_args},
         )
     finally:
@@ -90,5 +91,5 @@ def run_in_process(cfg: RunConfig | Mapping[str, Any], num_nodes: int | None = N
 
     if not isinstance(cfg, RunConfig):
         cfg = RunConfig.from_mapping(cfg)
-    grid = LocalGrid(client_app or build_client_app(), num_nodes or cfg.num_partitions, cfg.to_mapping())
+    grid = LocalGrid(client_app or build_client_app(), num_nodes or cfg.num_nodes, cfg.to_mapping())
     return run_experiment(grid, cfg)

@@ -71,7 +71,13 @@ def strategy_kwargs(cfg: RunConfig, learning_rate: float) -> dict[str, Any]:
 
 def build_strategy(cfg: RunConfig, learning_rate: float, round_offset: int = 0) -> DriftMeasurement:
     """The configured strategy, with drift measurement and reply validation set up."""
-    strategy = STRATEGY_CLASSES[cfg.strategy](**strategy_kwargs(cfg, learning_rate))
+    if cfg.packed:  # clients-per-node > 1: nodes simulate cohorts of virtual clients (strategies/packed.py)
+        from .packed import PackedFedAvg
+
+        strategy = PackedFedAvg(**dict(strategy_kwargs(cfg, learning_rate), min_available_nodes=cfg.num_nodes))
+        strategy.setup_packed(cfg.num_partitions, cfg.clients_per_node, cfg.fraction_train, cfg.seed, cfg.round_timeout)
+    else:
+        strategy = STRATEGY_CLASSES[cfg.strategy](**strategy_kwargs(cfg, learning_rate))
     init = initial_params(cfg)
     shapes = dict(init)
     if cfg.strategy == "scaffold":  # replies also carry the control-variate deltas

@@ -1,0 +1,230 @@
+"""Tests for packed mode: fedavg_relu.packed, clients/packed_app.py and strategies/packed.py.
+
+Tolerances: a packed node sends its cohort's weighted mean model in float32
+(accumulated in float64), and Flower then averages the node means in float32,
+so the averaged model differs from the standard path's float32 average by a
+few float32 ulps: we allow 1e-6 absolute on parameters of size ~0.1-1. Metrics
+are sums divided by sums instead of p-weighted dot products: relative 1e-6.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedavg_relu.config import ConfigError, RunConfig
+from fedavg_relu.data import load_partition
+from fedavg_relu.metrics import ClientDrift, summarize_drift
+from fedavg_relu.packed import (
+    DriftSums, node_clients, sample_clients, summarize_drift_sums, train_cohort, weighted_mean_params,
+)
+from fedavg_relu.results import read_metrics
+from fedavg_relu.simulation import run_in_process
+from fedavg_relu.task import initial_params, train_client
+from fedavg_relu.training import LocalSGDSettings
+
+logging.getLogger("flwr").setLevel(logging.WARNING)
+
+TIMING = {"seconds", "elapsed", "drift-seconds"}
+SMALL = {
+    "dataset": "synthetic", "synthetic-num-examples": 300, "num-partitions": 6, "width": 64,
+    "num-server-rounds": 2, "local-steps": 3, "batch-size": 8, "save-model": True,
+}
+
+
+def _drift(n, drift, dist, gnorm, flips=0.1):
+    return ClientDrift(n, 0.5 + drift, 0.4, gnorm, gnorm + 0.1, drift, dist, flips, 0.2)
+
+
+def _assert_rows_match(rows_a, rows_b, rel=1e-6):
+    """Every key of the standard rows is in the packed rows with the same value (timings aside)."""
+    assert len(rows_a) == len(rows_b)
+    for a, b in zip(rows_a, rows_b, strict=True):
+        for key, value in a.items():
+            if key in TIMING:
+                continue
+            assert key in b, key
+            if value is None or b[key] is None:
+                assert value is None and b[key] is None, key
+            else:
+                assert b[key] == pytest.approx(value, rel=rel, abs=1e-9), key
+
+
+# --- sums ---------------------------------------------------------------------------------
+def test_summarize_drift_sums_equals_summarize_drift():
+    """Sums of 4 clients (one that did not move), merged from two halves, give summarize_drift's dict.
+
+    n = [10, 30, 20, 40]: p = [.1, .3, .2, .4]; e.g. gradient-drift-mean = .1*1 + .3*2 + .2*.5 + .4*3 = 2.0.
+    """
+    drifts = [_drift(10, 1.0, 0.5, 2.0), _drift(30, 2.0, 1.0, 4.0), _drift(20, 0.5, 0.0, 1.0), _drift(40, 3.0, 2.0, 3.0)]
+    left, right = DriftSums(), DriftSums()
+    for d in drifts[:2]:
+        left.add(d)
+    for d in drifts[2:]:
+        right.add(d)
+    merged = DriftSums.from_metrics(left.merge(right).to_metrics())
+    expected = summarize_drift(drifts, 0.1, 2.5)
+    got = summarize_drift_sums(merged, 0.1, 2.5)
+    assert set(got) == set(expected)
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-12), key
+    assert got["gradient-drift-mean"] == pytest.approx(2.0)
+    assert got["effective-smoothness-max"] == pytest.approx(2.0)  # client 1: 2.0 / 1.0; client 3 (dist 0) left out
+
+
+def test_empty_sums_summarize_to_nothing():
+    """No client measured: an empty dict, like summarize_drift([])."""
+    assert summarize_drift_sums(DriftSums(), 0.1) == {} == summarize_drift([], 0.1)
+
+
+def test_weighted_mean_params():
+    """Weights [1, 3] of rows [0, 4] give 3.0, kept in float32."""
+    out = weighted_mean_params({"w": np.array([[0.0], [4.0]], np.float32)}, np.array([1, 3]))
+    assert out["w"].dtype == np.float32 and out["w"][0] == 3.0
+
+
+# --- who holds, who trains ---------------------------------------------------------------------
+def test_node_clients_and_bad_partition():
+    """K=4, P=10: node 0 holds 0..3, node 2 holds 8, 9; node 3 would start at 12 and is refused."""
+    assert node_clients(0, 4, 10) == [0, 1, 2, 3]
+    assert node_clients(2, 4, 10) == [8, 9]
+    with pytest.raises(ValueError, match="partition-id=3"):
+        node_clients(3, 4, 10)
+
+
+def test_sample_clients_is_seeded_and_sized_like_flower():
+    """ceil(0.25 * 10) = 3 distinct sorted clients, the same for the same (seed, round); all at fraction 1."""
+    a = sample_clients(10, 0.25, 7, 3)
+    assert len(a) == 3 and a == sorted(set(a)) and a == sample_clients(10, 0.25, 7, 3)
+    assert a != sample_clients(10, 0.25, 7, 4) or a != sample_clients(10, 0.25, 8, 3)
+    assert sample_clients(10, 1.0, 0, 1) == list(range(10))
+
+
+def test_config_rules_of_packed_mode():
+    """Packed mode runs fedavg only; lockstep needs packed mode; RunConfig.num_nodes = ceil(P / K)."""
+    assert RunConfig(num_partitions=10, clients_per_node=4).num_nodes == 3
+    assert RunConfig(num_partitions=10, clients_per_node=1).num_nodes == 10
+    with pytest.raises(ConfigError, match="packed mode runs fedavg only"):
+        RunConfig.from_mapping({"clients-per-node": 4, "strategy": "fedprox"})
+    with pytest.raises(ConfigError, match="lockstep-drift-steps='2'"):
+        RunConfig.from_mapping({"lockstep-drift-steps": "2"})
+    with pytest.raises(ConfigError, match="lockstep-drift-steps='0,9'"):
+        RunConfig.from_mapping({"clients-per-node": 4, "lockstep-drift-steps": "0,9"})
+    assert RunConfig.from_mapping({"clients-per-node": 4, "local-steps": 3, "lockstep-drift-steps": "all"}).lockstep_steps() == (1, 2, 3)
+
+
+# --- a cohort equals its clients one by one ------------------------------------------------------
+@pytest.mark.parametrize("lockstep", [(), (1, 3)])
+def test_train_cohort_equals_train_client_per_client(lockstep):
+    """Sequential and lockstep cohorts give every client exactly train_client's W_k, loss and steps."""
+    cfg = RunConfig.from_mapping(dict(SMALL, **{"clients-per-node": 6}))
+    settings = LocalSGDSettings(local_steps=3, learning_rate=0.5, batch_size=8, momentum=0.5)
+    w0 = initial_params(cfg)
+    cohort = train_cohort(cfg, [1, 4], 2, w0, settings, lockstep_steps=lockstep)
+    for i, k in enumerate([1, 4]):
+        one = train_client(cfg, load_partition(cfg, k), k, 2, w0, settings)
+        for name, value in one.local_params.items():
+            np.testing.assert_array_equal(cohort.local(i)[name], value)
+        assert cohort.train_loss[i] == one.train_loss and cohort.loss_before[i] == one.loss_before
+        assert cohort.num_steps[i] == 3 and cohort.num_examples[i] == one.num_examples
+    assert sorted(cohort.lockstep) == list(lockstep)
+
+
+# --- the whole app: packed == standard -----------------------------------------------------------
+@pytest.mark.parametrize("clients_per_node", [3, 6])
+def test_packed_and_standard_give_same_model_and_metrics(tmp_path, clients_per_node):
+    """6 clients, 2 rounds: packed with 2 nodes x 3 or 1 node x 6 = standard path (6 nodes), model and every metric.
+
+    Tolerance: parameters 1e-6 absolute, metrics 1e-6 relative (see the module docstring).
+    """
+    base = dict(SMALL, **{"output-dir": str(tmp_path)})
+    std = run_in_process(dict(base, **{"run-name": "std"}))
+    packed = run_in_process(dict(base, **{"run-name": "packed", "clients-per-node": clients_per_node}))
+    model_a = torch.load(std / "model.pt")["state_dict"]
+    model_b = torch.load(packed / "model.pt")["state_dict"]
+    for name in model_a:
+        torch.testing.assert_close(model_b[name], model_a[name], rtol=0, atol=1e-6)
+    rows_a, rows_b = read_metrics(std), read_metrics(packed)
+    _assert_rows_match(rows_a, rows_b)
+    assert rows_b[-1]["clients-trained"] == 6 and rows_b[-1]["clients-measured"] == 6
+    assert rows_a[-1]["gradient-drift-mean"] > 0
+
+
+def test_lockstep_drift_at_tau_equals_end_of_round_drift(tmp_path):
+    """One node holds all 6 clients, all train (fraction 1), FedAvg: W-bar^tau = sum_k p_k W_k^tau = W^{r+1}.
+
+    Hence at t = tau = 3 the lockstep drift ||grad f_k(W_k^tau) - grad f_k(W-bar^tau)|| is the recorded
+    gradient drift ||grad f_k(W_k) - grad f_k(W^{r+1})||, client by client, so every lockstep metric
+    at step 3 equals its end-of-round metric (W-bar^tau is formed in float64 on the node, W^{r+1} in
+    float32 by Flower: relative 1e-5). At t=1 the clients have moved less: smaller divergence.
+    """
+    cfg = dict(SMALL, **{"output-dir": str(tmp_path), "run-name": "ls", "clients-per-node": 6, "lockstep-drift-steps": "1,3"})
+    rows = read_metrics(run_in_process(cfg))
+    for row in rows[1:]:
+        assert row["lockstep-nodes"] == 1
+        for key in ("gradient-drift-mean", "gradient-drift-max", "relative-gradient-drift-mean",
+                    "model-divergence", "model-divergence-max", "activation-flips-local", "global-loss"):
+            assert row[f"lockstep-{key}/step-3"] == pytest.approx(row[key], rel=1e-5), key
+        assert row["lockstep-model-divergence/step-1"] < row["lockstep-model-divergence/step-3"]
+
+
+def test_lockstep_with_several_nodes_reports_per_node_average(tmp_path):
+    """Two nodes of 3: lockstep-nodes = 2 (per-node virtual averages), and the drift is still recorded."""
+    cfg = dict(SMALL, **{"output-dir": str(tmp_path), "run-name": "ls2", "clients-per-node": 3,
+                         "lockstep-drift-steps": "all", "num-server-rounds": 1})
+    row = read_metrics(run_in_process(cfg))[-1]
+    assert row["lockstep-nodes"] == 2
+    assert {f"lockstep-gradient-drift-mean/step-{t}" for t in (1, 2, 3)} <= set(row)
+
+
+def test_packed_sampling_sends_only_to_holders(tmp_path):
+    """P=8, K=2 (4 nodes), fraction 0.25: 2 virtual clients per round, messages only to the nodes holding them."""
+    from clients.client_app import build_client_app
+
+    app = build_client_app()
+    seen: list[tuple[str, int]] = []
+
+    def spy(msg, context):
+        seen.append((msg.metadata.message_type, context.node_id))
+        return app(msg, context)
+
+    cfg = dict(SMALL, **{"output-dir": str(tmp_path), "run-name": "frac", "num-partitions": 8, "clients-per-node": 2,
+                         "fraction-train": 0.25, "num-server-rounds": 3})
+    rows = read_metrics(run_in_process(cfg, client_app=spy))
+    for row in rows[1:]:
+        assert row["clients-sampled"] == 2 and row["clients-trained"] == 2 and row["clients-measured"] == 2
+    trains = [n for t, n in seen if t == "train"]
+    cohorts = [n for t, n in seen if t == "query.cohort"]
+    assert sorted(cohorts) == [1, 2, 3, 4]  # asked once
+    assert 3 <= len(trains) <= 6  # 3 rounds x (1 or 2 nodes)
+    chosen = [sample_clients(8, 0.25, 0, r) for r in (1, 2, 3)]
+    assert len(trains) == sum(len({k // 2 for k in c}) for c in chosen)
+
+
+def test_invalid_packed_reply_is_rejected_and_counted_in_virtual_clients(tmp_path):
+    """A node whose mean model carries NaN is rejected (reason non-finite); its 3 clients count as rejected."""
+    from clients.client_app import build_client_app
+
+    app = build_client_app()
+
+    def corrupt(msg, context):
+        reply = app(msg, context)
+        if msg.metadata.message_type == "train" and context.node_id == 1:
+            arrays = reply.content["arrays"]
+            name = next(iter(arrays))
+            bad = arrays[name].numpy().copy()
+            bad.flat[0] = math.nan
+            from flwr.app import Array
+
+            arrays[name] = Array(bad)
+        return reply
+
+    cfg = dict(SMALL, **{"output-dir": str(tmp_path), "run-name": "bad", "clients-per-node": 3, "num-server-rounds": 1})
+    row = read_metrics(run_in_process(cfg, client_app=corrupt))[-1]
+    assert row["rejected-non-finite"] == 1
+    assert row["clients-sampled"] == 6 and row["clients-trained"] == 3 and row["clients-rejected"] == 3
+    assert row["clients-measured"] == 3 and math.isfinite(row["global-loss"])
