@@ -24,10 +24,14 @@ def simulate(
     num_cpus_per_client: int = 1,
     ray_temp_dir: str | os.PathLike | None = None,
     client_mods: list | None = None,
+    ray_init_args: Mapping[str, Any] | None = None,
 ) -> Path:
     """Run the experiment with ``num_supernodes`` (default ``RunConfig.num_nodes``: ``num-partitions``,
     or ``ceil(num-partitions / clients-per-node)`` in packed mode) virtual nodes.
 
+    ``ray_init_args`` go to ``ray.init`` (Flower's backend ``init_args``); with an
+    ``address`` (e.g. ``"127.0.0.1:6379"``) the simulation joins that running Ray
+    cluster instead of starting a private one, and ``ray_temp_dir`` is not used.
     Returns the run folder.
     """
     from flwr.serverapp import ServerApp
@@ -60,9 +64,13 @@ def simulate(
         out["run_dir"] = run_experiment(grid, cfg)
 
     # Ray's socket paths must stay under ~107 characters: default to a short private dir
-    own_tmp = ray_temp_dir is None
-    temp_dir = Path(tempfile.mkdtemp(prefix="fr-ray-", dir="/tmp")) if own_tmp else Path(ray_temp_dir).resolve()
-    init_args: dict[str, Any] = {"include_dashboard": False, "_temp_dir": str(temp_dir)}
+    joining = bool(ray_init_args and "address" in ray_init_args)
+    own_tmp = ray_temp_dir is None and not joining
+    temp_dir = Path(tempfile.mkdtemp(prefix="fr-ray-", dir="/tmp")) if own_tmp else Path(ray_temp_dir or ".").resolve()
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    if not joining:
+        init_args["_temp_dir"] = str(temp_dir)
+    init_args.update(ray_init_args or {})
     try:
         run_simulation(
             server_app=server,

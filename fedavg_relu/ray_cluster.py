@@ -1,0 +1,151 @@
+"""A real multi-node Ray cluster on loopback, for tests and for trying the cluster path.
+
+:class:`LocalRayCluster` runs ``ray start --head --block`` and one or more
+``ray start --address=... --block`` worker nodes, each as its own process group
+(``start_new_session``), on free 127.0.0.1 ports and a short private temp dir.
+``--block`` keeps each ``ray start`` in the foreground and makes it take its
+raylet, GCS and workers down with it; :meth:`LocalRayCluster.stop` sends SIGTERM
+to each group it started, then SIGKILL. It never runs ``ray stop``, which would
+stop every Ray process of the user on the machine (other people's runs included).
+
+Ray's Unix socket paths must stay under ~107 characters, so the temp dir is
+``/tmp/frc-XXXXXX`` (short); long paths make Ray fail with unhelpful errors.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .flower_run import free_port
+
+
+def _ray_bin() -> str:
+    here = Path(sys.executable).parent / "ray"
+    return str(here) if here.exists() else (shutil.which("ray") or "ray")
+
+
+class LocalRayCluster:
+    """A head node plus ``num_workers`` worker nodes on 127.0.0.1; use as a context manager.
+
+    ``address`` (``127.0.0.1:PORT``) is what ``ray.init(address=...)``, i.e. Flower's
+    backend ``init_args``, needs to join it.
+    """
+
+    def __init__(self, head_cpus: int = 1, worker_cpus: int = 1, num_workers: int = 1) -> None:
+        self.head_cpus, self.worker_cpus, self.num_workers = head_cpus, worker_cpus, num_workers
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="frc-", dir="/tmp"))
+        self.processes: list[subprocess.Popen] = []
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
+        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+    def _node_ports(self) -> list[str]:
+        low = free_port()
+        return [
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
+        ]
+
+    def _start(self, args: list[str], name: str) -> None:
+        log = open(self.temp_dir / f"{name}.out", "wb")  # noqa: SIM115 - closed right after Popen
+        proc = subprocess.Popen(
+            [_ray_bin(), "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", *args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        self.processes.append(proc)
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start the head, wait until it answers, start the workers, wait until every CPU is there."""
+        self._start(
+            ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", f"--num-cpus={self.head_cpus}",
+             "--include-dashboard=false", f"--ray-client-server-port={free_port()}", *self._node_ports()],
+            "head",
+        )
+        self._wait(lambda: self._cpus() >= self.head_cpus, timeout, "the head node")
+        for i in range(self.num_workers):
+            self._start([f"--address={self.address}", f"--num-cpus={self.worker_cpus}", *self._node_ports()], f"worker{i}")
+        total = self.head_cpus + self.num_workers * self.worker_cpus
+        self._wait(lambda: self._cpus() >= total, timeout, f"{total} CPUs")
+
+    def _cpus(self) -> float:
+        """CPUs the cluster reports (``ray status``), 0 while it does not answer."""
+        try:
+            out = subprocess.run(
+                [_ray_bin(), "status", f"--address={self.address}"], env=self.env,
+                capture_output=True, text=True, timeout=30,
+            ).stdout
+        except subprocess.TimeoutExpired:
+            return 0.0
+        for line in out.splitlines():
+            parts = line.strip().split()
+            if len(parts) >= 2 and parts[1] == "CPU" and "/" in parts[0]:
+                return float(parts[0].split("/")[1])
+        return 0.0
+
+    def _wait(self, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc in self.processes:
+                if proc.poll() is not None:
+                    logs = "".join(p.read_text(errors="replace")[-1500:] for p in sorted(self.temp_dir.glob("*.out")))
+                    self.stop()
+                    raise RuntimeError(f"`ray start` exited with {proc.returncode} while waiting for {what}:\n{logs}")
+            if ready():
+                return
+            time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"Ray cluster: {what} not up within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        """SIGTERM each ``ray start`` process group we started (workers first), then SIGKILL what is left."""
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    pass
+        for proc in self.processes:  # stragglers of each group (raylet, workers)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if proc.poll() is None:
+                proc.wait(timeout=10)
+        self.processes = []
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def group_members(self, groups: list[int]) -> list[tuple[int, str]]:
+        """Live (non-zombie) processes whose process group is one of ``groups``: ``(pid, name)``."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 2 :].split()
+            if fields[0] != "Z" and int(fields[2]) in groups:
+                found.append((int(stat.parent.name), name))
+        return found
+
+    def __enter__(self) -> LocalRayCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
