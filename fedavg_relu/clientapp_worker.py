@@ -140,6 +140,14 @@ class ClientAppWorker:
                     log(DEBUG, "ClientApp worker: Runtime API not reachable: %s", err)
                     self._stop.wait(1.0)
                     continue
+                except httpx.HTTPStatusError as err:
+                    if err.response.status_code in (401, 403):
+                        raise RuntimeError(
+                            f"the SuperNode at {self.runtime_api_address} refused AcquireTask "
+                            f"({err.response.status_code}): give this worker the SuperNode's "
+                            "--superexec-auth-secret-file"
+                        ) from err
+                    raise
                 if res.HasField("task") and res.token:
                     if res.task.type != TaskType.CLIENT_APP.value:
                         log(ERROR, "ClientApp worker: cannot run task type %r (task %d)", res.task.type, res.task.task_id)

@@ -26,12 +26,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -277,11 +279,18 @@ class Deployment:
         name: str | None = None,
         max_retries: int | None = None,
         max_wait_time: float | None = None,
+        timestamps: bool = False,
+        runtime_secret: bool = True,
     ) -> SuperNode:
         """Start a ``flower-supernode`` (plus a ClientApp worker with ``isolation="process"``).
 
         ``private_key`` is the SuperNode's auth key (None: none given, which an auth-enabled
-        SuperLink refuses); ``root_certificates`` defaults to this deployment's CA.
+        SuperLink refuses); ``root_certificates`` defaults to this deployment's CA. With
+        ``timestamps`` every line of its log starts with the time it arrived
+        (``time.time()``), for latency measurements. With process isolation and
+        ``runtime_secret`` the SuperNode and its worker share a random
+        ``--superexec-auth-secret-file`` (0600), so that no other local process can acquire
+        the node's tasks from its Runtime API.
         """
         if isolation not in ("process", "subprocess"):
             raise ValueError(f"isolation={isolation!r}: expected 'process' or 'subprocess'")
@@ -301,18 +310,33 @@ class Deployment:
             args += ["--max-retries", str(max_retries)]
         if max_wait_time is not None:
             args += ["--max-wait-time", str(max_wait_time)]
+        secret_args: list[str] = []
+        if isolation == "process" and runtime_secret:
+            secret = self.home / f"{name}.superexec-secret"
+            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+            secret_args = ["--superexec-auth-secret-file", str(secret)]
+            args += secret_args
         log_path = self.home / f"{name}.out"
-        with open(log_path, "wb") as out:
+        if timestamps:
             process = subprocess.Popen(
-                args, env=self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                args, env=self.env, cwd=self.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
+            threading.Thread(target=_timestamp_lines, args=(process.stdout, log_path), daemon=True).start()
+        else:
+            with open(log_path, "wb") as out:
+                process = subprocess.Popen(
+                    args, env=self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
         node = SuperNode(name, process, runtime_port, log_path, args=args)
         if isolation == "process":
             node.worker_log_path = self.home / f"{name}-worker.out"
             with open(node.worker_log_path, "wb") as out:
                 node.worker = subprocess.Popen(
                     [sys.executable, "-m", "fedavg_relu.clientapp_worker",
-                     "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure"],
+                     "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure", *secret_args],
                     env=self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )
         self.supernodes.append(node)
@@ -366,6 +390,14 @@ class Deployment:
         proc = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
         runs = _json_tail(proc.stdout).get("runs", [])
         return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+def _timestamp_lines(stream, path: Path) -> None:
+    """Copy ``stream`` to ``path`` line by line, each prefixed with its arrival time."""
+    with open(path, "ab", buffering=0) as out:
+        for line in iter(stream.readline, b""):
+            out.write(f"{time.time():.3f} ".encode() + line)
+    stream.close()
 
 
 def _json_tail(text: str) -> dict[str, Any]:

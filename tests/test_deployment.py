@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedavg_relu.clientapp_worker import ClientAppWorker
 from fedavg_relu.config import RunConfig
 from fedavg_relu.data import dataset_shape, load_data_file, make_synthetic
 from fedavg_relu.deploy import Deployment
@@ -72,9 +73,9 @@ def _start_two_nodes(dep: Deployment, certs: Path, files: tuple[Path, Path]) -> 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
-    """CA, server certificate for 127.0.0.1/localhost, 4 SuperNode key pairs; plus a foreign CA."""
+    """CA, server certificate for 127.0.0.1/localhost, 5 SuperNode key pairs; plus a foreign CA."""
     root = tmp_path_factory.mktemp("pki")
-    make_certificates(root / "certs", num_nodes=4)
+    make_certificates(root / "certs", num_nodes=5)
     make_certificates(root / "foreign", num_nodes=0)
     return root / "certs"
 
@@ -156,7 +157,8 @@ def test_tls_auth_run_with_device_files(deployment, reference_run, node_files):
 def test_unregistered_key_and_wrong_ca_are_refused(deployment, reference_run, certs, tmp_path):
     """An unregistered key gets Flower's `[code: 2004] Failed to activate SuperNode`, a SuperNode
     trusting another CA `CERTIFICATE_VERIFY_FAILED`, one without a key `[code: 2001]`; all exit,
-    none is ever listed online, and a run started meanwhile equals the reference run."""
+    none is ever listed online, a run started meanwhile equals the reference run, and a local
+    process without a SuperNode's Runtime API secret is refused its tasks (401)."""
     ref_result, ref_rows = reference_run
     assert ref_result.status == "finished:completed"
     deployment.register(certs / "supernode-3.pub", name="registered-but-wrong-ca")
@@ -184,6 +186,10 @@ def test_unregistered_key_and_wrong_ca_are_refused(deployment, reference_run, ce
     wrong_ca = [n for n in statuses.values() if n["status"] == "registered"]
     assert len(wrong_ca) == 1 and wrong_ca[0]["online-at"] == "N/A"  # never connected
     assert result.status == "finished:completed", result.output[-3000:]
+    # on the device: a local process without the SuperNode's secret cannot take its tasks
+    intruder = ClientAppWorker(f"127.0.0.1:{deployment.supernodes[0].runtime_port}")
+    with pytest.raises(RuntimeError, match="refused AcquireTask \\(401\\)"):
+        intruder.serve(max_tasks=1)
     rows = read_metrics(tmp_path / "attacked")
     assert len(rows) == len(ref_rows) == 3
     logs = "\n".join(node.worker_log()[-3000:] for node in deployment.supernodes[:2])
@@ -191,6 +197,26 @@ def test_unregistered_key_and_wrong_ca_are_refused(deployment, reference_run, ce
         assert row["clients-sampled"] == 2 and row["clients-trained"] == 2 and row["clients-failed"] == 0, logs
         for key in DRIFT_KEYS + ["test-loss", "test-accuracy"]:
             assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-9), key
+
+
+def test_missing_data_file_fails_only_that_node(deployment, reference_run, certs, tmp_path):
+    """A registered SuperNode whose data-path does not exist: its reply carries the reason (in the
+    ServerApp's log), it is counted in clients-failed, and the run completes with the other two."""
+    deployment.register(certs / "supernode-5.pub", name="device-without-data")
+    missing = tmp_path / "missing.npz"
+    node = deployment.start_supernode(certs / "supernode-5", {"data-path": str(missing)}, name="no-data")
+    try:
+        deployment.wait_online(3, timeout=60)
+        result = deployment.run(
+            APP_DIR, {**RUN, "num-server-rounds": 1, "output-dir": str(tmp_path), "run-name": "no-data"}, timeout=300
+        )
+    finally:
+        node.stop()
+    assert result.status == "finished:completed", result.output[-3000:]
+    assert f"data-path={str(missing)!r}: no such file" in result.output
+    row = read_metrics(tmp_path / "no-data")[1]
+    assert row["clients-sampled"] == 3 and row["clients-trained"] == 2 and row["clients-failed"] == 1
+    assert row["clients-measured"] == 2 and row["round-skipped"] == 0
 
 
 def test_supernode_killed_mid_run(certs, node_files, tmp_path):

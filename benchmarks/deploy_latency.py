@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Per-round latency of a SuperNode in a real deployment, and what one client needs on a device.
+
+Two parts, each printed as a Markdown table (the README's "Deployment" section quotes them):
+
+``size``     the model's parameter count and wire size at the run config, and the peak
+             memory (RSS) of one client's training step and drift measurement, each in a
+             fresh Python process so that earlier peaks do not hide it.
+``latency``  a TLS + node-auth deployment on loopback (:class:`fedavg_relu.deploy.Deployment`)
+             with 2 SuperNodes, run once with Flower's default isolation (a new
+             ``flwr-clientapp`` process per message) and once with ``--isolation process`` and
+             a long-running :mod:`fedavg_relu.clientapp_worker`. Per round: the ServerApp's
+             wall time (``seconds`` in metrics.jsonl, the drift exchange included) and each
+             node's own time per message, from receiving it to having sent the reply
+             (timestamped SuperNode logs).
+
+Usage::
+
+    python benchmarks/deploy_latency.py                    # both parts, default config (width 2048, digits)
+    python benchmarks/deploy_latency.py size -c "width=4096"
+    python benchmarks/deploy_latency.py latency --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from fedavg_relu.config import RunConfig  # noqa: E402
+from fedavg_relu.flower_run import toml_value  # noqa: E402
+
+
+def parse_overrides(text: str) -> dict:
+    """``key=value ...`` as in ``--run-config`` (TOML values)."""
+    import tomllib
+
+    return tomllib.loads("\n".join(text.split())) if text.strip() else {}
+
+
+# --- size and memory ---------------------------------------------------------------
+_PROBE = r"""
+import json, resource, sys, numpy as np
+from fedavg_relu.config import RunConfig
+from fedavg_relu.task import client_data, initial_params, measure_drift, train_client, working_model
+from fedavg_relu.training import LocalSGDSettings
+from fedavg_relu.data import dataset_shape
+cfg = RunConfig.from_mapping(json.loads(sys.argv[1]))
+stage = sys.argv[2]
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+data = client_data(cfg, {"partition-id": 0})
+model = working_model(cfg)
+w0 = initial_params(cfg)
+input_dim, _ = dataset_shape(cfg)
+settings = LocalSGDSettings(cfg.local_steps, cfg.effective_learning_rate(input_dim), cfg.batch_size,
+                            cfg.momentum, cfg.weight_decay, cfg.loss)
+out = {"examples": len(data), "ready": peak_mib()}
+if stage in ("train", "drift"):
+    outcome = train_client(cfg, data, 0, 1, w0, settings)
+    out["train"] = peak_mib()
+if stage == "drift":
+    measure_drift(cfg, data, outcome.local_params, w0)
+    out["drift"] = peak_mib()
+print(json.dumps(out))
+"""
+
+
+def measure_size(overrides: dict) -> dict:
+    """Parameter counts, wire size and peak RSS (MiB) after set-up, one round of training, and drift."""
+    import torch
+
+    from fedavg_relu.data import dataset_shape
+    from fedavg_relu.models import build_model, num_trainable
+
+    cfg = RunConfig.from_mapping(overrides)
+    input_dim, num_classes = dataset_shape(cfg)
+    model = build_model(cfg, input_dim, num_classes)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = num_trainable(model)
+    result = {
+        "config": f"{cfg.model_family}, m={cfg.width}, L={cfg.depth}, d={input_dim}, c={num_classes}, "
+                  f"tau={cfg.local_steps}, batch={cfg.batch_size}, dataset={cfg.dataset}/{cfg.num_partitions}",
+        "parameters": total, "trainable": trainable,
+        "wire-mib": trainable * 4 / 2**20,  # float32 ArrayRecord each way (+ the gradient upload for dissimilarity)
+        "torch": torch.__version__,
+    }
+    base = subprocess.run(
+        [sys.executable, "-c", "import resource, torch; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
+        capture_output=True, text=True, check=True,
+    )
+    result["rss-torch"] = float(base.stdout.strip().splitlines()[-1])
+    peaks = {}
+    for stage in ("ready", "train", "drift"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE, json.dumps(overrides), stage],
+            capture_output=True, text=True, cwd=ROOT, check=True,
+        )
+        peaks[stage] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["examples"] = peaks["ready"]["examples"]
+    result["rss-ready"] = peaks["ready"]["ready"]
+    result["rss-train"] = peaks["train"]["train"]
+    result["rss-drift"] = peaks["drift"]["drift"]
+    return result
+
+
+def print_size(r: dict) -> None:
+    print(f"\n### Size and memory ({r['config']}; torch {r['torch']}, CPU)\n")
+    print("| quantity | value |\n| --- | --- |")
+    print(f"| parameters (all / trained) | {r['parameters']:,} / {r['trainable']:,} |")
+    print(f"| model on the wire (float32, each way) | {r['wire-mib']:.1f} MiB |")
+    print(f"| peak RSS: Python + `import torch` only | {r['rss-torch']:.0f} MiB |")
+    print(f"| peak RSS: Python + torch + data + model, before training ({r['examples']} examples) | {r['rss-ready']:.0f} MiB |")
+    print(f"| peak RSS: after one round of local SGD | {r['rss-train']:.0f} MiB (+{r['rss-train'] - r['rss-ready']:.0f}) |")
+    print(f"| peak RSS: after the drift measurement | {r['rss-drift']:.0f} MiB (+{r['rss-drift'] - r['rss-ready']:.0f}) |")
+
+
+# --- latency ------------------------------------------------------------------------
+_LINE = re.compile(r"^(\d+\.\d+) .*?(Receiving|Sending): (\S+) message")
+_SENT = re.compile(r"^(\d+\.\d+) .*Sent successfully")
+
+
+def node_message_times(log: str) -> list[tuple[str, float]]:
+    """(message type, seconds from 'Receiving' to 'Sent successfully') for each message of a node log."""
+    out, pending = [], {}
+    sending = None
+    for line in log.splitlines():
+        if m := _LINE.match(line):
+            t, what, kind = float(m.group(1)), m.group(2), m.group(3)
+            if what == "Receiving":
+                pending[kind] = t
+            else:
+                sending = kind
+        elif (m := _SENT.match(line)) and sending is not None:
+            if sending in pending:
+                out.append((sending, float(m.group(1)) - pending.pop(sending)))
+            sending = None
+    return out
+
+
+def measure_latency(overrides: dict, isolation: str, rounds: int, certs: Path, work: Path) -> dict:
+    """One deployment run of ``rounds`` rounds with 2 SuperNodes in ``isolation`` mode."""
+    from fedavg_relu.deploy import Deployment
+    from fedavg_relu.results import read_metrics
+
+    run = {**overrides, "num-server-rounds": rounds, "num-partitions": 2,
+           "output-dir": str(work / "runs"), "run-name": isolation, "round-timeout": 600.0}
+    t0 = time.perf_counter()
+    with Deployment(certs, home=work / f"home-{isolation}") as dep:
+        for i in (1, 2):
+            dep.register(certs / f"supernode-{i}.pub")
+        nodes = [dep.start_supernode(certs / f"supernode-{i}", {"partition-id": i - 1}, isolation=isolation,
+                                     timestamps=True) for i in (1, 2)]
+        dep.wait_online(2, timeout=120)
+        ready = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        result = dep.run(ROOT, run, timeout=3600)
+        total = time.perf_counter() - t1
+        if result.status != "finished:completed":
+            raise RuntimeError(f"{isolation}: run ended {result.status}:\n{result.output[-3000:]}")
+        messages = [node_message_times(n.log()) for n in nodes]
+        worker_peak = [_peak_rss_mib(n.worker.pid) for n in nodes if n.worker is not None]
+    rows = read_metrics(work / "runs" / isolation)[1:]
+    return {
+        "isolation": isolation, "rounds": rows, "worker-peak-mib": worker_peak, "messages": messages, "run-seconds": total, "setup-seconds": ready,
+    }
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """VmHWM (peak resident set) of a live process, MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def summarize_latency(r: dict) -> dict:
+    """Medians over rounds 2.. (round 1 includes the first import of torch and the app)."""
+    later = r["rounds"][1:] or r["rounds"]
+    node_round = []
+    for msgs in r["messages"]:  # per node: train + drift time of each round
+        trains = [s for k, s in msgs if k == "train"]
+        drifts = [s for k, s in msgs if k == "query.drift"]
+        node_round += [a + b for a, b in list(zip(trains, drifts))[1:]]
+    first = [sum(s for _, s in msgs[:2]) for msgs in r["messages"] if len(msgs) >= 2]
+    return {
+        "round-1": r["rounds"][0]["seconds"],
+        "round": statistics.median(x["seconds"] for x in later),
+        "drift": statistics.median(x["drift-seconds"] for x in later),
+        "node-round": statistics.median(node_round) if node_round else float("nan"),
+        "node-first": statistics.median(first) if first else float("nan"),
+        "train-msg": statistics.median(s for msgs in r["messages"] for k, s in msgs[2:] if k == "train"),
+        "drift-msg": statistics.median(s for msgs in r["messages"] for k, s in msgs[2:] if k == "query.drift"),
+        "run": r["run-seconds"],
+    }
+
+
+def print_latency(results: list[dict], config: str) -> None:
+    print(f"\n### Per-round latency, 2 SuperNodes on one 2-core machine ({config})\n")
+    print("| isolation | round 1 s | later rounds s (median) | of which drift exchange s | node time per round s "
+          "(train + drift msg) | per train / drift msg s | whole `flwr run` s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        s = summarize_latency(r)
+        label = ("default (`subprocess`: a new flwr-clientapp per message)" if r["isolation"] == "subprocess"
+                 else "`--isolation process` + long-running worker")
+        print(f"| {label} | {s['round-1']:.1f} | {s['round']:.1f} | {s['drift']:.1f} | {s['node-round']:.2f} "
+              f"(round 1: {s['node-first']:.2f}) | {s['train-msg']:.2f} / {s['drift-msg']:.2f} | {s['run']:.0f} |")
+    for r in results:
+        if r.get("worker-peak-mib"):
+            print(f"\nPeak RSS of the long-running ClientApp workers after the run: "
+                  f"{', '.join(f'{m:.0f}' for m in r['worker-peak-mib'])} MiB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", nargs="?", choices=["size", "latency", "all"], default="all")
+    parser.add_argument("-c", "--run-config", default="", help="run-config overrides, e.g. \"width=4096\"")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per latency run (default 4)")
+    parser.add_argument("--isolation", choices=["subprocess", "process", "both"], default="both")
+    parser.add_argument("--json", help="also write the raw results here")
+    args = parser.parse_args(argv)
+    overrides = parse_overrides(args.run_config)
+    RunConfig.from_mapping(overrides)  # fail early on a bad key
+    raw: dict = {"overrides": overrides}
+    if args.part in ("size", "all"):
+        raw["size"] = measure_size(overrides)
+        print_size(raw["size"])
+    if args.part in ("latency", "all"):
+        from make_certs import make_certificates
+
+        with tempfile.TemporaryDirectory(prefix="fr-deploy-bench-") as tmp:
+            work = Path(tmp)
+            make_certificates(work / "certs", num_nodes=2)
+            modes = ["subprocess", "process"] if args.isolation == "both" else [args.isolation]
+            raw["latency"] = [measure_latency(overrides, mode, args.rounds, work / "certs", work) for mode in modes]
+        cfg = RunConfig.from_mapping(overrides)
+        print_latency(raw["latency"], f"{cfg.model_family}, m={cfg.width}, {cfg.dataset}, tau={cfg.local_steps}, "
+                      f"{args.rounds} rounds, overrides: {' '.join(f'{k}={toml_value(v)}' for k, v in overrides.items()) or 'none'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
