@@ -1,0 +1,264 @@
+"""THEORY.md's six predictions, checked against a theory sweep's tables.
+
+Each check returns a :class:`Check`: the prediction in words, the measured
+numbers (slopes of log-log fits, per-round rates, ratios), the rule that decides
+agreement (fixed here, before looking at any particular run) and the verdict.
+The numbers come from the metrics the runs recorded (``metrics.csv`` /
+``cells.csv`` of :mod:`fedavg_relu.sweep`); nothing is re-computed from models.
+
+Groups read (see ``sweeps/theory-*.toml``): ``width`` (IID clients, predictions
+1-4), ``tau`` (prediction 5), ``non-iid`` (prediction 6, with the sweep's
+``central-baseline``).
+
+Per-cell reductions: cumulative quantities (distance from initialization,
+flips against W^0, the centralized comparison) are taken at the last round;
+per-round quantities (drift, effective smoothness, flips between local and
+averaged models, divergence) are averaged over rounds 1..R of a cell. Seeds are
+then averaged at each width (τ) and the log-log slope fitted through the means.
+
+This module does not import flwr.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .plots import (
+    NONIID_GROUP,
+    TAU_GROUP,
+    WIDTH_GROUP,
+    fit_linear_rate,
+    fit_loglog_slope,
+    per_cell,
+    seed_stats,
+    with_loss_curve,
+)
+
+
+@dataclass
+class Check:
+    """One prediction: what it says, what was measured, the rule and the verdict."""
+
+    number: int
+    prediction: str
+    measured: dict[str, float] = field(default_factory=dict)
+    summary: str = ""  # the measured number(s) in one line
+    rule: str = ""  # when the run counts as agreeing
+    agrees: bool | None = None  # None: not measurable from these tables
+
+    @property
+    def verdict(self) -> str:
+        """``agrees`` / ``disagrees`` / ``not measured``."""
+        return {True: "agrees", False: "disagrees", None: "not measured"}[self.agrees]
+
+
+def _group(table: pd.DataFrame, group: str) -> pd.DataFrame:
+    return table[table["group"] == group] if "group" in table.columns else table.iloc[0:0]
+
+
+def _slope(cells: pd.DataFrame, x: str, y: str) -> float:
+    stats = seed_stats(cells, x, y, log=True)
+    return fit_loglog_slope(stats[x], stats["center"]).slope
+
+
+def check_linear_convergence(metrics: pd.DataFrame) -> Check:
+    """1. log F(W^r) is close to a straight line in r for wide networks.
+
+    Fit ``log F`` (seed-mean of log) over rounds 1..R per width; rho = exp(slope).
+    Rule: at the widest width rho < 1 and r2 >= 0.95.
+    """
+    check = Check(1, "For wide networks the global loss decays linearly: log F(W^r) is close to a straight line in r.",
+                  rule="widest width: fitted per-round ratio rho < 1 and r² >= 0.95 of the log-linear fit (rounds 1..R)")
+    data = with_loss_curve(_group(metrics, WIDTH_GROUP))
+    if not len(data):
+        return check
+    fits = {}
+    for width, frame in data.groupby("width"):
+        stats = seed_stats(frame[frame["round"] >= 1], "round", "train-objective", log=True)
+        fits[int(width)] = fit_linear_rate(stats["round"], stats["center"])
+    widest, narrowest = max(fits), min(fits)
+    f, g = fits[widest], fits[narrowest]
+    check.measured = {"rho-widest": f.rate, "r2-widest": f.r2, "rho-narrowest": g.rate, "r2-narrowest": g.r2,
+                      "width-widest": widest, "width-narrowest": narrowest}
+    for width, fit in fits.items():
+        check.measured[f"rho/m={width}"] = fit.rate
+        check.measured[f"r2/m={width}"] = fit.r2
+    check.summary = (f"m={widest}: rho={f.rate:.3f} per round, r²={f.r2:.3f}; "
+                     f"m={narrowest}: rho={g.rate:.3f}, r²={g.r2:.3f}")
+    check.agrees = bool(f.rate < 1 and f.r2 >= 0.95)
+    return check
+
+
+def _width_cells(metrics: pd.DataFrame) -> pd.DataFrame:
+    return per_cell(_group(metrics, WIDTH_GROUP), {
+        "distance-from-init": "final", "relative-distance-from-init": "final", "activation-flips-init": "final",
+        "activation-flips-local": "mean", "relative-gradient-drift-mean": "mean", "effective-smoothness-mean": "mean",
+        "effective-smoothness-lr-mean": "mean",
+    })
+
+
+def check_distance(metrics: pd.DataFrame) -> Check:
+    """2. ‖W^R − W^0‖ falls with width with log-log slope near −1/2. Rule: slope in [−0.7, −0.3]."""
+    check = Check(2, "Distance from initialization falls with width, log-log slope near −1/2 (absolute distance).",
+                  rule="slope of log ‖W^R − W^0‖ vs log m in [−0.7, −0.3]")
+    cells = _width_cells(metrics)
+    if not len(cells):
+        return check
+    slope = _slope(cells, "width", "distance-from-init")
+    rel = _slope(cells, "width", "relative-distance-from-init")
+    check.measured = {"slope": slope, "slope-relative": rel}
+    check.summary = f"slope {slope:+.3f} (relative distance ‖W^R − W^0‖/‖W^0‖: {rel:+.3f})"
+    check.agrees = bool(-0.7 <= slope <= -0.3)
+    return check
+
+
+def check_flips(metrics: pd.DataFrame) -> Check:
+    """3. Activation flips fall with width. Rule: both flip slopes < −0.1."""
+    check = Check(3, "Activation flips fall with width.",
+                  rule="log-log slopes of flips (W^R vs W^0, and W_k vs W^{r+1}) vs m both < −0.1")
+    cells = _width_cells(metrics)
+    if not len(cells):
+        return check
+    init = _slope(cells, "width", "activation-flips-init")
+    local = _slope(cells, "width", "activation-flips-local")
+    check.measured = {"slope-init": init, "slope-local": local}
+    check.summary = f"flips vs W^0: slope {init:+.3f}; flips W_k vs W^{{r+1}}: slope {local:+.3f}"
+    check.agrees = bool(init < -0.1 and local < -0.1)
+    return check
+
+
+def check_drift_smoothness(metrics: pd.DataFrame) -> Check:
+    """4. Relative drift does not fall with m; smoothness grows ∝ m; η × smoothness stays bounded.
+
+    Rule: relative-drift slope > −0.15, smoothness slope in [0.7, 1.3], η·smoothness |slope| < 0.15.
+    The non-linear part of the drift (optional in THEORY.md) is not measured.
+    """
+    check = Check(4, "The raw relative drift is set by η̃τ, not width (does not fall with m); the effective "
+                     "smoothness grows with the kernel's scale (∝ m); times η it stays bounded. "
+                     "(The non-linear part of the drift, optional in THEORY.md, is not measured.)",
+                  rule="slopes vs m: relative drift > −0.15; smoothness in [0.7, 1.3]; η × smoothness within ±0.15")
+    cells = _width_cells(metrics)
+    if not len(cells):
+        return check
+    drift = _slope(cells, "width", "relative-gradient-drift-mean")
+    smooth = _slope(cells, "width", "effective-smoothness-mean")
+    smooth_lr = _slope(cells, "width", "effective-smoothness-lr-mean")
+    check.measured = {"slope-relative-drift": drift, "slope-smoothness": smooth, "slope-smoothness-lr": smooth_lr}
+    check.summary = (f"slopes: relative drift {drift:+.3f}, effective smoothness {smooth:+.3f}, "
+                     f"η × smoothness {smooth_lr:+.3f}")
+    check.agrees = bool(drift > -0.15 and 0.7 <= smooth <= 1.3 and abs(smooth_lr) < 0.15)
+    return check
+
+
+def check_local_steps(metrics: pd.DataFrame) -> Check:
+    """5. More τ: lower loss per round, less progress per local step, divergence and drift grow (sub-linearly).
+
+    Measured: final loss ratio (τ_max vs τ_min at the last round); loss after a
+    common budget of T = R·τ_min local steps, at τ_max vs τ_min; log-log slopes
+    vs τ of divergence and drift in round 1 (where every τ starts from the same
+    W^0; later rounds start from models that more τ has already trained further,
+    with smaller gradients); the slope of √divergence between the two largest τ
+    (sub-linear: < 1).
+    Rule: loss per round falls (ratio < 1), loss per step rises (ratio > 1),
+    divergence and drift slopes > 0.
+    """
+    check = Check(5, "More local steps τ buy lower loss per round but less progress per local step; "
+                     "divergence and drift grow with τ (sub-linearly at large τ).",
+                  rule="F_R(τ_max)/F_R(τ_min) < 1; F(T steps)(τ_max)/F(T steps)(τ_min) > 1; "
+                       "divergence and drift log-log slopes vs τ > 0")
+    data = with_loss_curve(_group(metrics, TAU_GROUP))
+    if not len(data):
+        return check
+    parts, verdicts = [], []
+    for lr, frame in data.groupby("learning-rate"):
+        measured, text, ok = _tau_tradeoff(frame)
+        check.measured.update({f"{k}/lr={lr:g}": v for k, v in measured.items()})
+        parts.append(f"η̃={lr:g}: {text}")
+        verdicts.append(ok)
+    check.summary = " | ".join(parts)
+    check.rule += " (at every learning rate of the sweep)"
+    check.agrees = bool(all(verdicts))
+    return check
+
+
+def _tau_tradeoff(data: pd.DataFrame) -> tuple[dict[str, float], str, bool]:
+    """Prediction 5's numbers at one learning rate (``data``: one τ sweep with ``train-objective``)."""
+    taus = sorted(int(t) for t in data["local-steps"].unique())
+    tmin, tmax = taus[0], taus[-1]
+    rounds = int(data["round"].max())
+    budget = rounds * tmin
+
+    def loss_at(tau: int, rnd: int) -> float:
+        frame = data[(data["local-steps"] == tau) & (data["round"] == rnd)]
+        return float(np.exp(np.log(frame["train-objective"]).mean()))
+
+    per_round = loss_at(tmax, rounds) / loss_at(tmin, rounds)
+    per_step = loss_at(tmax, budget // tmax) / loss_at(tmin, budget // tmin) if budget % tmax == 0 else math.nan
+    cells = per_cell(data, {"model-divergence": "first", "relative-gradient-drift-mean": "first",
+                            "gradient-drift-mean": "first"})
+    div = _slope(cells, "local-steps", "model-divergence")
+    drift = _slope(cells, "local-steps", "gradient-drift-mean")
+    rel = _slope(cells, "local-steps", "relative-gradient-drift-mean")
+    stats = seed_stats(cells, "local-steps", "model-divergence", log=True)
+    top = stats.tail(2)
+    tail = fit_loglog_slope(top["local-steps"], np.sqrt(top["center"])).slope if len(top) == 2 else math.nan
+    measured = {"loss-ratio-per-round": per_round, "loss-ratio-per-step": per_step, "budget-steps": budget,
+                "slope-divergence": div, "slope-drift": drift, "slope-relative-drift": rel,
+                "slope-distance-largest-tau": tail, "tau-min": tmin, "tau-max": tmax}
+    text = (f"F after {rounds} rounds τ={tmax}/τ={tmin} = {per_round:.3f}; F after {budget} local steps "
+            f"τ={tmax}/τ={tmin} = {per_step:.3f}; round-1 slopes vs τ: divergence {div:+.2f}, drift {drift:+.2f} "
+            f"(relative {rel:+.2f}); ‖W_k − W‖ slope between the two largest τ {tail:+.2f}")
+    return measured, text, bool(per_round < 1 and per_step > 1 and div > 0 and drift > 0)
+
+
+def check_central_gap(cells: pd.DataFrame) -> Check:
+    """6. Non-IID: ‖W_fed − W_central‖ shrinks with width (≈ m^-1/2); relative distance and loss gap need not.
+
+    Rule: absolute-distance slope < −0.25 (the side THEORY.md predicts firmly);
+    the relative distance's and the loss gap's slopes are reported as found.
+    """
+    check = Check(6, "Under a non-IID partition the parameter distance between FedAvg and centralized GD "
+                     "(same W^0, same total local steps) shrinks with width (Jian & Liu: O(m^-1/2)); relative to "
+                     "the distance moved it need not shrink, and the loss gap is set by η, τ and heterogeneity.",
+                  rule="slope of log ‖W_fed − W_central‖ vs log m < −0.25; the other two reported")
+    data = _group(cells, NONIID_GROUP)
+    if not len(data) or "central-distance" not in data:
+        return check
+    dist = _slope(data, "width", "central-distance")
+    rel = _slope(data, "width", "central-distance-relative")
+    gap = _slope(data, "width", "loss-gap")
+    widths = sorted(data["width"].unique())
+    gap_mean = data.groupby("width")["loss-gap"].mean()
+    ratio = float(gap_mean[widths[-1]] / gap_mean[widths[0]])
+    check.measured = {"slope-distance": dist, "slope-relative-distance": rel, "slope-loss-gap": gap,
+                      "loss-gap-ratio-widest-narrowest": ratio}
+    check.summary = (f"slopes vs m: ‖W_fed − W_c‖ {dist:+.3f}, relative {rel:+.3f}, loss gap {gap:+.3f} "
+                     f"(loss gap m={widths[-1]} / m={widths[0]} = {ratio:.2f})")
+    check.agrees = bool(dist < -0.25)
+    return check
+
+
+def check_all(metrics: pd.DataFrame, cells: pd.DataFrame) -> list[Check]:
+    """The six checks in order."""
+    return [
+        check_linear_convergence(metrics), check_distance(metrics), check_flips(metrics),
+        check_drift_smoothness(metrics), check_local_steps(metrics), check_central_gap(cells),
+    ]
+
+
+def checks_table(checks: list[Check]) -> pd.DataFrame:
+    """One row per prediction: number, measured summary, rule, verdict."""
+    return pd.DataFrame([{"prediction": c.number, "measured": c.summary, "rule": c.rule, "verdict": c.verdict}
+                         for c in checks])
+
+
+def checks_markdown(checks: list[Check]) -> str:
+    """A Markdown table of the checks (for the README / the closing note)."""
+    lines = ["| # | prediction | measured | agrees? |", "| --- | --- | --- | --- |"]
+    for c in checks:
+        lines.append(f"| {c.number} | {c.prediction} | {c.summary} | {c.verdict} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,518 @@
+"""Sweeps: a grid of run configurations, run one cell at a time, collected into tidy tables.
+
+A sweep file is TOML::
+
+    [sweep]                      # optional: how to run it
+    name = "theory-small"        # default: the file's stem
+    output-dir = "results/theory-small"   # default: results/<name>; relative to $FEDAVG_RELU_HOME or the cwd
+    engine = "in-process"        # or "simulation" (Flower's Ray engine)
+    threads = 1                  # torch intra-op threads while cells run (default 1)
+    central-baseline = ["non-iid"]   # centralized GD per cell of these groups (true: every cell; THEORY.md prediction 6)
+
+    [base]                       # run-config keys shared by every cell
+    dataset = "synthetic"
+    batch-size = "full"
+
+    [[grid]]                     # one or more grids; each adds the cartesian product of its lists
+    group = "width"              # a label for the cells of this grid (a column of the tables)
+    width = [64, 256, 1024]
+    seed = [0, 1]
+
+    [[grid]]
+    group = "tau"
+    local-steps = [1, 5, 20]
+
+A single ``[grid]`` table works too (group ``"main"``). Every cell is ``base``
+overlaid with one combination of its grid's values and validated as a
+:class:`~fedavg_relu.config.RunConfig`; problems of all cells are reported in
+one :class:`~fedavg_relu.config.ConfigError`. ``output-dir`` and ``run-name``
+are the sweep's to set: cell ``c`` runs in ``<output-dir>/runs/<cell-id>``.
+
+The cell id is a stable hash (the first 12 hex digits of SHA-256) of the
+canonical JSON of the keys the sweep file sets for that cell, after validation
+(so ``width = 64`` and ``width = 64.0`` are the same cell, and a run-config key
+added to the project later does not change old ids). A cell whose run folder
+holds a ``config.json`` with the same configuration and a ``metrics.jsonl``
+with ``num-server-rounds + 1`` rows is finished and skipped on a rerun; an
+unfinished folder is cleared and run again. A cell that appears in two grids
+runs once and is listed under both groups.
+
+Outputs, each written atomically (:func:`fedavg_relu.results.atomic_write_text`):
+
+``<output-dir>/metrics.csv``
+    the tidy per-round table: one row per (group, cell, round) with the
+    columns ``group``, ``cell-id``, every run-config key (``output-dir`` and
+    ``run-name`` left out), ``effective-learning-rate``, ``round`` and every
+    metric the run recorded. Configuration columns keep their names; a metric
+    named like a run-config key (``gradient-dissimilarity``, ``local-steps``)
+    becomes ``metric.<key>``.
+``<output-dir>/cells.csv``
+    one row per (group, cell): the configuration, the final round's metrics
+    and, with ``central-baseline``, the comparison with centralized GD
+    (:func:`fedavg_relu.centralized.compare_with_central`, cached per cell in
+    ``central.json``).
+
+Engines: ``in-process`` (default) runs each cell with
+:func:`fedavg_relu.simulation.run_in_process`: the project's real ServerApp
+logic, Flower strategy and ClientApp handlers over an in-process Flower Grid.
+``simulation`` uses :func:`fedavg_relu.simulation.simulate` (Flower's Ray
+simulation engine), which costs ~15-20 s of start-up per cell on 2 cores.
+
+This module does not import flwr (the engines do, when a cell runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+from .results import atomic_write_text, read_metrics
+
+ENGINES = ("in-process", "simulation")
+SWEEP_KEYS = ("name", "output-dir", "engine", "central-baseline", "threads")
+RESERVED_KEYS = ("output-dir", "run-name")  # set per cell by the sweep
+GROUP_KEY = "group"
+DEFAULT_GROUP = "main"
+METRICS_TABLE = "metrics.csv"
+CELLS_TABLE = "cells.csv"
+CENTRAL_FILE = "central.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of a sweep."""
+
+    cell_id: str  # stable hash of ``values``
+    groups: tuple[str, ...]  # the grids that produced it
+    values: dict[str, Any]  # the keys the sweep file sets for this cell (validated, kebab-case)
+    config: RunConfig  # the full run config, output-dir/run-name pointing at the cell's folder
+    varied: tuple[str, ...] = ()  # the keys its (first) grid varies
+
+    @property
+    def run_dir(self) -> Path:
+        """The cell's run folder."""
+        return Path(self.config.output_dir) / self.config.run_name
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A parsed sweep file."""
+
+    name: str
+    output_dir: Path  # absolute
+    engine: str
+    central_baseline: bool | tuple[str, ...]  # True/False, or the groups whose cells get the baseline
+    base: dict[str, Any]
+    grids: list[tuple[str, dict[str, list[Any]]]]  # (group, key -> values), in file order
+    threads: int = 1  # torch intra-op threads while cells run in this process
+
+    def cells(self) -> list[Cell]:
+        """The cells of every grid (see :func:`expand_grid`)."""
+        return expand_grid(self)
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` did."""
+
+    spec: SweepSpec
+    cells: list[Cell]
+    ran: list[str] = field(default_factory=list)  # cell ids run now
+    skipped: list[str] = field(default_factory=list)  # cell ids already finished
+    failed: dict[str, str] = field(default_factory=dict)  # cell id -> error
+    seconds: float = 0.0
+
+    @property
+    def metrics_path(self) -> Path:
+        """The tidy per-round table."""
+        return self.spec.output_dir / METRICS_TABLE
+
+    @property
+    def cells_path(self) -> Path:
+        """The per-cell table."""
+        return self.spec.output_dir / CELLS_TABLE
+
+
+# --- parsing ------------------------------------------------------------------
+def _base_dir() -> Path:
+    return Path(os.environ.get("FEDAVG_RELU_HOME", os.getcwd()))
+
+
+def parse_sweep(data: Mapping[str, Any], name: str = "sweep", output_dir: str | os.PathLike | None = None) -> SweepSpec:
+    """Validate a sweep mapping (the parsed TOML); raise :class:`ConfigError` listing every problem."""
+    problems: list[str] = []
+    for key in sorted(set(data) - {"sweep", "base", "grid"}):
+        problems.append(f"{key}: unknown table; expected [sweep], [base] and [grid] / [[grid]]")
+    sweep = dict(data.get("sweep", {}))
+    for key in sorted(set(sweep) - set(SWEEP_KEYS)):
+        problems.append(f"sweep.{key}={sweep[key]!r}: unknown key; expected one of {', '.join(SWEEP_KEYS)}")
+    name = str(sweep.get("name", name))
+    engine = sweep.get("engine", "in-process")
+    if engine not in ENGINES:
+        problems.append(f"sweep.engine={engine!r}: expected one of {ENGINES}")
+    central = sweep.get("central-baseline", False)
+    if isinstance(central, list) and all(isinstance(g, str) for g in central):
+        central = tuple(central)
+    elif not isinstance(central, bool):
+        problems.append(f"sweep.central-baseline={central!r}: expected true, false or a list of group names")
+    threads = sweep.get("threads", 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        problems.append(f"sweep.threads={threads!r}: expected an integer >= 1")
+    base = dict(data.get("base", {}))
+    raw_grids = data.get("grid", [])
+    if isinstance(raw_grids, Mapping):
+        raw_grids = [raw_grids]
+    grids: list[tuple[str, dict[str, list[Any]]]] = []
+    for i, grid in enumerate(raw_grids):
+        grid = dict(grid)
+        group = str(grid.pop(GROUP_KEY, DEFAULT_GROUP if len(raw_grids) == 1 else f"grid{i}"))
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                problems.append(f"grid[{group}].{key}={values!r}: expected a non-empty list of values")
+        grids.append((group, {k: v for k, v in grid.items() if isinstance(v, list) and v}))
+    if not grids:
+        grids = [(DEFAULT_GROUP, {})]
+    for where, keys in [("base", base)] + [(f"grid[{g}]", k) for g, k in grids]:
+        for key in RESERVED_KEYS:
+            if key in keys:
+                problems.append(f"{where}.{key}: set by the sweep (use sweep.output-dir); remove it")
+    if problems:
+        raise ConfigError(problems)
+    out = Path(output_dir if output_dir is not None else sweep.get("output-dir", f"results/{name}")).expanduser()
+    if not out.is_absolute():
+        out = _base_dir() / out
+    return SweepSpec(name, out.resolve(), engine, central, base, grids, threads)
+
+
+def load_sweep(path: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> SweepSpec:
+    """Read and validate a sweep TOML file (``output_dir`` overrides ``sweep.output-dir``)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError([f"{path}: not valid TOML: {err}"]) from err
+    return parse_sweep(data, name=path.stem, output_dir=output_dir)
+
+
+# --- cells --------------------------------------------------------------------
+def cell_id(values: Mapping[str, Any]) -> str:
+    """First 12 hex digits of SHA-256 of the canonical JSON (sorted keys) of ``values``."""
+    text = json.dumps(dict(values), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def expand_grid(spec: SweepSpec) -> list[Cell]:
+    """Every cell: ``base`` overlaid with each combination of each grid's lists, validated.
+
+    Order: grids in file order, then the cartesian product with the last key
+    varying fastest. A configuration produced by several grids is one cell
+    (first position kept) that lists every group.
+    """
+    problems: list[str] = []
+    cells: dict[str, Cell] = {}
+    runs_dir = spec.output_dir / "runs"
+    for group, grid in spec.grids:
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            mapping = {**spec.base, **dict(zip(keys, combo, strict=True))}
+            try:
+                cfg = RunConfig.from_mapping(mapping)
+            except ConfigError as err:
+                where = ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo, strict=True)) or "base"
+                problems.extend(f"[{group}: {where}] {p}" for p in err.problems)
+                continue
+            full = cfg.to_mapping()
+            values = {k: full[k] for k in sorted(mapping)}
+            cid = cell_id(values)
+            if cid in cells:
+                old = cells[cid]
+                if group not in old.groups:
+                    cells[cid] = dataclasses.replace(old, groups=old.groups + (group,))
+                continue
+            cfg = dataclasses.replace(cfg, output_dir=str(runs_dir), run_name=cid)
+            cells[cid] = Cell(cid, (group,), values, cfg, tuple(keys))
+    if problems:
+        raise ConfigError(problems)
+    return list(cells.values())
+
+
+def _same_config(saved: Mapping[str, Any], cfg: RunConfig) -> bool:
+    """True when ``saved`` agrees with ``cfg`` on every key both know (output-dir/run-name aside)."""
+    current = cfg.to_mapping()
+    for key in set(saved) & set(current) - set(RESERVED_KEYS):
+        a, b = saved[key], current[key]
+        if isinstance(a, float) or isinstance(b, float):
+            if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+def is_complete(cell: Cell) -> bool:
+    """True when the cell's folder holds a finished run of exactly this configuration."""
+    run_dir = cell.run_dir
+    try:
+        with open(run_dir / "config.json", encoding="utf-8") as fh:
+            saved = json.load(fh)["config"]
+        rows = read_metrics(run_dir)
+    except (OSError, ValueError, KeyError):
+        return False
+    if not _same_config(saved, cell.config):
+        return False
+    if cell.config.save_model and not (run_dir / "model.pt").exists():
+        return False
+    return len(rows) == cell.config.num_server_rounds + 1
+
+
+def run_cell(cell: Cell, engine: str = "in-process") -> Path:
+    """Run one cell from scratch with ``engine``; return its run folder."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: expected one of {ENGINES}")
+    if cell.run_dir.exists():
+        shutil.rmtree(cell.run_dir)  # an unfinished or different run: start over
+    if engine == "simulation":
+        from .simulation import simulate
+
+        return Path(simulate(cell.config))
+    from .simulation import run_in_process
+
+    return Path(run_in_process(cell.config))
+
+
+def central_comparison(cell: Cell) -> dict[str, float]:
+    """The cell's comparison with centralized GD, computed once and cached in ``central.json``."""
+    path = cell.run_dir / CENTRAL_FILE
+    if path.exists():
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    from .centralized import compare_with_central
+
+    values = compare_with_central(cell.run_dir)
+    atomic_write_text(path, json.dumps({k: (None if not math.isfinite(v) else v) for k, v in values.items()}, indent=1) + "\n")
+    return values
+
+
+def wants_central(spec: SweepSpec, cell: Cell) -> bool:
+    """Whether the sweep asks for the centralized baseline of this cell (it needs save-model=true)."""
+    wanted = spec.central_baseline
+    if isinstance(wanted, tuple):
+        wanted = any(g in wanted for g in cell.groups)
+    return bool(wanted) and cell.config.save_model
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Set torch's intra-op thread count for the block, then restore it."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextmanager
+def _quiet_flower(quiet: bool) -> Iterator[None]:
+    """Raise the ``flwr`` logger to ERROR while cells run (their per-round lines would break the bar)."""
+    if quiet:
+        import flwr.common.logger  # noqa: F401  (configures the logger on import: do that first)
+    logger = logging.getLogger("flwr")
+    old = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def run_sweep(
+    spec: SweepSpec,
+    engine: str | None = None,
+    progress: bool = True,
+    quiet: bool = True,
+    max_cells: int | None = None,
+    threads: int | None = None,
+) -> SweepResult:
+    """Run every unfinished cell, then write the tables.
+
+    Parameters
+    ----------
+    spec
+        The sweep (:func:`load_sweep`).
+    engine
+        ``in-process`` or ``simulation``; default the sweep file's.
+    progress
+        Show a tqdm progress bar (on stderr).
+    quiet
+        Silence Flower's per-round log lines while cells run.
+    max_cells
+        Run at most this many unfinished cells (the rest stay for a rerun).
+    threads
+        torch intra-op threads while the cells run (default: the sweep file's,
+        1 unless set). One thread is the fastest for the small models of a
+        sweep, above all on a machine shared with other work, where torch's
+        default (one per core) loses most of its time waiting between threads.
+
+    A failing cell is recorded in ``failed`` and the sweep goes on; the tables
+    hold the finished cells.
+    """
+    from tqdm import tqdm
+
+    engine = engine or spec.engine
+    if engine not in ENGINES:
+        raise ConfigError([f"engine={engine!r}: expected one of {ENGINES}"])
+    cells = spec.cells()
+    result = SweepResult(spec, cells)
+    t0 = time.perf_counter()
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(cells), desc=spec.name, unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    with bar, _quiet_flower(quiet), _torch_threads(threads or spec.threads):
+        for cell in cells:
+            bar.set_postfix_str(describe(cell), refresh=True)
+            if is_complete(cell):
+                result.skipped.append(cell.cell_id)
+            elif max_cells is not None and len(result.ran) >= max_cells:
+                bar.update(1)
+                continue
+            else:
+                try:
+                    run_cell(cell, engine)
+                    result.ran.append(cell.cell_id)
+                except Exception as err:  # one bad cell must not end the sweep
+                    result.failed[cell.cell_id] = f"{type(err).__name__}: {err}"
+                    bar.write(f"sweep {spec.name}: cell {cell.cell_id} ({describe(cell)}) failed: {err}")
+                    bar.update(1)
+                    continue
+            if wants_central(spec, cell):
+                try:
+                    central_comparison(cell)
+                except Exception as err:
+                    result.failed[cell.cell_id] = f"central baseline: {type(err).__name__}: {err}"
+                    bar.write(f"sweep {spec.name}: centralized baseline of cell {cell.cell_id} failed: {err}")
+            bar.update(1)
+    write_tables(spec, cells)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def describe(cell: Cell) -> str:
+    """``group cell-id: key=value ...`` of the keys the cell's grid varies."""
+    return f"{'/'.join(cell.groups)} {cell.cell_id}: " + " ".join(f"{k}={cell.values[k]}" for k in cell.varied)
+
+
+# --- tables -------------------------------------------------------------------
+def config_columns(cfg: RunConfig) -> dict[str, Any]:
+    """The run-config columns of a cell's rows (``output-dir`` and ``run-name`` left out)."""
+    return {k: v for k, v in cfg.to_mapping().items() if k not in RESERVED_KEYS}
+
+
+def collect_rows(spec: SweepSpec, cells: Sequence[Cell]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of the per-round and the per-cell tables, for the finished cells."""
+    metric_rows: list[dict[str, Any]] = []
+    cell_rows: list[dict[str, Any]] = []
+    for cell in cells:
+        if not is_complete(cell):
+            continue
+        with open(cell.run_dir / "config.json", encoding="utf-8") as fh:
+            derived = json.load(fh).get("derived", {})
+        rows = read_metrics(cell.run_dir)
+        central: dict[str, Any] = {}
+        if wants_central(spec, cell) and (cell.run_dir / CENTRAL_FILE).exists():
+            with open(cell.run_dir / CENTRAL_FILE, encoding="utf-8") as fh:
+                central = json.load(fh)
+        config = config_columns(cell.config)
+        for group in cell.groups:
+            head = {"group": group, "cell-id": cell.cell_id, **config,
+                    "effective-learning-rate": derived.get("effective-learning-rate")}
+            clash = set(head) & {k for r in rows for k in r}  # e.g. gradient-dissimilarity, local-steps
+            rows = [{(f"metric.{k}" if k in clash else k): v for k, v in r.items()} for r in rows]
+            for row in rows:
+                metric_rows.append({**head, **row})
+            final = dict(rows[-1])
+            cell_rows.append({**head, "run-dir": os.path.relpath(cell.run_dir, spec.output_dir), **final, **central})
+    return metric_rows, cell_rows
+
+
+def write_tables(spec: SweepSpec, cells: Sequence[Cell] | None = None) -> tuple[Path, Path]:
+    """Write ``metrics.csv`` and ``cells.csv`` of the finished cells atomically; return their paths."""
+    from .results import rows_to_csv
+
+    metric_rows, cell_rows = collect_rows(spec, cells if cells is not None else spec.cells())
+    metrics_path, cells_path = spec.output_dir / METRICS_TABLE, spec.output_dir / CELLS_TABLE
+    atomic_write_text(metrics_path, rows_to_csv(metric_rows) if metric_rows else "")
+    atomic_write_text(cells_path, rows_to_csv(cell_rows) if cell_rows else "")
+    return metrics_path, cells_path
+
+
+def read_tables(output_dir: str | os.PathLike):
+    """``(metrics, cells)`` pandas DataFrames of a sweep's output folder."""
+    import pandas as pd
+
+    out = Path(output_dir)
+    return pd.read_csv(out / METRICS_TABLE), pd.read_csv(out / CELLS_TABLE)
+
+
+# --- command line ---------------------------------------------------------------
+def add_sweep_command(subparsers) -> None:
+    """Add ``fedavg-relu sweep CONFIG`` to the CLI's subparsers."""
+    p = subparsers.add_parser("sweep", help="run a grid of configurations (resumable) and collect tidy tables")
+    p.add_argument("config", help="sweep TOML file ([sweep], [base], [[grid]])")
+    p.add_argument("--engine", choices=ENGINES, help="in-process (default) or simulation (Flower's Ray engine)")
+    p.add_argument("--output-dir", help="override sweep.output-dir")
+    p.add_argument("--dry-run", action="store_true", help="list the cells (and whether each is finished) and exit")
+    p.add_argument("--max-cells", type=int, help="run at most this many unfinished cells")
+    p.add_argument("--threads", type=int, help="torch threads while cells run (default: sweep.threads, 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="keep Flower's per-round log lines")
+    p.add_argument("--figures", metavar="DIR", help="afterwards draw the theory figures into DIR (PNG and PDF)")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args) -> int:
+    try:
+        spec = load_sweep(args.config, args.output_dir)
+        cells = spec.cells()
+    except (ConfigError, OSError) as err:
+        print(f"fedavg-relu sweep: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for cell in cells:
+            print(f"{'done' if is_complete(cell) else 'todo'}  {describe(cell)}")
+        print(f"{len(cells)} cells; outputs in {spec.output_dir}")
+        return 0
+    result = run_sweep(spec, engine=args.engine, progress=not args.no_progress, quiet=not args.verbose,
+                       max_cells=args.max_cells, threads=args.threads)
+    print(
+        f"fedavg-relu sweep {spec.name}: {len(result.ran)} ran, {len(result.skipped)} already finished, "
+        f"{len(result.failed)} failed, {len(cells) - len(result.ran) - len(result.skipped) - len(result.failed)} left "
+        f"in {result.seconds:.1f}s; tables {result.metrics_path} and {result.cells_path}"
+    )
+    for cid, err in result.failed.items():
+        print(f"  failed {cid}: {err}", file=sys.stderr)
+    if args.figures:
+        from .plots import theory_figures
+
+        metrics, cells_table = read_tables(spec.output_dir)
+        paths = theory_figures(metrics, cells_table, args.figures)
+        print(f"figures: {', '.join(str(p) for p in paths)}")
+    return 1 if result.failed else 0
