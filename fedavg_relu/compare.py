@@ -230,6 +230,11 @@ def write_comparison(spec: SweepSpec, target: float) -> Path:
 
     metrics, _ = read_tables(spec.output_dir)
     summary = summarize(metrics, target)
+    order = {name: i for i, name in enumerate(spec.grids[0][1].get("strategy", []))}
+    groups = {g: i for i, (g, _) in enumerate(spec.grids)}
+    summary = summary.sort_values(
+        by=["partition", "strategy"], key=lambda col: col.map(groups if col.name == "partition" else order)
+    ).reset_index(drop=True)
     atomic_write_text(spec.output_dir / "comparison.csv", summary.to_csv(index=False))
     parts = []
     for group, _ in spec.grids:
