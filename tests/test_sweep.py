@@ -1,0 +1,203 @@
+"""Tests of fedavg_relu.sweep: grid expansion, stable cell ids, resuming, the tidy tables and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pandas as pd
+import pytest
+
+from fedavg_relu.cli import main
+from fedavg_relu.config import ConfigError, RunConfig
+from fedavg_relu.sweep import (
+    cell_id,
+    expand_grid,
+    is_complete,
+    load_sweep,
+    parse_sweep,
+    read_tables,
+    run_sweep,
+)
+
+TINY_BASE = {
+    "dataset": "synthetic", "synthetic-num-examples": 40, "synthetic-input-dim": 6, "synthetic-num-classes": 3,
+    "num-partitions": 2, "batch-size": "full", "local-steps": 2, "num-server-rounds": 2, "width": 16,
+}
+
+
+def _tiny(tmp_path, **sweep) -> dict:
+    return {"sweep": {"output-dir": str(tmp_path / "sweep"), **sweep}, "base": dict(TINY_BASE),
+            "grid": {"seed": [0, 1]}}
+
+
+def test_grid_is_the_cartesian_product_in_file_order(tmp_path):
+    """width x seed = 2 x 3 = 6 cells, the last key varying fastest; base keys in every cell."""
+    spec = parse_sweep({"base": {"dataset": "synthetic"}, "grid": {"width": [32, 64], "seed": [0, 1, 2]}},
+                       output_dir=tmp_path)
+    cells = expand_grid(spec)
+    assert [(c.config.width, c.config.seed) for c in cells] == [(32, 0), (32, 1), (32, 2), (64, 0), (64, 1), (64, 2)]
+    assert all(c.config.dataset == "synthetic" and c.groups == ("main",) for c in cells)
+    assert all(c.run_dir == tmp_path.resolve() / "runs" / c.cell_id for c in cells)
+    assert cells[0].varied == ("width", "seed")
+
+
+def test_several_grids_add_up_and_shared_cells_run_once(tmp_path):
+    """Grid a: width {32, 64}; grid b: width 64 x tau {1, 5}: 2 + 2 = 4 combinations, 3 cells (width 64, tau 5 is the base)."""
+    data = {"base": {"local-steps": 5}, "grid": [{"group": "a", "width": [32, 64]},
+                                                 {"group": "b", "width": [64], "local-steps": [1, 5]}]}
+    cells = expand_grid(parse_sweep(data, output_dir=tmp_path))
+    assert len(cells) == 3
+    shared = [c for c in cells if c.config.width == 64 and c.config.local_steps == 5]
+    assert len(shared) == 1 and shared[0].groups == ("a", "b")
+
+
+def test_cell_id_is_a_stable_hash_of_the_set_keys():
+    """sha256 of '{"seed":0,"width":64}' starts 1cec23ad3c80, whatever the key order."""
+    assert cell_id({"width": 64, "seed": 0}) == "1cec23ad3c80"
+    assert cell_id({"seed": 0, "width": 64}) == "1cec23ad3c80"
+    assert cell_id({"seed": 1, "width": 64}) != "1cec23ad3c80"
+
+
+def test_cell_id_uses_validated_values(tmp_path):
+    """width = 64 and width = 64.0 validate to the same int, so they are the same cell (same id)."""
+    a = expand_grid(parse_sweep({"grid": {"width": [64]}}, output_dir=tmp_path))[0]
+    b = expand_grid(parse_sweep({"grid": {"width": [64.0]}}, output_dir=tmp_path))[0]
+    assert a.cell_id == b.cell_id == cell_id({"width": 64})
+
+
+def test_bad_sweep_files_list_every_problem(tmp_path):
+    """Unknown table, unknown [sweep] key, bad engine, reserved key and an empty grid list: five problems in one error."""
+    data = {"extra": {}, "sweep": {"engine": "ray", "colour": 1}, "base": {"run-name": "x"}, "grid": {"width": []}}
+    with pytest.raises(ConfigError, match="5 problem") as err:
+        parse_sweep(data, output_dir=tmp_path)
+    text = str(err.value)
+    for needle in ("extra: unknown table", "sweep.colour", "sweep.engine='ray'", "base.run-name: set by the sweep",
+                   "grid[main].width=[]"):
+        assert needle in text
+
+
+def test_invalid_cells_are_reported_with_their_values(tmp_path):
+    """width = 0 and width = -1 are out of range: one error naming both cells."""
+    spec = parse_sweep({"grid": {"width": [0, 8, -1]}}, output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="2 problem") as err:
+        expand_grid(spec)
+    assert "[main: width=0] width=0: expected an integer >= 1" in str(err.value)
+    assert "[main: width=-1]" in str(err.value)
+
+
+def test_load_sweep_reads_toml_and_resolves_relative_output(tmp_path, monkeypatch):
+    """A relative sweep.output-dir resolves under $FEDAVG_RELU_HOME; the name defaults to the file's stem."""
+    monkeypatch.setenv("FEDAVG_RELU_HOME", str(tmp_path))
+    path = tmp_path / "mine.toml"
+    path.write_text('[sweep]\noutput-dir = "out/x"\ncentral-baseline = ["b"]\n[base]\nwidth = 8\n[grid]\nseed = [0]\n')
+    spec = load_sweep(path)
+    assert spec.name == "mine"
+    assert spec.output_dir == (tmp_path / "out" / "x").resolve()
+    assert spec.central_baseline == ("b",)
+    assert spec.cells()[0].config.width == 8
+    path.write_text("[grid\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_sweep(path)
+
+
+def test_run_resume_and_tables(tmp_path):
+    """Two tiny cells (width 16, 2 rounds) run; a rerun runs nothing; a truncated cell is rerun alone.
+
+    Tables: metrics.csv has 2 cells x 3 rounds (0..2) = 6 rows with the configuration columns, the
+    metric named like a config key renamed metric.gradient-dissimilarity; cells.csv has 2 rows with the
+    central comparison (central-steps = R * tau = 4).
+    """
+    spec = parse_sweep(_tiny(tmp_path, **{"central-baseline": True}))
+    first = run_sweep(spec, progress=False)
+    assert len(first.ran) == 2 and not first.skipped and not first.failed
+    cells = spec.cells()
+    assert all(is_complete(c) for c in cells)
+    stamps = {c.cell_id: os.stat(c.run_dir / "metrics.jsonl").st_mtime_ns for c in cells}
+    time.sleep(0.01)
+    second = run_sweep(spec, progress=False)
+    assert second.ran == [] and sorted(second.skipped) == sorted(stamps)
+    assert {c.cell_id: os.stat(c.run_dir / "metrics.jsonl").st_mtime_ns for c in cells} == stamps
+
+    metrics, cell_table = read_tables(spec.output_dir)
+    assert len(metrics) == 6 and sorted(metrics["round"].unique()) == [0, 1, 2]
+    config_keys = set(RunConfig().to_mapping()) - {"output-dir", "run-name"}
+    assert config_keys <= set(metrics.columns)
+    assert {"group", "cell-id", "effective-learning-rate", "global-loss", "gradient-drift-mean"} <= set(metrics.columns)
+    assert "metric.gradient-dissimilarity" in metrics.columns
+    assert sorted(metrics["seed"].unique()) == [0, 1] and set(metrics["width"]) == {16}
+    assert metrics["effective-learning-rate"].iloc[0] == pytest.approx(1.0 * 6 / 16)
+    assert len(cell_table) == 2 and set(cell_table["central-steps"]) == {4}
+    assert (cell_table["central-distance"] > 0).all()
+
+    broken = cells[1]
+    lines = (broken.run_dir / "metrics.jsonl").read_text().splitlines()
+    (broken.run_dir / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")  # as if stopped after round 1
+    assert not is_complete(broken)
+    third = run_sweep(spec, progress=False)
+    assert third.ran == [broken.cell_id] and third.skipped == [cells[0].cell_id]
+
+
+def test_changed_configuration_is_not_taken_for_finished(tmp_path):
+    """A finished folder whose config.json says width 32 is not this width-16 cell: it is rerun."""
+    spec = parse_sweep(_tiny(tmp_path))
+    run_sweep(spec, progress=False, max_cells=1)
+    cell = spec.cells()[0]
+    path = cell.run_dir / "config.json"
+    saved = json.loads(path.read_text())
+    saved["config"]["width"] = 32
+    path.write_text(json.dumps(saved))
+    assert not is_complete(cell)
+
+
+def test_max_cells_leaves_the_rest_for_later(tmp_path):
+    """max_cells=1 of 2: one runs, the tables hold that cell only (3 rounds)."""
+    spec = parse_sweep(_tiny(tmp_path))
+    result = run_sweep(spec, progress=False, max_cells=1)
+    assert len(result.ran) == 1
+    metrics, cells = read_tables(spec.output_dir)
+    assert len(metrics) == 3 and len(cells) == 1
+
+
+def test_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """The engine raises for seed 1 (injected): that cell is recorded as failed, seed 0 still finishes."""
+    import fedavg_relu.simulation as simulation
+
+    real = simulation.run_in_process
+
+    def flaky(cfg, *args, **kwargs):
+        if cfg.seed == 1:
+            raise RuntimeError("injected engine failure")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(simulation, "run_in_process", flaky)
+    spec = parse_sweep(_tiny(tmp_path))
+    result = run_sweep(spec, progress=False)
+    assert len(result.ran) == 1 and len(result.failed) == 1
+    assert "injected engine failure" in next(iter(result.failed.values()))
+    metrics = pd.read_csv(result.metrics_path)
+    assert set(metrics["seed"]) == {0}
+
+
+def test_cli_sweep_dry_run_and_run(tmp_path, capsys, monkeypatch):
+    """`fedavg-relu sweep F --dry-run` lists 2 todo cells; a run then reports '2 ran'; a second dry run lists them done."""
+    monkeypatch.setenv("FEDAVG_RELU_HOME", str(tmp_path))
+    path = tmp_path / "s.toml"
+    base = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY_BASE.items())
+    path.write_text(f'[sweep]\noutput-dir = "out"\n[base]\n{base}\n[grid]\nseed = [0, 1]\n')
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("todo") == 2 and "2 cells" in out
+    assert main(["sweep", str(path), "--no-progress"]) == 0
+    assert "2 ran, 0 already finished, 0 failed" in capsys.readouterr().out
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("done") == 2
+
+
+def test_cli_sweep_reports_config_errors(tmp_path, capsys):
+    """A sweep file with an unknown run-config key exits 2 and names the key."""
+    path = tmp_path / "bad.toml"
+    path.write_text('[base]\nwidht = 8\n')
+    assert main(["sweep", str(path), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "widht=8: unknown key" in capsys.readouterr().err
