@@ -231,6 +231,14 @@ def _band(ax, stats: pd.DataFrame, x: str, label: str, color=None, marker: str =
         ax.fill_between(stats[x], stats["low"], stats["high"], alpha=0.2, color=line.get_color(), linewidth=0)
 
 
+def _at_least_a_decade(ax) -> None:
+    """Widen a log y-axis to span at least a factor 10, so that a flat curve looks flat."""
+    low, high = ax.get_ylim()
+    if low > 0 and high / low < 10:
+        center = math.sqrt(low * high)
+        ax.set_ylim(center / math.sqrt(10), center * math.sqrt(10))
+
+
 def _title(fig: Figure, what: str, table: pd.DataFrame, vary: Sequence[str] = ()) -> None:
     chars = int(fig.get_figwidth() * 14)  # ~14 characters per inch at 8.5 pt
     fig.suptitle(f"{what}\n{config_caption(table, vary, width=chars)}", fontsize=8.5)
@@ -296,6 +304,7 @@ def plot_scaling(
             ax.set_xscale("log", base=2)
         if logy:
             ax.set_yscale("log")
+            _at_least_a_decade(ax)
         ax.set_xlabel(x)
         ax.set_ylabel(labels.get(y, y) if ax_per_y else (ylabel or ""))
         ax.grid(alpha=0.3, which="both")
@@ -349,12 +358,12 @@ def plot_tau_tradeoff(metrics: pd.DataFrame, title: str = "Local steps τ: commu
 
 
 def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("png", "pdf"), dpi: int = 110) -> list[Path]:
-    """Save ``fig`` as ``path`` with each suffix in ``formats``; return the files."""
+    """Save ``fig`` as ``path.<format>`` for each of ``formats``; return the files."""
     stem = Path(path)
     stem.parent.mkdir(parents=True, exist_ok=True)
     out = []
     for fmt in formats:
-        target = stem.with_suffix(f".{fmt}")
+        target = stem.parent / f"{stem.name}.{fmt}"  # not with_suffix: names may hold dots (fig5_..._lr0.1)
         fig.savefig(target, dpi=dpi)
         out.append(target)
     return out
