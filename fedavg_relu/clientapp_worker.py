@@ -32,6 +32,7 @@ one; third-party modules (torch, numpy, flwr) stay loaded.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -57,7 +58,7 @@ from flwr.supercore.interceptors import (
     SuperExecAuthHttpInterceptor,
 )
 from flwr.supercore.object_ref import load_app
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
@@ -175,7 +176,7 @@ class ClientAppWorker:
                 RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                 RuntimeTokenHttpInterceptor(token),
             ],
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=_task_retry_invoker(),
         )
         heartbeat = HeartbeatSender(_heartbeat_fn(client))
         message = context = reply = None
@@ -203,7 +204,10 @@ class ClientAppWorker:
             except Exception as ex:  # pylint: disable=broad-exception-caught
                 log(ERROR, "ClientApp worker: failed to push the reply", exc_info=ex)
                 sub_status, details = SubStatus.FAILED, f"failed to push reply: {ex}"
-            push_task_output(client, context, sub_status, details)
+            try:
+                push_task_output(client, context, sub_status, details)
+            except Exception as ex:  # pylint: disable=broad-exception-caught
+                log(ERROR, "ClientApp worker: failed to push the task output: %s", ex)
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
@@ -237,6 +241,27 @@ class ClientAppWorker:
         log(INFO, "ClientApp worker: loaded %s (%s %s, FAB %s) from %s", ref, fab_id, fab_version, fab_hash[:8], app_dir)
         self._app, self._app_hash, self._app_dir = client_app, fab_hash, app_dir
         return client_app
+
+
+def _task_retry_invoker() -> RetryInvoker:
+    """Retries for one task's calls: transport errors and 502/503/504 for up to a minute.
+
+    Flower's ``make_simple_http_retry_invoker`` retries forever and SIGINTs its own process
+    on a 401 (fine for a one-shot ``flwr-clientapp``); a long-running worker must instead
+    give up on the task and serve the next one.
+    """
+    def giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError):
+            return exc.response.status_code not in (502, 503, 504)
+        return False
+
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(max_delay=10),
+        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+        max_tries=None,
+        max_time=60.0,
+        should_giveup=giveup,
+    )
 
 
 def _heartbeat_fn(client: RuntimeHttpClient):
@@ -284,7 +309,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="the file given to the SuperNode's --superexec-auth-secret-file")
     parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds between polls (default 0.1)")
     parser.add_argument("--max-tasks", type=int, default=None, help="exit after this many tasks (tests)")
+    parser.add_argument("--preload", action="append", default=[], metavar="MODULE",
+                        help="import MODULE before the first task (e.g. torch), so round 1 does not wait for it")
     args = parser.parse_args(argv)
+    for module in args.preload:
+        t0 = time.perf_counter()
+        importlib.import_module(module)
+        log(INFO, "ClientApp worker: preloaded %s in %.1fs", module, time.perf_counter() - t0)
     secret = Path(args.superexec_auth_secret_file).read_bytes() if args.superexec_auth_secret_file else None
     worker = ClientAppWorker(
         args.runtime_api_address,

@@ -336,7 +336,8 @@ class Deployment:
             with open(node.worker_log_path, "wb") as out:
                 node.worker = subprocess.Popen(
                     [sys.executable, "-m", "fedavg_relu.clientapp_worker",
-                     "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure", *secret_args],
+                     "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure", *secret_args,
+                     "--preload", "torch"],
                     env=self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )
         self.supernodes.append(node)
