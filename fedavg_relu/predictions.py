@@ -69,6 +69,9 @@ def check_linear_convergence(metrics: pd.DataFrame) -> Check:
     """1. log F(W^r) is close to a straight line in r for wide networks.
 
     Fit ``log F`` (seed-mean of log) over rounds 1..R per width; rho = exp(slope).
+    Also the widest width's per-round ratio over the first and the last third of
+    the rounds (``rho-early`` = (F(1 + k)/F(1))^(1/k), ``rho-late`` =
+    (F(R)/F(R - k))^(1/k), k = R // 3): equal for an exactly straight line.
     Rule: at the widest width rho < 1 and r2 >= 0.95.
     """
     check = Check(1, "For wide networks the global loss decays linearly: log F(W^r) is close to a straight line in r.",
@@ -82,12 +85,17 @@ def check_linear_convergence(metrics: pd.DataFrame) -> Check:
         fits[int(width)] = fit_linear_rate(stats["round"], stats["center"])
     widest, narrowest = max(fits), min(fits)
     f, g = fits[widest], fits[narrowest]
+    curve = seed_stats(data[data["width"] == widest], "round", "train-objective", log=True).set_index("round")["center"]
+    last, k = int(curve.index.max()), max(1, int(curve.index.max()) // 3)
+    early = (curve[1 + k] / curve[1]) ** (1 / k) if 1 + k in curve.index else math.nan
+    late = (curve[last] / curve[last - k]) ** (1 / k) if last - k >= 1 else math.nan
     check.measured = {"rho-widest": f.rate, "r2-widest": f.r2, "rho-narrowest": g.rate, "r2-narrowest": g.r2,
-                      "width-widest": widest, "width-narrowest": narrowest}
+                      "width-widest": widest, "width-narrowest": narrowest, "rho-early": early, "rho-late": late}
     for width, fit in fits.items():
         check.measured[f"rho/m={width}"] = fit.rate
         check.measured[f"r2/m={width}"] = fit.r2
-    check.summary = (f"m={widest}: rho={f.rate:.3f} per round, r²={f.r2:.3f}; "
+    check.summary = (f"m={widest}: rho={f.rate:.3f} per round, r²={f.r2:.3f} (per-round ratio {early:.3f} over "
+                     f"rounds 1-{1 + k}, {late:.3f} over rounds {last - k}-{last}); "
                      f"m={narrowest}: rho={g.rate:.3f}, r²={g.r2:.3f}")
     check.agrees = bool(f.rate < 1 and f.r2 >= 0.95)
     return check

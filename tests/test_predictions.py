@@ -20,12 +20,14 @@ from fedavg_relu.predictions import (
 
 
 def test_linear_convergence_rate_and_fit():
-    """F = 0.8^r at every width: rho = 0.8 with r2 = 1 at the widest (1024) and narrowest (64) width: agrees."""
+    """F = 0.8^r at every width: rho = 0.8 with r2 = 1 at the widest (1024) and narrowest (64) width, early = late = 0.8."""
     metrics, _ = theory_tables()
     check = check_linear_convergence(metrics)
     assert check.measured["rho-widest"] == pytest.approx(0.8)
     assert check.measured["r2-widest"] == pytest.approx(1.0)
     assert check.measured["width-widest"] == 1024 and check.measured["width-narrowest"] == 64
+    assert check.measured["rho-early"] == pytest.approx(0.8)  # (F(2)/F(1))^(1/1), k = 4 // 3 = 1
+    assert check.measured["rho-late"] == pytest.approx(0.8)  # (F(4)/F(3))^(1/1)
     assert check.agrees is True
 
 
