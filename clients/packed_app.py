@@ -48,11 +48,12 @@ def packed_train(msg: Message, context: Context) -> Message:
     measured = context.state.get(MEASURED_KEY)
     if measured is not None and "measured-round" in config and int(measured["server-round"]) == int(config["measured-round"]):
         known = dict(zip((int(k) for k in measured["clients"]), (float(v) for v in measured["loss"]), strict=True))
+    keep = bool(config.get("keep-local-model", True))
     cohort = train_cohort(
         cfg, ids, server_round, arrays_to_params(msg.content["arrays"]), settings_from(config, cfg),
-        known, cfg.lockstep_steps(),
+        known, cfg.lockstep_steps(), keep_local=keep,
     )
-    if bool(config.get("keep-local-model", True)):
+    if keep:
         context.state[COHORT_PARAMS_KEY] = params_to_arrays(cohort.local_params)
         context.state[COHORT_KEY] = ConfigRecord(
             {"server-round": server_round, "clients": ids, "loss-before": [float(v) for v in cohort.loss_before]}

@@ -235,11 +235,15 @@ class CohortRound:
     train_loss: np.ndarray  # (K,) mean minibatch loss over the tau steps
     loss_before: np.ndarray  # (K,) f_k(W^r)
     num_steps: np.ndarray  # (K,) tau_k
-    local_params: dict[str, np.ndarray]  # name -> (K, *shape) float32: W_k stacked
+    weighted_sum: dict[str, np.ndarray]  # name -> sum_k n_k W_k, float64
+    local_params: dict[str, np.ndarray] | None = None  # name -> (K, *shape) float32: W_k stacked (when kept)
     lockstep: dict[int, DriftSums] = field(default_factory=dict)  # step t -> sums against W-bar^t
+    dtypes: dict[str, np.dtype] = field(default_factory=dict)  # the model's dtype per name
 
     def local(self, i: int) -> dict[str, np.ndarray]:
-        """Client i's (position in ``client_ids``) local parameters."""
+        """Client i's (position in ``client_ids``) local parameters (needs ``keep_local``)."""
+        if self.local_params is None:
+            raise ValueError("the cohort's local models were not kept (keep_local=False)")
         return {name: stack[i] for name, stack in self.local_params.items()}
 
     def weighted_mean(self, values: np.ndarray) -> float:
@@ -249,7 +253,8 @@ class CohortRound:
 
     def mean_params(self) -> dict[str, np.ndarray]:
         """``S_j / N_j = sum_k n_k W_k / sum_k n_k`` (float64 accumulation, stored in the model's dtype)."""
-        return weighted_mean_params(self.local_params, self.num_examples)
+        total = float(self.num_examples.sum())
+        return {name: (acc / total).astype(self.dtypes[name]) for name, acc in self.weighted_sum.items()}
 
 
 def weighted_mean_params(stacked: Mapping[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -270,6 +275,7 @@ def train_cohort(
     settings: LocalSGDSettings,
     known_loss_before: Mapping[int, float] | None = None,
     lockstep_steps: Sequence[int] = (),
+    keep_local: bool = True,
 ) -> CohortRound:
     """Train every client in ``client_ids`` from ``W^r`` for one round.
 
@@ -279,13 +285,17 @@ def train_cohort(
     average is recorded at those steps (see the module docstring); every client's
     updates are the same either way. ``known_loss_before`` maps a client to
     f_k(W^r) measured earlier (the last drift exchange), saving a forward pass.
+    ``keep_local=False`` keeps only the running sum ``sum_k n_k W_k`` (no drift exchange
+    will need the W_k): memory of one model however large the cohort.
     """
     known = known_loss_before or {}
     ids = list(client_ids)
     if not ids:
         raise ValueError("a cohort needs at least one client")
     names = list(global_params)
-    stacked = {n: np.empty((len(ids), *np.shape(global_params[n])), np.asarray(global_params[n]).dtype) for n in names}
+    dtypes = {n: np.asarray(global_params[n]).dtype for n in names}
+    stacked = {n: np.empty((len(ids), *np.shape(global_params[n])), dtypes[n]) for n in names} if keep_local or lockstep_steps else None
+    acc = {n: np.zeros(np.shape(global_params[n]), np.float64) for n in names}
     num_examples = np.zeros(len(ids), np.int64)
     train_loss, loss_before, num_steps = (np.zeros(len(ids)) for _ in range(3))
     num_steps = num_steps.astype(np.int64)
@@ -293,15 +303,17 @@ def train_cohort(
         for i, k in enumerate(ids):
             out = train_client(cfg, load_partition(cfg, k), k, server_round, global_params, settings, known.get(k))
             for n in names:
-                stacked[n][i] = out.local_params[n]
+                acc[n] += out.num_examples * out.local_params[n].astype(np.float64)
+                if stacked is not None:
+                    stacked[n][i] = out.local_params[n]
             num_examples[i], train_loss[i], loss_before[i], num_steps[i] = (
                 out.num_examples, out.train_loss, out.loss_before, out.num_steps,
             )
-        return CohortRound(ids, num_examples, train_loss, loss_before, num_steps, stacked)
-    return _train_lockstep(cfg, ids, server_round, global_params, settings, known, set(lockstep_steps), stacked)
+        return CohortRound(ids, num_examples, train_loss, loss_before, num_steps, acc, stacked, dtypes=dtypes)
+    return _train_lockstep(cfg, ids, server_round, global_params, settings, known, set(lockstep_steps), stacked, acc, dtypes)
 
 
-def _train_lockstep(cfg, ids, server_round, global_params, settings, known, steps, stacked) -> CohortRound:
+def _train_lockstep(cfg, ids, server_round, global_params, settings, known, steps, stacked, acc, dtypes) -> CohortRound:
     probe = working_model(cfg)
     datas = [load_partition(cfg, k) for k in ids]
     models, runs, before = [], [], []
@@ -339,9 +351,10 @@ def _train_lockstep(cfg, ids, server_round, global_params, settings, known, step
     for i, model in enumerate(models):
         for name, value in get_trainable(model).items():
             stacked[name][i] = value
+            acc[name] += n[i] * value.astype(np.float64)
     return CohortRound(
         list(ids), n, np.array([r.mean_batch_loss for r in results]), np.array(before, np.float64),
-        np.array([r.num_steps for r in results], np.int64), stacked, per_step,
+        np.array([r.num_steps for r in results], np.int64), acc, stacked, per_step, dtypes,
     )
 
 

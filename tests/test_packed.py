@@ -228,3 +228,21 @@ def test_invalid_packed_reply_is_rejected_and_counted_in_virtual_clients(tmp_pat
     assert row["rejected-non-finite"] == 1
     assert row["clients-sampled"] == 6 and row["clients-trained"] == 3 and row["clients-rejected"] == 3
     assert row["clients-measured"] == 3 and math.isfinite(row["global-loss"])
+
+
+@pytest.mark.parametrize(("n", "k"), [(100, 7), (50, 50), (1437, 10)])
+def test_fast_iid_partitions_equal_flwr_datasets(n, k):
+    """partition_indices' direct IID split equals flwr-datasets' IidPartitioner on the same shuffled order."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedavg_relu.data import partition_indices
+
+    cfg = RunConfig(num_partitions=k, seed=3)
+    labels = np.arange(n) % 10
+    order = np.random.default_rng([3, 1]).permutation(n)
+    partitioner = IidPartitioner(num_partitions=k)
+    partitioner.dataset = datasets.Dataset.from_dict({"index": order, "label": labels[order]})
+    expected = [np.sort(np.asarray(partitioner.load_partition(i)["index"])) for i in range(k)]
+    got = partition_indices(labels, cfg)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))

@@ -1,0 +1,498 @@
+"""Scale and speed, side by side in one run: stock Flower, our standard path, our packed mode.
+
+Workload (``--width 4096 --clients-per-round 100``): a 2-layer ReLU network
+(``standard`` family, depth 1: 64 -> 4096 -> 10, both layers and biases
+trained, 307k parameters), cross-entropy, synthetic data with 64 inputs and 10
+classes, 32 examples per client, ``--local-steps`` (1) full-batch SGD steps per
+round, drift metrics off (stock Flower has none), all through Flower's Ray
+simulation engine (``run_simulation``) on this machine.
+
+Paths (each runs in a child process of its own, so its whole process tree is
+measured alone):
+
+``stock-default``
+    Flower's ``flwr.serverapp.strategy.FedAvg`` and a plain PyTorch ClientApp
+    (quickstart style: the model is built and the data looked up per message)
+    with Flower's default backend config (2 CPUs per client: 1 Ray actor here).
+``stock-1cpu``
+    The same with 1 CPU per client (2 actors).
+``standard``
+    This project's app, one Flower node per client, 1 CPU per actor (2 actors),
+    torch on one thread per actor.
+``packed``
+    This project's app with ``clients-per-node`` = clients per round / 2: two
+    Flower nodes, each training 50 virtual clients per message.
+
+Measured (medians over rounds 2..R; round 1 holds the actors' start):
+client-updates per second; framework overhead per client-round (round time
+minus the same local training in a plain loop with the same parallelism,
+divided by clients); achieved training FLOP/s as a share of the matmul peak
+measured here with the same total thread count; peak memory of the whole
+process tree (sum of PSS, i.e. shared pages split between processes, and sum
+of RSS); and, with ``--scan``, round time as the number of virtual clients grows
+at fixed clients per round. A profile of one standard-path client-round splits
+its time into our client code, serialization and Flower's messaging.
+
+Usage::
+
+    python benchmarks/scale.py                  # the full benchmark (~15-25 min on 2 cores)
+    python benchmarks/scale.py --quick          # a small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+INPUT_DIM, NUM_CLASSES, TEST_EXAMPLES = 64, 10, 400
+
+
+# --- the workload -------------------------------------------------------------------------
+def run_config(args: dict, num_partitions: int, per_round: int, path: str) -> dict:
+    """Our run config for ``num_partitions`` virtual clients with ``per_round`` training each round."""
+    n = args["examples"] * num_partitions + TEST_EXAMPLES
+    cfg = {
+        "dataset": "synthetic", "synthetic-input-dim": INPUT_DIM, "synthetic-num-classes": NUM_CLASSES,
+        "synthetic-num-examples": n, "test-fraction": TEST_EXAMPLES / n, "num-partitions": num_partitions,
+        "model-family": "standard", "width": args["width"], "depth": 1, "loss": "cross-entropy",
+        "local-steps": args["local_steps"], "batch-size": 0, "learning-rate": 0.1, "lr-scaling": "constant",
+        "fraction-train": per_round / num_partitions, "num-server-rounds": args["rounds"],
+        "drift-metrics": False, "save-model": False, "output-dir": args["tmp"],
+        "run-name": f"{path}-{num_partitions}-{per_round}",
+    }
+    if path == "packed":
+        cfg["clients-per-node"] = max(2, math.ceil(num_partitions / 2))
+    return cfg
+
+
+def train_flops(args: dict) -> float:
+    """Training FLOPs of one client-round: forward 2n(dm + mc), weight gradients 2n(dm + mc), input gradient of layer 2: 2nmc."""
+    n, d, m, c = args["examples"], INPUT_DIM, args["width"], NUM_CLASSES
+    return args["local_steps"] * (4 * n * (d * m + m * c) + 2 * n * m * c)
+
+
+def plain_model(width: int):
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(INPUT_DIM, width), torch.nn.ReLU(), torch.nn.Linear(width, NUM_CLASSES))
+
+
+def plain_train(model, x, y, steps: int, lr: float = 0.1) -> float:
+    """The local training itself: ``steps`` full-batch SGD steps, nothing else."""
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss = None
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    return float(loss)
+
+
+# --- child: one path, one configuration ------------------------------------------------------
+def child_stock(args: dict, num_partitions: int, per_round: int, cpus: int | None) -> list[float]:
+    """Stock Flower: FedAvg + a plain PyTorch ClientApp, through run_simulation; returns round seconds."""
+    import torch
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    from fedavg_relu.config import RunConfig
+    from fedavg_relu.data import load_partition
+
+    cfg = RunConfig.from_mapping(run_config(args, num_partitions, per_round, "stock"))
+    width, steps = args["width"], args["local_steps"]
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        data = load_partition(cfg, int(context.node_config["partition-id"]))
+        model = plain_model(width)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        loss = plain_train(model, data.x, data.y, steps)
+        metrics = MetricRecord({"train-loss": loss, "num-examples": len(data)})
+        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+
+    stamps: list[float] = []
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        torch.manual_seed(0)
+        strategy = FedAvg(
+            fraction_train=per_round / num_partitions, fraction_evaluate=0.0, min_train_nodes=per_round,
+            min_evaluate_nodes=0, min_available_nodes=num_partitions,
+        )
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord):
+            stamps.append(time.perf_counter())
+
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(plain_model(width).state_dict()),
+                       num_rounds=args["rounds"], evaluate_fn=evaluate_fn)
+
+    backend: dict = {"init_args": {"include_dashboard": False, "_temp_dir": tempfile.mkdtemp(prefix="frb-", dir="/tmp")}}
+    if cpus is not None:
+        backend["client_resources"] = {"num_cpus": cpus}
+    run_simulation(server_app=server, client_app=client, num_supernodes=num_partitions, backend_config=backend)
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def child_ours(args: dict, num_partitions: int, per_round: int, path: str) -> list[float]:
+    """This project's app (standard or packed) through simulate(); returns round seconds."""
+    from fedavg_relu.results import read_metrics
+    from fedavg_relu.simulation import simulate
+
+    run_dir = simulate(run_config(args, num_partitions, per_round, path), num_cpus_per_client=1)
+    return [float(r["seconds"]) for r in read_metrics(run_dir) if r["round"] >= 1]
+
+
+def child_main(spec: dict) -> None:
+    """Run one (path, virtual clients, clients per round) and write its round times."""
+    import logging
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    args, path, num_partitions, per_round = spec["args"], spec["path"], spec["num_partitions"], spec["per_round"]
+    t0 = time.perf_counter()
+    if path.startswith("stock"):
+        seconds = child_stock(args, num_partitions, per_round, None if path == "stock-default" else 1)
+    else:
+        seconds = child_ours(args, num_partitions, per_round, path)
+    Path(spec["out"]).write_text(json.dumps({"round_seconds": seconds, "total_seconds": time.perf_counter() - t0}))
+
+
+# --- parent: memory of a process tree ----------------------------------------------------------
+def _tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        ppid = int(text[text.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _memory(pids: list[int]) -> tuple[float, float]:
+    """Sum of PSS and of RSS (bytes) over ``pids``."""
+    pss = rss = 0.0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                elif line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            continue
+    return pss, rss
+
+
+def run_child(spec: dict, timeout: float) -> dict:
+    """Run a child, sampling its process tree's memory every 0.25 s; return its result plus peaks."""
+    out = Path(spec["args"]["tmp"]) / f"{spec['path']}-{spec['num_partitions']}-{spec['per_round']}.json"
+    spec = dict(spec, out=str(out))
+    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    peak = {"pss": 0.0, "rss": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            pss, rss = _memory(_tree(proc.pid))
+            peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+            stop.wait(0.25)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        err = "timeout"
+    finally:
+        stop.set()
+        watcher.join()
+        try:
+            os.killpg(proc.pid, 9)  # stragglers of the child's session (Ray processes)
+        except ProcessLookupError:
+            pass
+    if proc.returncode != 0 or not out.exists():
+        return {"error": (err or "")[-2000:], "peak_pss": peak["pss"], "peak_rss": peak["rss"]}
+    result = json.loads(out.read_text())
+    steady = result["round_seconds"][1:] or result["round_seconds"]
+    result.update(round_s=statistics.median(steady), peak_pss=peak["pss"], peak_rss=peak["rss"])
+    return result
+
+
+# --- parent: references measured in this process ------------------------------------------------------
+def matmul_peak(threads: int, n: int = 2048, reps: int = 6) -> float:
+    """Best-of-3 FLOP/s of an n x n float32 matmul on ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
+
+
+def plain_loop_seconds(args: dict, threads: int, clients: int) -> float:
+    """Seconds to train ``clients`` clients in a plain loop (one persistent model, weights reset per client)."""
+    import torch
+
+    from fedavg_relu.config import RunConfig
+    from fedavg_relu.data import load_partition
+
+    torch.set_num_threads(threads)
+    cfg = RunConfig.from_mapping(run_config(args, clients, clients, "plain"))
+    data = [load_partition(cfg, k) for k in range(clients)]
+    model = plain_model(args["width"])
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        for d in data:
+            model.load_state_dict(start)
+            plain_train(model, d.x, d.y, args["local_steps"])
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def profile_standard(args: dict, clients: int = 20) -> dict:
+    """Per client-round seconds of the standard path's parts, measured in this process (no Ray).
+
+    ``client-code``: our ClientApp's train handler on a real message (records <-> numpy,
+    train_client, reply); ``serialization``: pickling (what Ray does) the train message, the node
+    Context, the reply and the Context back; ``plain-training``: the local training alone.
+    """
+    import pickle
+
+    import torch
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from clients.client_app import build_client_app
+    from fedavg_relu.config import RunConfig
+    from fedavg_relu.data import load_partition
+    from fedavg_relu.local_grid import ensure_task_identity
+    from fedavg_relu.records import params_to_arrays
+    from fedavg_relu.server_app import train_config
+    from fedavg_relu.task import initial_params
+
+    torch.set_num_threads(1)
+    ensure_task_identity()
+    mapping = run_config(args, clients, clients, "standard")
+    cfg = RunConfig.from_mapping(mapping)
+    app = build_client_app()
+    arrays = params_to_arrays(initial_params(cfg))
+    config = train_config(cfg, cfg.learning_rate)
+    config["server-round"] = 1
+    contexts = [Context(run_id=1, node_id=k + 1, node_config={"partition-id": k, "num-partitions": clients},
+                        state=RecordDict(), run_config=dict(mapping)) for k in range(clients)]
+    for k in range(clients):
+        load_partition(cfg, k)
+    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(dict(config))}), dst_node_id=k + 1,
+                    message_type="train") for k in range(clients)]
+    app(msgs[0], contexts[0])  # warm caches (model, data, run config)
+    t = time.perf_counter()
+    replies = [app(m, c) for m, c in zip(msgs, contexts, strict=True)]
+    client_code = (time.perf_counter() - t) / clients
+    t = time.perf_counter()
+    for m, r, c in zip(msgs, replies, contexts, strict=True):
+        for one in (m, r, c, c):  # Ray pickles the message and the node context to the actor, the reply and context back
+            pickle.loads(pickle.dumps(one, protocol=5))
+    serialization = (time.perf_counter() - t) / clients
+    plain = plain_loop_seconds(args, 1, clients) / clients
+    return {"client-code-s": client_code, "serialization-s": serialization, "plain-training-s": plain}
+
+
+# --- parent: the report ----------------------------------------------------------------------------
+PATHS = ("stock-default", "stock-1cpu", "standard", "packed")
+ACTORS = {"stock-default": 1, "stock-1cpu": 2, "standard": 2, "packed": 2}
+THREADS = {"stock-default": 2, "stock-1cpu": 1, "standard": 1, "packed": 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--clients-per-round", type=int, default=100)
+    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--local-steps", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument("--scan", default="10,100,1000,10000", help="virtual clients for the scan ('' = none)")
+    parser.add_argument("--scan-per-round", type=int, default=10)
+    parser.add_argument("--scan-paths", default="packed,standard,stock-1cpu")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--quick", action="store_true", help="width 512, 20 clients per round, scan 10,100")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.child:
+        child_main(json.loads(ns.child))
+        return
+    if ns.quick:
+        ns.width, ns.clients_per_round, ns.rounds, ns.scan = 512, 20, 3, "10,100"
+    out_dir = Path(ns.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = {"width": ns.width, "examples": ns.examples, "local_steps": ns.local_steps, "rounds": ns.rounds,
+            "tmp": tempfile.mkdtemp(prefix="scale-bench-")}
+    import torch
+
+    t_start = time.perf_counter()
+    peaks = {t: matmul_peak(t) for t in (1, 2)}
+    plain = {t: plain_loop_seconds(args, t, ns.clients_per_round) for t in (1, 2)}
+    flops = train_flops(args) * ns.clients_per_round
+    print(f"matmul peak: 1 thread {peaks[1] / 1e9:.1f} GFLOP/s, 2 threads {peaks[2] / 1e9:.1f} GFLOP/s; "
+          f"plain loop of {ns.clients_per_round} clients: {plain[1]:.3f}s (1 thread), {plain[2]:.3f}s (2 threads)", flush=True)
+    rows = []
+    for path in [p for p in ns.paths.split(",") if p]:
+        res = run_child({"args": args, "path": path, "num_partitions": ns.clients_per_round,
+                         "per_round": ns.clients_per_round}, ns.timeout)
+        row = {"path": path, "actors": ACTORS[path], "threads-per-actor": THREADS[path],
+               "peak-pss-gib": res["peak_pss"] / 2**30, "peak-rss-gib": res["peak_rss"] / 2**30}
+        if "error" in res:
+            row["error"] = res["error"][-300:]
+        else:
+            t = res["round_s"]
+            plain_same = plain[THREADS[path]] / ACTORS[path]  # the same training, same parallelism
+            total_threads = ACTORS[path] * THREADS[path]
+            row.update({
+                "round-s": t, "client-updates-per-s": ns.clients_per_round / t,
+                "overhead-ms-per-client-round": 1e3 * (t - plain_same) / ns.clients_per_round,
+                "flops-fraction-of-peak": flops / t / peaks[total_threads],
+                "first-round-s": res["round_seconds"][0], "total-s": res["total_seconds"],
+            })
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    stock = next((r for r in rows if r["path"] == "stock-default" and "round-s" in r), None)
+    for row in rows:
+        if stock and "round-s" in row:
+            row["speedup-vs-stock-default"] = row["client-updates-per-s"] / stock["client-updates-per-s"]
+    profile = profile_standard(args)
+    std = next((r for r in rows if r["path"] == "standard" and "round-s" in r), None)
+    if std:
+        per_client_actor_s = std["round-s"] * ACTORS["standard"] / ns.clients_per_round
+        profile["actor-seconds-per-client-round"] = per_client_actor_s
+        profile["flower-messaging-s"] = per_client_actor_s - profile["client-code-s"] - profile["serialization-s"]
+    print("profile (standard path, s per client-round):", json.dumps(profile), flush=True)
+    scan = []
+    for path in [p for p in ns.scan_paths.split(",") if p] if ns.scan else []:
+        for k in [int(v) for v in ns.scan.split(",")]:
+            res = run_child({"args": dict(args, rounds=max(ns.rounds, 4)), "path": path, "num_partitions": k,
+                             "per_round": min(ns.scan_per_round, k)}, ns.timeout)
+            item = {"path": path, "virtual-clients": k, "clients-per-round": min(ns.scan_per_round, k),
+                    "peak-pss-gib": res["peak_pss"] / 2**30, "peak-rss-gib": res["peak_rss"] / 2**30}
+            item.update({"round-s": res["round_s"], "total-s": res["total_seconds"]} if "error" not in res
+                        else {"error": res["error"][-300:]})
+            scan.append(item)
+            print(json.dumps(item), flush=True)
+    for path in {s["path"] for s in scan}:
+        items = [s for s in scan if s["path"] == path and "round-s" in s]
+        if items:
+            base = min(items, key=lambda s: s["virtual-clients"])["round-s"]
+            for s in items:
+                s["round-time-vs-smallest"] = s["round-s"] / base
+    meta = {
+        "machine": f"{os.cpu_count()} CPUs", "torch": torch.__version__, "width": ns.width,
+        "clients-per-round": ns.clients_per_round, "examples-per-client": ns.examples, "local-steps": ns.local_steps,
+        "rounds": ns.rounds, "matmul-peak-gflops": {str(k): v / 1e9 for k, v in peaks.items()},
+        "plain-loop-s": {str(k): v for k, v in plain.items()}, "train-flops-per-client-round": train_flops(args),
+        "seconds": time.perf_counter() - t_start,
+    }
+    (out_dir / "scale.json").write_text(json.dumps({"meta": meta, "paths": rows, "profile": profile, "scan": scan}, indent=2) + "\n")
+    write_tables(out_dir, rows, scan)
+    plot(out_dir, rows, scan)
+    print(f"wrote {out_dir}/scale.json, scale.csv, scale_scan.csv, scale.md, scale.png in {meta['seconds']:.0f}s")
+
+
+def write_tables(out_dir: Path, rows: list[dict], scan: list[dict]) -> None:
+    import csv
+
+    for name, items in (("scale.csv", rows), ("scale_scan.csv", scan)):
+        keys = sorted({k for r in items for k in r})
+        with open(out_dir / name, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(items)
+    lines = ["| path | actors x threads | round s | client-updates/s | x stock default | overhead ms/client-round | FLOP/s / peak | peak PSS GiB (RSS) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "round-s" not in r:
+            lines.append(f"| {r['path']} | failed: {r.get('error', '')[:60]} | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['path']} | {r['actors']} x {r['threads-per-actor']} | {r['round-s']:.3f} | {r['client-updates-per-s']:.0f} | "
+            f"{r.get('speedup-vs-stock-default', float('nan')):.1f} | {r['overhead-ms-per-client-round']:.2f} | "
+            f"{r['flops-fraction-of-peak']:.2f} | {r['peak-pss-gib']:.2f} ({r['peak-rss-gib']:.2f}) |"
+        )
+    if scan:
+        lines += ["", "| path | virtual clients | per round | round s | vs smallest | peak PSS GiB (RSS) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for s in scan:
+            if "round-s" in s:
+                lines.append(f"| {s['path']} | {s['virtual-clients']} | {s['clients-per-round']} | {s['round-s']:.3f} | "
+                             f"{s.get('round-time-vs-smallest', float('nan')):.2f} | {s['peak-pss-gib']:.2f} ({s['peak-rss-gib']:.2f}) |")
+            else:
+                lines.append(f"| {s['path']} | {s['virtual-clients']} | {s['clients-per-round']} | failed | | {s['peak-pss-gib']:.2f} |")
+    (out_dir / "scale.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def plot(out_dir: Path, rows: list[dict], scan: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ok = [r for r in rows if "round-s" in r]
+    ax1.bar([r["path"] for r in ok], [r["client-updates-per-s"] for r in ok], color="tab:blue")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("client-updates per second")
+    ax1.set_title("throughput (one run, same machine)")
+    for path in sorted({s["path"] for s in scan}):
+        items = sorted((s for s in scan if s["path"] == path and "round-s" in s), key=lambda s: s["virtual-clients"])
+        if items:
+            ax2.plot([s["virtual-clients"] for s in items], [s["round-s"] for s in items], marker="o", label=path)
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("virtual clients (fixed clients per round)")
+    ax2.set_ylabel("round seconds")
+    ax2.set_title("round time vs federation size")
+    if scan:
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "scale.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
