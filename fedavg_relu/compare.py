@@ -190,18 +190,22 @@ def plot_comparison(metrics, group: str, caption: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import textwrap
+
     data = metrics[(metrics["group"] == group) & (metrics["round"] >= 1)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for strategy, g in data.groupby("strategy", sort=False):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    colors = plt.get_cmap("tab20").colors
+    for i, (strategy, g) in enumerate(data.groupby("strategy", sort=False)):
+        style = {"color": colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], "linestyle": "-" if i < 10 else "--"}
         for ax, col, log in ((axes[0], "global-loss", True), (axes[1], "relative-gradient-drift-mean", False)):
             stats = g.groupby("round")[col].agg(["mean", "std"]).fillna(0.0)
-            ax.plot(stats.index, stats["mean"], marker="o", ms=3, label=strategy)
-            ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
+            ax.plot(stats.index, stats["mean"], marker="o", ms=3, label=strategy, **style)
+            ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.15, color=style["color"])
             ax.set_yscale("log" if log else "linear")
     axes[0].set(xlabel="round r", ylabel="global loss F(W^r)", title="global loss")
     axes[1].set(xlabel="round r", ylabel="‖∇f_k(W_k) − ∇f_k(W̄)‖ / ‖∇f_k(W̄)‖", title="relative gradient drift")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Strategies, partition {group}\n{caption}", fontsize=8)
+    fig.suptitle(f"Strategies, partition {group}\n" + "\n".join(textwrap.wrap(caption, 170)), fontsize=8)
     fig.tight_layout()
     return fig
 
