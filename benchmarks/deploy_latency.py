@@ -171,6 +171,9 @@ def measure_latency(overrides: dict, isolation: str, rounds: int, certs: Path, w
         messages = [node_message_times(n.log()) for n in nodes]
         worker_peak = [_peak_rss_mib(n.worker.pid) for n in nodes if n.worker is not None]
     rows = read_metrics(work / "runs" / isolation)[1:]
+    unmeasured = [r["round"] for r in rows if r.get("clients-measured") != 2]
+    if unmeasured:  # the drift state must survive between a round's two exchanges in either mode
+        raise RuntimeError(f"{isolation}: rounds {unmeasured} lack drift measurements of both nodes")
     return {
         "isolation": isolation, "rounds": rows, "worker-peak-mib": worker_peak, "messages": messages, "run-seconds": total, "setup-seconds": ready,
     }
