@@ -1,8 +1,9 @@
 """A real deployment on loopback: TLS SuperLink, authenticated SuperNodes, `flwr run` (marked e2e).
 
-Every test starts its own processes (SuperLink, SuperNodes, long-running ClientApp workers)
-with a private FLWR_HOME and free ports, via :class:`fedavg_relu.deploy.Deployment`, and
-stops them by PID. About 3 minutes on 2 cores.
+The processes (SuperLink, SuperNodes, long-running ClientApp workers) run with a private
+FLWR_HOME and free ports via :class:`fedavg_relu.deploy.Deployment` and are stopped by PID:
+one deployment shared by the first tests (module fixture), a fresh one for the killed-node
+test. About 3.5 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedavg_relu.clientapp_worker import ClientAppWorker
 from fedavg_relu.config import RunConfig
 from fedavg_relu.data import dataset_shape, load_data_file, make_synthetic
 from fedavg_relu.deploy import Deployment
+from fedavg_relu.models import set_trainable
 from fedavg_relu.results import read_metrics
 from fedavg_relu.task import initial_params, working_model
-from fedavg_relu.models import set_trainable
 from fedavg_relu.training import evaluate
 
 pytestmark = pytest.mark.e2e
@@ -159,8 +161,6 @@ def test_tls_auth_run_with_device_files(deployment, run_with_intruders, node_fil
     data = [load_data_file(p, input_dim, num_classes) for p in node_files]
     model = working_model(cfg)
     set_trainable(model, initial_params(cfg))
-    import torch
-
     loss_w0, _ = evaluate(model, torch.cat([d.x for d in data]), torch.cat([d.y for d in data]), cfg.loss)
     assert rows[1]["loss-before"] == pytest.approx(loss_w0, rel=1e-5)
     assert rows[2]["global-loss"] < rows[1]["loss-before"]
