@@ -100,6 +100,7 @@ class DriftMeasurement:
         self._drift_global: dict[str, np.ndarray] | None = None
         self._drift_sampled: dict[int, list[int]] = {}
         self._drift_last_measured: tuple[int, ArrayRecord] | None = None
+        self._drift_started = False
 
     # --- Flower hooks -------------------------------------------------------
     def configure_train(
@@ -113,9 +114,30 @@ class DriftMeasurement:
         if self._drift_last_measured is not None and self._drift_last_measured[1] is arrays:
             # clients measured f_k at exactly this model in the last drift exchange: they may reuse it
             config["measured-round"] = self._drift_last_measured[0]
+        if self._drift_started:
+            self._adapt_to_lost_nodes(server_round, grid)
+        self._drift_started = True
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self._drift_sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         return messages
+
+    def _adapt_to_lost_nodes(self, server_round: int, grid: Grid) -> None:
+        """After the first round, do not wait forever for nodes that went away.
+
+        Flower's sampling waits, without a timeout, until ``min_available_nodes``
+        are connected: one dead SuperNode would stall the run. From round 2 on we
+        wait at most ``timeout`` seconds (``round-timeout``), then go on with the
+        nodes that are there (at least one), and say so.
+        """
+        wanted = max(getattr(self, "min_available_nodes", 0), getattr(self, "min_train_nodes", 0))
+        deadline = time.monotonic() + self.drift_timeout
+        while (available := len(list(grid.get_node_ids()))) < wanted and time.monotonic() < deadline:
+            time.sleep(min(1.0, self.drift_timeout))
+        if 0 < available < wanted:
+            log(WARNING, "round %d: only %d of %d nodes are connected after %.0fs; going on with %d",
+                server_round, available, wanted, self.drift_timeout, available)
+            self.min_available_nodes = available
+            self.min_train_nodes = min(getattr(self, "min_train_nodes", available), available)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -237,3 +237,21 @@ def test_distance_from_init_shrinks_with_width_paper_family():
         dist[width] = strategy.round_metrics[2]["distance-from-init"]
     assert dist[2048] < dist[256]
     assert dist[2048] / dist[256] < 0.75  # theory: ~ (256/2048)^(1/2) ~ 0.35
+
+
+def test_lost_node_does_not_stall_later_rounds():
+    """A node that disappears after round 1: round 2 waits at most round-timeout, then trains with the 2 left."""
+    cfg = RunConfig(dataset="synthetic", synthetic_num_examples=90, num_partitions=3, width=16, local_steps=1, round_timeout=0.5)
+    grid = LocalGrid(build_client_app(), 3, cfg.to_mapping())
+    strategy = build_strategy(cfg, 0.1)
+    real_start = strategy.configure_train
+
+    def configure_and_lose_node_3(server_round, arrays, config, g):
+        if server_round == 2:
+            grid.contexts.pop(3, None)  # node 3 goes away before round 2
+        return real_start(server_round, arrays, config, g)
+
+    strategy.configure_train = configure_and_lose_node_3
+    strategy.start(grid=grid, initial_arrays=params_to_arrays(initial_params(cfg)), num_rounds=2, train_config=train_config(cfg, 0.1))
+    assert strategy.round_metrics[1]["clients-trained"] == 3
+    assert (strategy.round_metrics[2]["clients-sampled"], strategy.round_metrics[2]["clients-trained"]) == (2, 2)
