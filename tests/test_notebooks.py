@@ -20,15 +20,16 @@ def _set_parameters(nb, **values) -> None:
     cell.source += "\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
 
 
-def test_theory_notebook_runs_in_small_mode(tmp_path):
+def test_theory_notebook_runs_in_small_mode(tmp_path, monkeypatch):
     """Small mode runs the whole small sweep into a fresh folder; no cell errors, six measured verdicts, figures drawn."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     _set_parameters(nb, MODE="small", SWEEP_OUTPUT=str(tmp_path / "sweep"))
-    env_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    os.environ["PATH"] = env_path  # the kernel is this venv's Python (ipykernel's native spec uses sys.executable)
+    # the kernel must be this venv's Python: ipykernel's native spec uses sys.executable, and an
+    # installed "python3" spec runs `python` from PATH, so put the venv first
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     client.execute()  # raises CellExecutionError on any failing cell
