@@ -58,7 +58,8 @@ logic, Flower strategy and ClientApp handlers over an in-process Flower Grid.
 ``simulation`` uses :func:`fedavg_relu.simulation.simulate` (Flower's Ray
 simulation engine), which costs ~15-20 s of start-up per cell on 2 cores.
 
-This module does not import flwr (the engines do, when a cell runs).
+This module imports flwr only when cells run (the engines, and the quieting of
+Flower's logger); expanding, checking and tabulating a sweep does not.
 """
 
 from __future__ import annotations
