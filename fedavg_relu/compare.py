@@ -44,7 +44,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ import numpy as np
 
 from .config import STRATEGIES, ConfigError
 from .results import atomic_write_text
-from .sweep import SweepSpec, parse_sweep, read_tables, run_sweep
+from .sweep import SweepSpec, parse_sweep, read_tables, read_toml, run_sweep
 
 COMPARE_KEYS = ("name", "output-dir", "strategies", "seeds", "target-loss", "engine")
 
@@ -111,13 +110,7 @@ def parse_comparison(data: Mapping[str, Any], name: str = "compare", output_dir:
 
 def load_comparison(path: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> tuple[SweepSpec, float]:
     """Read a comparison TOML file."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError([f"{path}: not valid TOML: {err}"]) from err
-    return parse_comparison(data, name=path.stem, output_dir=output_dir)
+    return parse_comparison(read_toml(path), name=Path(path).stem, output_dir=output_dir)
 
 
 def rounds_to_target(rounds: np.ndarray, loss: np.ndarray, target: float) -> float:

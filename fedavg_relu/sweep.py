@@ -200,15 +200,18 @@ def parse_sweep(data: Mapping[str, Any], name: str = "sweep", output_dir: str | 
     return SweepSpec(name, out.resolve(), engine, central, base, grids, threads)
 
 
-def load_sweep(path: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> SweepSpec:
-    """Read and validate a sweep TOML file (``output_dir`` overrides ``sweep.output-dir``)."""
-    path = Path(path)
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML file's content; invalid TOML is a :class:`ConfigError` naming the file."""
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError([f"{path}: not valid TOML: {err}"]) from err
-    return parse_sweep(data, name=path.stem, output_dir=output_dir)
+
+
+def load_sweep(path: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> SweepSpec:
+    """Read and validate a sweep TOML file (``output_dir`` overrides ``sweep.output-dir``)."""
+    return parse_sweep(read_toml(path), name=Path(path).stem, output_dir=output_dir)
 
 
 # --- cells --------------------------------------------------------------------
