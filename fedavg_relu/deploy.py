@@ -42,33 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from .flower_run import FlwrRunResult, _bin, free_port, run_config_arg
+from .flower_run import stop_process_group as _stop_group
 
 CONNECTION = "deploy"  # the name of the SuperLink connection in config.toml
-
-
-def _stop_group(proc: subprocess.Popen | None, term_wait: float = 10.0) -> None:
-    """SIGTERM the process group of ``proc`` (its session), then SIGKILL what is left."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-    try:  # stragglers of the group (superexec, flwr-clientapp, flwr-serverapp)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 @dataclass

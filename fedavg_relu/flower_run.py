@@ -52,6 +52,44 @@ def run_config_arg(overrides: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
 
 
+def stop_process_group(proc: subprocess.Popen | None, term_wait: float = 10.0) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), then SIGKILL what is left."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    try:  # stragglers of the group (superexec, the simulation or ClientApp processes)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _bin(name: str) -> str:
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else (shutil.which(name) or name)
@@ -132,22 +170,7 @@ class IsolatedFlower:
     def stop(self) -> None:
         """Stop the SuperLink and everything in its process group, by PID."""
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if proc is not None:  # stragglers of the group (e.g. the simulation process)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        stop_process_group(proc)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
         if self._own_home and not self.keep_home:
             shutil.rmtree(self.home, ignore_errors=True)

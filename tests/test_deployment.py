@@ -24,6 +24,7 @@ from fedavg_relu.clientapp_worker import ClientAppWorker
 from fedavg_relu.config import RunConfig
 from fedavg_relu.data import dataset_shape, load_data_file, make_synthetic
 from fedavg_relu.deploy import Deployment
+from fedavg_relu.flower_run import pid_alive
 from fedavg_relu.models import set_trainable
 from fedavg_relu.results import read_metrics
 from fedavg_relu.task import initial_params, working_model
@@ -42,18 +43,6 @@ DRIFT_KEYS = [
 ]
 # small and fast: synthetic inputs (d=20, 4 classes), width 64, 2 rounds
 RUN = {"num-server-rounds": 2, "num-partitions": 2, "dataset": "synthetic", "width": 64, "local-steps": 3}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _write_node_data(folder: Path) -> tuple[Path, Path]:
@@ -243,7 +232,7 @@ def test_supernode_killed_mid_run(certs, node_files, tmp_path):
         watcher.join(timeout=5)
         assert not victim.alive() and victim.process.returncode == -9, victim.log()[-2000:]
         assert survivor.alive()
-    assert not any(_pid_alive(pid) for pid in pids)
+    assert not any(pid_alive(pid) for pid in pids)
     assert result.returncode == 0, result.output[-3000:]
     assert result.status == "finished:completed", result.output[-3000:]
     rows = read_metrics(tmp_path / "killed")

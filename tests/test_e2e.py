@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from fedavg_relu.flower_run import IsolatedFlower
+from fedavg_relu.flower_run import IsolatedFlower, pid_alive
 from fedavg_relu.results import read_metrics
 
 pytestmark = pytest.mark.e2e
@@ -22,18 +22,6 @@ THEORY_KEYS = [
     "effective-smoothness-mean", "effective-smoothness-lr-mean", "activation-flips-local",
     "activation-flips-init", "gradient-dissimilarity",
 ]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_flwr_run_writes_outputs_and_learns(tmp_path):
@@ -52,7 +40,7 @@ def test_flwr_run_writes_outputs_and_learns(tmp_path):
     with flower:
         pid = flower.process.pid
         result = flower.run(APP_DIR, overrides, num_supernodes=4, timeout=400)
-    assert not _pid_alive(pid)
+    assert not pid_alive(pid)
     assert result.returncode == 0, result.output[-3000:]
     assert result.status == "finished:completed", result.output[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
