@@ -210,7 +210,17 @@ def _memory(pids: list[int]) -> tuple[float, float]:
     return pss, rss
 
 
-def run_child(spec: dict, timeout: float) -> dict:
+def run_child(spec: dict, timeout: float, attempts: int = 2) -> dict:
+    """:func:`run_child_once`, once more if it failed (a Ray start can fail on a busy shared machine)."""
+    for _ in range(attempts):
+        result = run_child_once(spec, timeout)
+        if "error" not in result:
+            break
+        print(f"  {spec['path']} x {spec['num_partitions']} failed ({result['error'][-200:]!r}); retrying", flush=True)
+    return result
+
+
+def run_child_once(spec: dict, timeout: float) -> dict:
     """Run a child, sampling its process tree's memory every 0.25 s; return its result plus peaks."""
     out = Path(spec["args"]["tmp"]) / f"{spec['path']}-{spec['num_partitions']}-{spec['per_round']}.json"
     spec = dict(spec, out=str(out))
@@ -354,6 +364,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--quick", action="store_true", help="width 512, 20 clients per round, scan 10,100")
+    parser.add_argument("--merge", action="store_true",
+                        help="merge into the existing scale.json of --out (rows of the paths run here replace old ones)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.child:
@@ -397,7 +409,7 @@ def main() -> None:
     for row in rows:
         if stock and "round-s" in row:
             row["speedup-vs-stock-default"] = row["client-updates-per-s"] / stock["client-updates-per-s"]
-    profile = profile_standard(args)
+    profile = profile_standard(args) if any(r["path"] == "standard" for r in rows) else {}
     std = next((r for r in rows if r["path"] == "standard" and "round-s" in r), None)
     if std:
         per_client_actor_s = std["round-s"] * ACTORS["standard"] / ns.clients_per_round
@@ -407,7 +419,7 @@ def main() -> None:
     scan = []
     for path in [p for p in ns.scan_paths.split(",") if p] if ns.scan else []:
         for k in [int(v) for v in ns.scan.split(",")]:
-            res = run_child({"args": dict(args, rounds=max(ns.rounds, 4)), "path": path, "num_partitions": k,
+            res = run_child({"args": dict(args, rounds=max(ns.rounds, 8)), "path": path, "num_partitions": k,
                              "per_round": min(ns.scan_per_round, k)}, ns.timeout)
             item = {"path": path, "virtual-clients": k, "clients-per-round": min(ns.scan_per_round, k),
                     "peak-pss-gib": res["peak_pss"] / 2**30, "peak-rss-gib": res["peak_rss"] / 2**30}
@@ -421,6 +433,20 @@ def main() -> None:
             base = min(items, key=lambda s: s["virtual-clients"])["round-s"]
             for s in items:
                 s["round-time-vs-smallest"] = s["round-s"] / base
+    if ns.merge and (out_dir / "scale.json").exists():
+        old = json.loads((out_dir / "scale.json").read_text())
+        new_paths = {r["path"] for r in rows}
+        rows = [r for r in old["paths"] if r["path"] not in new_paths] + rows
+        rows.sort(key=lambda r: PATHS.index(r["path"]) if r["path"] in PATHS else 99)
+        done = {(s["path"], s["virtual-clients"]) for s in scan}
+        scan = [s for s in old["scan"] if (s["path"], s["virtual-clients"]) not in done] + scan
+        profile = profile if std else old.get("profile", profile)
+        for path in {s["path"] for s in scan}:
+            items = [s for s in scan if s["path"] == path and "round-s" in s]
+            if items:
+                base = min(items, key=lambda s: s["virtual-clients"])["round-s"]
+                for s in items:
+                    s["round-time-vs-smallest"] = s["round-s"] / base
     meta = {
         "machine": f"{os.cpu_count()} CPUs", "torch": torch.__version__, "width": ns.width,
         "clients-per-round": ns.clients_per_round, "examples-per-client": ns.examples, "local-steps": ns.local_steps,

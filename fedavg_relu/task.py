@@ -81,13 +81,17 @@ def train_client(
 ) -> TrainOutcome:
     """Set W_k <- W^r and run tau_k local steps, deterministic in (seed, partition, round).
 
-    ``loss_before`` (f_k(W^r)) is computed with one forward pass unless the caller knows it.
+    ``loss_before`` (f_k(W^r)) is computed with one forward pass unless the caller knows it;
+    with full-batch steps (and n <= 4096, one evaluation batch) it is step 1's loss, the very
+    same forward pass, so no extra pass is needed.
     ``scaffold = (c, c_k)`` (``c_k`` None on a node's first round: zeros) turns on
     SCAFFOLD's gradient correction ``c - c_k`` and its option-II control update.
     """
     model = working_model(cfg)
     set_trainable(model, global_params)
-    if loss_before is None:
+    n = len(data)
+    from_first_step = loss_before is None and (settings.batch_size <= 0 or settings.batch_size >= n) and n <= 4096
+    if loss_before is None and not from_first_step:
         loss_before, _ = evaluate(model, data.x, data.y, settings.loss)
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, partition_id, server_round))
     correction = None
@@ -97,6 +101,8 @@ def train_client(
         correction = {k: torch.from_numpy(np.asarray(server_c[k] - client_c[k])) for k in server_c}
     result = run_local_sgd(model, data.x, data.y, settings, generator, correction)
     local = get_trainable(model)
+    if from_first_step:
+        loss_before = result.first_batch_loss
     outcome = TrainOutcome(local, result.num_examples, result.mean_batch_loss, loss_before, result.num_steps)
     if scaffold is not None:
         new_c = scaffold_client_control(client_c, server_c, global_params, local, result.num_steps, settings.learning_rate)

@@ -43,6 +43,7 @@ class LocalSGDResult:
     mean_batch_loss: float  # mean of the minibatch losses seen over the tau steps
     num_steps: int
     num_examples: int
+    first_batch_loss: float = math.nan  # step 1's minibatch loss: f_k(W_start) when the batch is all the data
 
 
 def client_seed(seed: int, partition_id: int, server_round: int) -> int:
@@ -135,7 +136,7 @@ def iter_local_sgd(
         optimizer.step()
         losses.append(loss.item())
         yield step + 1
-    return LocalSGDResult(float(np.mean(losses)), num_steps, n)
+    return LocalSGDResult(float(np.mean(losses)), num_steps, n, losses[0])
 
 
 @dataclass

@@ -246,3 +246,17 @@ def test_fast_iid_partitions_equal_flwr_datasets(n, k):
     expected = [np.sort(np.asarray(partitioner.load_partition(i)["index"])) for i in range(k)]
     got = partition_indices(labels, cfg)
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_full_batch_loss_before_is_the_first_steps_loss_bit_for_bit():
+    """Full batch: train_client's f_k(W^r) comes from step 1's forward pass and equals evaluate() exactly."""
+    from fedavg_relu.task import working_model
+    from fedavg_relu.training import evaluate
+    from fedavg_relu.models import set_trainable
+
+    cfg = RunConfig.from_mapping(dict(SMALL, **{"batch-size": 0}))
+    w0, data = initial_params(cfg), load_partition(cfg, 2)
+    out = train_client(cfg, data, 2, 1, w0, LocalSGDSettings(local_steps=2, learning_rate=0.5, batch_size=0))
+    model = working_model(cfg)
+    set_trainable(model, w0)
+    assert out.loss_before == evaluate(model, data.x, data.y, "squared")[0]
