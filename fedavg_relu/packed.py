@@ -303,7 +303,7 @@ def train_cohort(
         for i, k in enumerate(ids):
             out = train_client(cfg, load_partition(cfg, k), k, server_round, global_params, settings, known.get(k))
             for n in names:
-                acc[n] += out.num_examples * out.local_params[n].astype(np.float64)
+                _accumulate(acc[n], out.local_params[n], out.num_examples)
                 if stacked is not None:
                     stacked[n][i] = out.local_params[n]
             num_examples[i], train_loss[i], loss_before[i], num_steps[i] = (
@@ -311,6 +311,11 @@ def train_cohort(
             )
         return CohortRound(ids, num_examples, train_loss, loss_before, num_steps, acc, stacked, dtypes=dtypes)
     return _train_lockstep(cfg, ids, server_round, global_params, settings, known, set(lockstep_steps), stacked, acc, dtypes)
+
+
+def _accumulate(acc: np.ndarray, value: np.ndarray, weight: int) -> None:
+    """``acc += weight * value`` in acc's float64, in place, without a float64 temporary of ``value``."""
+    torch.from_numpy(acc).add_(torch.from_numpy(np.ascontiguousarray(value)), alpha=weight)
 
 
 def _train_lockstep(cfg, ids, server_round, global_params, settings, known, steps, stacked, acc, dtypes) -> CohortRound:
@@ -351,7 +356,7 @@ def _train_lockstep(cfg, ids, server_round, global_params, settings, known, step
     for i, model in enumerate(models):
         for name, value in get_trainable(model).items():
             stacked[name][i] = value
-            acc[name] += n[i] * value.astype(np.float64)
+            _accumulate(acc[name], value, int(n[i]))
     return CohortRound(
         list(ids), n, np.array([r.mean_batch_loss for r in results]), np.array(before, np.float64),
         np.array([r.num_steps for r in results], np.int64), acc, stacked, per_step, dtypes,
