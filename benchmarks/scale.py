@@ -45,6 +45,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -147,10 +148,14 @@ def child_stock(args: dict, num_partitions: int, per_round: int, cpus: int | Non
         strategy.start(grid=grid, initial_arrays=ArrayRecord(plain_model(width).state_dict()),
                        num_rounds=args["rounds"], evaluate_fn=evaluate_fn)
 
-    backend: dict = {"init_args": {"include_dashboard": False, "_temp_dir": tempfile.mkdtemp(prefix="frb-", dir="/tmp")}}
+    ray_tmp = tempfile.mkdtemp(prefix="frb-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    backend: dict = {"init_args": {"include_dashboard": False, "_temp_dir": ray_tmp}}
     if cpus is not None:
         backend["client_resources"] = {"num_cpus": cpus}
-    run_simulation(server_app=server, client_app=client, num_supernodes=num_partitions, backend_config=backend)
+    try:
+        run_simulation(server_app=server, client_app=client, num_supernodes=num_partitions, backend_config=backend)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
@@ -372,7 +377,8 @@ def main() -> None:
         child_main(json.loads(ns.child))
         return
     if ns.quick:
-        ns.width, ns.clients_per_round, ns.rounds, ns.scan = 512, 20, 3, "10,100"
+        ns.width, ns.clients_per_round, ns.rounds = 512, 20, 3
+        ns.scan = "10,100" if ns.scan == parser.get_default("scan") else ns.scan
     out_dir = Path(ns.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = {"width": ns.width, "examples": ns.examples, "local_steps": ns.local_steps, "rounds": ns.rounds,
@@ -457,6 +463,7 @@ def main() -> None:
     (out_dir / "scale.json").write_text(json.dumps({"meta": meta, "paths": rows, "profile": profile, "scan": scan}, indent=2) + "\n")
     write_tables(out_dir, rows, scan)
     plot(out_dir, rows, scan)
+    shutil.rmtree(args["tmp"], ignore_errors=True)
     print(f"wrote {out_dir}/scale.json, scale.csv, scale_scan.csv, scale.md, scale.png in {meta['seconds']:.0f}s")
 
 
