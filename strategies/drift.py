@@ -107,6 +107,20 @@ class DriftMeasurement:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """The parent's messages, from a fresh copy of ``config``; remembers grid and sample."""
+        server_round, config = self.begin_round(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self._drift_sampled[server_round] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def begin_round(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> tuple[int, ConfigRecord]:
+        """What every ``configure_train`` of a measured strategy does first.
+
+        Returns the true round (Flower's + ``round_offset``) and a fresh copy of
+        ``config`` (Flower's strategies write into the one they get); remembers the
+        grid and W^r, and after round 1 stops waiting for nodes that went away.
+        """
         server_round += self.round_offset
         self._drift_grid = grid
         self._drift_global = arrays_to_params(arrays)
@@ -117,9 +131,7 @@ class DriftMeasurement:
         if self._drift_started:
             self._adapt_to_lost_nodes(server_round, grid)
         self._drift_started = True
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
-        self._drift_sampled[server_round] = [m.metadata.dst_node_id for m in messages]
-        return messages
+        return server_round, config
 
     def _adapt_to_lost_nodes(self, server_round: int, grid: Grid) -> None:
         """After the first round, do not wait forever for nodes that went away.
@@ -129,7 +141,7 @@ class DriftMeasurement:
         wait at most ``timeout`` seconds (``round-timeout``), then go on with the
         nodes that are there (at least one), and say so.
         """
-        wanted = max(getattr(self, "min_available_nodes", 0), getattr(self, "min_train_nodes", 0))
+        wanted = getattr(self, "min_available_nodes", 0)  # nodes (min_train_nodes may count virtual clients)
         deadline = time.monotonic() + self.drift_timeout
         while (available := len(list(grid.get_node_ids()))) < wanted and time.monotonic() < deadline:
             time.sleep(min(1.0, self.drift_timeout))

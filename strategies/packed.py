@@ -99,14 +99,9 @@ class PackedFedAvg(DriftFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per node holding a sampled virtual client, naming those clients."""
-        server_round += self.round_offset
-        self._drift_grid = grid
-        self._drift_global = arrays_to_params(arrays)
         if self._holder is None:
             self._holder = self.discover_cohorts(grid)
-        config = ConfigRecord(dict(config))
-        if self._drift_last_measured is not None and self._drift_last_measured[1] is arrays:
-            config["measured-round"] = self._drift_last_measured[0]
+        server_round, config = self.begin_round(server_round, arrays, config, grid)
         config["server-round"] = server_round
         by_node: dict[int, list[int]] = {}
         for k in sample_clients(self.num_partitions, self.packed_fraction, self.packed_seed, server_round):
