@@ -35,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 
 from .flower_run import FlwrRunResult, _bin, free_port, run_config_arg
 from .flower_run import stop_process_group as _stop_group
+from .flower_run import wait_for_health
 
 CONNECTION = "deploy"  # the name of the SuperLink connection in config.toml
 
@@ -170,21 +170,9 @@ class Deployment:
         )
         out.close()
         context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.superlink.poll() is not None:
-                raise RuntimeError(
-                    f"flower-superlink exited with code {self.superlink.returncode}: {self.superlink_log()[-2000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"https://{self.address}/health", timeout=2, context=context) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"flower-superlink did not answer within {timeout:.0f}s on {self.address}")
+        if not wait_for_health(self.superlink, f"https://{self.address}/health", timeout, lambda: self.superlink_log()[-2000:], context):
+            self.stop()
+            raise RuntimeError(f"flower-superlink did not answer within {timeout:.0f}s on {self.address}")
 
     def superlink_log(self) -> str:
         """The SuperLink's console output so far."""

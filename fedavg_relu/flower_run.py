@@ -77,6 +77,25 @@ def stop_process_group(proc: subprocess.Popen | None, term_wait: float = 10.0) -
         pass
 
 
+def wait_for_health(proc: subprocess.Popen, url: str, timeout: float, explain, context=None) -> bool:
+    """Poll ``url`` until it answers 200 (True) or ``timeout`` passes (False).
+
+    Raises ``RuntimeError`` (with ``explain()``) as soon as ``proc`` exits.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}; {explain()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
 def pid_alive(pid: int) -> bool:
     """True while process ``pid`` exists and is not a zombie."""
     try:
@@ -151,21 +170,9 @@ class IsolatedFlower:
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"flower-superlink exited with code {self.process.returncode}; see {self.home / 'superlink.out'}"
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"flower-superlink did not answer within {timeout:.0f}s on port {self.port}")
+        if not wait_for_health(self.process, f"http://127.0.0.1:{self.port}/health", timeout, lambda: f"see {self.home / 'superlink.out'}"):
+            self.stop()
+            raise RuntimeError(f"flower-superlink did not answer within {timeout:.0f}s on port {self.port}")
 
     def stop(self) -> None:
         """Stop the SuperLink and everything in its process group, by PID."""
