@@ -40,8 +40,9 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from .cohort import cohort_seeds, train_cohort_vectorized
 from .config import RunConfig
-from .data import load_partition
+from .data import load_partition, load_partitions
 from .metrics import ClientDrift, measure_client_drift
 from .task import measure_drift, train_client, working_model
 from .models import get_trainable, set_trainable
@@ -276,12 +277,15 @@ def train_cohort(
     known_loss_before: Mapping[int, float] | None = None,
     lockstep_steps: Sequence[int] = (),
     keep_local: bool = True,
+    vectorized: bool = True,
 ) -> CohortRound:
     """Train every client in ``client_ids`` from ``W^r`` for one round.
 
-    Without ``lockstep_steps`` the clients train one after another through
-    :func:`fedavg_relu.task.train_client` (the standard path's very code). With
-    them, the cohort steps in lockstep and the drift against the cohort's virtual
+    Without ``lockstep_steps`` the cohort trains vectorized
+    (:func:`fedavg_relu.cohort.train_cohort_vectorized`: the same updates, stacked
+    clients, float32 rounding aside) or, with ``vectorized=False``, one client
+    after another through :func:`fedavg_relu.task.train_client` (the standard
+    path's very code, bit for bit). With ``lockstep_steps`` the cohort steps in lockstep and the drift against the cohort's virtual
     average is recorded at those steps (see the module docstring); every client's
     updates are the same either way. ``known_loss_before`` maps a client to
     f_k(W^r) measured earlier (the last drift exchange), saving a forward pass.
@@ -299,6 +303,8 @@ def train_cohort(
     num_examples = np.zeros(len(ids), np.int64)
     train_loss, loss_before, num_steps = (np.zeros(len(ids)) for _ in range(3))
     num_steps = num_steps.astype(np.int64)
+    if not lockstep_steps and vectorized:
+        return _train_vectorized(cfg, ids, server_round, global_params, settings, known, keep_local, dtypes)
     if not lockstep_steps:
         for i, k in enumerate(ids):
             out = train_client(cfg, load_partition(cfg, k), k, server_round, global_params, settings, known.get(k))
@@ -311,6 +317,28 @@ def train_cohort(
             )
         return CohortRound(ids, num_examples, train_loss, loss_before, num_steps, acc, stacked, dtypes=dtypes)
     return _train_lockstep(cfg, ids, server_round, global_params, settings, known, set(lockstep_steps), stacked, acc, dtypes)
+
+
+def _train_vectorized(cfg, ids, server_round, global_params, settings, known, keep_local, dtypes) -> CohortRound:
+    datas = load_partitions(cfg, ids)
+    model = working_model(cfg)
+    out = train_cohort_vectorized(
+        model, global_params, datas, cohort_seeds(cfg.seed, ids, server_round), settings, keep_local=keep_local,
+    )
+    loss_before = np.zeros(len(ids))
+    for i, (k, data) in enumerate(zip(ids, datas, strict=True)):
+        n = len(data)
+        if k in known:
+            loss_before[i] = known[k]
+        elif (settings.batch_size <= 0 or settings.batch_size >= n) and n <= 4096:
+            loss_before[i] = out.first_loss[i]  # full batch: step 1's loss is f_k(W^r)
+        else:
+            set_trainable(model, global_params)
+            loss_before[i] = evaluate(model, data.x, data.y, settings.loss)[0]
+    return CohortRound(
+        list(ids), out.num_examples, out.train_loss, loss_before, out.num_steps, out.weighted_sum,
+        out.local_params, dtypes=dtypes,
+    )
 
 
 def _accumulate(acc: np.ndarray, value: np.ndarray, weight: int) -> None:

@@ -118,18 +118,26 @@ def test_config_rules_of_packed_mode():
 
 
 # --- a cohort equals its clients one by one ------------------------------------------------------
-@pytest.mark.parametrize("lockstep", [(), (1, 3)])
-def test_train_cohort_equals_train_client_per_client(lockstep):
-    """Sequential and lockstep cohorts give every client exactly train_client's W_k, loss and steps."""
+@pytest.mark.parametrize("mode", ["sequential", "lockstep", "vectorized"])
+def test_train_cohort_equals_train_client_per_client(mode):
+    """Sequential and lockstep cohorts give every client exactly train_client's W_k, loss and steps;
+    the vectorized cohort (the default) the same to float32 rounding (rtol 1e-5, see tests/test_cohort.py)."""
     cfg = RunConfig.from_mapping(dict(SMALL, **{"clients-per-node": 6}))
     settings = LocalSGDSettings(local_steps=3, learning_rate=0.5, batch_size=8, momentum=0.5)
     w0 = initial_params(cfg)
-    cohort = train_cohort(cfg, [1, 4], 2, w0, settings, lockstep_steps=lockstep)
+    lockstep = (1, 3) if mode == "lockstep" else ()
+    cohort = train_cohort(cfg, [1, 4], 2, w0, settings, lockstep_steps=lockstep, vectorized=mode == "vectorized")
     for i, k in enumerate([1, 4]):
         one = train_client(cfg, load_partition(cfg, k), k, 2, w0, settings)
-        for name, value in one.local_params.items():
-            np.testing.assert_array_equal(cohort.local(i)[name], value)
-        assert cohort.train_loss[i] == one.train_loss and cohort.loss_before[i] == one.loss_before
+        if mode == "vectorized":
+            for name, value in one.local_params.items():
+                np.testing.assert_allclose(cohort.local(i)[name], value, rtol=1e-5, atol=1e-6)
+            assert cohort.train_loss[i] == pytest.approx(one.train_loss, rel=1e-5)
+            assert cohort.loss_before[i] == pytest.approx(one.loss_before, rel=1e-5)
+        else:
+            for name, value in one.local_params.items():
+                np.testing.assert_array_equal(cohort.local(i)[name], value)
+            assert cohort.train_loss[i] == one.train_loss and cohort.loss_before[i] == one.loss_before
         assert cohort.num_steps[i] == 3 and cohort.num_examples[i] == one.num_examples
     assert sorted(cohort.lockstep) == list(lockstep)
 

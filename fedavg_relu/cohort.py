@@ -1,0 +1,319 @@
+"""Vectorized local SGD for a cohort of virtual clients that start from the same model.
+
+Packed mode (:mod:`fedavg_relu.packed`) trains many clients per Flower message.
+Training them one after another through :func:`fedavg_relu.training.run_local_sgd`
+leaves the CPU mostly idle at federated sizes: a client holds tens of examples,
+so each step is a handful of small matrix products wrapped in autograd, module
+and optimizer calls. Here the clients of a cohort are stacked along a leading
+axis and stepped together:
+
+* every trained weight is a ``(k, out, in)`` tensor (one slice per client), a
+  frozen one (``paper``'s A and B) is shared;
+* a layer is one batched product (``bmm``) over the ``k`` clients, its backward
+  is written out by hand (ReLU MLPs need three products per layer), and plain
+  SGD folds the weight gradient into the update (``W.baddbmm_(G^T, H, alpha=-eta)``)
+  so the gradient is never written to memory;
+* the cohort is cut into chunks whose weights fit in the last-level cache
+  (:data:`CHUNK_BYTES`): with 32 examples per client a step reads and writes each
+  client's weights once for a few FLOPs per byte, so cache-resident chunks are
+  what makes the products run near the matmul peak (measured in
+  ``benchmarks/scale.py``).
+
+The updates are the ones :func:`fedavg_relu.training.run_local_sgd` makes
+(SGD with momentum and weight decay as ``torch.optim.SGD``, minibatches drawn
+from each client's own seeded permutation, full batch when ``batch-size`` is 0);
+only the float32 rounding differs, because sums are formed in another order.
+``tests/test_cohort.py`` compares the two on every model family and loss.
+
+Clients whose local data sizes differ are grouped by size (each group has one
+number of steps and one batch size). FedProx's proximal term and SCAFFOLD's
+correction are not supported here (packed mode runs FedAvg only).
+
+This module does not import flwr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .models import ReluMLP, ScaledLinear
+from .training import LocalSGDSettings, client_seed
+
+#: Bytes of trained weights (and momentum buffers) per chunk of clients stepped together:
+#: about half of this machine's 32 MiB last-level cache (measured best at 16-24 MiB).
+CHUNK_BYTES = 20 * 2**20
+
+_relu_backward = torch.ops.aten.threshold_backward
+
+#: glibc keeps freed blocks up to these sizes in the heap instead of returning them to the
+#: kernel: a chunk's activations (~9 MB each at width 4096) are otherwise unmapped when freed
+#: and page-faulted in again on the next chunk, which measured ~1.4x slower here.
+_MMAP_THRESHOLD, _TRIM_THRESHOLD = 64 * 2**20, 256 * 2**20
+_heap_tuned: list[bool] = []
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc (once per process) to reuse freed large blocks; False where there is no glibc."""
+    if not _heap_tuned:
+        ok = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+            ok = bool(libc.mallopt(m_mmap_threshold, _MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim_threshold, _TRIM_THRESHOLD))
+        except (OSError, AttributeError):
+            ok = False
+        _heap_tuned.append(ok)
+    return _heap_tuned[0]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One affine layer of a :class:`~fedavg_relu.models.ReluMLP`: ``scale * h @ W.T + b``."""
+
+    weight: str  # parameter name
+    bias: str | None  # parameter name, None without bias
+    scale: float
+    weight_trained: bool
+    bias_trained: bool
+
+
+def layer_specs(model: ReluMLP) -> list[LayerSpec]:
+    """The model's layers in forward order (input, hidden..., output)."""
+    specs = []
+    prefixes = ["input", *(f"hidden.{i}" for i in range(len(model.hidden))), "output"]
+    modules = [model.input, *model.hidden, model.output]
+    for prefix, module in zip(prefixes, modules, strict=True):
+        scale = module.scale if isinstance(module, ScaledLinear) else 1.0
+        bias = module.bias
+        specs.append(
+            LayerSpec(
+                f"{prefix}.weight", None if bias is None else f"{prefix}.bias", float(scale),
+                module.weight.requires_grad, bias is not None and bias.requires_grad,
+            )
+        )
+    return specs
+
+
+@dataclass
+class CohortTraining:
+    """Every client's outcome, in the order of the clients given."""
+
+    local_params: dict[str, np.ndarray] | None  # name -> (K, *shape) W_k (when kept)
+    weighted_sum: dict[str, np.ndarray]  # name -> sum_k n_k W_k, float64
+    train_loss: np.ndarray  # (K,) mean minibatch loss over the tau steps
+    first_loss: np.ndarray  # (K,) step 1's minibatch loss
+    num_steps: np.ndarray  # (K,) int64
+    num_examples: np.ndarray  # (K,) int64
+
+
+def chunk_size(num_trained: int, momentum: bool, budget: int = CHUNK_BYTES) -> int:
+    """Clients per chunk: as many as keep ``budget`` bytes of float32 weights (x2 with momentum), at least 1."""
+    per_client = 4 * num_trained * (2 if momentum else 1)
+    return max(1, budget // max(per_client, 1))
+
+
+def train_cohort_vectorized(
+    model: ReluMLP,
+    global_params: Mapping[str, np.ndarray],
+    datas: Sequence,
+    seeds: Sequence[int],
+    settings: LocalSGDSettings,
+    keep_local: bool = True,
+    budget: int = CHUNK_BYTES,
+) -> CohortTraining:
+    """Train clients ``datas[i]`` (``x`` (n_i, d), ``y`` (n_i,)) from ``global_params`` with seeds ``seeds[i]``.
+
+    ``model`` supplies the architecture and the frozen weights; its trained
+    parameters are not used or changed. ``seeds[i]`` seeds client i's minibatch
+    order exactly like :func:`fedavg_relu.task.train_client`
+    (``torch.Generator().manual_seed(seed)``).
+    """
+    if settings.proximal_mu > 0:
+        raise ValueError("proximal-mu > 0 is not supported by vectorized cohort training")
+    if len(datas) != len(seeds) or not datas:
+        raise ValueError("need one seed per client and at least one client")
+    retain_freed_memory()
+    specs = layer_specs(model)
+    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    start = {name: torch.as_tensor(np.asarray(global_params[name])) for name in trained}
+    num_trained = sum(int(t.numel()) for t in start.values())
+    size = len(datas)
+    sizes = np.array([len(d) for d in datas], np.int64)
+    out = CohortTraining(
+        local_params={n: np.empty((size, *start[n].shape), np.float32) for n in trained} if keep_local else None,
+        weighted_sum={n: np.zeros(tuple(start[n].shape), np.float64) for n in trained},
+        train_loss=np.zeros(size), first_loss=np.zeros(size), num_steps=np.zeros(size, np.int64), num_examples=sizes,
+    )
+    per_chunk = chunk_size(num_trained, settings.momentum > 0, budget)
+    for n in np.unique(sizes):  # one group per local data size: same steps, same batch
+        members = [int(i) for i in np.flatnonzero(sizes == n)]
+        for first in range(0, len(members), per_chunk):
+            chunk = members[first : first + per_chunk]
+            _train_chunk(specs, frozen, start, [datas[i] for i in chunk], [seeds[i] for i in chunk], settings, chunk, out)
+    return out
+
+
+def _batches(n: int, batch: int, steps: int, seed: int) -> list[torch.Tensor] | None:
+    """Client's minibatch indices per step, as :func:`fedavg_relu.training.iter_local_sgd` draws them (None: full batch)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)
+    if batch >= n:
+        return None
+    cursor, out = 0, []
+    for _ in range(steps):
+        if cursor + batch > n:
+            order = torch.randperm(n, generator=generator)
+            cursor = 0
+        out.append(order[cursor : cursor + batch])
+        cursor += batch
+    return out
+
+
+def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings, positions, out: CohortTraining) -> None:
+    """Step ``datas`` (equal sizes) together; write their outcome into ``out`` at ``positions``.
+
+    A trained parameter stays one shared tensor until its first update makes the
+    clients differ (the first forward and backward are then plain products over all
+    the chunk's examples). Without momentum and when the local models are not kept,
+    the last update is not applied client by client: only
+    ``sum_k W_k^tau = (1 - eta wd) sum_k W_k^{tau-1} - eta sum_k g_k`` is needed, and
+    ``sum_k g_k`` of a weight is one product over the chunk's stacked examples.
+    """
+    k = len(datas)
+    n = len(datas[0])
+    steps = settings.steps_for(n)
+    batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
+    x = torch.stack([d.x for d in datas])  # (k, n, d)
+    y = torch.stack([d.y for d in datas])  # (k, n)
+    orders = [_batches(n, batch, steps, s) for s in seeds]
+    rows = torch.arange(k).unsqueeze(1)
+    params: dict[str, torch.Tensor] = {}  # name -> (k, *shape) once the clients differ
+    buffers: dict[str, torch.Tensor] = {}
+    folded: dict[str, np.ndarray] = {}  # name -> sum_k W_k^tau (float64), when the last update is folded
+    lr, wd, momentum = settings.learning_rate, settings.weight_decay, settings.momentum
+    losses = torch.zeros(steps, k, dtype=torch.float64)
+
+    def current(name: str) -> torch.Tensor:
+        return params[name] if name in params else start[name] if name in start else frozen[name]
+
+    def update(name: str, grad_k: Callable[[], torch.Tensor], step_k, grad_sum: Callable[[], torch.Tensor], last: bool) -> None:
+        """``torch.optim.SGD``'s step on every client's parameter ``name``.
+
+        ``grad_k()``: the (k, *shape) gradients; ``step_k(base, alpha)``: ``base + alpha * g``
+        formed without writing g (in place when ``base`` is the stacked parameter);
+        ``grad_sum()``: ``sum_k g_k``.
+        """
+        shared = name not in params
+        base = start[name] if shared else params[name]
+        if momentum == 0 and last and out.local_params is None:
+            total = (k * base.double()) if shared else base.sum(0, dtype=torch.float64)
+            folded[name] = ((1.0 - lr * wd) * total - lr * grad_sum().double()).numpy()
+            return
+        if momentum == 0:
+            if shared:
+                params[name] = step_k(base.mul(1.0 - lr * wd).expand(k, *base.shape), -lr, False)
+            else:
+                if wd:
+                    base.mul_(1.0 - lr * wd)
+                step_k(base, -lr, True)
+            return
+        g = grad_k()
+        if wd:
+            g = g.add(base, alpha=wd)
+        buf = buffers.get(name)
+        if buf is None:
+            buffers[name] = buf = g.clone() if not g.is_contiguous() else g
+        else:
+            buf.mul_(momentum).add_(g)
+        params[name] = base - lr * buf if shared else base.add_(buf, alpha=-lr)
+
+    for t in range(steps):
+        if orders[0] is None:
+            xb, yb = x, y
+        else:
+            idx = torch.stack([o[t] for o in orders])  # (k, b)
+            xb, yb = x[rows, idx], y[rows, idx]
+        inputs = []  # each layer's input h (post-ReLU)
+        h = xb
+        for i, spec in enumerate(specs):
+            inputs.append(h)
+            w = current(spec.weight)
+            pre = torch.bmm(h, w.transpose(1, 2)) if w.dim() == 3 else torch.matmul(h, w.T)
+            if spec.scale != 1.0:
+                pre.mul_(spec.scale)
+            if spec.bias is not None:
+                bias = current(spec.bias)
+                pre.add_(bias.unsqueeze(1) if bias.dim() == 2 else bias)
+            h = pre.relu_() if i < len(specs) - 1 else pre
+        logits = h  # (k, b, c)
+        num = logits.shape[1]
+        onehot = F.one_hot(yb, logits.shape[2]).to(logits.dtype)
+        if settings.loss == "squared":
+            diff = logits - onehot
+            losses[t] = 0.5 * diff.square().sum(2).mean(1, dtype=torch.float64)
+            grad = diff.div_(num)
+        elif settings.loss == "cross-entropy":
+            logp = torch.log_softmax(logits, dim=2)
+            losses[t] = -(logp * onehot).sum(2).mean(1, dtype=torch.float64)
+            grad = logp.exp_().sub_(onehot).div_(num)
+        else:
+            raise ValueError(f"loss={settings.loss!r}: expected one of squared, cross-entropy")
+        last = t == steps - 1
+        for i in range(len(specs) - 1, -1, -1):  # output layer first; input gradients use the weights before the update
+            spec, h_in, g_out, a = specs[i], inputs[i], grad, specs[i].scale
+            below = None
+            if i > 0:
+                w = current(spec.weight)
+                below = torch.bmm(g_out, w) if w.dim() == 3 else torch.matmul(g_out, w)
+                if a != 1.0:
+                    below.mul_(a)
+                below = _relu_backward(below, h_in, 0)
+            if spec.weight_trained:
+                update(
+                    spec.weight,
+                    lambda g_out=g_out, h_in=h_in, a=a: torch.bmm(g_out.transpose(1, 2), h_in).mul_(a),
+                    lambda base, alpha, inplace, g_out=g_out, h_in=h_in, a=a: (
+                        base.baddbmm_(g_out.transpose(1, 2), h_in, alpha=alpha * a) if inplace
+                        else torch.baddbmm(base, g_out.transpose(1, 2), h_in, alpha=alpha * a)
+                    ),
+                    lambda g_out=g_out, h_in=h_in, a=a: (
+                        g_out.reshape(-1, g_out.shape[2]).T @ h_in.reshape(-1, h_in.shape[2])
+                    ).mul_(a),
+                    last,
+                )
+            if spec.bias_trained:
+                update(
+                    spec.bias,
+                    lambda g_out=g_out: g_out.sum(1),
+                    lambda base, alpha, inplace, g_out=g_out: (
+                        base.add_(g_out.sum(1), alpha=alpha) if inplace else torch.add(base, g_out.sum(1), alpha=alpha)
+                    ),
+                    lambda g_out=g_out: g_out.sum((0, 1)),
+                    last,
+                )
+            grad = below
+    for name in start:
+        if name in folded:
+            out.weighted_sum[name] += float(n) * folded[name]
+            continue
+        stack = params[name]
+        out.weighted_sum[name] += float(n) * stack.sum(0, dtype=torch.float64).numpy()
+        if out.local_params is not None:
+            out.local_params[name][positions] = stack.numpy()
+    out.train_loss[positions] = losses.mean(0).numpy()
+    out.first_loss[positions] = losses[0].numpy()
+    out.num_steps[positions] = steps
+
+
+def cohort_seeds(seed: int, client_ids: Sequence[int], server_round: int) -> list[int]:
+    """Each client's minibatch seed, as the standard path draws it."""
+    return [client_seed(seed, k, server_round) for k in client_ids]

@@ -1,0 +1,71 @@
+"""Tests for fedavg_relu.simulation's message extractor (the one Flower runtime function simulate() replaces).
+
+The whole simulate() path runs in tests/test_e2e.py and tests/test_ray_cluster.py.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from types import SimpleNamespace
+
+from fedavg_relu.simulation import _add_messages_to_queue, _FastExtractor
+
+
+class FakeState:
+    """The part of Flower's InMemoryLinkState the extractor uses, with its delivery rule.
+
+    ``get_message_ins(node_id, limit=1)`` returns the node's first undelivered
+    message and marks it delivered (as in flwr/server/superlink/linkstate/in_memory_linkstate.py).
+    """
+
+    def __init__(self, messages):
+        self.lock = threading.RLock()
+        self.message_ins_store = {
+            mid: SimpleNamespace(id=mid, metadata=SimpleNamespace(dst_node_id=node, delivered_at=at))
+            for mid, node, at in messages
+        }
+        self.asked: list[int] = []
+
+    def get_message_ins(self, node_id, limit):
+        with self.lock:
+            self.asked.append(node_id)
+            for msg in self.message_ins_store.values():
+                if msg.metadata.dst_node_id == node_id and msg.metadata.delivered_at == "":
+                    msg.metadata.delivered_at = "now"
+                    return [msg]
+            return []
+
+
+def _run(state, nodes, expected):
+    q: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    thread = threading.Thread(target=_add_messages_to_queue, args=(state, q, dict.fromkeys(nodes, 0), stop, 0.001))
+    thread.start()
+    got = [q.get(timeout=5).id for _ in range(expected)]
+    stop.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    return got, q
+
+
+def test_extractor_delivers_each_pending_message_once_and_asks_only_their_nodes():
+    """Messages a -> node 1, b -> node 3, c -> node 3, d -> node 2 (already delivered), e -> node 9 (not ours).
+
+    Nodes 1..4 are ours. Expected: a, b, c delivered once each (node 3's two one per
+    sweep, as Flower's limit=1 does), d and e never; nodes 2, 4 and 9 never asked.
+    """
+    state = FakeState([("a", 1, ""), ("b", 3, ""), ("c", 3, ""), ("d", 2, "earlier"), ("e", 9, "")])
+    got, q = _run(state, [1, 2, 3, 4], 3)
+    assert sorted(got) == ["a", "b", "c"] and q.empty()
+    assert set(state.asked) == {1, 3}
+    assert state.message_ins_store["e"].metadata.delivered_at == ""
+
+
+def test_fast_extractor_is_installed_only_inside_the_context():
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.add_messages_to_queue
+    with _FastExtractor():
+        assert vce_api.add_messages_to_queue is _add_messages_to_queue
+    assert vce_api.add_messages_to_queue is original
