@@ -73,8 +73,10 @@ def run_config(args: dict, num_partitions: int, per_round: int, path: str) -> di
         "drift-metrics": False, "save-model": False, "output-dir": args["tmp"],
         "run-name": f"{path}-{num_partitions}-{per_round}",
     }
-    if path == "packed":
+    if path == "packed":  # one node per core
         cfg["clients-per-node"] = max(2, math.ceil(num_partitions / 2))
+    elif path == "packed-1node":  # one node holding every virtual client, torch on both cores
+        cfg["clients-per-node"] = max(2, num_partitions)
     return cfg
 
 
@@ -164,7 +166,7 @@ def child_ours(args: dict, num_partitions: int, per_round: int, path: str) -> li
     from fedavg_relu.results import read_metrics
     from fedavg_relu.simulation import simulate
 
-    run_dir = simulate(run_config(args, num_partitions, per_round, path), num_cpus_per_client=1)
+    run_dir = simulate(run_config(args, num_partitions, per_round, path), num_cpus_per_client=THREADS[path])
     return [float(r["seconds"]) for r in read_metrics(run_dir) if r["round"] >= 1]
 
 
@@ -350,9 +352,9 @@ def profile_standard(args: dict, clients: int = 20) -> dict:
 
 
 # --- parent: the report ----------------------------------------------------------------------------
-PATHS = ("stock-default", "stock-1cpu", "standard", "packed")
-ACTORS = {"stock-default": 1, "stock-1cpu": 2, "standard": 2, "packed": 2}
-THREADS = {"stock-default": 2, "stock-1cpu": 1, "standard": 1, "packed": 1}
+PATHS = ("stock-default", "stock-1cpu", "standard", "packed", "packed-1node")
+ACTORS = {"stock-default": 1, "stock-1cpu": 2, "standard": 2, "packed": 2, "packed-1node": 1}
+THREADS = {"stock-default": 2, "stock-1cpu": 1, "standard": 1, "packed": 1, "packed-1node": 2}
 
 
 def main() -> None:

@@ -78,8 +78,38 @@ def unit_norm(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1.0)
 
 
+#: Rows of synthetic inputs drawn and normalized at a time (bounds the float64 temporaries).
+SYNTHETIC_BLOCK = 16384
+
+
 def make_synthetic(n: int, d: int, num_classes: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs on the unit sphere in R^d and labels from a random ReLU teacher."""
+    """Inputs on the unit sphere in R^d and labels from a random ReLU teacher.
+
+    The inputs are drawn and normalized :data:`SYNTHETIC_BLOCK` rows at a time:
+    numpy's generator yields the same numbers for consecutive blocks as for one
+    ``(n, d)`` draw, so the data are those of a single draw (tests/test_data.py
+    checks it) while the float64 temporaries stay a block long.
+    """
+    rng = np.random.default_rng([seed, 0x5EED])
+    x = np.empty((n, d), np.float32)
+    for start in range(0, n, SYNTHETIC_BLOCK):
+        stop = min(n, start + SYNTHETIC_BLOCK)
+        x[start:stop] = unit_norm(rng.standard_normal((stop - start, d)))
+    hidden = 64
+    a = rng.standard_normal((d, hidden)) * np.sqrt(2.0 / d)
+    b = rng.standard_normal((hidden, num_classes)) / np.sqrt(hidden)
+    logits = np.empty((n, num_classes))
+    for start in range(0, n, SYNTHETIC_BLOCK):
+        stop = min(n, start + SYNTHETIC_BLOCK)
+        logits[start:stop] = np.maximum(x[start:stop] @ a, 0.0) @ b
+    logits = (logits - logits.mean(axis=0)) / (logits.std(axis=0) + 1e-12)
+    if noise > 0:
+        logits = logits + noise * rng.standard_normal(logits.shape)
+    return x, logits.argmax(axis=1).astype(np.int64)
+
+
+def _make_synthetic_one_draw(n: int, d: int, num_classes: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`make_synthetic` as first written (one ``(n, d)`` draw); kept for the test that they agree."""
     rng = np.random.default_rng([seed, 0x5EED])
     x = unit_norm(rng.standard_normal((n, d)))
     hidden = 64
@@ -125,6 +155,10 @@ def load_central(cfg: RunConfig) -> CentralData:
 
 @functools.lru_cache(maxsize=4)
 def _load_central_cached(cfg: RunConfig) -> CentralData:
+    return _build_central(cfg)
+
+
+def _build_central(cfg: RunConfig) -> CentralData:
     from sklearn.model_selection import train_test_split
 
     x, y, num_classes = load_builtin(cfg.dataset, cfg)
@@ -279,7 +313,13 @@ def load_test(cfg: RunConfig) -> TensorData:
     """Held-out data for central evaluation of the configured data set."""
     if cfg.dataset in HUB_DATASETS:
         return load_hub_test(cfg)
-    return load_central(cfg).test
+    return _load_test_cached(cfg.only(*_DATA_FIELDS))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_test_cached(cfg: RunConfig) -> TensorData:
+    # the server needs only the held-out split: do not keep the training pool in its process
+    return _build_central(cfg).test
 
 
 # --- a device's own data file ---------------------------------------------------

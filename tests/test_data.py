@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from fedavg_relu.config import RunConfig
 from fedavg_relu.data import (
@@ -241,3 +242,26 @@ def test_hub_dataset_offline_raises_dataset_unavailable(monkeypatch, tmp_path):
         load_partition(RunConfig(dataset="mnist", num_partitions=2), 0)
     assert "dataset='mnist'" in str(info.value) and "ylecun/mnist" in str(info.value)
     assert isinstance(info.value, RuntimeError)
+
+
+def test_blocked_synthetic_draw_equals_one_draw(monkeypatch):
+    """make_synthetic draws its inputs in blocks (7 rows here, so 100 rows = 15 blocks): the same bits as one draw."""
+    import fedavg_relu.data as data_module
+
+    monkeypatch.setattr(data_module, "SYNTHETIC_BLOCK", 7)
+    for noise in (0.0, 0.3):
+        x, y = data_module.make_synthetic(100, 6, 4, noise, seed=5)
+        x1, y1 = data_module._make_synthetic_one_draw(100, 6, 4, noise, seed=5)
+        assert x.dtype == x1.dtype == np.float32
+        np.testing.assert_array_equal(x, x1)
+        np.testing.assert_array_equal(y, y1)
+
+
+def test_load_test_is_the_central_held_out_split():
+    """The server's load_test (which does not cache the training pool) returns load_central's test split."""
+    from fedavg_relu.data import load_central, load_test
+
+    cfg = RunConfig.from_mapping({"dataset": "synthetic", "synthetic-num-examples": 250, "test-fraction": 0.2})
+    test, central = load_test(cfg), load_central(cfg)
+    assert len(test) == 50
+    assert torch.equal(test.x, central.test.x) and torch.equal(test.y, central.test.y)
