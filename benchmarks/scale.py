@@ -20,8 +20,11 @@ measured alone):
     This project's app, one Flower node per client, 1 CPU per actor (2 actors),
     torch on one thread per actor.
 ``packed``
-    This project's app with ``clients-per-node`` = clients per round / 2: two
-    Flower nodes, each training 50 virtual clients per message.
+    This project's app with ``clients-per-node`` = the number of virtual clients:
+    one Flower node trains all 100 clients per message (vectorized,
+    :mod:`fedavg_relu.cohort`), torch on both cores (``simulate()``'s default for one node).
+``packed-2nodes``
+    The same split over two nodes of 50 virtual clients, 1 CPU and one torch thread each.
 
 Measured (medians over rounds 2..R; round 1 holds the actors' start):
 client-updates per second; framework overhead per client-round (round time
@@ -31,7 +34,10 @@ measured here with the same total thread count; peak memory of the whole
 process tree (sum of PSS, i.e. shared pages split between processes, and sum
 of RSS); and, with ``--scan``, round time as the number of virtual clients grows
 at fixed clients per round. A profile of one standard-path client-round splits
-its time into our client code, serialization and Flower's messaging.
+its time into our client code, serialization and Flower's messaging. Outside
+Flower, the same run also times packed mode's cohort training alone and one plain
+PyTorch step on all clients' examples stacked (the share of the peak eager PyTorch
+reaches on this network here).
 
 Usage::
 
@@ -73,10 +79,10 @@ def run_config(args: dict, num_partitions: int, per_round: int, path: str) -> di
         "drift-metrics": False, "save-model": False, "output-dir": args["tmp"],
         "run-name": f"{path}-{num_partitions}-{per_round}",
     }
-    if path == "packed":  # one node per core
-        cfg["clients-per-node"] = max(2, math.ceil(num_partitions / 2))
-    elif path == "packed-1node":  # one node holding every virtual client, torch on both cores
+    if path == "packed":  # one node holding every virtual client, torch on both cores
         cfg["clients-per-node"] = max(2, num_partitions)
+    elif path == "packed-2nodes":  # one node per core, one torch thread each
+        cfg["clients-per-node"] = max(2, math.ceil(num_partitions / 2))
     return cfg
 
 
@@ -304,6 +310,52 @@ def plain_loop_seconds(args: dict, threads: int, clients: int) -> float:
     return best
 
 
+def compute_ceilings(args: dict, threads: int, clients: int) -> dict:
+    """Seconds for the round's training FLOPs outside Flower, on ``threads`` threads.
+
+    ``packed-compute-s``: packed mode's cohort training alone
+    (``fedavg_relu.packed.train_cohort``, vectorized, no messages, no server);
+    ``centralized-step-s``: one plain PyTorch SGD step of one model on all the
+    clients' examples stacked (the same FLOPs when every client does one full-batch
+    step, with no federated structure at all: what eager PyTorch reaches on this
+    network here, the ceiling any framework on top of it works under).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from fedavg_relu.config import RunConfig
+    from fedavg_relu.packed import train_cohort
+    from fedavg_relu.task import initial_params
+    from fedavg_relu.training import LocalSGDSettings
+
+    torch.set_num_threads(threads)
+    cfg = RunConfig.from_mapping(run_config(args, clients, clients, "packed"))
+    settings = LocalSGDSettings(args["local_steps"], 0.1, 0, loss="cross-entropy")
+    w0, ids = initial_params(cfg), list(range(clients))
+    best = math.inf
+    for _ in range(4):
+        t = time.perf_counter()
+        train_cohort(cfg, ids, 1, w0, settings, keep_local=False)
+        best = min(best, time.perf_counter() - t)
+    out = {"packed-compute-s": best}
+    from fedavg_relu.data import load_partitions
+
+    data = load_partitions(cfg, ids)
+    x, y = torch.cat([d.x for d in data]), torch.cat([d.y for d in data])
+    model = plain_model(args["width"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    best = math.inf
+    for _ in range(4):
+        t = time.perf_counter()
+        for _ in range(args["local_steps"]):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        best = min(best, time.perf_counter() - t)
+    out["centralized-step-s"] = best
+    return out
+
+
 def profile_standard(args: dict, clients: int = 20) -> dict:
     """Per client-round seconds of the standard path's parts, measured in this process (no Ray).
 
@@ -352,9 +404,9 @@ def profile_standard(args: dict, clients: int = 20) -> dict:
 
 
 # --- parent: the report ----------------------------------------------------------------------------
-PATHS = ("stock-default", "stock-1cpu", "standard", "packed", "packed-1node")
-ACTORS = {"stock-default": 1, "stock-1cpu": 2, "standard": 2, "packed": 2, "packed-1node": 1}
-THREADS = {"stock-default": 2, "stock-1cpu": 1, "standard": 1, "packed": 1, "packed-1node": 2}
+PATHS = ("stock-default", "stock-1cpu", "standard", "packed-2nodes", "packed")
+ACTORS = {"stock-default": 1, "stock-1cpu": 2, "standard": 2, "packed-2nodes": 2, "packed": 1}
+THREADS = {"stock-default": 2, "stock-1cpu": 1, "standard": 1, "packed-2nodes": 1, "packed": 2}
 
 
 def main() -> None:
@@ -391,6 +443,9 @@ def main() -> None:
     peaks = {t: matmul_peak(t) for t in (1, 2)}
     plain = {t: plain_loop_seconds(args, t, ns.clients_per_round) for t in (1, 2)}
     flops = train_flops(args) * ns.clients_per_round
+    ceilings = compute_ceilings(args, 2, ns.clients_per_round)
+    ceilings.update({key[:-2] + "-fraction-of-peak": flops / value / peaks[2] for key, value in list(ceilings.items())})
+    print("outside Flower, 2 threads:", json.dumps(ceilings), flush=True)
     print(f"matmul peak: 1 thread {peaks[1] / 1e9:.1f} GFLOP/s, 2 threads {peaks[2] / 1e9:.1f} GFLOP/s; "
           f"plain loop of {ns.clients_per_round} clients: {plain[1]:.3f}s (1 thread), {plain[2]:.3f}s (2 threads)", flush=True)
     rows = []
@@ -460,16 +515,17 @@ def main() -> None:
         "clients-per-round": ns.clients_per_round, "examples-per-client": ns.examples, "local-steps": ns.local_steps,
         "rounds": ns.rounds, "matmul-peak-gflops": {str(k): v / 1e9 for k, v in peaks.items()},
         "plain-loop-s": {str(k): v for k, v in plain.items()}, "train-flops-per-client-round": train_flops(args),
+        "outside-flower-2-threads": ceilings,
         "seconds": time.perf_counter() - t_start,
     }
     (out_dir / "scale.json").write_text(json.dumps({"meta": meta, "paths": rows, "profile": profile, "scan": scan}, indent=2) + "\n")
-    write_tables(out_dir, rows, scan)
+    write_tables(out_dir, rows, scan, meta)
     plot(out_dir, rows, scan)
     shutil.rmtree(args["tmp"], ignore_errors=True)
     print(f"wrote {out_dir}/scale.json, scale.csv, scale_scan.csv, scale.md, scale.png in {meta['seconds']:.0f}s")
 
 
-def write_tables(out_dir: Path, rows: list[dict], scan: list[dict]) -> None:
+def write_tables(out_dir: Path, rows: list[dict], scan: list[dict], meta: dict | None = None) -> None:
     import csv
 
     for name, items in (("scale.csv", rows), ("scale_scan.csv", scan)):
@@ -478,7 +534,23 @@ def write_tables(out_dir: Path, rows: list[dict], scan: list[dict]) -> None:
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()
             writer.writerows(items)
-    lines = ["| path | actors x threads | round s | client-updates/s | x stock default | overhead ms/client-round | FLOP/s / peak | peak PSS GiB (RSS) |",
+    lines = []
+    if meta:
+        c = meta.get("outside-flower-2-threads", {})
+        lines += [
+            f"Width {meta['width']}, {meta['clients-per-round']} clients per round, {meta['examples-per-client']} examples "
+            f"and {meta['local-steps']} full-batch step(s) per client; {meta['machine']}, torch {meta['torch']}; "
+            f"matmul peak {meta['matmul-peak-gflops']['1']:.0f} GFLOP/s (1 thread), {meta['matmul-peak-gflops']['2']:.0f} (2 threads).",
+            "",
+        ]
+        if c:
+            lines += [
+                f"Outside Flower, 2 threads: packed cohort training alone {1e3 * c['packed-compute-s']:.1f} ms per round "
+                f"({c['packed-compute-fraction-of-peak']:.2f} of peak); one plain PyTorch step of one model on all "
+                f"clients' examples stacked {1e3 * c['centralized-step-s']:.1f} ms ({c['centralized-step-fraction-of-peak']:.2f} of peak).",
+                "",
+            ]
+    lines += ["| path | actors x threads | round s | client-updates/s | x stock default | overhead ms/client-round | FLOP/s / peak | peak PSS GiB (RSS) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "round-s" not in r:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
+from .simulation import default_cpus_per_client
 
 
 def find_app_dir(start: Path | None = None) -> Path:
@@ -89,6 +90,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides["output-dir"] = str(run_dir.parent)
     overrides["run-name"] = run_dir.name
     num_supernodes = args.num_supernodes or cfg.num_nodes  # packed mode: ceil(num-partitions / clients-per-node)
+    if args.cpus_per_client is None:
+        args.cpus_per_client = default_cpus_per_client(num_supernodes)
     print(
         f"fedavg-relu: {cfg.model_family} m={cfg.width} L={cfg.depth} tau={cfg.local_steps} on {cfg.dataset} "
         f"({cfg.partitioner}, {cfg.num_partitions} clients, {num_supernodes} SuperNodes, "
@@ -123,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--app", help="the Flower app folder (default: this checkout)")
     run = sub.add_parser("run", parents=[common], help="run the simulation with `flwr run` (isolated)")
     run.add_argument("--num-supernodes", type=int, default=0, help="simulated SuperNodes (default: num-partitions, or ceil(num-partitions / clients-per-node))")
-    run.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per ClientApp actor (default 1)")
+    run.add_argument("--cpus-per-client", type=int, default=None,
+                     help="Ray CPUs per ClientApp actor (default 1; every core when one node trains everything)")
     run.add_argument("--flwr-home", help="FLWR_HOME to use (default: a fresh temporary folder)")
     run.add_argument("--keep-flwr-home", action="store_true", help="keep the temporary FLWR_HOME (logs)")
     run.add_argument("--quiet", action="store_true", help="do not echo Flower's log stream")

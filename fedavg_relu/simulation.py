@@ -66,10 +66,23 @@ class _FastExtractor:
             self._module.add_messages_to_queue = self._original
 
 
+def default_cpus_per_client(num_nodes: int, joining: bool = False) -> int:
+    """Ray CPUs per ClientApp actor: every core of this machine for a single node, else 1.
+
+    One actor per core with one torch thread each is fastest for the standard path
+    (benchmarks/scale.py); a single packed node would leave all but one core idle with
+    1, so it gets them all (torch then runs its batched products on every core).
+    On a cluster joined by address the machine's cores say nothing: 1.
+    """
+    if num_nodes == 1 and not joining:
+        return max(1, os.cpu_count() or 1)
+    return 1
+
+
 def simulate(
     cfg: RunConfig | Mapping[str, Any],
     num_supernodes: int | None = None,
-    num_cpus_per_client: int = 1,
+    num_cpus_per_client: int | None = None,
     ray_temp_dir: str | os.PathLike | None = None,
     client_mods: list | None = None,
     ray_init_args: Mapping[str, Any] | None = None,
@@ -81,6 +94,10 @@ def simulate(
     ``address`` (e.g. ``"127.0.0.1:6379"``) the simulation joins that running Ray
     cluster instead of starting a private one, and ``ray_temp_dir`` is not used.
     Returns the run folder.
+
+    ``num_cpus_per_client`` (Ray CPUs, and so torch threads, per ClientApp actor)
+    defaults to :func:`default_cpus_per_client`: 1, or every core when a single
+    node trains everything (packed mode with ``clients-per-node >= num-partitions``).
 
     Flower's runtime is used as shipped except for one function: the thread that
     hands instructions to the workers polls every 2 ms instead of every 0.1 s and
@@ -95,6 +112,9 @@ def simulate(
 
     if not isinstance(cfg, RunConfig):
         cfg = RunConfig.from_mapping(cfg)
+    nodes = num_supernodes or cfg.num_nodes
+    if num_cpus_per_client is None:
+        num_cpus_per_client = default_cpus_per_client(nodes, joining=bool(ray_init_args and "address" in ray_init_args))
     mapping = cfg.to_mapping()
     out: dict[str, Path] = {}
 
@@ -132,7 +152,7 @@ def simulate(
             run_simulation(
                 server_app=server,
                 client_app=build_client_app(mods=[inject_config, *(client_mods or [])]),
-                num_supernodes=num_supernodes or cfg.num_nodes,
+                num_supernodes=nodes,
                 backend_config={"client_resources": {"num_cpus": num_cpus_per_client}, "init_args": init_args},
             )
     finally:

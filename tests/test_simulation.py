@@ -69,3 +69,15 @@ def test_fast_extractor_is_installed_only_inside_the_context():
     with _FastExtractor():
         assert vce_api.add_messages_to_queue is _add_messages_to_queue
     assert vce_api.add_messages_to_queue is original
+
+
+def test_default_cpus_per_client(monkeypatch):
+    """One node gets every core (a packed node holding all virtual clients); several nodes 1 each; a joined cluster 1."""
+    import fedavg_relu.simulation as sim
+
+    monkeypatch.setattr(sim.os, "cpu_count", lambda: 8)
+    assert sim.default_cpus_per_client(1) == 8
+    assert sim.default_cpus_per_client(2) == 1
+    assert sim.default_cpus_per_client(1, joining=True) == 1
+    monkeypatch.setattr(sim.os, "cpu_count", lambda: None)
+    assert sim.default_cpus_per_client(1) == 1
