@@ -76,7 +76,7 @@ def run_config(args: dict, num_partitions: int, per_round: int, path: str) -> di
         "model-family": "standard", "width": args["width"], "depth": 1, "loss": "cross-entropy",
         "local-steps": args["local_steps"], "batch-size": 0, "learning-rate": 0.1, "lr-scaling": "constant",
         "fraction-train": per_round / num_partitions, "num-server-rounds": args["rounds"],
-        "drift-metrics": False, "save-model": False, "output-dir": args["tmp"],
+        "drift-metrics": bool(args.get("drift", False)), "save-model": False, "output-dir": args["tmp"],
         "run-name": f"{path}-{num_partitions}-{per_round}",
     }
     if path == "packed":  # one node holding every virtual client, torch on both cores
@@ -416,6 +416,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--local-steps", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--drift", action="store_true",
+                        help="drift metrics on in this project's paths (stock Flower has none): what they cost at scale")
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--scan", default="10,100,1000,10000", help="virtual clients for the scan ('' = none)")
     parser.add_argument("--scan-per-round", type=int, default=10)
@@ -436,7 +438,7 @@ def main() -> None:
     out_dir = Path(ns.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = {"width": ns.width, "examples": ns.examples, "local_steps": ns.local_steps, "rounds": ns.rounds,
-            "tmp": tempfile.mkdtemp(prefix="scale-bench-")}
+            "drift": ns.drift, "tmp": tempfile.mkdtemp(prefix="scale-bench-")}
     import torch
 
     t_start = time.perf_counter()
@@ -496,8 +498,11 @@ def main() -> None:
             base = min(items, key=lambda s: s["virtual-clients"])["round-s"]
             for s in items:
                 s["round-time-vs-smallest"] = s["round-s"] / base
+    rows_here, scan_here = list(rows), list(scan)
+    merged_from = None
     if ns.merge and (out_dir / "scale.json").exists():
         old = json.loads((out_dir / "scale.json").read_text())
+        merged_from = old["meta"]
         new_paths = {r["path"] for r in rows}
         rows = [r for r in old["paths"] if r["path"] not in new_paths] + rows
         rows.sort(key=lambda r: PATHS.index(r["path"]) if r["path"] in PATHS else 99)
@@ -513,11 +518,17 @@ def main() -> None:
     meta = {
         "machine": f"{os.cpu_count()} CPUs", "torch": torch.__version__, "width": ns.width,
         "clients-per-round": ns.clients_per_round, "examples-per-client": ns.examples, "local-steps": ns.local_steps,
+        "drift-metrics": ns.drift,
         "rounds": ns.rounds, "matmul-peak-gflops": {str(k): v / 1e9 for k, v in peaks.items()},
         "plain-loop-s": {str(k): v for k, v in plain.items()}, "train-flops-per-client-round": train_flops(args),
         "outside-flower-2-threads": ceilings,
         "seconds": time.perf_counter() - t_start,
     }
+    if merged_from is not None:  # the table's header stays the first run's; say what was rerun and when
+        rerun = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "paths": sorted({r["path"] for r in rows_here}),
+                 "scan": sorted({f"{s['path']} x {s['virtual-clients']}" for s in scan_here}),
+                 "matmul-peak-gflops": meta["matmul-peak-gflops"], "seconds": meta["seconds"]}
+        meta = dict(merged_from, reruns=[*merged_from.get("reruns", []), rerun])
     (out_dir / "scale.json").write_text(json.dumps({"meta": meta, "paths": rows, "profile": profile, "scan": scan}, indent=2) + "\n")
     write_tables(out_dir, rows, scan, meta)
     plot(out_dir, rows, scan)
@@ -537,12 +548,18 @@ def write_tables(out_dir: Path, rows: list[dict], scan: list[dict], meta: dict |
     lines = []
     if meta:
         c = meta.get("outside-flower-2-threads", {})
+        drift_text = "on (this project's paths)" if meta.get("drift-metrics") else "off"
         lines += [
             f"Width {meta['width']}, {meta['clients-per-round']} clients per round, {meta['examples-per-client']} examples "
-            f"and {meta['local-steps']} full-batch step(s) per client; {meta['machine']}, torch {meta['torch']}; "
+            f"and {meta['local-steps']} full-batch step(s) per client; drift metrics {drift_text}; "
+            f"{meta['machine']}, torch {meta['torch']}; "
             f"matmul peak {meta['matmul-peak-gflops']['1']:.0f} GFLOP/s (1 thread), {meta['matmul-peak-gflops']['2']:.0f} (2 threads).",
             "",
         ]
+        for rerun in meta.get("reruns", []):
+            what = ", ".join(rerun["paths"] + rerun["scan"])
+            lines += [f"Rerun alone and merged at {rerun['at']}: {what} (matmul peak then "
+                      f"{rerun['matmul-peak-gflops']['1']:.0f} / {rerun['matmul-peak-gflops']['2']:.0f} GFLOP/s).", ""]
         if c:
             lines += [
                 f"Outside Flower, 2 threads: packed cohort training alone {1e3 * c['packed-compute-s']:.1f} ms per round "

@@ -178,6 +178,157 @@ def _batches(n: int, batch: int, steps: int, seed: int) -> list[torch.Tensor] | 
     return out
 
 
+def _forward(specs, weight_of: Callable[[str], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits ``(k, n, c)`` of the stacked clients and each layer's input ``h`` (post-ReLU; ``x`` first).
+
+    ``weight_of(name)`` is a shared ``(out, in)`` / ``(out,)`` tensor or a stacked
+    ``(k, out, in)`` / ``(k, out)`` one. A hidden unit is on where its ``h`` > 0,
+    which is the model's pattern ``pre > 0``.
+    """
+    inputs = []
+    h = x
+    for i, spec in enumerate(specs):
+        inputs.append(h)
+        w = weight_of(spec.weight)
+        pre = torch.bmm(h, w.transpose(1, 2)) if w.dim() == 3 else torch.matmul(h, w.T)
+        if spec.scale != 1.0:
+            pre.mul_(spec.scale)
+        if spec.bias is not None:
+            bias = weight_of(spec.bias)
+            pre.add_(bias.unsqueeze(1) if bias.dim() == 2 else bias)
+        h = pre.relu_() if i < len(specs) - 1 else pre
+    return h, inputs
+
+
+def _loss_and_grad(logits: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each client's mean loss (float64, ``(k,)``) and d(its mean loss)/d logits (overwrites ``logits``' copy)."""
+    num = logits.shape[1]
+    onehot = F.one_hot(y, logits.shape[2]).to(logits.dtype)
+    if loss == "squared":
+        diff = logits - onehot
+        return 0.5 * diff.square().sum(2).mean(1, dtype=torch.float64), diff.div_(num)
+    if loss == "cross-entropy":
+        logp = torch.log_softmax(logits, dim=2)
+        value = -(logp * onehot).sum(2).mean(1, dtype=torch.float64)
+        return value, logp.exp_().sub_(onehot).div_(num)
+    raise ValueError(f"loss={loss!r}: expected one of squared, cross-entropy")
+
+
+def _gradients(specs, weight_of, inputs: list[torch.Tensor], grad: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Every client's gradient of its mean loss w.r.t. each trained parameter, stacked ``(k, *shape)``."""
+    out: dict[str, torch.Tensor] = {}
+    for i in range(len(specs) - 1, -1, -1):
+        spec, h_in = specs[i], inputs[i]
+        w = weight_of(spec.weight)
+        if spec.weight_trained:
+            out[spec.weight] = torch.bmm(grad.transpose(1, 2), h_in.expand(k, *h_in.shape[-2:]))
+            if spec.scale != 1.0:
+                out[spec.weight].mul_(spec.scale)
+        if spec.bias_trained:
+            out[spec.bias] = grad.sum(1)
+        if i > 0:
+            below = torch.bmm(grad, w) if w.dim() == 3 else torch.matmul(grad, w)
+            if spec.scale != 1.0:
+                below.mul_(spec.scale)
+            grad = _relu_backward(below, h_in, 0)
+    return out
+
+
+def _patterns(specs, inputs: list[torch.Tensor], input_measured: bool) -> list[torch.Tensor]:
+    """The measured layers' on/off masks ``(k, n, m)``: hidden layers' outputs, and the input layer's when measured."""
+    hidden_outputs = inputs[1:]  # the input of layer i+1 is the output of layer i
+    masks = [h > 0 for h in hidden_outputs]
+    return masks if input_measured else masks[1:]
+
+
+def _per_client_sq_norm(tensors) -> torch.Tensor:
+    """``sum over tensors of ||t_i||^2`` for each client i (leading axis), float64."""
+    total = None
+    for t in tensors:
+        sq = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).double().square()
+        total = sq if total is None else total + sq
+    return total
+
+
+def measure_cohort_drift_vectorized(
+    model: ReluMLP,
+    local_params: Mapping[str, np.ndarray],
+    global_params: Mapping[str, np.ndarray],
+    init_params: Mapping[str, np.ndarray],
+    datas: Sequence,
+    loss: str,
+    with_gradient: bool = False,
+    budget: int = CHUNK_BYTES,
+) -> tuple[list, dict[str, np.ndarray] | None]:
+    """:func:`fedavg_relu.metrics.measure_client_drift` for stacked clients.
+
+    ``local_params`` maps each trained name to the clients' stacked W_k
+    ``(K, *shape)``. Per client, on its full data: loss and gradient at W_k and at
+    W^{r+1} (``global_params``), their norms and distance, ``||W_k - W^{r+1}||``, and
+    the fraction of ReLU patterns that differ between W_k and W^{r+1} and between
+    W^{r+1} and W^0 (``init_params``). Returns one
+    :class:`~fedavg_relu.metrics.ClientDrift` per client (in order) and, with
+    ``with_gradient``, ``sum_k n_k grad f_k(W^{r+1})`` (float64).
+    """
+    from .metrics import ClientDrift
+
+    retain_freed_memory()
+    specs = layer_specs(model)
+    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    at_global = {n: torch.as_tensor(np.asarray(global_params[n])) for n in trained}
+    at_init = {n: torch.as_tensor(np.asarray(init_params[n])) for n in trained}
+    input_measured = model.family != "paper"
+    sizes = np.array([len(d) for d in datas], np.int64)
+    drifts: list = [None] * len(datas)
+    grad_sum = {n: np.zeros(tuple(at_global[n].shape), np.float64) for n in trained} if with_gradient else None
+    per_chunk = chunk_size(sum(int(t.numel()) for t in at_global.values()), True, budget)
+    for n in np.unique(sizes):
+        members = [int(i) for i in np.flatnonzero(sizes == n)]
+        for first in range(0, len(members), per_chunk):
+            chunk = members[first : first + per_chunk]
+            k = len(chunk)
+            x = torch.stack([datas[i].x for i in chunk])
+            y = torch.stack([datas[i].y for i in chunk])
+            local = {name: torch.as_tensor(np.asarray(local_params[name])[chunk]) for name in trained}
+
+            def weights(values):
+                return lambda name: values[name] if name in values else frozen[name]
+
+            _, init_inputs = _forward(specs, weights(at_init), x)
+            init_masks = _patterns(specs, init_inputs, input_measured)
+            del init_inputs
+            logits, inputs = _forward(specs, weights(at_global), x)
+            loss_g, grad = _loss_and_grad(logits, y, loss)
+            masks_g = _patterns(specs, inputs, input_measured)
+            grads_g = _gradients(specs, weights(at_global), inputs, grad, k)
+            del inputs, logits, grad
+            logits, inputs = _forward(specs, weights(local), x)
+            loss_l, grad = _loss_and_grad(logits, y, loss)
+            masks_l = _patterns(specs, inputs, input_measured)
+            grads_l = _gradients(specs, weights(local), inputs, grad, k)
+            del inputs, logits, grad
+            norm_g = _per_client_sq_norm(grads_g.values()).sqrt()
+            norm_l = _per_client_sq_norm(grads_l.values()).sqrt()
+            drift = _per_client_sq_norm(grads_l[name] - grads_g[name] for name in trained).sqrt()
+            distance = _per_client_sq_norm(local[name] - at_global[name] for name in trained).sqrt()
+            units = sum(m[0].numel() for m in masks_g)
+            flips_l = sum((a != b).reshape(k, -1).sum(1) for a, b in zip(masks_l, masks_g, strict=True))
+            flips_i = sum((a != b).reshape(k, -1).sum(1) for a, b in zip(masks_g, init_masks, strict=True))
+            for j, i in enumerate(chunk):
+                drifts[i] = ClientDrift(
+                    num_examples=int(n), loss_at_global=float(loss_g[j]), loss_at_local=float(loss_l[j]),
+                    grad_norm_global=float(norm_g[j]), grad_norm_local=float(norm_l[j]),
+                    gradient_drift=float(drift[j]), param_distance=float(distance[j]),
+                    flips_local=float(flips_l[j]) / units if units else 0.0,
+                    flips_init=float(flips_i[j]) / units if units else 0.0,
+                )
+            if grad_sum is not None:
+                for name in trained:
+                    grad_sum[name] += float(n) * grads_g[name].sum(0, dtype=torch.float64).numpy()
+    return drifts, grad_sum
+
+
 def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings, positions, out: CohortTraining) -> None:
     """Step ``datas`` (equal sizes) together; write their outcome into ``out`` at ``positions``.
 
@@ -242,31 +393,8 @@ def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings,
         else:
             idx = torch.stack([o[t] for o in orders])  # (k, b)
             xb, yb = x[rows, idx], y[rows, idx]
-        inputs = []  # each layer's input h (post-ReLU)
-        h = xb
-        for i, spec in enumerate(specs):
-            inputs.append(h)
-            w = current(spec.weight)
-            pre = torch.bmm(h, w.transpose(1, 2)) if w.dim() == 3 else torch.matmul(h, w.T)
-            if spec.scale != 1.0:
-                pre.mul_(spec.scale)
-            if spec.bias is not None:
-                bias = current(spec.bias)
-                pre.add_(bias.unsqueeze(1) if bias.dim() == 2 else bias)
-            h = pre.relu_() if i < len(specs) - 1 else pre
-        logits = h  # (k, b, c)
-        num = logits.shape[1]
-        onehot = F.one_hot(yb, logits.shape[2]).to(logits.dtype)
-        if settings.loss == "squared":
-            diff = logits - onehot
-            losses[t] = 0.5 * diff.square().sum(2).mean(1, dtype=torch.float64)
-            grad = diff.div_(num)
-        elif settings.loss == "cross-entropy":
-            logp = torch.log_softmax(logits, dim=2)
-            losses[t] = -(logp * onehot).sum(2).mean(1, dtype=torch.float64)
-            grad = logp.exp_().sub_(onehot).div_(num)
-        else:
-            raise ValueError(f"loss={settings.loss!r}: expected one of squared, cross-entropy")
+        logits, inputs = _forward(specs, current, xb)
+        losses[t], grad = _loss_and_grad(logits, yb, settings.loss)
         last = t == steps - 1
         for i in range(len(specs) - 1, -1, -1):  # output layer first; input gradients use the weights before the update
             spec, h_in, g_out, a = specs[i], inputs[i], grad, specs[i].scale

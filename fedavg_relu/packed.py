@@ -40,11 +40,11 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from .cohort import cohort_seeds, train_cohort_vectorized
+from .cohort import cohort_seeds, measure_cohort_drift_vectorized, train_cohort_vectorized
 from .config import RunConfig
 from .data import load_partition, load_partitions
 from .metrics import ClientDrift, measure_client_drift
-from .task import measure_drift, train_client, working_model
+from .task import initial_params, measure_drift, train_client, working_model
 from .models import get_trainable, set_trainable
 from .training import LocalSGDSettings, client_seed, evaluate, iter_local_sgd
 
@@ -398,13 +398,25 @@ def measure_cohort_drift(
     loss_before: Sequence[float],
     global_params: Mapping[str, np.ndarray],
     with_gradient: bool,
+    vectorized: bool = True,
 ) -> tuple[DriftSums, dict[str, np.ndarray] | None, list[float]]:
     """Every cohort client's drift against ``W^{r+1}``, reduced to sums.
 
     ``local_params`` holds the stacked W_k (name -> (K, *shape)). Returns the
     :class:`DriftSums`, ``sum_k n_k grad f_k(W^{r+1})`` (float64; when
     ``with_gradient``) and each client's f_k(W^{r+1}) (next round's f_k(W^r)).
+    Vectorized over the cohort (:func:`fedavg_relu.cohort.measure_cohort_drift_vectorized`)
+    unless ``vectorized=False`` (client by client through :func:`fedavg_relu.task.measure_drift`).
     """
+    if vectorized:
+        drifts, grad_sum = measure_cohort_drift_vectorized(
+            working_model(cfg), local_params, global_params, initial_params(cfg),
+            load_partitions(cfg, client_ids), cfg.loss, with_gradient,
+        )
+        sums = DriftSums()
+        for drift, before in zip(drifts, loss_before, strict=True):
+            sums.add(drift, float(before))
+        return sums, grad_sum, [d.loss_at_global for d in drifts]
     sums = DriftSums()
     grad_sum: dict[str, np.ndarray] | None = None
     measured: list[float] = []

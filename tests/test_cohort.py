@@ -134,3 +134,46 @@ def test_unsupported_settings_are_refused():
                                 LocalSGDSettings(1, 0.1, 0, proximal_mu=0.1))
     with pytest.raises(ValueError, match="one seed per client"):
         train_cohort_vectorized(model, get_trainable(model), _clients([4, 4]), [0], LocalSGDSettings(1, 0.1, 0))
+
+
+@pytest.mark.parametrize("family,depth,loss", [("standard", 1, "cross-entropy"), ("ntk", 2, "squared"), ("paper", 2, "squared")])
+@pytest.mark.parametrize("budget", [None, 1])
+def test_vectorized_drift_equals_measure_client_drift(family, depth, loss, budget):
+    """4 clients (sizes 7, 5, 7, 5) at their own W_k vs W^{r+1}: every ClientDrift field as measure_client_drift's.
+
+    W_k = W^{r+1} + 0.05 * noise_k (client 2: W_k = W^{r+1} exactly, so distance 0 and
+    drift 0 up to float32 rounding); W^0 a third point, so the flips against W^0 are not all zero.
+    Gradient sum: sum_k n_k grad f_k(W^{r+1}) from the per-client gradients.
+    """
+    from fedavg_relu.cohort import measure_cohort_drift_vectorized
+    from fedavg_relu.metrics import activation_patterns, measure_client_drift
+
+    cfg = RunConfig.from_mapping({"dataset": "synthetic", "width": 16, "depth": depth, "model-family": family})
+    model = build_model(cfg, D, C)
+    rng = np.random.default_rng(3)
+    init = get_trainable(model)
+    glob = {k: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) for k, v in init.items()}
+    datas = _clients([7, 5, 7, 5], seed=4)
+    stacked = {k: np.stack([v + (0 if i == 2 else 0.05) * rng.standard_normal(v.shape).astype(np.float32)
+                            for i in range(4)]) for k, v in glob.items()}
+    kwargs = {} if budget is None else {"budget": budget}
+    drifts, grad_sum = measure_cohort_drift_vectorized(model, stacked, glob, init, datas, loss, True, **kwargs)
+    expected_sum = {k: np.zeros(v.shape) for k, v in glob.items()}
+    for i, data in enumerate(datas):
+        m = copy.deepcopy(model)
+        set_trainable(m, init)
+        patterns0 = activation_patterns(m, data.x)
+        local = {k: v[i] for k, v in stacked.items()}
+        want, grad = measure_client_drift(m, local, glob, data.x, data.y, loss, patterns0)
+        got = drifts[i]
+        assert got.num_examples == want.num_examples
+        for field in ("loss_at_global", "loss_at_local", "grad_norm_global", "grad_norm_local", "gradient_drift",
+                      "param_distance", "flips_local", "flips_init"):
+            assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-5, abs=1e-6), field
+        for k, g in grad.items():
+            expected_sum[k] += len(data) * g.astype(np.float64)
+    # W_2 = W^{r+1}: distance exactly 0; the two gradients go through bmm and a plain product: equal to rounding
+    assert drifts[2].param_distance == 0 and drifts[2].gradient_drift < 1e-6 * drifts[2].grad_norm_global
+    assert drifts[0].flips_init > 0
+    for k, v in expected_sum.items():
+        np.testing.assert_allclose(grad_sum[k], v, rtol=1e-5, atol=1e-6)

@@ -162,6 +162,41 @@ def test_packed_and_standard_give_same_model_and_metrics(tmp_path, clients_per_n
     assert rows_a[-1]["gradient-drift-mean"] > 0
 
 
+@pytest.mark.parametrize("lockstep", ["", "1,3"])
+def test_drift_in_another_worker_rebuilds_the_local_models(tmp_path, monkeypatch, lockstep):
+    """The cohort's W_k stay in the training worker's memory, not in the node's Context.
+
+    When the drift message lands in a worker that did not train the cohort (the kept
+    models are missing here), the node retrains from the W^r in its state with the
+    same seeds: the same W_k, so every metric equals the run where the models were
+    kept (relative 1e-6), and the node's Context never carries K models.
+    """
+    import clients.packed_app as packed_app
+
+    class Forgetful(dict):
+        def __setitem__(self, key, value):  # another process: nothing kept here
+            pass
+
+    base = dict(SMALL, **{"output-dir": str(tmp_path), "clients-per-node": 3, "lockstep-drift-steps": lockstep})
+    kept = read_metrics(run_in_process(dict(base, **{"run-name": "kept"})))
+    monkeypatch.setattr(packed_app, "_LOCAL_MODELS", Forgetful())
+    from clients.client_app import build_client_app
+
+    app = build_client_app()
+    biggest: list[int] = []
+
+    def spy(msg, context):
+        reply = app(msg, context)
+        biggest.append(max((int(np.prod(a.shape)) for rec in context.state.array_records.values() for a in rec.values()), default=0))
+        return reply
+
+    rebuilt = read_metrics(run_in_process(dict(base, **{"run-name": "rebuilt"}), client_app=spy))
+    _assert_rows_match(kept, rebuilt)
+    assert rebuilt[-1]["clients-measured"] == 6
+    one_model = sum(v.size for v in initial_params(RunConfig.from_mapping(base)).values())
+    assert 0 < max(biggest) <= one_model  # at most one model (W^r) per node, never the cohort's K
+
+
 def test_lockstep_drift_at_tau_equals_end_of_round_drift(tmp_path):
     """One node holds all 6 clients, all train (fraction 1), FedAvg: W-bar^tau = sum_k p_k W_k^tau = W^{r+1}.
 
