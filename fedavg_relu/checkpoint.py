@@ -28,7 +28,7 @@ from .results import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # keys that may differ between the interrupted run and its resumption
-RESUMABLE_CHANGES = frozenset({"resume", "num-server-rounds", "round-timeout", "tensorboard"})
+RESUMABLE_CHANGES = frozenset({"resume", "num-server-rounds", "round-timeout", "tensorboard", "checkpoint-every"})
 
 
 @dataclass

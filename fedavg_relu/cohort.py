@@ -153,9 +153,16 @@ def train_cohort_vectorized(
         weighted_sum={n: np.zeros(tuple(start[n].shape), np.float64) for n in trained},
         train_loss=np.zeros(size), first_loss=np.zeros(size), num_steps=np.zeros(size, np.int64), num_examples=sizes,
     )
-    per_chunk = chunk_size(num_trained, settings.momentum > 0, budget)
+    widths = sum(int(start[spec.weight].shape[0]) if spec.weight in start else int(frozen[spec.weight].shape[0])
+                 for spec in specs)
     for n in np.unique(sizes):  # one group per local data size: same steps, same batch
         members = [int(i) for i in np.flatnonzero(sizes == n)]
+        batch = int(n) if settings.batch_size <= 0 else min(settings.batch_size, int(n))
+        if settings.steps_for(int(n)) == 1 and not keep_local and settings.momentum == 0:
+            # nothing per client is ever materialized (one shared step, folded): chunk by activations
+            per_chunk = max(1, budget // (4 * widths * batch))
+        else:
+            per_chunk = chunk_size(num_trained, settings.momentum > 0, budget)
         for first in range(0, len(members), per_chunk):
             chunk = members[first : first + per_chunk]
             _train_chunk(specs, frozen, start, [datas[i] for i in chunk], [seeds[i] for i in chunk], settings, chunk, out)

@@ -95,6 +95,7 @@ class RunConfig:
     max_num_examples: int = 1_000_000_000  # a reply claiming more examples is rejected
     max_update_norm: float = 0.0  # reject updates with ||W_k - W^r|| above this; 0 = no bound
     resume: bool = False  # continue the run folder's last checkpoint (same config) instead of starting over
+    checkpoint_every: int = 1  # write checkpoint.pt after every N-th round (and the last); 0 = after the last only
     # --- scale (packed mode; README "Scale and speed") ------------------------
     clients_per_node: int = 0  # 0/1: one Flower node = one client; K > 1: node j simulates virtual clients jK..jK+K-1
     lockstep_drift_steps: str = ""  # packed mode: local steps t at which to record drift against W-bar^t ("1,5", "all"; "" = none)
@@ -163,6 +164,7 @@ class RunConfig:
             ("num_malicious_nodes", self.num_malicious_nodes >= 0, "an integer >= 0"),
             ("fraction_train", 0.0 < self.fraction_train <= 1.0, "a float in (0, 1]"),
             ("round_timeout", self.round_timeout > 0, "a float > 0 (seconds)"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0 (0 = after the last round only)"),
             ("max_num_examples", self.max_num_examples >= 1, "an integer >= 1"),
             ("max_update_norm", self.max_update_norm >= 0 and math.isfinite(self.max_update_norm), "a finite float >= 0 (0 = no bound)"),
         ]

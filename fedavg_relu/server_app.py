@@ -94,7 +94,9 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         row.update({"seconds": now - clock["last"], "elapsed": now - clock["start"]})
         clock["last"] = now
         writer.append_round(row)
-        save_checkpoint(run_dir, server_round, params, strategy, writer.rows, cfg)
+        every = cfg.checkpoint_every
+        if server_round == cfg.num_server_rounds or (every > 0 and server_round % every == 0):
+            save_checkpoint(run_dir, server_round, params, strategy, writer.rows, cfg)
         log(INFO, "round %3d/%d  %s  test-loss %.4g  test-acc %.3f  %.1fs", server_round, cfg.num_server_rounds,
             round_summary(row), test_loss, test_acc, row["seconds"])
         return MetricRecord({"test-loss": test_loss, "test-accuracy": test_acc})

@@ -88,3 +88,32 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     cfg = RunConfig(dataset="synthetic", synthetic_num_examples=60, num_partitions=2, width=16,
                     num_server_rounds=1, output_dir=str(tmp_path), run_name="new", resume=True)
     assert [r["round"] for r in read_metrics(run_in_process(cfg))] == [0, 1]
+
+
+@pytest.mark.parametrize("every,expected", [(1, [0, 1, 2, 3, 4, 5]), (2, [0, 2, 4, 5]), (0, [5])])
+def test_checkpoint_every(tmp_path, monkeypatch, every, expected):
+    """checkpoint-every = N writes after rounds 0, N, 2N, ... and after the last; 0 after the last only.
+
+    5 rounds (round 0 = the initial evaluation): N=1 -> 0..5; N=2 -> 0, 2, 4 and 5; N=0 -> 5.
+    """
+    import fedavg_relu.server_app as server_app
+    from fedavg_relu.checkpoint import load_checkpoint
+
+    written: list[int] = []
+    real = server_app.save_checkpoint
+
+    def spy(run_dir, server_round, *args):
+        written.append(server_round)
+        return real(run_dir, server_round, *args)
+
+    monkeypatch.setattr(server_app, "save_checkpoint", spy)
+    cfg = {"dataset": "synthetic", "synthetic-num-examples": 60, "num-partitions": 2, "width": 16,
+           "num-server-rounds": 5, "output-dir": str(tmp_path), "run-name": "ck", "checkpoint-every": every}
+    run_dir = run_in_process(cfg)
+    assert written == expected
+    assert load_checkpoint(run_dir, RunConfig.from_mapping(cfg)).round == 5
+
+
+def test_checkpoint_every_is_validated():
+    with pytest.raises(ConfigError, match="checkpoint-every=-1"):
+        RunConfig.from_mapping({"checkpoint-every": -1})

@@ -27,6 +27,10 @@ class FakeState:
         }
         self.asked: list[int] = []
 
+    def store_message_ins(self, msg):
+        with self.lock:
+            self.message_ins_store[msg.id] = msg
+
     def get_message_ins(self, node_id, limit):
         with self.lock:
             self.asked.append(node_id)
@@ -37,14 +41,19 @@ class FakeState:
             return []
 
 
-def _run(state, nodes, expected):
+def _run(state, nodes, expected, interval=0.001, later=()):
+    """Run the extractor; store ``later`` messages through the state once it runs; collect ``expected`` messages."""
     q: queue.Queue = queue.Queue()
     stop = threading.Event()
-    thread = threading.Thread(target=_add_messages_to_queue, args=(state, q, dict.fromkeys(nodes, 0), stop, 0.001))
+    thread = threading.Thread(target=_add_messages_to_queue, args=(state, q, dict.fromkeys(nodes, 0), stop, interval))
     thread.start()
-    got = [q.get(timeout=5).id for _ in range(expected)]
+    got = [q.get(timeout=10).id for _ in range(expected - len(later))]
+    for msg in later:
+        state.store_message_ins(msg)
+    got += [q.get(timeout=10).id for _ in range(len(later))]
     stop.set()
-    thread.join(timeout=5)
+    state.store_message_ins(SimpleNamespace(id="stop", metadata=SimpleNamespace(dst_node_id=-1, delivered_at="x")))
+    thread.join(timeout=10)
     assert not thread.is_alive()
     return got, q
 
@@ -60,6 +69,20 @@ def test_extractor_delivers_each_pending_message_once_and_asks_only_their_nodes(
     assert sorted(got) == ["a", "b", "c"] and q.empty()
     assert set(state.asked) == {1, 3}
     assert state.message_ins_store["e"].metadata.delivered_at == ""
+
+
+def test_extractor_wakes_when_a_message_is_stored_and_restores_the_state():
+    """Interval 60 s: a message stored after the first sweep is delivered only if storing wakes the loop.
+
+    Afterwards the state's store_message_ins is its class's method again (the wrapper was
+    an instance attribute, removed when the loop ends).
+    """
+    state = FakeState([("a", 1, "")])
+    late = SimpleNamespace(id="late", metadata=SimpleNamespace(dst_node_id=2, delivered_at=""))
+    got, q = _run(state, [1, 2], 2, interval=60.0, later=[late])
+    assert got == ["a", "late"] and q.empty()
+    assert "store_message_ins" not in vars(state)
+    assert state.message_ins_store["late"].metadata.delivered_at == "now"
 
 
 def test_fast_extractor_is_installed_only_inside_the_context():
