@@ -72,7 +72,7 @@ def run_config(args: dict, num_partitions: int, per_round: int, path: str) -> di
     """Our run config for ``num_partitions`` virtual clients with ``per_round`` training each round."""
     n = args["examples"] * num_partitions + TEST_EXAMPLES
     cfg = {
-        "dataset": "synthetic", "synthetic-input-dim": INPUT_DIM, "synthetic-num-classes": NUM_CLASSES,
+        "dataset": "synthetic", "synthetic-input-dim": args.get("input_dim", INPUT_DIM), "synthetic-num-classes": NUM_CLASSES,
         "synthetic-num-examples": n, "test-fraction": TEST_EXAMPLES / n, "num-partitions": num_partitions,
         "model-family": "standard", "width": args["width"], "depth": 1, "loss": "cross-entropy",
         "local-steps": args["local_steps"], "batch-size": 0, "learning-rate": 0.1, "lr-scaling": "constant",
@@ -90,14 +90,14 @@ def run_config(args: dict, num_partitions: int, per_round: int, path: str) -> di
 
 def train_flops(args: dict) -> float:
     """Training FLOPs of one client-round: forward 2n(dm + mc), weight gradients 2n(dm + mc), input gradient of layer 2: 2nmc."""
-    n, d, m, c = args["examples"], INPUT_DIM, args["width"], NUM_CLASSES
+    n, d, m, c = args["examples"], args.get("input_dim", INPUT_DIM), args["width"], NUM_CLASSES
     return args["local_steps"] * (4 * n * (d * m + m * c) + 2 * n * m * c)
 
 
-def plain_model(width: int):
+def plain_model(width: int, input_dim: int = INPUT_DIM):
     import torch
 
-    return torch.nn.Sequential(torch.nn.Linear(INPUT_DIM, width), torch.nn.ReLU(), torch.nn.Linear(width, NUM_CLASSES))
+    return torch.nn.Sequential(torch.nn.Linear(input_dim, width), torch.nn.ReLU(), torch.nn.Linear(width, NUM_CLASSES))
 
 
 def plain_train(model, x, y, steps: int, lr: float = 0.1) -> float:
@@ -135,7 +135,7 @@ def child_stock(args: dict, num_partitions: int, per_round: int, cpus: int | Non
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         data = load_partition(cfg, int(context.node_config["partition-id"]))
-        model = plain_model(width)
+        model = plain_model(width, args.get("input_dim", INPUT_DIM))
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         loss = plain_train(model, data.x, data.y, steps)
         metrics = MetricRecord({"train-loss": loss, "num-examples": len(data)})
@@ -155,7 +155,7 @@ def child_stock(args: dict, num_partitions: int, per_round: int, cpus: int | Non
         def evaluate_fn(server_round: int, arrays: ArrayRecord):
             stamps.append(time.perf_counter())
 
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(plain_model(width).state_dict()),
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(plain_model(width, args.get("input_dim", INPUT_DIM)).state_dict()),
                        num_rounds=args["rounds"], evaluate_fn=evaluate_fn)
 
     ray_tmp = tempfile.mkdtemp(prefix="frb-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
@@ -300,7 +300,7 @@ def plain_loop_seconds(args: dict, threads: int, clients: int) -> float:
     torch.set_num_threads(threads)
     cfg = RunConfig.from_mapping(run_config(args, clients, clients, "plain"))
     data = [load_partition(cfg, k) for k in range(clients)]
-    model = plain_model(args["width"])
+    model = plain_model(args["width"], args.get("input_dim", INPUT_DIM))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     best = math.inf
     for _ in range(3):
@@ -344,7 +344,7 @@ def compute_ceilings(args: dict, threads: int, clients: int) -> dict:
 
     data = load_partitions(cfg, ids)
     x, y = torch.cat([d.x for d in data]), torch.cat([d.y for d in data])
-    model = plain_model(args["width"])
+    model = plain_model(args["width"], args.get("input_dim", INPUT_DIM))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     best = math.inf
     for _ in range(4):
@@ -416,6 +416,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--clients-per-round", type=int, default=100)
     parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--input-dim", type=int, default=INPUT_DIM, help="inputs of the network (default 64)")
     parser.add_argument("--local-steps", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--drift", action="store_true",
@@ -439,7 +440,8 @@ def main() -> None:
         ns.scan = "10,100" if ns.scan == parser.get_default("scan") else ns.scan
     out_dir = Path(ns.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = {"width": ns.width, "examples": ns.examples, "local_steps": ns.local_steps, "rounds": ns.rounds,
+    args = {"width": ns.width, "input_dim": ns.input_dim, "examples": ns.examples, "local_steps": ns.local_steps,
+            "rounds": ns.rounds,
             "drift": ns.drift, "tmp": tempfile.mkdtemp(prefix="scale-bench-")}
     import torch
 
@@ -520,6 +522,7 @@ def main() -> None:
     meta = {
         "machine": f"{os.cpu_count()} CPUs", "torch": torch.__version__, "width": ns.width,
         "clients-per-round": ns.clients_per_round, "examples-per-client": ns.examples, "local-steps": ns.local_steps,
+        "input-dim": ns.input_dim,
         "drift-metrics": ns.drift,
         "rounds": ns.rounds, "matmul-peak-gflops": {str(k): v / 1e9 for k, v in peaks.items()},
         "plain-loop-s": {str(k): v for k, v in plain.items()}, "train-flops-per-client-round": train_flops(args),
@@ -552,7 +555,8 @@ def write_tables(out_dir: Path, rows: list[dict], scan: list[dict], meta: dict |
         c = meta.get("outside-flower-2-threads", {})
         drift_text = "on (this project's paths)" if meta.get("drift-metrics") else "off"
         lines += [
-            f"Width {meta['width']}, {meta['clients-per-round']} clients per round, {meta['examples-per-client']} examples "
+            f"Network {meta.get('input-dim', INPUT_DIM)} -> {meta['width']} -> {NUM_CLASSES}, "
+            f"{meta['clients-per-round']} clients per round, {meta['examples-per-client']} examples "
             f"and {meta['local-steps']} full-batch step(s) per client; drift metrics {drift_text}; "
             f"{meta['machine']}, torch {meta['torch']}; "
             f"matmul peak {meta['matmul-peak-gflops']['1']:.0f} GFLOP/s (1 thread), {meta['matmul-peak-gflops']['2']:.0f} (2 threads).",
