@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -92,6 +93,25 @@ class _FastExtractor:
     def __exit__(self, *exc) -> None:
         if self._original is not None:
             self._module.add_messages_to_queue = self._original
+
+
+def install_fast_extractor() -> bool:
+    """Use :func:`_add_messages_to_queue` for the rest of this process, if this is Flower's simulation process.
+
+    ``flwr run`` on a simulation SuperLink runs the ServerApp and the simulation
+    runtime together in a ``flwr-simulation`` process; the ServerApp's entry point
+    calls this first thing, seconds before the runtime (which starts the Ray actors
+    first) creates its extractor thread. Anywhere else it does nothing and returns
+    False. Idempotent.
+    """
+    if Path(sys.argv[0]).name != "flwr-simulation":
+        return False
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    if getattr(vce_api, "add_messages_to_queue", None) is not None:
+        vce_api.add_messages_to_queue = _add_messages_to_queue
+        return True
+    return False
 
 
 def default_cpus_per_client(num_nodes: int, joining: bool = False) -> int:

@@ -104,3 +104,17 @@ def test_default_cpus_per_client(monkeypatch):
     assert sim.default_cpus_per_client(1, joining=True) == 1
     monkeypatch.setattr(sim.os, "cpu_count", lambda: None)
     assert sim.default_cpus_per_client(1) == 1
+
+
+def test_install_fast_extractor_only_in_flowers_simulation_process(monkeypatch):
+    """`flwr run`'s ServerApp runs in a `flwr-simulation` process: only there is Flower's extractor replaced."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedavg_relu.simulation import install_fast_extractor
+
+    original = vce_api.add_messages_to_queue
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", original)  # restored after the test
+    monkeypatch.setattr("sys.argv", ["/x/bin/pytest"])
+    assert install_fast_extractor() is False and vce_api.add_messages_to_queue is original
+    monkeypatch.setattr("sys.argv", ["/x/.venv/bin/flwr-simulation", "--insecure"])
+    assert install_fast_extractor() is True and vce_api.add_messages_to_queue is _add_messages_to_queue
