@@ -40,19 +40,42 @@ class LocalRayCluster:
 
     def __init__(self, head_cpus: int = 1, worker_cpus: int = 1, num_workers: int = 1) -> None:
         self.head_cpus, self.worker_cpus, self.num_workers = head_cpus, worker_cpus, num_workers
-        self.port = free_port()
+        self._taken: set[int] = set()
+        self._ranges: list[tuple[int, int]] = []
+        self.port = self._port()
         self.address = f"127.0.0.1:{self.port}"
         self.temp_dir = Path(tempfile.mkdtemp(prefix="frc-", dir="/tmp"))
         self.processes: list[subprocess.Popen] = []
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
         self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
+    def _port(self) -> int:
+        """A free port that no component of this cluster uses yet and outside every worker-port range."""
+        for _ in range(1000):
+            port = free_port()
+            if port not in self._taken and not any(lo <= port <= hi for lo, hi in self._ranges):
+                self._taken.add(port)
+                return port
+        raise RuntimeError("no free port outside the cluster's worker-port ranges")
+
     def _node_ports(self) -> list[str]:
-        low = free_port()
+        # Ray refuses to start when one component's port falls inside the worker-port range
+        # ("... is trying to use a port number ... that is used by other components"): take the
+        # range first, then every other port outside all ranges taken so far.
+        for _ in range(1000):
+            low = free_port()
+            clash = any(low <= p <= low + 200 for p in self._taken) or any(
+                low <= hi and lo <= low + 200 for lo, hi in self._ranges
+            )
+            if low + 200 <= 65535 and not clash:
+                break
+        else:
+            raise RuntimeError("no free worker-port range for the Ray cluster")
+        self._ranges.append((low, low + 200))
         return [
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--node-manager-port={self._port()}", f"--object-manager-port={self._port()}",
+            f"--metrics-export-port={self._port()}", f"--runtime-env-agent-port={self._port()}",
+            f"--dashboard-agent-listen-port={self._port()}", f"--dashboard-agent-grpc-port={self._port()}",
             f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
         ]
 
@@ -69,7 +92,7 @@ class LocalRayCluster:
         """Start the head, wait until it answers, start the workers, wait until every CPU is there."""
         self._start(
             ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", f"--num-cpus={self.head_cpus}",
-             "--include-dashboard=false", f"--ray-client-server-port={free_port()}", *self._node_ports()],
+             "--include-dashboard=false", f"--ray-client-server-port={self._port()}", *self._node_ports()],
             "head",
         )
         self._wait(lambda: self._cpus() >= self.head_cpus, timeout, "the head node")

@@ -34,3 +34,23 @@ def test_simulation_runs_on_an_existing_ray_cluster(tmp_path):
         cluster.stop()
     assert cluster.group_members(pids) == []  # every process of every group is gone (zombies aside)
     assert not cluster.temp_dir.exists()
+
+
+def test_cluster_ports_never_fall_in_a_worker_port_range():
+    """Ray refuses to start a node when a component's port lies in its worker-port range (seen in CI):
+    the ports a LocalRayCluster hands out (head + 3 workers) are distinct and outside every range."""
+    import itertools
+    import shutil
+
+    cluster = LocalRayCluster(num_workers=3)
+    try:
+        args = [a for _ in range(4) for a in cluster._node_ports()]
+        singles = [int(a.split("=")[1]) for a in args if "worker-port" not in a] + [cluster.port]
+        assert len(set(singles)) == len(singles)
+        assert len(cluster._ranges) == 4
+        for lo, hi in cluster._ranges:
+            assert hi - lo == 200 and not any(lo <= p <= hi for p in singles)
+        for (a, b), (c, d) in itertools.combinations(cluster._ranges, 2):
+            assert b < c or d < a
+    finally:
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
