@@ -34,6 +34,7 @@ This module does not import flwr.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -114,8 +115,10 @@ class CohortTraining:
     num_examples: np.ndarray  # (K,) int64
 
 
-def chunk_size(num_trained: int, momentum: bool, budget: int = CHUNK_BYTES) -> int:
-    """Clients per chunk: as many as keep ``budget`` bytes of float32 weights (x2 with momentum), at least 1."""
+def chunk_size(num_trained: int, momentum: bool, budget: int | None = None) -> int:
+    """Clients per chunk: as many as keep ``budget`` bytes (default :data:`CHUNK_BYTES`) of float32 weights
+    (x2 with momentum), at least 1."""
+    budget = CHUNK_BYTES if budget is None else budget
     per_client = 4 * num_trained * (2 if momentum else 1)
     return max(1, budget // max(per_client, 1))
 
@@ -127,7 +130,9 @@ def train_cohort_vectorized(
     seeds: Sequence[int],
     settings: LocalSGDSettings,
     keep_local: bool = True,
-    budget: int = CHUNK_BYTES,
+    budget: int | None = None,
+    lockstep_steps: Sequence[int] = (),
+    on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> CohortTraining:
     """Train clients ``datas[i]`` (``x`` (n_i, d), ``y`` (n_i,)) from ``global_params`` with seeds ``seeds[i]``.
 
@@ -135,11 +140,19 @@ def train_cohort_vectorized(
     parameters are not used or changed. ``seeds[i]`` seeds client i's minibatch
     order exactly like :func:`fedavg_relu.task.train_client`
     (``torch.Generator().manual_seed(seed)``).
+
+    With ``lockstep_steps`` every chunk does step t before any does step t+1, and
+    after each of those steps ``on_step(t, params)`` sees every client's current
+    parameters (name -> ``(K, *shape)``, clients in the given order); all clients
+    must then run the same number of steps. The updates are the same either way.
     """
     if settings.proximal_mu > 0:
         raise ValueError("proximal-mu > 0 is not supported by vectorized cohort training")
     if len(datas) != len(seeds) or not datas:
         raise ValueError("need one seed per client and at least one client")
+    if lockstep_steps and not keep_local:
+        raise ValueError("lockstep needs the local models (keep_local=True)")
+    budget = CHUNK_BYTES if budget is None else budget
     retain_freed_memory()
     specs = layer_specs(model)
     frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
@@ -155,6 +168,7 @@ def train_cohort_vectorized(
     )
     widths = sum(int(start[spec.weight].shape[0]) if spec.weight in start else int(frozen[spec.weight].shape[0])
                  for spec in specs)
+    runs = []
     for n in np.unique(sizes):  # one group per local data size: same steps, same batch
         members = [int(i) for i in np.flatnonzero(sizes == n)]
         batch = int(n) if settings.batch_size <= 0 else min(settings.batch_size, int(n))
@@ -165,8 +179,38 @@ def train_cohort_vectorized(
             per_chunk = chunk_size(num_trained, settings.momentum > 0, budget)
         for first in range(0, len(members), per_chunk):
             chunk = members[first : first + per_chunk]
-            _train_chunk(specs, frozen, start, [datas[i] for i in chunk], [seeds[i] for i in chunk], settings, chunk, out)
+            run = _train_chunk(specs, frozen, start, [datas[i] for i in chunk], [seeds[i] for i in chunk], settings, chunk, out)
+            if not lockstep_steps:
+                for _ in run:  # one chunk after another
+                    pass
+            else:
+                runs.append((chunk, run))
+    if lockstep_steps:
+        _lockstep(runs, trained, start, size, settings, sizes, set(lockstep_steps), on_step)
     return out
+
+
+def _lockstep(runs, trained, start, size, settings, sizes, steps_wanted, on_step) -> None:
+    """Advance every chunk one step at a time; call ``on_step`` with all clients' parameters at the wanted steps."""
+    tau = {settings.steps_for(int(n)) for n in sizes}
+    if len(tau) != 1:
+        raise ValueError("lockstep needs the same number of local steps on every client (local-epochs=0)")
+    for t in range(1, tau.pop() + 1):
+        current = []
+        for chunk, run in runs:
+            step, params = next(run)
+            if step != t:
+                raise RuntimeError("lockstep out of step")
+            current.append((chunk, params))
+        if t in steps_wanted and on_step is not None:
+            stacked = {name: torch.empty((size, *start[name].shape), dtype=start[name].dtype) for name in trained}
+            for chunk, params in current:
+                for name in trained:
+                    stacked[name][chunk] = params[name]
+            on_step(t, stacked)
+    for _, run in runs:
+        for _ in run:  # writes the chunk's outcome
+            pass
 
 
 def _batches(n: int, batch: int, steps: int, seed: int) -> list[torch.Tensor] | None:
@@ -261,11 +305,11 @@ def measure_cohort_drift_vectorized(
     model: ReluMLP,
     local_params: Mapping[str, np.ndarray],
     global_params: Mapping[str, np.ndarray],
-    init_params: Mapping[str, np.ndarray],
+    init_params: Mapping[str, np.ndarray] | None,
     datas: Sequence,
     loss: str,
     with_gradient: bool = False,
-    budget: int = CHUNK_BYTES,
+    budget: int | None = None,
 ) -> tuple[list, dict[str, np.ndarray] | None]:
     """:func:`fedavg_relu.metrics.measure_client_drift` for stacked clients.
 
@@ -273,18 +317,19 @@ def measure_cohort_drift_vectorized(
     ``(K, *shape)``. Per client, on its full data: loss and gradient at W_k and at
     W^{r+1} (``global_params``), their norms and distance, ``||W_k - W^{r+1}||``, and
     the fraction of ReLU patterns that differ between W_k and W^{r+1} and between
-    W^{r+1} and W^0 (``init_params``). Returns one
+    W^{r+1} and W^0 (``init_params``; None: not measured, NaN). Returns one
     :class:`~fedavg_relu.metrics.ClientDrift` per client (in order) and, with
     ``with_gradient``, ``sum_k n_k grad f_k(W^{r+1})`` (float64).
     """
     from .metrics import ClientDrift
 
+    budget = CHUNK_BYTES if budget is None else budget
     retain_freed_memory()
     specs = layer_specs(model)
     frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
     at_global = {n: torch.as_tensor(np.asarray(global_params[n])) for n in trained}
-    at_init = {n: torch.as_tensor(np.asarray(init_params[n])) for n in trained}
+    at_init = {n: torch.as_tensor(np.asarray(init_params[n])) for n in trained} if init_params is not None else None
     input_measured = model.family != "paper"
     sizes = np.array([len(d) for d in datas], np.int64)
     drifts: list = [None] * len(datas)
@@ -302,9 +347,11 @@ def measure_cohort_drift_vectorized(
             def weights(values):
                 return lambda name: values[name] if name in values else frozen[name]
 
-            _, init_inputs = _forward(specs, weights(at_init), x)
-            init_masks = _patterns(specs, init_inputs, input_measured)
-            del init_inputs
+            init_masks = None
+            if at_init is not None:
+                _, init_inputs = _forward(specs, weights(at_init), x)
+                init_masks = _patterns(specs, init_inputs, input_measured)
+                del init_inputs
             logits, inputs = _forward(specs, weights(at_global), x)
             loss_g, grad = _loss_and_grad(logits, y, loss)
             masks_g = _patterns(specs, inputs, input_measured)
@@ -321,14 +368,17 @@ def measure_cohort_drift_vectorized(
             distance = _per_client_sq_norm(local[name] - at_global[name] for name in trained).sqrt()
             units = sum(m[0].numel() for m in masks_g)
             flips_l = sum((a != b).reshape(k, -1).sum(1) for a, b in zip(masks_l, masks_g, strict=True))
-            flips_i = sum((a != b).reshape(k, -1).sum(1) for a, b in zip(masks_g, init_masks, strict=True))
+            flips_i = (
+                sum((a != b).reshape(k, -1).sum(1) for a, b in zip(masks_g, init_masks, strict=True))
+                if init_masks is not None else None
+            )
             for j, i in enumerate(chunk):
                 drifts[i] = ClientDrift(
                     num_examples=int(n), loss_at_global=float(loss_g[j]), loss_at_local=float(loss_l[j]),
                     grad_norm_global=float(norm_g[j]), grad_norm_local=float(norm_l[j]),
                     gradient_drift=float(drift[j]), param_distance=float(distance[j]),
                     flips_local=float(flips_l[j]) / units if units else 0.0,
-                    flips_init=float(flips_i[j]) / units if units else 0.0,
+                    flips_init=(float(flips_i[j]) / units if units else 0.0) if flips_i is not None else math.nan,
                 )
             if grad_sum is not None:
                 for name in trained:
@@ -336,8 +386,12 @@ def measure_cohort_drift_vectorized(
     return drifts, grad_sum
 
 
-def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings, positions, out: CohortTraining) -> None:
+def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings, positions, out: CohortTraining):
     """Step ``datas`` (equal sizes) together; write their outcome into ``out`` at ``positions``.
+
+    A generator: yields ``(t, params)`` after step t (``params``: the stacked trained
+    parameters, name -> ``(k, *shape)``, complete only once each has been updated,
+    i.e. after step 1); the outcome is written when it is exhausted.
 
     A trained parameter stays one shared tensor until its first update makes the
     clients differ (the first forward and backward are then plain products over all
@@ -436,6 +490,7 @@ def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings,
                     last,
                 )
             grad = below
+        yield t + 1, params
     for name in start:
         if name in folded:
             out.weighted_sum[name] += float(n) * folded[name]

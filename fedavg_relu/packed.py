@@ -281,13 +281,15 @@ def train_cohort(
 ) -> CohortRound:
     """Train every client in ``client_ids`` from ``W^r`` for one round.
 
-    Without ``lockstep_steps`` the cohort trains vectorized
+    By default the cohort trains vectorized
     (:func:`fedavg_relu.cohort.train_cohort_vectorized`: the same updates, stacked
-    clients, float32 rounding aside) or, with ``vectorized=False``, one client
-    after another through :func:`fedavg_relu.task.train_client` (the standard
-    path's very code, bit for bit). With ``lockstep_steps`` the cohort steps in lockstep and the drift against the cohort's virtual
-    average is recorded at those steps (see the module docstring); every client's
-    updates are the same either way. ``known_loss_before`` maps a client to
+    clients, float32 rounding aside), with ``lockstep_steps`` stepping every chunk
+    in lockstep and recording the drift against the cohort's virtual average at those
+    steps (see the module docstring). ``vectorized=False`` trains one client after
+    another through :func:`fedavg_relu.task.train_client` (the standard path's very
+    code, bit for bit), or, with ``lockstep_steps``, per-client models stepped in
+    lockstep through :func:`fedavg_relu.training.iter_local_sgd` (also bit for bit).
+    ``known_loss_before`` maps a client to
     f_k(W^r) measured earlier (the last drift exchange), saving a forward pass.
     ``keep_local=False`` keeps only the running sum ``sum_k n_k W_k`` (no drift exchange
     will need the W_k): memory of one model however large the cohort.
@@ -303,8 +305,11 @@ def train_cohort(
     num_examples = np.zeros(len(ids), np.int64)
     train_loss, loss_before, num_steps = (np.zeros(len(ids)) for _ in range(3))
     num_steps = num_steps.astype(np.int64)
-    if not lockstep_steps and vectorized:
-        return _train_vectorized(cfg, ids, server_round, global_params, settings, known, keep_local, dtypes)
+    if vectorized and settings.proximal_mu <= 0:
+        return _train_vectorized(
+            cfg, ids, server_round, global_params, settings, known, keep_local or bool(lockstep_steps), dtypes,
+            sorted(set(lockstep_steps)),
+        )
     if not lockstep_steps:
         for i, k in enumerate(ids):
             out = train_client(cfg, load_partition(cfg, k), k, server_round, global_params, settings, known.get(k))
@@ -319,11 +324,25 @@ def train_cohort(
     return _train_lockstep(cfg, ids, server_round, global_params, settings, known, set(lockstep_steps), stacked, acc, dtypes)
 
 
-def _train_vectorized(cfg, ids, server_round, global_params, settings, known, keep_local, dtypes) -> CohortRound:
+def _train_vectorized(cfg, ids, server_round, global_params, settings, known, keep_local, dtypes, lockstep=()) -> CohortRound:
     datas = load_partitions(cfg, ids)
     model = working_model(cfg)
+    per_step: dict[int, DriftSums] = {}
+    n = np.array([len(d) for d in datas], np.int64)
+
+    def record(step: int, stacked: dict[str, torch.Tensor]) -> None:
+        """Drift of every client at step t against the cohort's virtual average W-bar^t = sum_k p_k W_k^t."""
+        local = {name: value.numpy() for name, value in stacked.items()}
+        average = weighted_mean_params(local, n)
+        drifts, _ = measure_cohort_drift_vectorized(model, local, average, None, datas, cfg.loss, False)
+        sums = DriftSums()
+        for drift in drifts:
+            sums.add(drift)
+        per_step[step] = sums
+
     out = train_cohort_vectorized(
         model, global_params, datas, cohort_seeds(cfg.seed, ids, server_round), settings, keep_local=keep_local,
+        lockstep_steps=lockstep, on_step=record if lockstep else None,
     )
     loss_before = np.zeros(len(ids))
     for i, (k, data) in enumerate(zip(ids, datas, strict=True)):
@@ -337,7 +356,7 @@ def _train_vectorized(cfg, ids, server_round, global_params, settings, known, ke
             loss_before[i] = evaluate(model, data.x, data.y, settings.loss)[0]
     return CohortRound(
         list(ids), out.num_examples, out.train_loss, loss_before, out.num_steps, out.weighted_sum,
-        out.local_params, dtypes=dtypes,
+        out.local_params, per_step, dtypes=dtypes,
     )
 
 

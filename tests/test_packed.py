@@ -142,6 +142,43 @@ def test_train_cohort_equals_train_client_per_client(mode):
     assert sorted(cohort.lockstep) == list(lockstep)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_vectorized_lockstep_equals_per_client_lockstep(momentum):
+    """Lockstep on 5 clients (sizes differ: two size groups, budget forcing chunks of one) at steps 1 and 3.
+
+    The vectorized cohort steps every chunk in lockstep and measures each client at step t
+    against W-bar^t = sum_k p_k W_k^t with stacked products; the per-client path uses autograd
+    models. Same W_k (rtol 1e-5) and the same lockstep sums (rtol 1e-5: float32 rounding of
+    the two paths, amplified a little by the differences of gradients).
+    """
+    import fedavg_relu.cohort as cohort_module
+
+    cfg = RunConfig.from_mapping(dict(SMALL, **{"clients-per-node": 6, "partitioner": "dirichlet", "dirichlet-alpha": 1.0}))
+    settings = LocalSGDSettings(local_steps=3, learning_rate=0.5, batch_size=0, momentum=momentum)
+    w0 = initial_params(cfg)
+    ids = [0, 1, 2, 3, 5]
+    assert len({len(load_partition(cfg, k)) for k in ids}) > 1  # unequal sizes: several groups
+    slow = train_cohort(cfg, ids, 2, w0, settings, lockstep_steps=(1, 3), vectorized=False)
+    fast = train_cohort(cfg, ids, 2, w0, settings, lockstep_steps=(1, 3))
+    one_chunk_each = cohort_module.CHUNK_BYTES
+    try:
+        cohort_module.CHUNK_BYTES = 1
+        tiny = train_cohort(cfg, ids, 2, w0, settings, lockstep_steps=(1, 3))
+    finally:
+        cohort_module.CHUNK_BYTES = one_chunk_each
+    for other in (fast, tiny):
+        for name in slow.local_params:
+            np.testing.assert_allclose(other.local_params[name], slow.local_params[name], rtol=1e-5, atol=1e-6)
+        assert sorted(other.lockstep) == [1, 3]
+        for step in (1, 3):
+            a, b = slow.lockstep[step], other.lockstep[step]
+            assert b.num_clients == a.num_clients == 5
+            for key in ("loss_global", "loss_local", "divergence", "drift", "relative", "flips_local", "grad_norm_sq"):
+                assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-5, abs=1e-8), (step, key)
+            assert b.drift_max == pytest.approx(a.drift_max, rel=1e-5)
+        assert slow.lockstep[1].divergence < slow.lockstep[3].divergence
+
+
 # --- the whole app: packed == standard -----------------------------------------------------------
 @pytest.mark.parametrize("clients_per_node", [3, 6])
 def test_packed_and_standard_give_same_model_and_metrics(tmp_path, clients_per_node):
