@@ -78,6 +78,26 @@ def unit_norm(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1.0)
 
 
+def single_threaded_blas():
+    """Context: numpy's BLAS on the calling thread only (threadpoolctl), for code that may run beside a fork.
+
+    The ServerApp builds its data in a thread while Flower's runtime starts Ray in
+    the main thread (``subprocess.Popen``). OpenBLAS's fork handler waits for its
+    worker threads; if those are in the middle of a product whose calling thread is
+    waiting for the GIL the forking thread holds, the process deadlocks (seen here:
+    ``blas_thread_shutdown_`` under ``Popen`` against a ``matmul``). Without worker
+    threads in use there is nothing to wait for. GEMM splits rows and columns, not
+    the sums, across threads, so the results are the same bits.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 #: Rows of synthetic inputs drawn and normalized at a time (bounds the float64 temporaries).
 SYNTHETIC_BLOCK = 16384
 
@@ -99,9 +119,10 @@ def make_synthetic(n: int, d: int, num_classes: int, noise: float, seed: int) ->
     a = rng.standard_normal((d, hidden)) * np.sqrt(2.0 / d)
     b = rng.standard_normal((hidden, num_classes)) / np.sqrt(hidden)
     logits = np.empty((n, num_classes))
-    for start in range(0, n, SYNTHETIC_BLOCK):
-        stop = min(n, start + SYNTHETIC_BLOCK)
-        logits[start:stop] = np.maximum(x[start:stop] @ a, 0.0) @ b
+    with single_threaded_blas():
+        for start in range(0, n, SYNTHETIC_BLOCK):
+            stop = min(n, start + SYNTHETIC_BLOCK)
+            logits[start:stop] = np.maximum(x[start:stop] @ a, 0.0) @ b
     logits = (logits - logits.mean(axis=0)) / (logits.std(axis=0) + 1e-12)
     if noise > 0:
         logits = logits + noise * rng.standard_normal(logits.shape)

@@ -265,3 +265,38 @@ def test_load_test_is_the_central_held_out_split():
     test, central = load_test(cfg), load_central(cfg)
     assert len(test) == 50
     assert torch.equal(test.x, central.test.x) and torch.equal(test.y, central.test.y)
+
+
+def test_synthetic_data_beside_a_fork_does_not_deadlock():
+    """make_synthetic in a thread while the main thread forks (as Ray's start does beside the ServerApp thread).
+
+    OpenBLAS's fork handler waits for its worker threads; with a product running in
+    another thread that waits for the GIL the forking thread holds, the process hangs
+    (seen in a 10,000-client simulation; without the single-threaded BLAS this script
+    hung in 2 of 3 five-second runs here). It runs in a child process with a timeout,
+    so a regression fails the test instead of hanging the suite.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import subprocess, threading, time
+        from fedavg_relu.data import make_synthetic
+        stop = []
+        def gen():
+            while not stop:
+                make_synthetic(50000, 64, 10, 0.0, 0)
+        threading.Thread(target=gen, daemon=True).start()
+        end, forks = time.time() + 4, 0
+        while time.time() < end:
+            subprocess.run(["true"], preexec_fn=lambda: None)  # preexec_fn: a real fork, as Ray's Popen
+            forks += 1
+        stop.append(1)
+        print("ok", forks)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ok") and int(proc.stdout.split()[1]) > 10
