@@ -101,6 +101,7 @@ class DriftMeasurement:
         self._drift_sampled: dict[int, list[int]] = {}
         self._drift_last_measured: tuple[int, ArrayRecord] | None = None
         self._drift_started = False
+        self._round_node_ids: list[int] = []
 
     # --- Flower hooks -------------------------------------------------------
     def configure_train(
@@ -108,9 +109,14 @@ class DriftMeasurement:
     ) -> Iterable[Message]:
         """The parent's messages, from a fresh copy of ``config``; remembers grid and sample."""
         server_round, config = self.begin_round(server_round, arrays, config, grid)
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        snapshot = _NodeSnapshot(grid, self._round_node_ids, self._nodes_needed())
+        messages = list(super().configure_train(server_round, arrays, config, snapshot))  # type: ignore[misc]
         self._drift_sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         return messages
+
+    def _nodes_needed(self) -> int:
+        """Connected nodes Flower's sampling waits for (``min_available_nodes``, ``min_train_nodes``)."""
+        return max(int(getattr(self, "min_available_nodes", 0)), int(getattr(self, "min_train_nodes", 0)))
 
     def begin_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -129,11 +135,13 @@ class DriftMeasurement:
             # clients measured f_k at exactly this model in the last drift exchange: they may reuse it
             config["measured-round"] = self._drift_last_measured[0]
         if self._drift_started:
-            self._adapt_to_lost_nodes(server_round, grid)
+            self._round_node_ids = self._adapt_to_lost_nodes(server_round, grid)
+        else:
+            self._round_node_ids = list(grid.get_node_ids())
         self._drift_started = True
         return server_round, config
 
-    def _adapt_to_lost_nodes(self, server_round: int, grid: Grid) -> None:
+    def _adapt_to_lost_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """After the first round, do not wait forever for nodes that went away.
 
         Flower's sampling waits, without a timeout, until ``min_available_nodes``
@@ -143,13 +151,14 @@ class DriftMeasurement:
         """
         wanted = getattr(self, "min_available_nodes", 0)  # nodes (min_train_nodes may count virtual clients)
         deadline = time.monotonic() + self.drift_timeout
-        while (available := len(list(grid.get_node_ids()))) < wanted and time.monotonic() < deadline:
+        while (available := len(node_ids := list(grid.get_node_ids()))) < wanted and time.monotonic() < deadline:
             time.sleep(min(1.0, self.drift_timeout))
         if 0 < available < wanted:
             log(WARNING, "round %d: only %d of %d nodes are connected after %.0fs; going on with %d",
                 server_round, available, wanted, self.drift_timeout, available)
             self.min_available_nodes = available
             self.min_train_nodes = min(getattr(self, "min_train_nodes", available), available)
+        return node_ids
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -391,3 +400,25 @@ def round_summary(row: Mapping[str, Any]) -> str:
     if "model-divergence" in row:
         parts.append(f"divergence {row['model-divergence']:.3g}")
     return "  ".join(parts)
+
+
+class _NodeSnapshot:
+    """The round's grid, answering ``get_node_ids`` from the list ``begin_round`` just fetched.
+
+    Flower's FedAvg asks the grid for its nodes twice per ``configure_train``; the
+    simulation's in-memory LinkState answers each time by scanning every node (5 ms
+    at 10,000 nodes, measured). The snapshot is used only when it already has the
+    nodes Flower's sampling waits for; otherwise the real grid answers, so that
+    waiting for SuperNodes to connect still works. Everything else is the real grid.
+    """
+
+    def __init__(self, grid: Grid, node_ids: list[int], needed: int) -> None:
+        self._grid, self._node_ids, self._needed = grid, list(node_ids), needed
+
+    def get_node_ids(self):
+        if self._node_ids and len(self._node_ids) >= self._needed:
+            return list(self._node_ids)
+        return self._grid.get_node_ids()
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)

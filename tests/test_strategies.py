@@ -255,3 +255,46 @@ def test_lost_node_does_not_stall_later_rounds():
     strategy.start(grid=grid, initial_arrays=params_to_arrays(initial_params(cfg)), num_rounds=2, train_config=train_config(cfg, 0.1))
     assert strategy.round_metrics[1]["clients-trained"] == 3
     assert (strategy.round_metrics[2]["clients-sampled"], strategy.round_metrics[2]["clients-trained"]) == (2, 2)
+
+
+def test_configure_train_asks_the_grid_for_its_nodes_once():
+    """Flower's FedAvg asks get_node_ids twice per configure_train (each an O(nodes) scan in the
+    simulation's LinkState); the drift strategy's begin_round asks once and answers Flower from
+    that snapshot: 1 call per round, same sampled nodes (Flower samples with the seeded `random`)."""
+    import random
+
+    cfg = RunConfig(dataset="synthetic", synthetic_num_examples=120, num_partitions=4, width=16, local_steps=1,
+                    fraction_train=0.5, drift_metrics=False)
+    grid = LocalGrid(build_client_app(), 4, cfg.to_mapping())
+    calls: list[int] = []
+    real = grid.get_node_ids
+    grid.get_node_ids = lambda: calls.append(1) or real()
+    arrays = params_to_arrays(initial_params(cfg))
+    sampled = []
+    for strategy_round in (1, 2, 3):
+        strategy = build_strategy(cfg, 0.1)
+        random.seed(7)
+        before = len(calls)
+        messages = list(strategy.configure_train(strategy_round, arrays, train_config(cfg, 0.1), grid))
+        assert len(calls) - before == 1
+        sampled.append(sorted(m.metadata.dst_node_id for m in messages))
+    plain = FedAvg(fraction_train=0.5, min_available_nodes=4)
+    random.seed(7)
+    assert sampled[0] == sorted(m.metadata.dst_node_id for m in plain.configure_train(1, arrays, ConfigRecord({}), grid))
+
+
+def test_node_snapshot_lets_flower_wait_for_nodes_to_connect():
+    """A deployment's first round: 1 of 2 SuperNodes connected when the round starts, the second soon after.
+
+    The snapshot (1 node) is below min-available-nodes = 2, so Flower's sampling asks the real
+    grid again and waits until both are there: 2 train messages, no endless wait on a stale list.
+    """
+    cfg = RunConfig(dataset="synthetic", synthetic_num_examples=60, num_partitions=2, width=16, local_steps=1,
+                    drift_metrics=False)
+    grid = LocalGrid(build_client_app(), 2, cfg.to_mapping())
+    real = grid.get_node_ids
+    answers = iter([[1]])
+    grid.get_node_ids = lambda: next(answers, None) or real()
+    strategy = build_strategy(cfg, 0.1)
+    messages = list(strategy.configure_train(1, params_to_arrays(initial_params(cfg)), train_config(cfg, 0.1), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
