@@ -496,12 +496,6 @@ def main() -> None:
                         else {"error": res["error"][-300:]})
             scan.append(item)
             print(json.dumps(item), flush=True)
-    for path in {s["path"] for s in scan}:
-        items = [s for s in scan if s["path"] == path and "round-s" in s]
-        if items:
-            base = min(items, key=lambda s: s["virtual-clients"])["round-s"]
-            for s in items:
-                s["round-time-vs-smallest"] = s["round-s"] / base
     rows_here, scan_here = list(rows), list(scan)
     merged_from = None
     if ns.merge and (out_dir / "scale.json").exists():
@@ -513,12 +507,7 @@ def main() -> None:
         done = {(s["path"], s["virtual-clients"]) for s in scan}
         scan = [s for s in old["scan"] if (s["path"], s["virtual-clients"]) not in done] + scan
         profile = profile if std else old.get("profile", profile)
-        for path in {s["path"] for s in scan}:
-            items = [s for s in scan if s["path"] == path and "round-s" in s]
-            if items:
-                base = min(items, key=lambda s: s["virtual-clients"])["round-s"]
-                for s in items:
-                    s["round-time-vs-smallest"] = s["round-s"] / base
+    add_growth(scan)
     meta = {
         "machine": f"{os.cpu_count()} CPUs", "torch": torch.__version__, "width": ns.width,
         "clients-per-round": ns.clients_per_round, "examples-per-client": ns.examples, "local-steps": ns.local_steps,
@@ -539,6 +528,16 @@ def main() -> None:
     plot(out_dir, rows, scan)
     shutil.rmtree(args["tmp"], ignore_errors=True)
     print(f"wrote {out_dir}/scale.json, scale.csv, scale_scan.csv, scale.md, scale.png in {meta['seconds']:.0f}s")
+
+
+def add_growth(scan: list[dict]) -> None:
+    """``round-time-vs-smallest`` of every scan entry: its round time / its path's smallest federation's."""
+    for path in {s["path"] for s in scan}:
+        items = [s for s in scan if s["path"] == path and "round-s" in s]
+        if items:
+            base = min(items, key=lambda s: s["virtual-clients"])["round-s"]
+            for s in items:
+                s["round-time-vs-smallest"] = s["round-s"] / base
 
 
 def write_tables(out_dir: Path, rows: list[dict], scan: list[dict], meta: dict | None = None) -> None:

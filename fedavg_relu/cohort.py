@@ -103,6 +103,14 @@ def layer_specs(model: ReluMLP) -> list[LayerSpec]:
     return specs
 
 
+def _prepare(model: ReluMLP) -> tuple[list[LayerSpec], dict[str, torch.Tensor], list[str]]:
+    """Heap settings (once per process), the layers, the frozen tensors and the trained names of ``model``."""
+    retain_freed_memory()
+    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    return layer_specs(model), frozen, trained
+
+
 @dataclass
 class CohortTraining:
     """Every client's outcome, in the order of the clients given."""
@@ -153,10 +161,7 @@ def train_cohort_vectorized(
     if lockstep_steps and not keep_local:
         raise ValueError("lockstep needs the local models (keep_local=True)")
     budget = CHUNK_BYTES if budget is None else budget
-    retain_freed_memory()
-    specs = layer_specs(model)
-    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
-    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    specs, frozen, trained = _prepare(model)
     start = {name: torch.as_tensor(np.asarray(global_params[name])) for name in trained}
     num_trained = sum(int(t.numel()) for t in start.values())
     size = len(datas)
@@ -324,10 +329,7 @@ def measure_cohort_drift_vectorized(
     from .metrics import ClientDrift
 
     budget = CHUNK_BYTES if budget is None else budget
-    retain_freed_memory()
-    specs = layer_specs(model)
-    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
-    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    specs, frozen, trained = _prepare(model)
     at_global = {n: torch.as_tensor(np.asarray(global_params[n])) for n in trained}
     at_init = {n: torch.as_tensor(np.asarray(init_params[n])) for n in trained} if init_params is not None else None
     input_measured = model.family != "paper"
