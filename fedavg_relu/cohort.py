@@ -43,7 +43,7 @@ import torch
 from torch.nn import functional as F
 
 from .models import ReluMLP, ScaledLinear
-from .training import LocalSGDSettings, client_seed
+from .training import LocalSGDSettings, client_seed, minibatch_indices
 
 #: Bytes of trained weights (and momentum buffers) per chunk of clients stepped together:
 #: about half of this machine's 32 MiB last-level cache (measured best at 16-24 MiB).
@@ -218,22 +218,6 @@ def _lockstep(runs, trained, start, size, settings, sizes, steps_wanted, on_step
             pass
 
 
-def _batches(n: int, batch: int, steps: int, seed: int) -> list[torch.Tensor] | None:
-    """Client's minibatch indices per step, as :func:`fedavg_relu.training.iter_local_sgd` draws them (None: full batch)."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator)
-    if batch >= n:
-        return None
-    cursor, out = 0, []
-    for _ in range(steps):
-        if cursor + batch > n:
-            order = torch.randperm(n, generator=generator)
-            cursor = 0
-        out.append(order[cursor : cursor + batch])
-        cursor += batch
-    return out
-
-
 def _forward(specs, weight_of: Callable[[str], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits ``(k, n, c)`` of the stacked clients and each layer's input ``h`` (post-ReLU; ``x`` first).
 
@@ -270,14 +254,14 @@ def _loss_and_grad(logits: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[to
     raise ValueError(f"loss={loss!r}: expected one of squared, cross-entropy")
 
 
-def _gradients(specs, weight_of, inputs: list[torch.Tensor], grad: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+def _gradients(specs, weight_of, inputs: list[torch.Tensor], grad: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every client's gradient of its mean loss w.r.t. each trained parameter, stacked ``(k, *shape)``."""
     out: dict[str, torch.Tensor] = {}
     for i in range(len(specs) - 1, -1, -1):
         spec, h_in = specs[i], inputs[i]
         w = weight_of(spec.weight)
         if spec.weight_trained:
-            out[spec.weight] = torch.bmm(grad.transpose(1, 2), h_in.expand(k, *h_in.shape[-2:]))
+            out[spec.weight] = torch.bmm(grad.transpose(1, 2), h_in)
             if spec.scale != 1.0:
                 out[spec.weight].mul_(spec.scale)
         if spec.bias_trained:
@@ -357,12 +341,12 @@ def measure_cohort_drift_vectorized(
             logits, inputs = _forward(specs, weights(at_global), x)
             loss_g, grad = _loss_and_grad(logits, y, loss)
             masks_g = _patterns(specs, inputs, input_measured)
-            grads_g = _gradients(specs, weights(at_global), inputs, grad, k)
+            grads_g = _gradients(specs, weights(at_global), inputs, grad)
             del inputs, logits, grad
             logits, inputs = _forward(specs, weights(local), x)
             loss_l, grad = _loss_and_grad(logits, y, loss)
             masks_l = _patterns(specs, inputs, input_measured)
-            grads_l = _gradients(specs, weights(local), inputs, grad, k)
+            grads_l = _gradients(specs, weights(local), inputs, grad)
             del inputs, logits, grad
             norm_g = _per_client_sq_norm(grads_g.values()).sqrt()
             norm_l = _per_client_sq_norm(grads_l.values()).sqrt()
@@ -408,7 +392,7 @@ def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings,
     batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
     x = torch.stack([d.x for d in datas])  # (k, n, d)
     y = torch.stack([d.y for d in datas])  # (k, n)
-    orders = [_batches(n, batch, steps, s) for s in seeds]
+    orders = [minibatch_indices(n, batch, steps, torch.Generator().manual_seed(s)) for s in seeds]
     rows = torch.arange(k).unsqueeze(1)
     params: dict[str, torch.Tensor] = {}  # name -> (k, *shape) once the clients differ
     buffers: dict[str, torch.Tensor] = {}

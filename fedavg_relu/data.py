@@ -129,20 +129,6 @@ def make_synthetic(n: int, d: int, num_classes: int, noise: float, seed: int) ->
     return x, logits.argmax(axis=1).astype(np.int64)
 
 
-def _make_synthetic_one_draw(n: int, d: int, num_classes: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`make_synthetic` as first written (one ``(n, d)`` draw); kept for the test that they agree."""
-    rng = np.random.default_rng([seed, 0x5EED])
-    x = unit_norm(rng.standard_normal((n, d)))
-    hidden = 64
-    a = rng.standard_normal((d, hidden)) * np.sqrt(2.0 / d)
-    b = rng.standard_normal((hidden, num_classes)) / np.sqrt(hidden)
-    logits = np.maximum(x @ a, 0.0) @ b
-    logits = (logits - logits.mean(axis=0)) / (logits.std(axis=0) + 1e-12)
-    if noise > 0:
-        logits = logits + noise * rng.standard_normal(logits.shape)
-    return x.astype(np.float32), logits.argmax(axis=1).astype(np.int64)
-
-
 def load_builtin(name: str, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray, int]:
     """Inputs (unit norm), labels and class count of a built-in data set."""
     if name == "synthetic":

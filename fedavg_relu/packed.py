@@ -300,16 +300,16 @@ def train_cohort(
         raise ValueError("a cohort needs at least one client")
     names = list(global_params)
     dtypes = {n: np.asarray(global_params[n]).dtype for n in names}
-    stacked = {n: np.empty((len(ids), *np.shape(global_params[n])), dtypes[n]) for n in names} if keep_local or lockstep_steps else None
-    acc = {n: np.zeros(np.shape(global_params[n]), np.float64) for n in names}
-    num_examples = np.zeros(len(ids), np.int64)
-    train_loss, loss_before, num_steps = (np.zeros(len(ids)) for _ in range(3))
-    num_steps = num_steps.astype(np.int64)
     if vectorized and settings.proximal_mu <= 0:
         return _train_vectorized(
             cfg, ids, server_round, global_params, settings, known, keep_local or bool(lockstep_steps), dtypes,
             sorted(set(lockstep_steps)),
         )
+    stacked = {n: np.empty((len(ids), *np.shape(global_params[n])), dtypes[n]) for n in names} if keep_local or lockstep_steps else None
+    acc = {n: np.zeros(np.shape(global_params[n]), np.float64) for n in names}
+    num_examples = np.zeros(len(ids), np.int64)
+    train_loss, loss_before, num_steps = (np.zeros(len(ids)) for _ in range(3))
+    num_steps = num_steps.astype(np.int64)
     if not lockstep_steps:
         for i, k in enumerate(ids):
             out = train_client(cfg, load_partition(cfg, k), k, server_round, global_params, settings, known.get(k))
@@ -328,12 +328,12 @@ def _train_vectorized(cfg, ids, server_round, global_params, settings, known, ke
     datas = load_partitions(cfg, ids)
     model = working_model(cfg)
     per_step: dict[int, DriftSums] = {}
-    n = np.array([len(d) for d in datas], np.int64)
+    sizes = np.array([len(d) for d in datas], np.int64)
 
     def record(step: int, stacked: dict[str, torch.Tensor]) -> None:
         """Drift of every client at step t against the cohort's virtual average W-bar^t = sum_k p_k W_k^t."""
         local = {name: value.numpy() for name, value in stacked.items()}
-        average = weighted_mean_params(local, n)
+        average = weighted_mean_params(local, sizes)
         drifts, _ = measure_cohort_drift_vectorized(model, local, average, None, datas, cfg.loss, False)
         sums = DriftSums()
         for drift in drifts:
@@ -346,11 +346,10 @@ def _train_vectorized(cfg, ids, server_round, global_params, settings, known, ke
     )
     loss_before = np.zeros(len(ids))
     for i, (k, data) in enumerate(zip(ids, datas, strict=True)):
-        n = len(data)
         if k in known:
             loss_before[i] = known[k]
-        elif (settings.batch_size <= 0 or settings.batch_size >= n) and n <= 4096:
-            loss_before[i] = out.first_loss[i]  # full batch: step 1's loss is f_k(W^r)
+        elif settings.first_loss_is_full_loss(len(data)):
+            loss_before[i] = out.first_loss[i]
         else:
             set_trainable(model, global_params)
             loss_before[i] = evaluate(model, data.x, data.y, settings.loss)[0]

@@ -161,8 +161,9 @@ def simulate(
     if not isinstance(cfg, RunConfig):
         cfg = RunConfig.from_mapping(cfg)
     nodes = num_supernodes or cfg.num_nodes
+    joining = bool(ray_init_args and "address" in ray_init_args)
     if num_cpus_per_client is None:
-        num_cpus_per_client = default_cpus_per_client(nodes, joining=bool(ray_init_args and "address" in ray_init_args))
+        num_cpus_per_client = default_cpus_per_client(nodes, joining)
     mapping = cfg.to_mapping()
     out: dict[str, Path] = {}
 
@@ -188,7 +189,6 @@ def simulate(
         out["run_dir"] = run_experiment(grid, cfg)
 
     # Ray's socket paths must stay under ~107 characters: default to a short private dir
-    joining = bool(ray_init_args and "address" in ray_init_args)
     own_tmp = ray_temp_dir is None and not joining
     temp_dir = Path(tempfile.mkdtemp(prefix="fr-ray-", dir="/tmp")) if own_tmp else Path(ray_temp_dir or ".").resolve()
     init_args: dict[str, Any] = {"include_dashboard": False}

@@ -90,7 +90,7 @@ def train_client(
     model = working_model(cfg)
     set_trainable(model, global_params)
     n = len(data)
-    from_first_step = loss_before is None and (settings.batch_size <= 0 or settings.batch_size >= n) and n <= 4096
+    from_first_step = loss_before is None and settings.first_loss_is_full_loss(n)
     if loss_before is None and not from_first_step:
         loss_before, _ = evaluate(model, data.x, data.y, settings.loss)
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, partition_id, server_round))

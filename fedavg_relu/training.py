@@ -28,6 +28,11 @@ class LocalSGDSettings:
     proximal_mu: float = 0.0  # FedProx: adds mu * (W - W^r) to every gradient
     local_epochs: float = 0.0  # > 0: tau_k = ceil(local_epochs * n_k / batch) instead of local_steps
 
+    def first_loss_is_full_loss(self, num_examples: int) -> bool:
+        """Whether step 1's minibatch loss is f_k(W^r) bit for bit: full-batch steps on data that
+        :func:`evaluate` would see in one batch (<= 4096 examples), so no extra forward is needed."""
+        return (self.batch_size <= 0 or self.batch_size >= num_examples) and num_examples <= 4096
+
     def steps_for(self, num_examples: int) -> int:
         """This client's number of local steps tau_k."""
         if self.local_epochs <= 0:
@@ -81,6 +86,25 @@ def run_local_sgd(
             return done.value
 
 
+def minibatch_indices(n: int, batch: int, steps: int, generator: torch.Generator) -> list[torch.Tensor] | None:
+    """Each step's example indices (None: every step is the full batch).
+
+    A fresh permutation of the ``n`` examples is drawn first and whenever fewer than
+    ``batch`` remain in the current one (the leftover is skipped, like ``drop_last``).
+    """
+    order = torch.randperm(n, generator=generator)
+    if batch >= n:
+        return None
+    cursor, out = 0, []
+    for _ in range(steps):
+        if cursor + batch > n:
+            order = torch.randperm(n, generator=generator)
+            cursor = 0
+        out.append(order[cursor : cursor + batch])
+        cursor += batch
+    return out
+
+
 def iter_local_sgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -109,19 +133,14 @@ def iter_local_sgd(
         weight_decay=settings.weight_decay,
     )
     batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
-    order = torch.randperm(n, generator=generator)
-    cursor = 0
+    batches = minibatch_indices(n, batch, num_steps, generator)
     losses = []
     model.train()
     for step in range(num_steps):
-        if batch == n:
+        if batches is None:
             xb, yb = x, y
         else:
-            if cursor + batch > n:
-                order = torch.randperm(n, generator=generator)
-                cursor = 0
-            idx = order[cursor : cursor + batch]
-            cursor += batch
+            idx = batches[step]
             xb, yb = x[idx], y[idx]
         optimizer.zero_grad(set_to_none=True)
         loss = compute_loss(model(xb), yb, settings.loss)

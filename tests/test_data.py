@@ -244,6 +244,21 @@ def test_hub_dataset_offline_raises_dataset_unavailable(monkeypatch, tmp_path):
     assert isinstance(info.value, RuntimeError)
 
 
+def _make_synthetic_one_draw(n, d, num_classes, noise, seed):
+    """make_synthetic as first written (one (n, d) draw, one product): the reference for the blocked version."""
+    from fedavg_relu.data import unit_norm
+
+    rng = np.random.default_rng([seed, 0x5EED])
+    x = unit_norm(rng.standard_normal((n, d)))
+    a = rng.standard_normal((d, 64)) * np.sqrt(2.0 / d)
+    b = rng.standard_normal((64, num_classes)) / np.sqrt(64)
+    logits = np.maximum(x @ a, 0.0) @ b
+    logits = (logits - logits.mean(axis=0)) / (logits.std(axis=0) + 1e-12)
+    if noise > 0:
+        logits = logits + noise * rng.standard_normal(logits.shape)
+    return x.astype(np.float32), logits.argmax(axis=1).astype(np.int64)
+
+
 def test_blocked_synthetic_draw_equals_one_draw(monkeypatch):
     """make_synthetic draws its inputs in blocks (7 rows here, so 100 rows = 15 blocks): the same bits as one draw."""
     import fedavg_relu.data as data_module
@@ -251,7 +266,7 @@ def test_blocked_synthetic_draw_equals_one_draw(monkeypatch):
     monkeypatch.setattr(data_module, "SYNTHETIC_BLOCK", 7)
     for noise in (0.0, 0.3):
         x, y = data_module.make_synthetic(100, 6, 4, noise, seed=5)
-        x1, y1 = data_module._make_synthetic_one_draw(100, 6, 4, noise, seed=5)
+        x1, y1 = _make_synthetic_one_draw(100, 6, 4, noise, seed=5)
         assert x.dtype == x1.dtype == np.float32
         np.testing.assert_array_equal(x, x1)
         np.testing.assert_array_equal(y, y1)
