@@ -1,10 +1,14 @@
 """``fedavg-relu``: the command line.
 
 ``fedavg-relu run``
-    Validate the run config (``pyproject.toml`` defaults + ``--run-config``),
-    then ``flwr run`` the app on a private simulation SuperLink (own FLWR_HOME,
-    ports and Ray temp dir; stopped by PID afterwards), stream the rounds, check
-    the run's final status and print the output folder.
+    Validate the run config (``pyproject.toml`` defaults + ``--run-config``) and
+    check that it can run (:mod:`fedavg_relu.preflight`), then ``flwr run`` the
+    app on a private simulation SuperLink (own FLWR_HOME, ports and Ray temp
+    dir; every process stopped by PID afterwards), stream one line per round,
+    and end with the run's ``summary.json``: exit 0 only when it says
+    ``completed`` and Flower says ``finished:completed``, else 1 with the reason
+    as the last line. SIGINT / SIGTERM stop every process of the run within
+    seconds, print the round reached and how to resume, and exit 130 / 143.
 ``fedavg-relu validate``
     Only the validation step.
 ``fedavg-relu sweep CONFIG``
@@ -22,6 +26,8 @@ import os
 import sys
 import time
 import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +80,123 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preflight(cfg: RunConfig) -> None:
+    """:func:`fedavg_relu.preflight.check_run` when that module exists (raises :class:`ConfigError`)."""
+    try:
+        from .preflight import check_run
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.preflight":
+            raise
+        return
+    check_run(cfg)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How ``fedavg-relu run`` ends: its exit code and the closing lines (the reason last when it failed)."""
+
+    exit_code: int
+    lines: list[str]
+
+
+def run_outcome(
+    summary: Mapping[str, Any] | None, flwr_status: str, flwr_returncode: int, run_id: int | None, run_dir: Path
+) -> RunOutcome:
+    """Exit 0 only when ``summary.json`` says completed and Flower says ``finished:completed`` (exit 0).
+
+    ``summary`` is the run folder's ``summary.json`` written by this attempt
+    (``None`` when there is none).
+    """
+    from .console import format_summary
+
+    flwr_ok = flwr_returncode == 0 and flwr_status == "finished:completed"
+    flwr_says = f"Flower reports run {run_id} ended {flwr_status} (flwr exit {flwr_returncode})"
+    if summary is None:
+        reason = (
+            f"fedavg-relu: failed: no summary.json in {run_dir}: the ServerApp stopped before it wrote how the "
+            f"run ended; {flwr_says}; see the log above"
+        )
+        return RunOutcome(1, [reason])
+    lines = format_summary(summary).splitlines()
+    status = summary.get("status")
+    if status == "completed" and flwr_ok:
+        return RunOutcome(0, lines)
+    if status == "completed":  # the ServerApp finished, then something failed after it
+        return RunOutcome(1, lines + [f"fedavg-relu: failed: {flwr_says} after the ServerApp wrote its summary"])
+    if not any(line.startswith(f"fedavg-relu: {status}: ") for line in lines):
+        lines.append(f"fedavg-relu: {status}: no reason given; {flwr_says}")
+    return RunOutcome(1, lines)
+
+
+def resume_command(overrides: Mapping[str, Any], run_dir: Path) -> str:
+    """The ``fedavg-relu run`` command that continues ``run_dir`` from its last checkpoint (same config)."""
+    from .flower_run import run_config_arg
+
+    keep = {k: v for k, v in overrides.items() if k not in ("resume", "run-name", "output-dir", "verbose")}
+    keep.update({"resume": True, "run-name": run_dir.name, "output-dir": str(run_dir.parent)})
+    return f"fedavg-relu run --run-config '{run_config_arg(keep)}'"
+
+
+def _last_round(run_dir: Path) -> int | None:
+    from .results import read_metrics
+
+    try:
+        rounds = [int(row["round"]) for row in read_metrics(run_dir) if "round" in row]
+    except (OSError, ValueError):
+        return None
+    return max(rounds, default=None)
+
+
+def _fresh_summary(run_dir: Path, since: float) -> dict[str, Any] | None:
+    """``summary.json`` when it was written after ``since`` (Unix time): an older one is a previous attempt's."""
+    from .results import SUMMARY_NAME, read_summary
+
+    try:
+        if (run_dir / SUMMARY_NAME).stat().st_mtime < since:
+            return None
+    except OSError:
+        return None
+    return read_summary(run_dir)
+
+
+def report_interrupted(
+    signum: int, run_dir: Path, cfg: RunConfig, user_overrides: Mapping[str, Any], since: float
+) -> list[str]:
+    """After an interrupt: make sure ``summary.json`` says how the run ended; the lines to print (resume hint last)."""
+    import signal
+
+    from .results import write_summary
+
+    name = signal.Signals(signum).name
+    last = _last_round(run_dir)
+    where = "before round 0 was written" if last is None else f"after round {last} of {cfg.num_server_rounds}"
+    summary = _fresh_summary(run_dir, since)
+    if summary is None and run_dir.exists():
+        write_summary(run_dir, "interrupted", f"{name} {where}", num_server_rounds=cfg.num_server_rounds,
+                      written_by="fedavg-relu run")
+    lines = [f"fedavg-relu: interrupted by {name} {where}; every process of the run is stopped"]
+    if run_dir.exists():
+        lines.append(f"fedavg-relu: outputs so far in {run_dir}")
+    every = cfg.checkpoint_every
+    since_ckpt = "" if every in (0, 1) else f" (checkpoints every {every} rounds)"
+    lines.append(f"fedavg-relu: resume from the last checkpoint{since_ckpt} with:")
+    lines.append(f"  {resume_command(user_overrides, run_dir)}")
+    return lines
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .flower_run import IsolatedFlower
+    from .console import is_noise_line
+    from .flower_run import IsolatedFlower, RunInterrupted, raise_on_signals
     from .results import resolve_run_dir
 
     app_dir = Path(args.app).resolve() if args.app else find_app_dir()
     overrides = parse_overrides(args.run_config)
+    if args.verbose:
+        overrides["verbose"] = True
+    user_overrides = dict(overrides)
     try:
         cfg = resolve(app_dir, overrides)
+        _preflight(cfg)
     except ConfigError as err:
         print(f"fedavg-relu: {err}", file=sys.stderr)
         return 2
@@ -98,20 +213,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"{args.cpus_per_client} CPU each), {cfg.num_server_rounds} rounds",
         flush=True,
     )
-    t0 = time.perf_counter()
-    with IsolatedFlower(home=args.flwr_home, keep_home=args.keep_flwr_home) as flower:
-        result = flower.run(app_dir, overrides, num_supernodes, args.cpus_per_client, echo=not args.quiet)
+    t0, started_at = time.perf_counter(), time.time()
+    interrupted: RunInterrupted | None = None
+    with raise_on_signals():  # the first SIGINT/SIGTERM raises RunInterrupted, later ones are ignored
+        flower: IsolatedFlower | None = None
+        try:
+            flower = IsolatedFlower(home=args.flwr_home, keep_home=args.keep_flwr_home)
+            flower.start()
+            result = flower.run(
+                app_dir, overrides, num_supernodes, args.cpus_per_client, echo=not args.quiet,
+                hide=None if args.verbose else is_noise_line,
+            )
+        except RunInterrupted as stop:
+            interrupted = stop
+            print(f"\nfedavg-relu: {stop}; stopping every process of the run ...", flush=True)
+        except BaseException:
+            if flower is not None:
+                flower.stop()
+            raise
+        while flower is not None:  # a signal during a normal stop() turns it into a fast one
+            try:
+                flower.stop(grace=3.0 if interrupted else 10.0)
+                flower = None
+            except RunInterrupted as stop:
+                interrupted = stop
+                print(f"\nfedavg-relu: {stop}; stopping every process of the run ...", flush=True)
+        if interrupted is not None:
+            for line in report_interrupted(interrupted.signum, run_dir, cfg, user_overrides, started_at):
+                print(line, flush=True)
+            return interrupted.exit_code
     seconds = time.perf_counter() - t0
-    ok = result.returncode == 0 and result.status == "finished:completed" and (run_dir / "metrics.jsonl").exists()
-    if not ok:
-        print(
-            f"fedavg-relu: run {result.run_id} ended {result.status} (flwr exit {result.returncode}); "
-            f"see the log above",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"fedavg-relu: finished in {seconds:.1f}s; outputs in {run_dir}")
-    return 0
+    outcome = run_outcome(_fresh_summary(run_dir, started_at), result.status, result.returncode, result.run_id, run_dir)
+    if outcome.exit_code == 0:
+        outcome.lines[0] += f" in {seconds:.0f}s"
+    for line in outcome.lines:
+        print(line, flush=True)
+    return outcome.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flwr-home", help="FLWR_HOME to use (default: a fresh temporary folder)")
     run.add_argument("--keep-flwr-home", action="store_true", help="keep the temporary FLWR_HOME (logs)")
     run.add_argument("--quiet", action="store_true", help="do not echo Flower's log stream")
+    run.add_argument("--verbose", action="store_true",
+                     help="show Flower's own per-round dump and banners (sets run-config verbose=true)")
     run.set_defaults(func=_cmd_run)
     val = sub.add_parser("validate", parents=[common], help="validate the run config and print it")
     val.set_defaults(func=_cmd_validate)

@@ -7,6 +7,17 @@ machine"). :class:`IsolatedFlower` instead starts ``flower-superlink
 runtime dependency installation off, points ``flwr`` at it through
 ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``, and stops it (its whole process
 group, by PID) when done.
+
+Not everything a run starts stays in that process group: ``flower-superexec``
+starts a session of its own, and the ``flwr-simulation`` process it spawns
+starts Ray's daemons (``gcs_server``, ``raylet``, dashboard, log monitor) and
+the ClientApp actors, which re-parent to init when their parents die. Every
+one of them inherits the private ``RAY_TMPDIR``, so :meth:`IsolatedFlower.stop`
+also finds them through ``/proc`` (that variable in their environment, or the
+folder in their command line, plus the descendants seen while the run was
+going) and stops them by PID. :func:`raise_on_signals` turns SIGINT/SIGTERM
+into :class:`RunInterrupted`, so that a caller can stop all of it and exit
+128 + signal number without a traceback.
 """
 
 from __future__ import annotations
@@ -20,9 +31,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +122,130 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+# --- processes by PID, through /proc --------------------------------------------
+def _start_time(pid: int) -> int | None:
+    """Field 22 of ``/proc/PID/stat`` (start time in clock ticks): with the PID, a process's identity."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    return int(text[text.rindex(b")") + 2 :].split()[19])
+
+
+def _parent_map() -> dict[int, int]:
+    """PID -> parent PID of every process visible in ``/proc``."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    text = fh.read()
+            except OSError:
+                continue
+            parents[int(entry)] = int(text[text.rindex(b")") + 2 :].split()[1])
+    return parents
+
+
+def descendants(pid: int, parents: Mapping[int, int] | None = None) -> set[int]:
+    """Every live process below ``pid`` in the process tree (not ``pid`` itself)."""
+    parents = _parent_map() if parents is None else parents
+    children: dict[int, list[int]] = {}
+    for child, parent in parents.items():
+        children.setdefault(parent, []).append(child)
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _ancestors(pid: int, parents: Mapping[int, int]) -> set[int]:
+    found = set()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        pid = parents.get(pid, 0)
+    return found
+
+
+def processes_marked_by(markers: list[str]) -> set[int]:
+    """PIDs whose environment holds one of the ``NAME=VALUE`` ``markers`` exactly, or whose command line names
+    a marker's value; never this process or its ancestors."""
+    parents = _parent_map()
+    spared = _ancestors(os.getpid(), parents)
+    env_entries = {m.encode() for m in markers}
+    values = [m.split("=", 1)[1].encode() for m in markers if "=" in m and m.split("=", 1)[1]]
+    found = set()
+    for pid in parents:
+        if pid in spared:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                environ = set(fh.read().split(b"\0"))
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:  # gone, or not ours
+            continue
+        if environ & env_entries or any(v in cmdline for v in values):
+            found.add(pid)
+    return found
+
+
+def kill_pids(pids: dict[int, int | None], grace: float) -> None:
+    """SIGTERM each PID (whose start time still matches, when known), wait up to ``grace`` s, then SIGKILL the rest."""
+
+    def alive() -> list[int]:
+        return [p for p, t in pids.items() if pid_alive(p) and (t is None or _start_time(p) == t)]
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        targets = alive()
+        for pid in targets:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + wait
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not alive():
+            return
+
+
+class RunInterrupted(BaseException):
+    """SIGINT or SIGTERM arrived while a run was going (a ``BaseException``, like ``KeyboardInterrupt``)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention: 128 + signal number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + self.signum
+
+
+@contextmanager
+def raise_on_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Inside the block, the first of ``signums`` raises :class:`RunInterrupted`; later ones are ignored
+    (the caller is stopping the run). Main thread only; the previous handlers come back afterwards."""
+    state = {"raised": False}
+
+    def handler(signum: int, _frame: object) -> None:
+        if not state["raised"]:
+            state["raised"] = True
+            raise RunInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signums}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _bin(name: str) -> str:
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else (shutil.which(name) or name)
@@ -134,6 +271,10 @@ class IsolatedFlower:
         self.port = free_port()
         self.control_port = free_port()
         self.process: subprocess.Popen | None = None
+        self.seen: dict[int, int | None] = {}  # PID -> start time of every process seen below the SuperLink or flwr
+        self.stragglers: set[int] = set()  # PIDs still alive after stop() (should stay empty)
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
         self.home.mkdir(parents=True, exist_ok=True)
         # Ray's socket paths must stay under ~107 characters: a short temp dir of its own
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="fr-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
@@ -174,10 +315,55 @@ class IsolatedFlower:
             self.stop()
             raise RuntimeError(f"flower-superlink did not answer within {timeout:.0f}s on port {self.port}")
 
-    def stop(self) -> None:
-        """Stop the SuperLink and everything in its process group, by PID."""
+    def markers(self) -> list[str]:
+        """Environment entries that only this instance's processes carry (the private Ray temp dir)."""
+        return [f"RAY_TMPDIR={self.ray_tmp}"]
+
+    def run_processes(self) -> set[int]:
+        """Live PIDs this instance started: marked ones (:meth:`markers`), tracked descendants, the SuperLink."""
+        pids = processes_marked_by(self.markers())
+        pids.update(p for p, t in self.seen.items() if pid_alive(p) and _start_time(p) == t)
+        if self.process is not None and self.process.poll() is None:
+            pids.add(self.process.pid)
+        return pids
+
+    def _remember_descendants(self, *roots: int) -> None:
+        parents = _parent_map()
+        for root in roots:
+            for pid in descendants(root, parents):
+                if pid not in self.seen:
+                    self.seen[pid] = _start_time(pid)
+
+    def _watch(self, extra_root: int | None, every: float = 1.0) -> None:
+        """Background: remember every descendant of the SuperLink (and of ``extra_root``) while they live."""
+        while not self._watch_stop.wait(every):
+            roots = [p.pid for p in (self.process,) if p is not None]
+            try:
+                self._remember_descendants(*roots, *([extra_root] if extra_root else []))
+            except (OSError, ValueError):  # a process vanished mid-read
+                continue
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every process of this instance by PID, then remove its temporary folders.
+
+        The SuperLink's process group gets SIGTERM, then SIGKILL after ``grace``
+        seconds; everything else it started (see the module docstring) gets the
+        same, found again until none is left (at most about ``grace + 15`` s).
+        """
+        self._watch_stop.set()
         proc, self.process = self.process, None
-        stop_process_group(proc)
+        if proc is not None:
+            self._remember_descendants(proc.pid)
+        if grace < 10.0:  # interrupted: everything at once
+            kill_pids({p: _start_time(p) for p in self.run_processes()}, grace)
+        stop_process_group(proc, term_wait=grace)
+        deadline = time.monotonic() + grace + 10.0
+        while time.monotonic() < deadline:
+            left = self.run_processes()
+            if not left:
+                break
+            kill_pids({p: _start_time(p) for p in left}, min(grace, 3.0))
+        self.stragglers = self.run_processes()
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
         if self._own_home and not self.keep_home:
             shutil.rmtree(self.home, ignore_errors=True)
@@ -186,8 +372,9 @@ class IsolatedFlower:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        interrupted = exc_type is not None and issubclass(exc_type, (RunInterrupted, KeyboardInterrupt))
+        self.stop(grace=3.0 if interrupted else 10.0)
 
     # --- commands -----------------------------------------------------------
     def run(
@@ -198,8 +385,15 @@ class IsolatedFlower:
         cpus_per_client: int = 1,
         echo: bool = False,
         timeout: float | None = None,
+        hide: Callable[[str], bool] | None = None,
     ) -> FlwrRunResult:
-        """``flwr run APP --stream`` with these overrides; then ask for the run's status."""
+        """``flwr run APP --stream`` with these overrides; then ask for the run's status.
+
+        With ``echo``, the stream is copied to stdout as it comes, except the
+        lines for which ``hide(line)`` is true. The ``flwr`` process gets a
+        session of its own: a terminal's Ctrl-C reaches only the caller, which
+        stops everything (:meth:`stop`).
+        """
         cmd = [
             _bin("flwr"), "run", str(app_dir),
             "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
@@ -207,14 +401,19 @@ class IsolatedFlower:
         ]
         if overrides:
             cmd[3:3] = ["--run-config", run_config_arg(overrides)]
-        proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        self._watch_stop.clear()
+        self._watcher = threading.Thread(target=self._watch, args=(proc.pid,), daemon=True, name="flwr-process-watch")
+        self._watcher.start()
         lines: list[str] = []
         assert proc.stdout is not None
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
             for line in proc.stdout:
                 lines.append(line)
-                if echo:
+                if echo and not (hide is not None and hide(line)):
                     sys.stdout.write(line)
                     sys.stdout.flush()
                 if deadline is not None and time.monotonic() > deadline:
@@ -222,6 +421,7 @@ class IsolatedFlower:
             proc.wait()
         finally:
             if proc.poll() is None:
+                self._remember_descendants(proc.pid)
                 proc.kill()
                 proc.wait()
         output = "".join(lines)

@@ -3,7 +3,8 @@
 One folder per run holds ``config.json``, ``metrics.jsonl`` (one JSON object per
 round, flat kebab-case keys, non-finite values as ``null``), ``metrics.csv`` (the
 same table), ``model.pt`` (the final global model's full state dict and the
-config) and, on request, TensorBoard event files under ``tensorboard/``.
+config), ``summary.json`` (how the run ended: :func:`write_summary`) and, on
+request, TensorBoard event files under ``tensorboard/``.
 
 This module does not import flwr.
 """
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -130,3 +132,53 @@ def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl``."""
     with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+SUMMARY_NAME = "summary.json"
+SUMMARY_STATUSES = ("completed", "failed", "interrupted")
+
+
+def _count_from_metrics(run_dir: Path) -> dict[str, int]:
+    """``rounds-completed`` and the summed client counters of the run folder's ``metrics.jsonl`` (0 when absent)."""
+    try:
+        rows = read_metrics(run_dir)
+    except (OSError, json.JSONDecodeError):
+        rows = []
+    rounds = [int(r["round"]) for r in rows if isinstance(r.get("round"), (int, float))]
+    return {
+        "rounds-completed": max(rounds, default=0),
+        "clients-failed": int(sum(r.get("clients-failed") or 0 for r in rows)),
+        "clients-rejected": int(sum(r.get("clients-rejected") or 0 for r in rows)),
+    }
+
+
+def write_summary(run_dir: Path | str, status: str, reason: str, **fields: Any) -> Path:
+    """Write ``run_dir/summary.json`` atomically: how the run ended; return its path.
+
+    ``status`` is one of :data:`SUMMARY_STATUSES`; ``reason`` says why (``""``
+    when completed). Keyword fields are stored under kebab-case keys
+    (``rounds_completed=3`` -> ``"rounds-completed": 3``). ``rounds-completed``
+    (the last round in ``metrics.jsonl``), ``clients-failed`` and
+    ``clients-rejected`` (summed over its rows) default to what the metrics file
+    says; ``run-dir`` is the absolute folder and ``written-at`` the Unix time.
+    """
+    if status not in SUMMARY_STATUSES:
+        raise ValueError(f"status={status!r}: expected one of {SUMMARY_STATUSES}")
+    run_dir = Path(run_dir).resolve()
+    extra = {key.replace("_", "-"): value for key, value in fields.items()}
+    payload: dict[str, Any] = {"status": status, "reason": str(reason)}
+    payload.update(_count_from_metrics(run_dir))
+    payload.update({"run-dir": str(run_dir), "written-at": time.time()})
+    payload.update(extra)
+    path = run_dir / SUMMARY_NAME
+    atomic_write_text(path, json.dumps({k: _clean(v) for k, v in payload.items()}, indent=2, default=str) + "\n")
+    return path
+
+
+def read_summary(run_dir: Path | str) -> dict[str, Any] | None:
+    """The run folder's ``summary.json``; ``None`` when it is missing or not a JSON object."""
+    try:
+        payload = json.loads((Path(run_dir) / SUMMARY_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
