@@ -216,8 +216,6 @@ def partition_hf_dataset(dataset, cfg: RunConfig, label_key: str = "label") -> l
 
 def partition_indices(labels: np.ndarray, cfg: RunConfig) -> list[np.ndarray]:
     """Indices into ``labels`` of each partition, by the configured flwr-datasets partitioner."""
-    import datasets
-
     labels = np.asarray(labels, dtype=np.int64)
     if cfg.partitioner == "iid":  # IidPartitioner shards contiguously: shuffle first
         order = np.random.default_rng([cfg.seed, 1]).permutation(len(labels))
@@ -226,6 +224,8 @@ def partition_indices(labels: np.ndarray, cfg: RunConfig) -> list[np.ndarray]:
         return [np.sort(part) for part in np.array_split(order, cfg.num_partitions)]
     else:
         order = np.arange(len(labels))
+    import datasets  # only the flwr-datasets partitioners need it (a slow import)
+
     ds = datasets.Dataset.from_dict({"index": order, "label": labels[order]})
     parts = partition_hf_dataset(ds, cfg, "label")
     return [np.sort(np.asarray(p["index"], dtype=np.int64)) for p in parts]
@@ -235,6 +235,16 @@ def partition_indices(labels: np.ndarray, cfg: RunConfig) -> list[np.ndarray]:
 def _partitions_cached(cfg: RunConfig) -> tuple[np.ndarray, ...]:
     central = load_central(cfg)
     return tuple(partition_indices(central.train.y.numpy(), cfg))
+
+
+def build_central(cfg: RunConfig) -> CentralData:
+    """The training pool and held-out split :func:`load_central` caches, built afresh and not kept."""
+    return _build_central(cfg.only(*_DATA_FIELDS))
+
+
+def load_partition_indices(cfg: RunConfig) -> tuple[np.ndarray, ...]:
+    """Every client's indices into ``load_central(cfg).train``: the cached split :func:`load_partition` uses."""
+    return _partitions_cached(cfg.only(*_PARTITION_FIELDS))
 
 
 def load_partition(cfg: RunConfig, partition_id: int) -> TensorData:
