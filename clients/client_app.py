@@ -1,134 +1,106 @@
-"""The ClientApp: local SGD on ``train``, drift measurement on ``query.drift``.
+"""The ClientApp: which handler serves which message type.
+
+One client per node (the standard path): ``train`` runs local SGD from the
+received W^r, ``query.drift`` compares the gradient at the node's kept local
+model with the one at the new average. Packed mode (a node simulates a cohort of
+virtual clients) has message types of its own (``train.packed``,
+``query.packed_drift``, ``query.cohort``, :mod:`clients.packed_app`): the server's
+strategy picks the path by the message type it sends, and nothing here branches
+on the config.
 
 Handlers only unpack the message, call :mod:`fedavg_relu.task` and pack the
-reply. The final local model of a round is kept in the node's state
-(``context.state``) until the drift exchange of the same round has used it.
+reply. The final local model of a round is kept on the node's disk
+(:mod:`fedavg_relu.spill`), not in ``context.state``, until the drift exchange of
+the same round has used it.
 """
 
 from __future__ import annotations
 
-import functools
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedavg_relu.config import RunConfig
+from fedavg_relu import protocol as wire
 from fedavg_relu.records import arrays_to_params, params_to_arrays
 from fedavg_relu.task import client_data, measure_drift, node_seed_id, train_client
-from fedavg_relu.threads import configure_torch_threads
-from fedavg_relu.training import LocalSGDSettings
-from strategies.scaffold import CONTROL_PREFIX, DELTA_PREFIX
 
-LOCAL_PARAMS_KEY = "local-params"
-LOCAL_ROUND_KEY = "local-round"
-MEASURED_LOSS_KEY = "measured-loss"  # f_k at the model of the last drift exchange
-CLIENT_CONTROL_KEY = "scaffold-client-control"  # SCAFFOLD's c_k, kept across rounds
+from .node import local_store, run_config, settings_from
+from .packed_app import cohort, packed_drift, packed_train
 
-
-
-@functools.lru_cache(maxsize=4)
-def _parse(items: tuple) -> RunConfig:
-    return RunConfig.from_mapping(dict(items))
-
-
-def run_config(context: Context) -> RunConfig:
-    """The validated run configuration (parsed once per process)."""
-    return _parse(tuple(sorted(context.run_config.items())))
-
-
-def settings_from(config: ConfigRecord, cfg: RunConfig) -> LocalSGDSettings:
-    """Local SGD settings from the round's ConfigRecord (the server's word for this round)."""
-    return LocalSGDSettings(
-        local_steps=int(config["local-steps"]),
-        learning_rate=float(config["learning-rate"]),
-        batch_size=int(config["batch-size"]),
-        momentum=float(config["momentum"]),
-        weight_decay=float(config["weight-decay"]),
-        loss=cfg.loss,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),  # FedProx sends it
-        local_epochs=float(config.get("local-epochs", 0.0)),
-    )
+MEASURED_LOSS_KEY = "measured-loss"  # node state: f_k at the model of the last drift exchange
+SCAFFOLD_SLOT = "scaffold-control"  # on-disk slot of SCAFFOLD's c_k, kept across rounds
 
 
 def train(msg: Message, context: Context) -> Message:
     """Run tau local steps from the received global model and return the local model."""
-    configure_torch_threads()
     cfg = run_config(context)
-    if cfg.packed:  # clients-per-node > 1: this node trains a cohort (clients/packed_app.py)
-        from clients.packed_app import packed_train
-
-        return packed_train(msg, context)
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
+    config = msg.content[wire.CONFIG]
+    server_round = int(config[wire.SERVER_ROUND])
     known = context.state.get(MEASURED_LOSS_KEY)
     loss_before = None
-    if known is not None and "measured-round" in config and int(known["server-round"]) == int(config["measured-round"]):
+    if known is not None and wire.MEASURED_ROUND in config and int(known["server-round"]) == int(config[wire.MEASURED_ROUND]):
         loss_before = float(known["loss"])  # this very model was measured here last round
-    received = arrays_to_params(msg.content["arrays"])
-    global_params = {k: v for k, v in received.items() if not k.startswith(CONTROL_PREFIX)}
+    received = arrays_to_params(msg.content[wire.ARRAYS])
+    global_params = {k: v for k, v in received.items() if not k.startswith(wire.SCAFFOLD_CONTROL_PREFIX)}
     scaffold = None
     if len(global_params) < len(received):  # SCAFFOLD: the server control variate came along
-        server_c = {k[len(CONTROL_PREFIX):]: v for k, v in received.items() if k.startswith(CONTROL_PREFIX)}
-        kept = context.state.get(CLIENT_CONTROL_KEY)
-        scaffold = (server_c, arrays_to_params(kept) if kept is not None else None)
+        prefix = wire.SCAFFOLD_CONTROL_PREFIX
+        server_c = {k[len(prefix):]: v for k, v in received.items() if k.startswith(prefix)}
+        store = local_store(context, SCAFFOLD_SLOT)
+        scaffold = (server_c, dict(store.load(0)) if store.has(0) else None)
     outcome = train_client(
         cfg, client_data(cfg, context.node_config), node_seed_id(context.node_config, context.node_id), server_round,
         global_params, settings_from(config, cfg), loss_before, scaffold,
     )
-    local = params_to_arrays(outcome.local_params)
-    reply_arrays = local
+    reply_params = dict(outcome.local_params)
     if outcome.control_delta is not None:
-        context.state[CLIENT_CONTROL_KEY] = params_to_arrays(outcome.client_control)
-        reply_arrays = params_to_arrays(
-            {**outcome.local_params, **{DELTA_PREFIX + k: v for k, v in outcome.control_delta.items()}}
-        )
-    if bool(config.get("keep-local-model", True)):
-        context.state[LOCAL_PARAMS_KEY] = local
-        context.state[LOCAL_ROUND_KEY] = ConfigRecord({"server-round": server_round})
+        local_store(context, SCAFFOLD_SLOT).save(0, outcome.client_control)
+        reply_params.update({wire.SCAFFOLD_DELTA_PREFIX + k: v for k, v in outcome.control_delta.items()})
+    store = local_store(context)
+    if bool(config.get(wire.KEEP_LOCAL_MODEL, True)):
+        store.save(server_round, outcome.local_params)
+    else:
+        store.discard()
     metrics = MetricRecord(
         {
-            "train-loss": outcome.train_loss,
-            "loss-before": outcome.loss_before,
-            "num-examples": outcome.num_examples,
-            "local-steps": outcome.num_steps,
+            wire.TRAIN_LOSS: outcome.train_loss,
+            wire.LOSS_BEFORE: outcome.loss_before,
+            wire.NUM_EXAMPLES: outcome.num_examples,
+            wire.LOCAL_STEPS: outcome.num_steps,
         }
     )
-    return Message(content=RecordDict({"arrays": reply_arrays, "metrics": metrics}), reply_to=msg)
+    content = RecordDict({wire.ARRAYS: params_to_arrays(reply_params), wire.METRICS: metrics})
+    return Message(content=content, reply_to=msg)
 
 
 def drift(msg: Message, context: Context) -> Message:
     """Compare the gradient at this node's local model with the one at the new average."""
-    configure_torch_threads()
     cfg = run_config(context)
-    if cfg.packed:
-        from clients.packed_app import packed_drift
-
-        return packed_drift(msg, context)
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
-    kept_round = context.state.get(LOCAL_ROUND_KEY)
-    if LOCAL_PARAMS_KEY not in context.state or kept_round is None or int(kept_round["server-round"]) != server_round:
+    config = msg.content[wire.CONFIG]
+    server_round = int(config[wire.SERVER_ROUND])
+    store = local_store(context)
+    if not store.has(server_round):
         raise RuntimeError(f"no local model kept for round {server_round} on this node")
-    local_params = arrays_to_params(context.state[LOCAL_PARAMS_KEY])
-    del context.state[LOCAL_PARAMS_KEY]  # keep node state small between rounds
-    measured, gradient = measure_drift(
-        cfg, client_data(cfg, context.node_config), local_params, arrays_to_params(msg.content["arrays"])
-    )
+    try:
+        measured, gradient = measure_drift(
+            cfg, client_data(cfg, context.node_config), store.load(server_round), arrays_to_params(msg.content[wire.ARRAYS])
+        )
+    finally:
+        store.discard()  # measured once; keep the disk clean between rounds
     context.state[MEASURED_LOSS_KEY] = MetricRecord({"server-round": server_round, "loss": measured.loss_at_global})
-    content = RecordDict({"metrics": MetricRecord(measured.to_metrics())})
-    if bool(config.get("return-gradient", False)):
-        content["gradient"] = params_to_arrays(gradient)
+    content = RecordDict({wire.METRICS: MetricRecord(measured.to_metrics())})
+    if bool(config.get(wire.RETURN_GRADIENT, False)):
+        content[wire.GRADIENT] = params_to_arrays(gradient)
     return Message(content=content, reply_to=msg)
 
 
 def build_client_app(mods: list | None = None) -> ClientApp:
-    """A ClientApp with this module's handlers (``mods``: Flower client mods)."""
+    """A ClientApp with every handler, each registered for its message type (``mods``: Flower client mods)."""
     client_app = ClientApp(mods=mods or [])
-    client_app.train()(train)
-    client_app.query("drift")(drift)
-    from clients.packed_app import cohort
-
-    client_app.query("cohort")(cohort)  # packed mode: which virtual clients a node holds
+    client_app.train()(train)  # "train"
+    client_app.query("drift")(drift)  # "query.drift"
+    client_app.train("packed")(packed_train)  # "train.packed"
+    client_app.query("packed_drift")(packed_drift)  # "query.packed_drift"
+    client_app.query("cohort")(cohort)  # "query.cohort"
     return client_app
 
 

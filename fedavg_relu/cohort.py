@@ -141,6 +141,7 @@ def train_cohort_vectorized(
     budget: int | None = None,
     lockstep_steps: Sequence[int] = (),
     on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    allocate: Callable[[dict[str, tuple[tuple[int, ...], np.dtype]]], dict[str, np.ndarray]] | None = None,
 ) -> CohortTraining:
     """Train clients ``datas[i]`` (``x`` (n_i, d), ``y`` (n_i,)) from ``global_params`` with seeds ``seeds[i]``.
 
@@ -153,6 +154,10 @@ def train_cohort_vectorized(
     after each of those steps ``on_step(t, params)`` sees every client's current
     parameters (name -> ``(K, *shape)``, clients in the given order); all clients
     must then run the same number of steps. The updates are the same either way.
+
+    ``allocate`` (name -> (shape, dtype) -> name -> array) supplies the arrays the kept
+    W_k are written into, e.g. disk-backed ones (:meth:`fedavg_relu.spill.LocalModelStore.allocate`);
+    default: ``np.empty`` in memory.
     """
     if settings.proximal_mu > 0:
         raise ValueError("proximal-mu > 0 is not supported by vectorized cohort training")
@@ -167,7 +172,8 @@ def train_cohort_vectorized(
     size = len(datas)
     sizes = np.array([len(d) for d in datas], np.int64)
     out = CohortTraining(
-        local_params={n: np.empty((size, *start[n].shape), np.float32) for n in trained} if keep_local else None,
+        local_params=allocate_arrays({n: ((size, *start[n].shape), np.dtype(np.float32)) for n in trained}, allocate)
+        if keep_local else None,
         weighted_sum={n: np.zeros(tuple(start[n].shape), np.float64) for n in trained},
         train_loss=np.zeros(size), first_loss=np.zeros(size), num_steps=np.zeros(size, np.int64), num_examples=sizes,
     )
@@ -193,6 +199,13 @@ def train_cohort_vectorized(
     if lockstep_steps:
         _lockstep(runs, trained, start, size, settings, sizes, set(lockstep_steps), on_step)
     return out
+
+
+def allocate_arrays(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], allocate=None) -> dict[str, np.ndarray]:
+    """``allocate(shapes)``, or empty in-memory arrays."""
+    if allocate is not None:
+        return allocate(shapes)
+    return {name: np.empty(shape, dtype) for name, (shape, dtype) in shapes.items()}
 
 
 def _lockstep(runs, trained, start, size, settings, sizes, steps_wanted, on_step) -> None:

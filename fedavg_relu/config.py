@@ -51,6 +51,7 @@ class RunConfig:
     output_dir: str = "runs"  # parent folder of the run folder (relative: to $FEDAVG_RELU_HOME or cwd)
     run_name: str = ""  # run folder name; "" = a timestamped name
     save_model: bool = True  # write the final global model (model.pt)
+    verbose: bool = False  # also show Flower's own per-round log (the full metrics are always in the run folder)
     # --- data ----------------------------------------------------------------
     dataset: str = "digits"  # one of DATASETS
     num_partitions: int = 10  # number of clients K the training set is split into
@@ -94,6 +95,8 @@ class RunConfig:
     # --- reliability ---------------------------------------------------------
     max_num_examples: int = 1_000_000_000  # a reply claiming more examples is rejected
     max_update_norm: float = 0.0  # reject updates with ||W_k - W^r|| above this; 0 = no bound
+    max_examples_ratio: float = 100.0  # reject a reply whose num-examples > this x the median of the round's others; 0 = off
+    max_update_ratio: float = 100.0  # reject a reply whose ||W_k - W^r|| > this x the median of the round's others; 0 = off
     resume: bool = False  # continue the run folder's last checkpoint (same config) instead of starting over
     checkpoint_every: int = 1  # write checkpoint.pt after every N-th round (and the last); 0 = after the last only
     # --- scale (packed mode; README "Scale and speed") ------------------------
@@ -167,6 +170,8 @@ class RunConfig:
             ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0 (0 = after the last round only)"),
             ("max_num_examples", self.max_num_examples >= 1, "an integer >= 1"),
             ("max_update_norm", self.max_update_norm >= 0 and math.isfinite(self.max_update_norm), "a finite float >= 0 (0 = no bound)"),
+            ("max_examples_ratio", self.max_examples_ratio == 0 or (self.max_examples_ratio >= 1 and math.isfinite(self.max_examples_ratio)), "0 (off) or a finite float >= 1"),
+            ("max_update_ratio", self.max_update_ratio == 0 or (self.max_update_ratio >= 1 and math.isfinite(self.max_update_ratio)), "0 (off) or a finite float >= 1"),
         ]
         problems = [
             f"{_key(name)}={getattr(self, name)!r}: expected {what}"

@@ -13,6 +13,7 @@ tests of the strategy hooks and for quick studies on one core.
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -56,14 +57,17 @@ class LocalGrid(Grid):
     ) -> None:
         ensure_task_identity()
         self.client_app = client_app
+        self.run_id = uuid.uuid4().int % 2**62  # each LocalGrid is a run of its own (e.g. its nodes' spill folders)
         configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
         self.contexts: dict[int, Context] = {
             i + 1: Context(
-                run_id=1, node_id=i + 1, node_config=dict(cfg), state=RecordDict(), run_config=dict(run_config)
+                run_id=self.run_id, node_id=i + 1, node_config=dict(cfg), state=RecordDict(), run_config=dict(run_config)
             )
             for i, cfg in enumerate(configs)
         }
         self.sent: list[Message] = []  # every message, for inspection in tests
+
+    yields_replies = True  # send_and_receive hands each reply over as soon as it is made
 
     # --- the part of the Grid API strategies use ------------------------------
     def get_node_ids(self) -> Iterable[int]:
@@ -71,23 +75,24 @@ class LocalGrid(Grid):
         return list(self.contexts)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Deliver each message to its node's ClientApp, in order; collect the replies."""
-        replies = []
+        """Deliver each message to its node's ClientApp, in order, yielding each reply as it is made.
+
+        Lazy, like a wire that streams: a message is handled when the consumer asks for
+        the next reply, so a consumer that folds replies into a sum holds one at a time.
+        """
         for message in messages:
             self.sent.append(message)
             context = self.contexts.get(message.metadata.dst_node_id)
             if context is None:
-                replies.append(Message(Error(CLIENT_APP_EXCEPTION, "unknown node"), reply_to=message))
+                yield Message(Error(CLIENT_APP_EXCEPTION, "unknown node"), reply_to=message)
                 continue
             try:
                 # copies in both directions stand in for the wire: no object is shared between
                 # the server, the node's state and the reply (some strategies consume arrays in place)
-                replies.append(copy.deepcopy(self.client_app(copy.deepcopy(message), context)))
+                reply = copy.deepcopy(self.client_app(copy.deepcopy(message), context))
             except Exception as err:  # a faulty client is an error reply, never a crash
-                replies.append(
-                    Message(Error(CLIENT_APP_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=message)
-                )
-        return replies
+                reply = Message(Error(CLIENT_APP_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=message)
+            yield reply
 
     # --- the rest of the abstract API: not needed in process ------------------
     def set_run(self, run_id: int) -> None:  # pragma: no cover - not used in process

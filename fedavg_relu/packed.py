@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from .cohort import cohort_seeds, measure_cohort_drift_vectorized, train_cohort_vectorized
+from .cohort import allocate_arrays, cohort_seeds, measure_cohort_drift_vectorized, train_cohort_vectorized
 from .config import RunConfig
 from .data import load_partition, load_partitions
 from .metrics import ClientDrift, measure_client_drift
@@ -278,6 +278,7 @@ def train_cohort(
     lockstep_steps: Sequence[int] = (),
     keep_local: bool = True,
     vectorized: bool = True,
+    allocate=None,
 ) -> CohortRound:
     """Train every client in ``client_ids`` from ``W^r`` for one round.
 
@@ -292,7 +293,9 @@ def train_cohort(
     ``known_loss_before`` maps a client to
     f_k(W^r) measured earlier (the last drift exchange), saving a forward pass.
     ``keep_local=False`` keeps only the running sum ``sum_k n_k W_k`` (no drift exchange
-    will need the W_k): memory of one model however large the cohort.
+    will need the W_k): memory of one model however large the cohort. ``allocate``
+    supplies the arrays the kept W_k go into (see
+    :func:`fedavg_relu.cohort.train_cohort_vectorized`; e.g. on disk).
     """
     known = known_loss_before or {}
     ids = list(client_ids)
@@ -303,9 +306,10 @@ def train_cohort(
     if vectorized and settings.proximal_mu <= 0:
         return _train_vectorized(
             cfg, ids, server_round, global_params, settings, known, keep_local or bool(lockstep_steps), dtypes,
-            sorted(set(lockstep_steps)),
+            sorted(set(lockstep_steps)), allocate,
         )
-    stacked = {n: np.empty((len(ids), *np.shape(global_params[n])), dtypes[n]) for n in names} if keep_local or lockstep_steps else None
+    shapes = {n: ((len(ids), *np.shape(global_params[n])), dtypes[n]) for n in names}
+    stacked = allocate_arrays(shapes, allocate) if keep_local or lockstep_steps else None
     acc = {n: np.zeros(np.shape(global_params[n]), np.float64) for n in names}
     num_examples = np.zeros(len(ids), np.int64)
     train_loss, loss_before, num_steps = (np.zeros(len(ids)) for _ in range(3))
@@ -324,7 +328,7 @@ def train_cohort(
     return _train_lockstep(cfg, ids, server_round, global_params, settings, known, set(lockstep_steps), stacked, acc, dtypes)
 
 
-def _train_vectorized(cfg, ids, server_round, global_params, settings, known, keep_local, dtypes, lockstep=()) -> CohortRound:
+def _train_vectorized(cfg, ids, server_round, global_params, settings, known, keep_local, dtypes, lockstep=(), allocate=None) -> CohortRound:
     datas = load_partitions(cfg, ids)
     model = working_model(cfg)
     per_step: dict[int, DriftSums] = {}
@@ -342,7 +346,7 @@ def _train_vectorized(cfg, ids, server_round, global_params, settings, known, ke
 
     out = train_cohort_vectorized(
         model, global_params, datas, cohort_seeds(cfg.seed, ids, server_round), settings, keep_local=keep_local,
-        lockstep_steps=lockstep, on_step=record if lockstep else None,
+        lockstep_steps=lockstep, on_step=record if lockstep else None, allocate=allocate,
     )
     loss_before = np.zeros(len(ids))
     for i, (k, data) in enumerate(zip(ids, datas, strict=True)):

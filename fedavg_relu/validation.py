@@ -18,16 +18,20 @@ import numpy as np
 
 REASONS = (
     "malformed",  # not exactly one ArrayRecord and one MetricRecord, or unreadable arrays
+    "record-layout",  # records named or typed otherwise than the strategy reads (e.g. "weights" for "arrays")
     "array-names",  # missing or extra arrays
     "array-shape",  # an array's shape differs from the global model's
     "array-dtype",  # an array's dtype differs from the global model's
     "non-finite",  # NaN or inf in an array
     "metric-keys",  # missing or extra metric keys
     "num-examples",  # num-examples not a positive integer within the bound
+    "metric-type",  # a metric value that is not a number (e.g. a list where a scalar is read)
     "non-finite-metric",  # NaN or inf in a metric value
     "update-norm",  # ||W_k - W^r|| above the configured bound
     "duplicate-node",  # a second reply of the same node in one round
     "unexpected-node",  # a reply from a node that was not sampled this round
+    "examples-outlier",  # num-examples far above the round's other replies (max-examples-ratio)
+    "update-outlier",  # ||W_k - W^r|| far above the round's other replies (max-update-ratio)
 )
 
 
@@ -94,18 +98,113 @@ def check_update(
         missing, extra = sorted(rules.metric_keys - keys), sorted(keys - rules.metric_keys)
         raise Rejected("metric-keys", f"missing {missing}, unexpected {extra}")
     n = metrics["num-examples"]
+    if isinstance(n, list):
+        raise Rejected("num-examples", f"num-examples={n!r}: expected a positive integer")
     if isinstance(n, bool) or not isinstance(n, (int, float)) or isinstance(n, float) and not n.is_integer():
         raise Rejected("num-examples", f"num-examples={n!r}: expected a positive integer")
     if not 1 <= n <= rules.max_num_examples:
         raise Rejected("num-examples", f"num-examples={n!r}: expected an integer in [1, {rules.max_num_examples}]")
     for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Rejected("metric-type", f"{key}={value!r}: expected a number")
+        if not math.isfinite(value):
             raise Rejected("non-finite-metric", f"{key}={value!r}")
     if rules.max_update_norm > 0 and global_params is not None:
-        norm = math.sqrt(
-            sum(float(np.sum((params[k].astype(np.float64) - np.asarray(global_params[k], np.float64)) ** 2)) for k in params)
-        )
+        norm = update_norm(params, global_params)
         if norm > rules.max_update_norm:
             raise Rejected("update-norm", f"||update|| = {norm:.4g} > max-update-norm = {rules.max_update_norm:.4g}")
     return int(n)
+
+
+def update_norm(params: Mapping[str, np.ndarray], global_params: Mapping[str, np.ndarray]) -> float:
+    """``||W_k - W^r||`` over every array, in float64."""
+    total = 0.0
+    for k, value in params.items():
+        diff = np.asarray(value, np.float64) - np.asarray(global_params[k], np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def check_record_layout(layout: Mapping[str, str], expected: Mapping[str, str]) -> None:
+    """Raise :class:`Rejected` ("record-layout") unless a reply's records are exactly ``expected``.
+
+    ``layout`` and ``expected`` map record name -> record type ("ArrayRecord",
+    "MetricRecord", "ConfigRecord"). Flower's own aggregation raises and ends the
+    whole run on replies whose record names differ from each other; here such a
+    reply is one rejection.
+    """
+    if dict(layout) != dict(expected):
+        missing = sorted(f"{k} ({t})" for k, t in expected.items() if layout.get(k) != t)
+        extra = sorted(f"{k} ({t})" for k, t in layout.items() if expected.get(k) != t)
+        raise Rejected("record-layout", f"missing {missing}, unexpected {extra}")
+
+
+@dataclass(frozen=True)
+class OutlierRules:
+    """Bounds on a reply relative to the round's other replies (0 switches a rule off).
+
+    A reply is an outlier when its ``num-examples`` exceeds ``examples_ratio`` times
+    the median of the other replies' counts, or its ``||W_k - W^r||`` exceeds
+    ``update_ratio`` times the median of the other replies' update norms. Needs at
+    least ``min_peers`` other replies; with fewer nothing is judged. Finite but
+    extreme values (every entry 3e38, a count of 10^9) would otherwise be averaged
+    in and wreck the model for good.
+    """
+
+    examples_ratio: float = 100.0
+    update_ratio: float = 100.0
+    min_peers: int = 2
+
+    @property
+    def active(self) -> bool:
+        """True when at least one rule is on."""
+        return self.examples_ratio > 0 or self.update_ratio > 0
+
+
+def outlier_reason(num_examples: float, norm: float, peers: list[tuple[float, float]], rules: OutlierRules) -> str | None:
+    """The outlier reason of a reply with ``(num_examples, norm)`` among ``peers`` (others' pairs), or None.
+
+    Examples: peers with counts (10, 12, 14) have median 12; with ``examples_ratio``
+    100 a count above 1,200 is "examples-outlier".
+    """
+    if len(peers) < rules.min_peers:
+        return None
+    if rules.examples_ratio > 0:
+        median_n = float(np.median([p[0] for p in peers]))
+        if num_examples > rules.examples_ratio * median_n:
+            return "examples-outlier"
+    if rules.update_ratio > 0:
+        median_u = float(np.median([p[1] for p in peers]))
+        if median_u > 0 and norm > rules.update_ratio * median_u:
+            return "update-outlier"
+    return None
+
+
+class OutlierGate:
+    """:func:`outlier_reason` for replies that arrive one at a time and are summed as they come.
+
+    ``offer`` judges a reply against the replies received before it: within bounds
+    it may be summed at once (True); otherwise, or with fewer than ``min_peers``
+    earlier replies, it is held (False) and judged by ``final`` once all replies are
+    in, against the median of all the others. Only replies that look like outliers
+    (and the first ``min_peers``) are ever held, so memory stays bounded by what is
+    in flight. A reply summed early is not judged again.
+    """
+
+    def __init__(self, rules: OutlierRules) -> None:
+        self.rules = rules
+        self.stats: dict[int, tuple[float, float]] = {}
+
+    def offer(self, key: int, num_examples: float, norm: float) -> bool:
+        """Record the reply's statistics; True when it may be summed now."""
+        peers = list(self.stats.values())
+        self.stats[key] = (float(num_examples), float(norm))
+        if not self.rules.active:
+            return True
+        return len(peers) >= self.rules.min_peers and outlier_reason(num_examples, norm, peers, self.rules) is None
+
+    def final(self, key: int) -> str | None:
+        """A held reply's verdict against every other reply: None (sum it) or the outlier reason."""
+        n, u = self.stats[key]
+        peers = [v for k, v in self.stats.items() if k != key]
+        return outlier_reason(n, u, peers, self.rules)

@@ -1,4 +1,4 @@
-"""Drift measurement that any ``flwr.serverapp.strategy`` strategy can wear.
+"""Drift measurement and reply screening that any ``flwr.serverapp.strategy`` strategy can wear.
 
 :class:`DriftMeasurement` is a mixin: put it first in the bases of a Flower
 strategy (``class DriftFedAvg(DriftMeasurement, FedAvg)``) and the strategy's own
@@ -17,6 +17,13 @@ averaging is untouched while every round gains THEORY.md's metrics:
 
 Nodes that trained but did not answer the drift exchange are counted
 (``clients-unmeasured``), never guessed.
+
+Replies are taken as they arrive (:class:`fedavg_relu.streaming.StreamingGrid`):
+for FedAvg and FedProx each valid update is folded into a float64 running sum
+``sum_k n_k W_k`` and dropped, and each drift reply's gradient likewise, so the
+server holds the replies in flight, not one model per client. Strategies whose
+rule needs every update at once (FedMedian, Krum, the adaptive ones, ...) get the
+list of valid replies as before.
 """
 
 from __future__ import annotations
@@ -25,29 +32,121 @@ import copy
 import math
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fedavg_relu import protocol as wire
 from fedavg_relu.metrics import ClientDrift, distances_from_init, summarize_drift
-from fedavg_relu.records import arrays_to_params
-from fedavg_relu.validation import REASONS, Rejected, UpdateRules, check_update
+from fedavg_relu.records import arrays_to_params, params_to_arrays
+from fedavg_relu.streaming import StreamingGrid, node_of
+from fedavg_relu.validation import (
+    REASONS, OutlierGate, OutlierRules, Rejected, UpdateRules, check_record_layout, check_update, update_norm,
+)
 
-DRIFT_MESSAGE_TYPE = "query.drift"
-DEFAULT_METRIC_KEYS = frozenset({"num-examples", "train-loss", "loss-before", "local-steps"})
+DRIFT_MESSAGE_TYPE = wire.DRIFT
+DEFAULT_METRIC_KEYS = wire.TRAIN_METRIC_KEYS
+GRADIENT_RECORD_KEY = wire.GRADIENT
+#: Error texts by which Ray says that it killed or lost a worker (Flower 1.42 replaces no dead actor).
+WORKER_LOST_MARKERS = ("ActorDiedError", "RayActorError", "OutOfMemoryError", "WorkerCrashedError")
 
 
 class RunAborted(RuntimeError):
     """The run cannot go on safely (e.g. a Ray actor died); the message says why."""
-GRADIENT_RECORD_KEY = "gradient"
+
+
+@dataclass
+class _Update:
+    """One valid train reply, unpacked."""
+
+    node: int
+    message: Message
+    params: dict[str, np.ndarray]
+    metrics: dict[str, Any]
+    num_examples: int
+    norm: float
+    index: int = -1  # position among the round's replies (the outlier gate's key)
+
+
+class ErrorTally:
+    """Error replies of one exchange: each distinct error logged once in full, repeats counted.
+
+    ``log_repeats`` then says "the same error on N more clients" per distinct error.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.nodes: dict[str, list[int]] = {}
+
+    def add(self, node: int, reason: str) -> None:
+        """Count an error reply of ``node``; log its text when it is new."""
+        if reason not in self.nodes:
+            log(WARNING, "%s: node %d failed: %s", self.what, node, reason)
+        self.nodes.setdefault(reason, []).append(node)
+
+    def log_repeats(self) -> None:
+        """One line per error text seen on more than one node."""
+        for reason, nodes in self.nodes.items():
+            if len(nodes) > 1:
+                first = reason.strip().splitlines()[-1][:160] if reason.strip() else "(no reason given)"
+                log(WARNING, "%s: the same error on %d more clients (%s)", self.what, len(nodes) - 1, first)
+
+    @property
+    def count(self) -> int:
+        """Error replies counted."""
+        return sum(len(v) for v in self.nodes.values())
+
+    def most_common(self) -> str | None:
+        """The error text seen on most nodes (None without errors)."""
+        if not self.nodes:
+            return None
+        return max(self.nodes.items(), key=lambda item: len(item[1]))[0]
+
+
+class _RunningAverage:
+    """``sum_k n_k W_k / sum_k n_k`` and the n-weighted mean of every metric, accumulated in float64.
+
+    Equals Flower's ``aggregate_arrayrecords`` / ``aggregate_metricrecords`` (float32
+    arithmetic there) to float32 rounding (``tests/test_streaming.py``).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.dtypes: dict[str, np.dtype] = {}
+        self.metric_sums: dict[str, float] = {}
+        self.total = 0
+
+    def add(self, update: _Update) -> None:
+        """Fold one update in."""
+        n = update.num_examples
+        for name, value in update.params.items():
+            if name not in self.sums:
+                self.sums[name] = np.zeros(np.shape(value), np.float64)
+                self.dtypes[name] = np.asarray(value).dtype
+            torch.from_numpy(self.sums[name]).add_(torch.from_numpy(np.ascontiguousarray(value, np.float64)), alpha=n)
+        for key, value in update.metrics.items():
+            if key != wire.NUM_EXAMPLES:
+                self.metric_sums[key] = self.metric_sums.get(key, 0.0) + n * float(value)
+        self.total += n
+
+    def result(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The average (None, None when nothing was added)."""
+        if self.total == 0:
+            return None, None
+        params = {k: (v / self.total).astype(self.dtypes[k]) for k, v in self.sums.items()}
+        return params_to_arrays(params), MetricRecord({k: v / self.total for k, v in self.metric_sums.items()})
 
 
 class DriftMeasurement:
-    """Mixin adding THEORY.md's per-round measurements to a Flower strategy.
+    """Mixin adding THEORY.md's per-round measurements and reply screening to a Flower strategy.
 
     Call :meth:`setup_drift` once after construction.
     """
@@ -63,6 +162,7 @@ class DriftMeasurement:
         timeout: float = 600.0,
         rules: UpdateRules | None = None,
         round_offset: int = 0,
+        outliers: OutlierRules | None = None,
     ) -> None:
         """Set what the measurements (and the reply validation) need.
 
@@ -82,11 +182,14 @@ class DriftMeasurement:
         rules
             What a valid train reply is (:class:`fedavg_relu.validation.UpdateRules`);
             default: arrays shaped like W^0 and the metric keys of this project's
-            ClientApp (``num-examples``, ``train-loss``, ``loss-before``).
+            ClientApp (``num-examples``, ``train-loss``, ``loss-before``, ``local-steps``).
         round_offset
             Rounds already done before this ``start`` (resuming a run): Flower
             counts from 1 again, the hooks add the offset, so clients, metrics and
             checkpoints see the true round.
+        outliers
+            Bounds relative to the round's other replies
+            (:class:`fedavg_relu.validation.OutlierRules`); default: off.
         """
         self.drift_initial = {k: np.asarray(v) for k, v in initial_params.items()}
         self.drift_learning_rate = float(learning_rate)
@@ -94,16 +197,31 @@ class DriftMeasurement:
         self.drift_with_gradients = bool(gradient_dissimilarity)
         self.drift_timeout = float(timeout)
         self.update_rules = rules or UpdateRules.for_model(self.drift_initial, DEFAULT_METRIC_KEYS)
+        self.outlier_rules = outliers or OutlierRules(0.0, 0.0)
         self.round_offset = int(round_offset)
         self.round_metrics = {}
+        self.round_errors: dict[int, str] = {}  # round -> the most common error text of its train exchange
         self._drift_grid: Grid | None = None
         self._drift_global: dict[str, np.ndarray] | None = None
         self._drift_sampled: dict[int, list[int]] = {}
         self._drift_last_measured: tuple[int, ArrayRecord] | None = None
         self._drift_started = False
         self._round_node_ids: list[int] = []
+        self._round_valid_nodes: list[int] = []
+
+    @property
+    def streams_average(self) -> bool:
+        """True when the parent's average is FedAvg's (FedAvg, FedProx): replies are then summed as they arrive."""
+        for cls in type(self).__mro__[type(self).__mro__.index(DriftMeasurement) + 1:]:
+            if "aggregate_train" in vars(cls):
+                return cls is FedAvg and getattr(self, "train_metrics_aggr_fn", None) is aggregate_metricrecords
+        return False
 
     # --- Flower hooks -------------------------------------------------------
+    def start(self, grid: Grid, *args: Any, **kwargs: Any):
+        """Flower's ``Strategy.start`` on a grid whose replies stream (:class:`StreamingGrid`)."""
+        return super().start(grid if isinstance(grid, StreamingGrid) else StreamingGrid(grid), *args, **kwargs)  # type: ignore[misc]
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -133,7 +251,7 @@ class DriftMeasurement:
         config = ConfigRecord(dict(config))
         if self._drift_last_measured is not None and self._drift_last_measured[1] is arrays:
             # clients measured f_k at exactly this model in the last drift exchange: they may reuse it
-            config["measured-round"] = self._drift_last_measured[0]
+            config[wire.MEASURED_ROUND] = self._drift_last_measured[0]
         if self._drift_started:
             self._round_node_ids = self._adapt_to_lost_nodes(server_round, grid)
         else:
@@ -163,24 +281,71 @@ class DriftMeasurement:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate the replies, let the parent average the valid ones, then measure.
+        """Screen the replies as they arrive, average the valid ones, then measure.
 
         Error replies are counted as failed, invalid ones as rejected per reason;
-        neither reaches the parent's average. With nothing valid left the
-        parent is not called: the global model stays exactly as it was.
+        neither reaches the average. With FedAvg's average (:attr:`streams_average`)
+        each valid update is summed and dropped at once, except the few the outlier
+        rules hold until the round's replies are all in; otherwise the parent
+        averages the list of valid replies. With nothing valid left the parent is not
+        called: the global model stays exactly as it was.
         """
         server_round += self.round_offset
-        replies = list(replies)  # Flower may hand a one-shot iterable
         sampled = self._drift_sampled.pop(server_round, [])
-        ok, rejected, failed = self.screen_replies(replies, sampled)
-        arrays, metrics = (None, None)
-        if ok:
-            arrays, metrics = super().aggregate_train(server_round, ok)  # type: ignore[misc]
+        self._round_failed_nodes: list[int] = []
+        self._round_rejected_nodes: list[int] = []
+        errors = ErrorTally(f"round {server_round} train")
+        rejected: dict[str, int] = {}
+        gate = OutlierGate(self.outlier_rules)
+        streaming = self.streams_average
+        average = _RunningAverage()
+        kept: list[_Update] = []  # held by the outlier gate, or every valid one for a list-averaging parent
+        seen: set[int] = set()
+        repliers: set[int] = set()
+        trained: list[tuple[int, float]] = []  # (node, f_k(W^r)) of every update averaged
+        for index, msg in enumerate(replies):
+            node = node_of(self._drift_grid, msg)
+            repliers.add(node)
+            update = self._screen(msg, node, sampled, seen, errors, rejected)
+            if update is None:
+                continue
+            update.index = index
+            if gate.offer(index, update.num_examples, update.norm) and streaming:
+                average.add(update)
+                trained.append((node, float(update.metrics.get(wire.LOSS_BEFORE, math.nan))))
+            else:
+                kept.append(update)
+        accepted: list[_Update] = []
+        for update in kept:
+            reason = gate.final(update.index) if self.outlier_rules.active else None
+            if reason is not None:
+                rejected[reason] = rejected.get(reason, 0) + 1
+                self._round_rejected_nodes.append(update.node)
+                n, u = gate.stats[update.index]
+                log(WARNING, "round %d: reply of node %d rejected: %s (num-examples %d, ||update|| %.4g)",
+                    server_round, update.node, reason, n, u)
+                continue
+            accepted.append(update)
+        errors.log_repeats()
+        if errors.count:
+            self.round_errors[server_round] = errors.most_common() or ""
+        if streaming:
+            for update in accepted:
+                average.add(update)
+                trained.append((update.node, float(update.metrics.get(wire.LOSS_BEFORE, math.nan))))
+            arrays, metrics = average.result()
+        else:
+            trained = [(u.node, float(u.metrics.get(wire.LOSS_BEFORE, math.nan))) for u in accepted]
+            arrays, metrics = (None, None)
+            if accepted:
+                arrays, metrics = super().aggregate_train(server_round, [u.message for u in accepted])  # type: ignore[misc]
+        del kept, accepted
+        self._round_valid_nodes = [node for node, _ in trained]
         row: dict[str, float] = {
             "clients-sampled": len(sampled),
-            "clients-trained": len(ok),
+            "clients-trained": len(trained),
             # error replies, plus sampled nodes that sent nothing (timed out)
-            "clients-failed": failed + len(set(sampled) - {r.metadata.src_node_id for r in replies}),
+            "clients-failed": errors.count + len(set(sampled) - repliers),
             "clients-rejected": sum(rejected.values()),
         }
         row.update({f"rejected-{reason}": rejected.get(reason, 0) for reason in REASONS})
@@ -191,7 +356,7 @@ class DriftMeasurement:
             row["round-skipped"] = 0
             row.update(distances_from_init(arrays_to_params(arrays), self.drift_initial))
             if self.drift_enabled:
-                row.update(self.measure_round(server_round, arrays, ok))
+                row.update(self.measure_round(server_round, arrays, trained))
         merged = MetricRecord(dict(metrics) if metrics is not None else {})
         for key, value in row.items():
             merged[key] = value
@@ -203,8 +368,8 @@ class DriftMeasurement:
 
         A reply is kept when it has no error, exactly one MetricRecord with a
         positive integer ``num-examples`` (within ``max-num-examples``), finite
-        values, and the same keys as the first kept reply; a malformed reply is
-        logged and dropped instead of ending the run.
+        numbers as values, and the same keys as the first kept reply; a malformed
+        reply is logged and dropped instead of ending the run.
         """
         server_round += self.round_offset
         kept: list[Message] = []
@@ -214,17 +379,17 @@ class DriftMeasurement:
                 continue
             records = msg.content.metric_records
             metrics = dict(next(iter(records.values()))) if len(records) == 1 else None
-            n = metrics.get("num-examples") if metrics else None
+            n = metrics.get(wire.NUM_EXAMPLES) if metrics else None
             ok = (
                 metrics is not None
                 and not msg.content.array_records
                 and isinstance(n, (int, float)) and not isinstance(n, bool)
                 and float(n).is_integer() and 1 <= n <= self.update_rules.max_num_examples
-                and all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in metrics.values())
                 and (keys is None or set(metrics) == keys)
             )
             if not ok:
-                log(WARNING, "evaluate reply of node %d dropped: malformed", msg.metadata.src_node_id)
+                log(WARNING, "evaluate reply of node %d dropped: malformed", node_of(self._drift_grid, msg))
                 continue
             keys = keys or set(metrics)
             kept.append(msg)
@@ -234,8 +399,18 @@ class DriftMeasurement:
     checkpoint_attrs: tuple[str, ...] = ()  # the strategy's own state, e.g. server momentum
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """The strategy state a resumed run needs (attributes named in ``checkpoint_attrs``)."""
-        return {name: copy.deepcopy(getattr(self, name, None)) for name in self.checkpoint_attrs}
+        """The strategy state a resumed run needs (attributes named in ``checkpoint_attrs``).
+
+        Raises ``AttributeError`` when one is missing: a renamed attribute in a new
+        Flower release must not make a resumed run restart its optimizer silently.
+        """
+        missing = [name for name in self.checkpoint_attrs if not hasattr(self, name)]
+        if missing:
+            raise AttributeError(
+                f"{type(self).__name__} has no attribute(s) {missing} to checkpoint: the installed Flower's "
+                "strategy state is not what this project expects (see tests/test_flower_contract.py)"
+            )
+        return {name: copy.deepcopy(getattr(self, name)) for name in self.checkpoint_attrs}
 
     def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`checkpoint_state`."""
@@ -243,89 +418,96 @@ class DriftMeasurement:
             setattr(self, name, copy.deepcopy(value))
 
     # --- reply validation ---------------------------------------------------
-    def screen_replies(self, replies: list[Message], sampled: list[int]) -> tuple[list[Message], dict[str, int], int]:
-        """Split replies into valid ones, rejections per reason and the number of error replies.
+    def _expected_layout(self) -> dict[str, str]:
+        return {getattr(self, "arrayrecord_key", wire.ARRAYS): "ArrayRecord", wire.METRICS: "MetricRecord"}
 
-        Raises :class:`RunAborted` when a reply says a Ray actor died: Flower 1.42 does not
-        replace it, so later rounds would silently train on fewer clients.
-        """
-        valid: list[Message] = []
-        rejected: dict[str, int] = {}
-        failed = 0
-        seen: set[int] = set()
-        expected = set(sampled)
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                failed += 1
-                reason = msg.error.reason or ""
-                log(WARNING, "node %d failed: %s", node, reason[:500])
-                if "ActorDiedError" in reason or "RayActorError" in reason:
-                    raise RunAborted(
-                        f"a Ray actor died while serving node {node} ({reason.splitlines()[0][:200]}). "
-                        "Flower 1.42 does not replace "
-                        "dead actors, so every later round would silently lose its clients; the run stops here. "
-                        "The last complete round is checkpointed: rerun with resume=true to continue."
-                    )
-                continue
-            try:
-                if node in seen:
-                    raise Rejected("duplicate-node", f"node {node} already replied this round")
-                seen.add(node)
-                if expected and node not in expected:
-                    raise Rejected("unexpected-node", f"node {node} was not sampled this round")
-                params, metrics = _extract_update(msg)
-                check_update(params, metrics, self.update_rules, self._drift_global)
-            except Rejected as err:
-                rejected[err.reason] = rejected.get(err.reason, 0) + 1
-                log(WARNING, "reply of node %d rejected: %s", node, err)
-                continue
-            valid.append(msg)
-        return valid, rejected, failed
+    def _screen(
+        self, msg: Message, node: int, sampled: list[int], seen: set[int], errors: ErrorTally, rejected: dict[str, int]
+    ) -> _Update | None:
+        """One train reply: an :class:`_Update`, or None (counted as an error or a rejection, and logged)."""
+        if msg.has_error():
+            reason = msg.error.reason or ""
+            errors.add(node, reason)
+            self._round_failed_nodes.append(node)
+            if any(marker in reason for marker in WORKER_LOST_MARKERS):
+                raise RunAborted(
+                    f"the runtime lost the worker serving node {node} ({reason.strip().splitlines()[-1][:200]}). "
+                    "Flower 1.42 does not replace dead workers, so every later round would silently lose its "
+                    "clients; the run stops here. The last complete round is checkpointed: rerun with resume=true "
+                    "to continue (with fewer clients per round or a smaller model if memory ran out)."
+                )
+            return None
+        try:
+            if node in seen:
+                raise Rejected("duplicate-node", f"node {node} already replied this round")
+            seen.add(node)
+            if sampled and node not in sampled:
+                raise Rejected("unexpected-node", f"node {node} was not sampled this round")
+            params, metrics = _extract_update(msg, self._expected_layout())
+            n = check_update(params, metrics, self.update_rules, self._drift_global)
+            norm = update_norm(params, self._drift_global) if self.outlier_rules.update_ratio > 0 and self._drift_global else 0.0
+        except Rejected as err:
+            rejected[err.reason] = rejected.get(err.reason, 0) + 1
+            self._round_rejected_nodes.append(node)
+            log(WARNING, "reply of node %d rejected: %s", node, err)
+            return None
+        return _Update(node, msg, params, metrics, n, norm)
+
+    def screen_replies(self, replies: list[Message], sampled: list[int]) -> tuple[list[Message], dict[str, int], int]:
+        """Split replies into valid ones, rejections per reason and the number of error replies (no outlier rules)."""
+        errors, rejected, seen = ErrorTally("train"), {}, set()
+        self._round_failed_nodes, self._round_rejected_nodes = [], []
+        valid = [
+            u.message for msg in replies
+            if (u := self._screen(msg, node_of(self._drift_grid, msg), sampled, seen, errors, rejected)) is not None
+        ]
+        return valid, rejected, errors.count
 
     # --- the second exchange ------------------------------------------------
-    def measure_round(self, server_round: int, arrays: ArrayRecord, train_replies: list[Message]) -> dict[str, float]:
-        """Send W^{r+1} to the nodes that trained and summarise their drift replies."""
+    def drift_messages(self, server_round: int, arrays: ArrayRecord, nodes: list[int], message_type: str) -> list[Message]:
+        """The drift exchange's messages: W^{r+1} and the round to every node in ``nodes``."""
+        config = {wire.SERVER_ROUND: server_round, wire.RETURN_GRADIENT: self.drift_with_gradients}
+        config.update(self.drift_config_extra())
+        record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(config)})
+        return [Message(content=record, dst_node_id=node, message_type=message_type) for node in nodes]
+
+    def drift_config_extra(self) -> dict[str, Any]:
+        """More keys for the drift exchange's ConfigRecord (packed mode adds its cohort layout)."""
+        return {}
+
+    def measure_round(self, server_round: int, arrays: ArrayRecord, trained: list[tuple[int, float]]) -> dict[str, float]:
+        """Send W^{r+1} to the nodes that trained (``trained``: (node, f_k(W^r))) and summarise their drift replies.
+
+        Replies are taken as they arrive; each gradient is folded into a float64 sum and dropped.
+        """
         if self._drift_grid is None:
             raise RuntimeError("configure_train must run before aggregate_train")
         t0 = time.perf_counter()
         self._drift_last_measured = (server_round, arrays)
-        loss_before: dict[int, float] = {}
-        for reply in train_replies:
-            metrics = next(iter(reply.content.metric_records.values()), {})
-            if "loss-before" in metrics:
-                loss_before[reply.metadata.src_node_id] = float(metrics["loss-before"])
-        record = RecordDict(
-            {
-                "arrays": arrays,
-                "config": ConfigRecord(
-                    {"server-round": server_round, "return-gradient": self.drift_with_gradients}
-                ),
-            }
-        )
-        messages = [
-            Message(content=record, dst_node_id=r.metadata.src_node_id, message_type=DRIFT_MESSAGE_TYPE)
-            for r in train_replies
-        ]
-        drift_replies = list(self._drift_grid.send_and_receive(messages, timeout=self.drift_timeout))
+        loss_before = dict(trained)
+        messages = self.drift_messages(server_round, arrays, [node for node, _ in trained], DRIFT_MESSAGE_TYPE)
         drifts: list[ClientDrift] = []
         before: list[float] = []
         grad_sum: dict[str, np.ndarray] | None = None
         rejected = 0
-        for reply in drift_replies:
+        errors = ErrorTally(f"round {server_round} drift")
+        for reply in self._drift_grid.send_and_receive(messages, timeout=self.drift_timeout):
+            node = node_of(self._drift_grid, reply)
             if reply.has_error():
-                log(INFO, "drift: node %d replied with an error: %s", reply.metadata.src_node_id, reply.error.reason)
+                errors.add(node, reply.error.reason or "")
                 continue
             try:
                 drift, gradient = _parse_drift_reply(reply, self.drift_with_gradients, self.drift_initial)
             except (KeyError, ValueError, TypeError) as err:
                 rejected += 1
-                log(WARNING, "drift: reply of node %d rejected: %s", reply.metadata.src_node_id, err)
+                log(WARNING, "drift: reply of node %d rejected: %s", node, err)
                 continue
             drifts.append(drift)
-            before.append(loss_before.get(reply.metadata.src_node_id, math.nan))
+            before.append(loss_before.get(node, math.nan))
             if gradient is not None:
                 grad_sum = _accumulate(grad_sum, gradient, drift.num_examples)
+            del gradient
+        errors.log_repeats()
         mean_grad_sq = None
         if grad_sum is not None and len(drifts) > 0:
             total = float(sum(d.num_examples for d in drifts))
@@ -338,19 +520,21 @@ class DriftMeasurement:
             out["loss-before"] = loss_prev
             out["loss-ratio"] = out["global-loss"] / loss_prev if loss_prev > 0 else math.nan
         out["clients-measured"] = len(drifts)
-        out["clients-unmeasured"] = len(train_replies) - len(drifts)
+        out["clients-unmeasured"] = len(trained) - len(drifts)
         out["drift-rejected"] = rejected
         out["drift-seconds"] = time.perf_counter() - t0
         return out
 
 
-def _extract_update(msg: Message) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _extract_update(msg: Message, layout: Mapping[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     content = msg.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         raise Rejected(
             "malformed",
             f"{len(content.array_records)} ArrayRecords and {len(content.metric_records)} MetricRecords, expected 1 and 1",
         )
+    if layout is not None:
+        check_record_layout({name: type(record).__name__ for name, record in content.items()}, layout)
     try:
         params = arrays_to_params(next(iter(content.array_records.values())))
     except Exception as err:  # unreadable bytes, unknown dtype, ...

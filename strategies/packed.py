@@ -6,9 +6,11 @@ With ``clients-per-node = K > 1`` node j holds virtual clients ``jK .. jK+K-1``
 
 1. ``configure_train`` samples *virtual clients* (seeded,
    :func:`fedavg_relu.packed.sample_clients`), asks once (``query.cohort``) which
-   node holds which, and sends one message per node that holds a sampled client,
-   naming them in the ConfigRecord (``virtual-clients``). Nodes without a
-   sampled client get no message and cost nothing.
+   node holds which, and sends one ``train.packed`` message per node that holds a
+   sampled client, naming them in the ConfigRecord (``virtual-clients``). Nodes
+   without a sampled client get no message and cost nothing. Every packed message
+   carries ``clients-per-node`` and ``num-partitions``: the layout is the server's
+   word (the ServerApp may pack a federation that has fewer SuperNodes than clients).
 2. Train replies look exactly like the standard path's: the cohort's weighted
    mean model and ``num-examples = sum_k n_k``. The mixin validates them as
    usual (names, shapes, dtypes, finite values, metric keys, example counts) and
@@ -18,8 +20,10 @@ With ``clients-per-node = K > 1`` node j holds virtual clients ``jK .. jK+K-1``
    adds them up and computes the same metrics as the standard path
    (:func:`fedavg_relu.packed.summarize_drift_sums`), plus the lockstep drift.
 
-Client counts (``clients-sampled``/``-trained``/``-failed``/``-measured``) count
-virtual clients; the ``rejected-<reason>`` counters count node replies.
+Client counts (``clients-sampled``/``-trained``/``-failed``/``-rejected``/``-measured``)
+count virtual clients: a node's clients count as failed when its reply was an error
+or never came, as rejected when its reply was rejected. The ``rejected-<reason>``
+counters count node replies.
 """
 
 from __future__ import annotations
@@ -31,19 +35,16 @@ from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedavg_relu import protocol as wire
 from fedavg_relu.packed import DriftSums, lockstep_metrics, lockstep_sums_from_metrics, sample_clients, summarize_drift_sums
 from fedavg_relu.records import arrays_to_params
+from fedavg_relu.streaming import node_of
 
-from .drift import DRIFT_MESSAGE_TYPE
+from .drift import ErrorTally
 from .fedavg import DriftFedAvg
-
-COHORT_MESSAGE_TYPE = "query.cohort"
-VIRTUAL_CLIENTS_KEY = "virtual-clients"
-GRADIENT_SUM_KEY = "gradient-sum"
 # sums a packed drift reply may legitimately carry as NaN (a zero gradient norm; unknown W^0 patterns)
 _NAN_ALLOWED = {"relative", "relative-max", "flips-init", "smoothness-max"}
 
@@ -65,6 +66,14 @@ class PackedFedAvg(DriftFedAvg):
         self._assigned: dict[int, dict[int, int]] = {}  # round -> node id -> clients sent
 
     # --- sampling -------------------------------------------------------------------
+    def layout_config(self) -> dict[str, int]:
+        """The cohort layout every packed message carries (the server's word, not the run config's)."""
+        return {wire.CLIENTS_PER_NODE: self.clients_per_node, wire.NUM_PARTITIONS: self.num_partitions}
+
+    def drift_config_extra(self) -> dict[str, int]:
+        """Packed drift messages carry the cohort layout too."""
+        return self.layout_config()
+
     def discover_cohorts(self, grid: Grid) -> dict[int, int]:
         """Ask every node once which virtual clients it holds; return client -> node id."""
         deadline = time.monotonic() + self.wait_timeout
@@ -74,20 +83,24 @@ class PackedFedAvg(DriftFedAvg):
             log(INFO, "packed: waiting for nodes (%d of %d)", len(node_ids), self.num_nodes_expected)
             time.sleep(1.0)
         messages = [
-            Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=COHORT_MESSAGE_TYPE)
+            Message(content=RecordDict({wire.CONFIG: ConfigRecord(self.layout_config())}), dst_node_id=n,
+                    message_type=wire.COHORT)
             for n in node_ids
         ]
         holder: dict[int, int] = {}
+        errors = ErrorTally("packed cohort query")
         for reply in grid.send_and_receive(messages, timeout=self.wait_timeout):
+            node = node_of(grid, reply)
             if reply.has_error():
-                log(WARNING, "packed: node %d did not describe its cohort: %s", reply.metadata.src_node_id, reply.error.reason)
+                errors.add(node, reply.error.reason or "")
                 continue
             metrics = next(iter(reply.content.metric_records.values()))
-            first, count = int(metrics["first-client"]), int(metrics["num-clients"])
+            first, count = int(metrics[wire.FIRST_CLIENT]), int(metrics[wire.NUM_CLIENTS])
             for k in range(first, first + count):
                 if k in holder:
-                    raise RuntimeError(f"virtual client {k} is held by two nodes ({holder[k]}, {reply.metadata.src_node_id})")
-                holder[k] = reply.metadata.src_node_id
+                    raise RuntimeError(f"virtual client {k} is held by two nodes ({holder[k]}, {node})")
+                holder[k] = node
+        errors.log_repeats()
         missing = self.num_partitions - len(holder)
         if missing:
             log(WARNING, "packed: %d of %d virtual clients have no node; they are never trained", missing, self.num_partitions)
@@ -102,7 +115,9 @@ class PackedFedAvg(DriftFedAvg):
         if self._holder is None:
             self._holder = self.discover_cohorts(grid)
         server_round, config = self.begin_round(server_round, arrays, config, grid)
-        config["server-round"] = server_round
+        config[wire.SERVER_ROUND] = server_round
+        for key, value in self.layout_config().items():
+            config[key] = value
         by_node: dict[int, list[int]] = {}
         for k in sample_clients(self.num_partitions, self.packed_fraction, self.packed_seed, server_round):
             if k in self._holder:
@@ -110,20 +125,13 @@ class PackedFedAvg(DriftFedAvg):
         messages = []
         for node, ids in sorted(by_node.items()):
             node_config = ConfigRecord(dict(config))
-            node_config[VIRTUAL_CLIENTS_KEY] = ids
+            node_config[wire.VIRTUAL_CLIENTS] = ids
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
-            messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
+            messages.append(Message(content=content, dst_node_id=node, message_type=wire.PACKED_TRAIN))
         log(INFO, "configure_train: %d virtual clients on %d nodes", sum(map(len, by_node.values())), len(by_node))
         self._drift_sampled[server_round] = list(by_node)
         self._assigned[server_round] = {node: len(ids) for node, ids in by_node.items()}
-        self._valid_nodes: list[int] = []
         return messages
-
-    def screen_replies(self, replies, sampled):
-        """The mixin's validation; remembers which nodes' replies were valid."""
-        valid, rejected, failed = super().screen_replies(replies, sampled)
-        self._valid_nodes = [m.metadata.src_node_id for m in valid]
-        return valid, rejected, failed
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -133,19 +141,14 @@ class PackedFedAvg(DriftFedAvg):
         assigned = self._assigned.pop(true_round, {})
         arrays, merged = super().aggregate_train(server_round, replies)
         sampled = sum(assigned.values())
-        trained = sum(assigned.get(n, 0) for n in self._valid_nodes)
-        counts = {"clients-sampled": sampled, "clients-trained": trained}
+        trained = sum(assigned.get(n, 0) for n in self._round_valid_nodes)
+        rejected = sum(assigned.get(n, 0) for n in set(self._round_rejected_nodes))
+        counts = {
+            "clients-sampled": sampled, "clients-trained": trained, "clients-rejected": rejected,
+            # error replies, and nodes that sent nothing in time
+            "clients-failed": sampled - trained - rejected,
+        }
         row = self.round_metrics[true_round]
-        rejected_nodes = int(row.get("clients-rejected", 0))
-        failed_nodes = int(row.get("clients-failed", 0))
-        lost = sampled - trained  # virtual clients of nodes that failed, were silent or were rejected
-        if rejected_nodes == 0:
-            counts.update({"clients-failed": lost, "clients-rejected": 0})
-        elif failed_nodes == 0:
-            counts.update({"clients-failed": 0, "clients-rejected": lost})
-        else:  # both: split by node counts (the per-node assignment of each kind is not kept)
-            share = rejected_nodes / (rejected_nodes + failed_nodes)
-            counts.update({"clients-rejected": round(lost * share), "clients-failed": lost - round(lost * share)})
         if "clients-measured" in row:
             counts["clients-unmeasured"] = trained - int(row["clients-measured"])
         for key, value in counts.items():
@@ -154,31 +157,23 @@ class PackedFedAvg(DriftFedAvg):
         return arrays, merged
 
     # --- the second exchange -------------------------------------------------------
-    def measure_round(self, server_round: int, arrays: ArrayRecord, train_replies: list[Message]) -> dict[str, float]:
-        """Send W^{r+1} to the nodes that trained; add up their :class:`DriftSums`; summarise."""
+    def measure_round(self, server_round: int, arrays: ArrayRecord, trained: list[tuple[int, float]]) -> dict[str, float]:
+        """Send W^{r+1} to the nodes that trained; add up their :class:`DriftSums` as they arrive; summarise."""
         if self._drift_grid is None:
             raise RuntimeError("configure_train must run before aggregate_train")
         t0 = time.perf_counter()
         self._drift_last_measured = (server_round, arrays)
-        record = RecordDict(
-            {
-                "arrays": arrays,
-                "config": ConfigRecord({"server-round": server_round, "return-gradient": self.drift_with_gradients}),
-            }
-        )
-        messages = [
-            Message(content=record, dst_node_id=r.metadata.src_node_id, message_type=DRIFT_MESSAGE_TYPE)
-            for r in train_replies
-        ]
+        messages = self.drift_messages(server_round, arrays, [node for node, _ in trained], wire.PACKED_DRIFT)
+        errors = ErrorTally(f"round {server_round} drift")
         total = DriftSums()
         lockstep: dict[int, DriftSums] = {}
         lockstep_nodes = 0
         grad_sum: dict[str, np.ndarray] | None = None
         rejected = 0
         for reply in self._drift_grid.send_and_receive(messages, timeout=self.drift_timeout):
-            node = reply.metadata.src_node_id
+            node = node_of(self._drift_grid, reply)
             if reply.has_error():
-                log(INFO, "drift: node %d replied with an error: %s", node, reply.error.reason)
+                errors.add(node, reply.error.reason or "")
                 continue
             try:
                 sums, steps, gradient = self._parse_packed_drift(reply)
@@ -196,6 +191,7 @@ class PackedFedAvg(DriftFedAvg):
                     grad_sum = {k: np.zeros(v.shape, np.float64) for k, v in gradient.items()}
                 for k, v in gradient.items():
                     grad_sum[k] += v
+        errors.log_repeats()
         mean_grad_sq = None
         if grad_sum is not None and total.num_clients > 0:
             mean_grad_sq = float(sum(np.sum((g / total.num_examples) ** 2) for g in grad_sum.values()))
@@ -227,9 +223,9 @@ class PackedFedAvg(DriftFedAvg):
         steps = lockstep_sums_from_metrics(values)
         gradient = None
         if self.drift_with_gradients:
-            if GRADIENT_SUM_KEY not in reply.content.array_records:
-                raise KeyError(f"drift reply lacks the {GRADIENT_SUM_KEY!r} ArrayRecord")
-            gradient = arrays_to_params(reply.content.array_records[GRADIENT_SUM_KEY])
+            if wire.GRADIENT_SUM not in reply.content.array_records:
+                raise KeyError(f"drift reply lacks the {wire.GRADIENT_SUM!r} ArrayRecord")
+            gradient = arrays_to_params(reply.content.array_records[wire.GRADIENT_SUM])
             ref = self.drift_initial
             if set(gradient) != set(ref) or any(gradient[k].shape != ref[k].shape for k in ref):
                 raise ValueError("gradient arrays do not match the model's parameters")

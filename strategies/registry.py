@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedMedian, Fed
 
 from fedavg_relu.config import RunConfig
 from fedavg_relu.task import initial_params
-from fedavg_relu.validation import UpdateRules
+from fedavg_relu.validation import OutlierRules, UpdateRules
 
 from .drift import DEFAULT_METRIC_KEYS, DriftMeasurement
 from .fedavg import DriftFedAvg
@@ -87,5 +87,6 @@ def build_strategy(cfg: RunConfig, learning_rate: float, round_offset: int = 0) 
         gradient_dissimilarity=cfg.gradient_dissimilarity, timeout=cfg.round_timeout,
         rules=UpdateRules.for_model(shapes, DEFAULT_METRIC_KEYS, cfg.max_num_examples, cfg.max_update_norm),
         round_offset=round_offset,
+        outliers=OutlierRules(cfg.max_examples_ratio, cfg.max_update_ratio),
     )
     return strategy

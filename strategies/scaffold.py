@@ -17,13 +17,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedavg_relu import protocol as wire
 from fedavg_relu.aggregation import scaffold_server_update
 from fedavg_relu.records import arrays_to_params, params_to_arrays
 
 from .drift import DriftMeasurement
 
-CONTROL_PREFIX = "scaffold-c/"
-DELTA_PREFIX = "scaffold-dc/"
+CONTROL_PREFIX = wire.SCAFFOLD_CONTROL_PREFIX
+DELTA_PREFIX = wire.SCAFFOLD_DELTA_PREFIX
 
 
 class Scaffold(FedAvg):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from clients.client_app import LOCAL_PARAMS_KEY, build_client_app
+from clients.client_app import build_client_app
 from fedavg_relu.config import RunConfig
 from fedavg_relu.data import load_data_file, load_partition
 from fedavg_relu.local_grid import LocalGrid
@@ -30,15 +30,28 @@ def _train_message(server_round: int = 1) -> Message:
     )
 
 
-def test_train_reply_and_kept_local_model():
-    """train replies with arrays + metrics (num-examples = partition size) and keeps W_k in node state."""
+def test_train_reply_and_kept_local_model(tmp_path, monkeypatch):
+    """train replies with arrays + metrics (num-examples = partition size) and keeps W_k on the node's disk.
+
+    The node's Context (which Flower's Ray engine ships with every message) holds no array;
+    the drift exchange of the same round reads W_k back and removes it.
+    """
+    monkeypatch.setenv("FEDAVG_RELU_SPILL_DIR", str(tmp_path))
     app, ctx = build_client_app(), _context({"partition-id": 1})
     reply = app(_train_message(), ctx)
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] == len(load_partition(CFG, 1))
     assert set(reply.content["arrays"].keys()) == {"hidden.0.weight"}
-    kept = ctx.state[LOCAL_PARAMS_KEY]["hidden.0.weight"].numpy()
+    assert len(ctx.state.array_records) == 0
+    kept = np.load(tmp_path / "run-1" / "node-7" / "local" / "round-1" / "hidden.0.weight.npy")
     np.testing.assert_array_equal(kept, reply.content["arrays"]["hidden.0.weight"].numpy())
+    query = Message(
+        content=RecordDict({"arrays": reply.content["arrays"], "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=7, message_type="query.drift",
+    )
+    drift = app(query, ctx)
+    assert drift.content["metrics"]["param-distance"] == 0.0  # measured at W_k itself
+    assert not (tmp_path / "run-1" / "node-7" / "local").exists()
 
 
 def test_drift_without_kept_model_raises_clear_error():

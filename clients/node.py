@@ -1,0 +1,47 @@
+"""What every ClientApp handler needs first: the run config and the round's settings.
+
+Shared by :mod:`clients.client_app` (one client per node) and
+:mod:`clients.packed_app` (a cohort per node); imports nothing from either.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from flwr.app import ConfigRecord, Context
+
+from fedavg_relu import protocol as wire
+from fedavg_relu.config import RunConfig
+from fedavg_relu.spill import LocalModelStore
+from fedavg_relu.threads import configure_torch_threads
+from fedavg_relu.training import LocalSGDSettings
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(items: tuple) -> RunConfig:
+    return RunConfig.from_mapping(dict(items))
+
+
+def run_config(context: Context) -> RunConfig:
+    """The validated run configuration (parsed once per process); sets torch's thread count."""
+    configure_torch_threads()
+    return _parse(tuple(sorted(context.run_config.items())))
+
+
+def settings_from(config: ConfigRecord, cfg: RunConfig) -> LocalSGDSettings:
+    """Local SGD settings from the round's ConfigRecord (the server's word for this round)."""
+    return LocalSGDSettings(
+        local_steps=int(config[wire.LOCAL_STEPS]),
+        learning_rate=float(config[wire.LEARNING_RATE]),
+        batch_size=int(config[wire.BATCH_SIZE]),
+        momentum=float(config[wire.MOMENTUM]),
+        weight_decay=float(config[wire.WEIGHT_DECAY]),
+        loss=cfg.loss,
+        proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
+        local_epochs=float(config.get(wire.LOCAL_EPOCHS, 0.0)),
+    )
+
+
+def local_store(context: Context, slot: str = "local") -> LocalModelStore:
+    """This node's on-disk store of kept local models (:mod:`fedavg_relu.spill`)."""
+    return LocalModelStore(context.run_id, context.node_id, slot)

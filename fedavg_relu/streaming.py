@@ -1,0 +1,83 @@
+"""Replies handed to the strategy as they arrive, not all at once.
+
+Flower's grids implement ``send_and_receive`` as push, then pull until every reply
+is in, returning a list: the server holds every client's model at once (50 x 268 MB
+at width 8192). :class:`StreamingGrid` wraps any Flower grid and makes
+``send_and_receive`` a generator over the same public ``push_messages`` /
+``pull_messages`` calls, so a consumer that folds each reply into a running sum
+(:class:`strategies.drift.DriftMeasurement`) holds only the replies in flight.
+
+It relies on Flower's ``Strategy.start`` passing ``send_and_receive``'s return value
+to ``aggregate_train`` / ``aggregate_evaluate`` unconsumed (documented: "replies may
+be a one-shot iterable"); ``tests/test_flower_contract.py`` checks that contract.
+
+A grid that already yields replies lazily (``yields_replies = True``, e.g.
+:class:`fedavg_relu.local_grid.LocalGrid`) is used as it is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+#: Seconds between two pulls while nothing arrived, for grids that do not say (Flower's HTTP grid: 3 s).
+DEFAULT_PULL_INTERVAL = 0.1
+
+
+class StreamingGrid:
+    """``grid`` with a lazy ``send_and_receive``; everything else is ``grid``'s own.
+
+    ``node_of(reply)`` names the node a reply is about: the destination of the
+    message it answers. Error replies made by Flower itself (node gone, upload
+    expired) carry ``src_node_id = 1``, not the real node (FLOWER_NOTES).
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self._dst: dict[str, int] = {}
+
+    @property
+    def inner(self) -> Grid:
+        """The wrapped grid."""
+        return self._grid
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
+        """Push ``messages`` and yield each reply as soon as it is pulled (until ``timeout`` seconds)."""
+        if getattr(self._grid, "yields_replies", False):
+            return iter(self._grid.send_and_receive(messages, timeout=timeout))
+        return self._stream(messages, timeout)
+
+    def _stream(self, messages: Iterable[Message], timeout: float | None) -> Iterator[Message]:
+        messages = list(messages)
+        ids = [str(i) for i in self._grid.push_messages(messages)]
+        for msg in messages:  # push gave each message its id
+            self._dst[str(msg.metadata.message_id)] = int(msg.metadata.dst_node_id)
+        pending = set(ids)
+        del messages
+        interval = float(getattr(self._grid, "pull_interval", DEFAULT_PULL_INTERVAL))
+        end = None if timeout is None else time.monotonic() + timeout
+        while pending and (end is None or time.monotonic() < end):
+            replies = list(self._grid.pull_messages(pending))
+            arrived = len(replies)
+            for reply in replies:
+                pending.discard(str(reply.metadata.reply_to_message_id))
+            while replies:
+                yield replies.pop(0)  # drop our reference before the consumer moves on
+            if pending and not arrived:
+                time.sleep(interval)
+
+    def node_of(self, reply: Message) -> int:
+        """The node ``reply`` is about (the destination of the message it answers)."""
+        return self._dst.get(str(reply.metadata.reply_to_message_id), int(reply.metadata.src_node_id))
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def node_of(grid, reply: Message) -> int:
+    """The node a reply is about, through :meth:`StreamingGrid.node_of` when ``grid`` is one."""
+    finder = getattr(grid, "node_of", None)
+    return finder(reply) if finder is not None else int(reply.metadata.src_node_id)
