@@ -68,6 +68,7 @@ class LocalGrid(Grid):
         self.sent: list[Message] = []  # every message, for inspection in tests
 
     yields_replies = True  # send_and_receive hands each reply over as soon as it is made
+    simulated = True  # every node is in this process (fedavg_relu.seam.is_simulation_grid)
 
     # --- the part of the Grid API strategies use ------------------------------
     def get_node_ids(self) -> Iterable[int]:

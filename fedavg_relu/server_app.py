@@ -1,14 +1,23 @@
 """The ServerApp: config -> initial model -> drift-recording strategy -> outputs.
 
-``main`` validates the run config before any message is sent, then
+``main`` validates the run config and checks that the clients can realize it
+(:func:`fedavg_relu.preflight.check_run`) before any message is sent, then
 :func:`run_experiment` does the work so that tests can call it with any grid.
+
+How a run ends is written to the run folder's ``summary.json``
+(:func:`fedavg_relu.results.write_summary`): ``completed``, or ``failed`` with
+the reason. A run fails when a round loses every client (each one's reply was
+an error, was rejected or never came) or when the runtime lost a worker; the
+ServerApp then raises, so Flower marks the run failed and ``fedavg-relu run``
+exits non-zero.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
-from logging import INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -19,11 +28,15 @@ from flwr.serverapp import Grid, ServerApp
 from strategies.drift import round_summary
 from strategies.registry import build_strategy
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
+from .console import quiet_flower_logs
 from .data import dataset_shape, load_test
 from .models import build_model, num_trainable, set_trainable
 from .records import arrays_to_params, params_to_arrays
-from .results import RunWriter, resolve_run_dir
+from .preflight import check_run
+from .results import RunWriter, resolve_run_dir, write_summary
+from .seam import is_simulation_grid
+from .spill import remove_run
 from .simulation import install_fast_extractor
 from .checkpoint import load_checkpoint, save_checkpoint
 from .task import initial_params
@@ -38,7 +51,66 @@ def main(grid: Grid, context: Context) -> None:
     if install_fast_extractor():
         log(INFO, "fedavg-relu: simulation runtime picks up messages when they are stored (no 0.1 s polling)")
     cfg = RunConfig.from_mapping(context.run_config)  # raises ConfigError before any message
-    run_experiment(grid, cfg)
+    quiet_flower_logs(cfg.verbose)
+    try:
+        run_experiment(grid, cfg)
+    except ConfigError as err:
+        log(ERROR, "fedavg-relu: %s", err)
+        raise
+
+
+class RunFailed(RuntimeError):
+    """The run cannot produce a trustworthy result (e.g. a round lost every client); the message says why."""
+
+
+#: Seconds a simulation may take to register its nodes before the ServerApp counts them.
+NODE_WAIT_S = 30.0
+
+
+def fit_federation(grid: Grid, cfg: RunConfig) -> RunConfig:
+    """``cfg`` laid out on the nodes this simulation has (deployments: ``cfg`` as it is).
+
+    A simulation's node count is fixed when it starts (``flwr run`` simulates 2
+    SuperNodes unless told otherwise). With fewer nodes than ``cfg`` needs, FedAvg
+    spreads the virtual clients over the nodes there are (packed mode,
+    ``clients-per-node = ceil(num-partitions / nodes)``: the same result as one node
+    per client, see tests/test_packed.py); a strategy that needs one node per client
+    stops at once with the fix. A deployment's SuperNodes connect over time, so
+    there Flower waits for them as usual.
+    """
+    if not is_simulation_grid(grid):
+        return cfg
+    needed = cfg.num_nodes
+    deadline, stable_since, last = time.monotonic() + NODE_WAIT_S, time.monotonic(), -1
+    while True:  # the runtime registers its nodes a moment after the ServerApp starts
+        count = len(list(grid.get_node_ids()))
+        if count != last:
+            stable_since, last = time.monotonic(), count
+        if count >= needed or (count > 0 and time.monotonic() - stable_since > 2.0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if count >= needed:
+        if count > needed and not cfg.packed:
+            raise ConfigError([
+                f"num-partitions={cfg.num_partitions}: this simulation has {count} SuperNodes, more than the "
+                f"{cfg.num_partitions} clients (each node trains the partition named by its partition-id); expected "
+                f'num-supernodes={cfg.num_partitions} (flwr run . --federation-config "num-supernodes='
+                f'{cfg.num_partitions}") or num-partitions={count}'
+            ])
+        return cfg
+    if count == 0:
+        raise RunFailed(f"the simulation registered no SuperNode within {NODE_WAIT_S:.0f}s")
+    if cfg.strategy != "fedavg":
+        raise ConfigError([
+            f"num-partitions={cfg.num_partitions}: strategy={cfg.strategy} runs one client per SuperNode, but this "
+            f"simulation has {count}; expected num-supernodes={cfg.num_partitions}: "
+            f'flwr run . --federation-config "num-supernodes={cfg.num_partitions}" (or num-partitions={count})'
+        ])
+    per_node = math.ceil(cfg.num_partitions / count)
+    log(WARNING, "fedavg-relu: %d clients on %d SuperNodes: each node simulates up to %d of them (packed mode, "
+        "same results as one node per client). For one node per client: flwr run . --federation-config "
+        '"num-supernodes=%d"', cfg.num_partitions, count, per_node, cfg.num_partitions)
+    return cfg.replace(clients_per_node=per_node)
 
 
 def train_config(cfg: RunConfig, learning_rate: float) -> ConfigRecord:
@@ -57,7 +129,13 @@ def train_config(cfg: RunConfig, learning_rate: float) -> ConfigRecord:
 
 
 def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
-    """Run ``num-server-rounds`` rounds on ``grid`` (or the rest of them, with ``resume``); return the run folder."""
+    """Run ``num-server-rounds`` rounds on ``grid`` (or the rest of them, with ``resume``); return the run folder.
+
+    Raises :class:`RunFailed` (after writing ``summary.json``) when a round lost every
+    client, and re-raises whatever else stopped the run.
+    """
+    check_run(cfg)  # can the clients realize it (the partitioner, the shapes, the data set)? ConfigError if not
+    cfg = fit_federation(grid, cfg)
     input_dim, num_classes = dataset_shape(cfg)
     learning_rate = cfg.effective_learning_rate(input_dim)
     model = build_model(cfg, input_dim, num_classes)
@@ -102,19 +180,51 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
             save_checkpoint(run_dir, server_round, params, strategy, writer.rows, cfg)
         log(INFO, "round %3d/%d  %s  test-loss %.4g  test-acc %.3f  %.1fs", server_round, cfg.num_server_rounds,
             round_summary(row), test_loss, test_acc, row["seconds"])
+        if flower_round > 0 and row.get("clients-trained", 1) == 0:
+            why = strategy.round_errors.get(server_round, "")
+            why = why.strip().splitlines()[-1][:300] if why.strip() else "every reply was rejected or none came in time"
+            raise RunFailed(
+                f"round {server_round} lost every client ({int(row.get('clients-failed', 0))} failed, "
+                f"{int(row.get('clients-rejected', 0))} rejected): {why}"
+            )
         return MetricRecord({"test-loss": test_loss, "test-accuracy": test_acc})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=params_to_arrays(start_params),
-        num_rounds=cfg.num_server_rounds - done,
-        timeout=cfg.round_timeout,
-        train_config=train_config(cfg, learning_rate),
-        evaluate_fn=evaluate_fn,
-    )
-    if cfg.save_model:
-        set_trainable(model, arrays_to_params(result.arrays) if len(result.arrays) else start_params)
-        writer.save_model({"state_dict": model.state_dict(), "config": cfg.to_mapping()})
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=params_to_arrays(start_params),
+            num_rounds=cfg.num_server_rounds - done,
+            timeout=cfg.round_timeout,
+            train_config=train_config(cfg, learning_rate),
+            evaluate_fn=evaluate_fn,
+        )
+        if cfg.save_model:
+            set_trainable(model, arrays_to_params(result.arrays) if len(result.arrays) else start_params)
+            writer.save_model({"state_dict": model.state_dict(), "config": cfg.to_mapping()})
+    except BaseException as err:
+        writer.close()
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        reason = f"{type(err).__name__}: {err}" if not isinstance(err, RunFailed) else str(err)
+        write_summary(writer.run_dir, status, reason)
+        log(ERROR, "fedavg-relu: run %s: %s (outputs so far in %s)", status, reason, writer.run_dir)
+        raise
+    finally:
+        _remove_kept_models(grid)
     writer.close()
-    log(INFO, "fedavg-relu: run finished; outputs in %s", writer.run_dir)
+    write_summary(writer.run_dir, "completed", "")
+    log(INFO, "fedavg-relu: run completed; outputs in %s", writer.run_dir)
     return writer.run_dir
+
+
+def _remove_kept_models(grid: Grid) -> None:
+    """In a simulation the nodes' local model stores are on this machine: remove this run's."""
+    if not is_simulation_grid(grid):
+        return
+    inner = getattr(grid, "inner", grid)
+    run_id = getattr(inner, "run_id", None)
+    if run_id is None:
+        try:
+            run_id = inner.run.run_id
+        except Exception:  # noqa: BLE001 - no run attached: nothing to remove
+            return
+    remove_run(int(run_id))
