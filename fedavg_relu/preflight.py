@@ -18,11 +18,12 @@ Without this module the clients find out, each one, in every round.
    :func:`fedavg_relu.data.dataset_shape`, and so do the nodes' own data files
    when the caller knows them (``data_paths``);
 3. **hub data sets** (mnist, fashion-mnist, cifar10): loaded from the local
-   Hugging Face cache in a child process with the HF libraries offline (no
-   network wait, killed after :data:`HUB_PROBE_TIMEOUT` seconds), then split
-   as the clients will. Not cached: the Hub is probed with one TCP connection
-   (:data:`HUB_CONNECT_TIMEOUT` seconds); unreachable is a problem that names
-   ``dataset`` and the two data sets shipped with the project.
+   Hugging Face cache (when it holds anything) in a child process with the HF
+   libraries offline (no network wait, killed after :data:`HUB_PROBE_TIMEOUT`
+   seconds), then split as the clients will. Not cached: the Hub is probed
+   with one TCP connection (:data:`HUB_CONNECT_TIMEOUT` seconds); unreachable
+   is a problem that names ``dataset`` and the two data sets shipped with the
+   project. (Online, ``datasets`` itself retries for ~35 s before it fails.)
 
 Every problem is one ``key=value: ... expected ...`` line of one
 :class:`~fedavg_relu.config.ConfigError`.
@@ -276,7 +277,10 @@ def data_file_problems(cfg: RunConfig, path: str | os.PathLike) -> list[str]:
 # --- hub data sets -----------------------------------------------------------------------------
 def hub_problems(cfg: RunConfig, check_partitions: bool = True) -> list[str]:
     """A hub data set: split and dimensions from the local cache, else whether the Hub answers."""
-    report = probe_hub_cache(cfg)
+    if hf_cache_dirs():
+        report = probe_hub_cache(cfg)
+    else:  # nothing cached at all: no need to start the child process
+        report = {"status": "unavailable", "error": "the Hugging Face cache is empty"}
     if report["status"] == "unavailable":
         reachable, reason = hub_reachable()
         if reachable:
@@ -312,6 +316,21 @@ def hub_problems(cfg: RunConfig, check_partitions: bool = True) -> list[str]:
             f"without examples; expected fewer num-partitions"
         )
     return problems
+
+
+def hf_cache_dirs() -> list[Path]:
+    """The Hugging Face cache folders (``datasets`` and hub downloads) that exist and hold anything.
+
+    Read from the variables the HF libraries read (``HF_DATASETS_CACHE``, ``HF_HUB_CACHE``,
+    ``HF_HOME``, ``XDG_CACHE_HOME``) without importing them. Empty: nothing can be cached.
+    """
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = Path(os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")).expanduser()
+    candidates = (
+        os.environ.get("HF_DATASETS_CACHE") or home / "datasets",
+        os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub",
+    )
+    return [Path(c).expanduser() for c in candidates if Path(c).expanduser().is_dir() and any(Path(c).expanduser().iterdir())]
 
 
 def probe_hub_cache(cfg: RunConfig, timeout: float = HUB_PROBE_TIMEOUT) -> dict:

@@ -179,6 +179,25 @@ def test_uncached_hub_dataset_with_a_reachable_hub_passes(monkeypatch):
     assert run_problems(RunConfig(dataset="cifar10")) == []
 
 
+def test_empty_hf_cache_fails_without_starting_the_cache_probe(monkeypatch, tmp_path):
+    """HF_HOME with no datasets/ or hub/ content: no child process; a file under hub/ makes it a cache dir."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for name in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "hf" / "hub").mkdir(parents=True)
+    assert preflight.hf_cache_dirs() == []
+
+    def no_probe(cfg):
+        raise AssertionError("the cache probe should not start on an empty cache")
+
+    monkeypatch.setattr(preflight, "probe_hub_cache", no_probe)
+    monkeypatch.setattr(preflight, "hub_reachable", lambda: (False, "no route"))
+    with pytest.raises(ConfigError, match=r"dataset='cifar10': uoft-cs/cifar10 is not in this machine's Hugging Face cache"):
+        check_run(RunConfig(dataset="cifar10"))
+    (tmp_path / "hf" / "hub" / "datasets--uoft-cs--cifar10").mkdir()
+    assert preflight.hf_cache_dirs() == [tmp_path / "hf" / "hub"]
+
+
 def test_hub_cache_probe_offline_with_an_empty_cache_is_unavailable(monkeypatch, tmp_path):
     """The real child process, offline, with an empty HF_HOME: status 'unavailable' and no network wait."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -206,6 +225,7 @@ def _fake_hub(monkeypatch, tmp_path, n_train: int, d: int, num_labels: int = 10)
         return FederatedDataset(dataset="parquet", data_files=files, partitioners={"train": partitioner}, seed=cfg.seed)
 
     monkeypatch.setattr(data, "_federated_dataset", federated)
+    monkeypatch.setattr(preflight, "hf_cache_dirs", lambda: [tmp_path])
     monkeypatch.setattr(preflight, "probe_hub_cache", preflight.hub_cache_report)
 
 
