@@ -27,6 +27,14 @@ The worker runs the code the run shipped: it imports the app's packages from the
 install folder (dropping any copy imported earlier, e.g. from an editable install), and
 when a run ships a different FAB it drops the previous app's modules and loads the new
 one; third-party modules (torch, numpy, flwr) stay loaded.
+
+SIGTERM or SIGINT stops the worker at once (exit code 143 or 130): a task in progress is
+abandoned, not finished. The SuperNode is told the task failed, with an error reply
+("ClientApp worker stopped by signal 15 ..."), in one attempt without retries, so the
+ServerApp counts the client as failed instead of waiting for ``round-timeout``. The
+process then ends with ``os._exit``: unloading torch and flwr at interpreter exit takes
+seconds. Whatever happens, the process is gone :data:`EXIT_GRACE` seconds after the
+signal; a second signal ends it at once.
 """
 
 from __future__ import annotations
@@ -64,6 +72,17 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 # The SuperExec auth interceptor signs only these methods (as flower-superexec does)
 _AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
+
+#: Seconds from SIGTERM/SIGINT to a forced exit, whatever the worker is doing.
+EXIT_GRACE = 3.0
+
+
+class WorkerStopped(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+    """Raised in the serving thread by SIGTERM/SIGINT while a task runs: abandon the task."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
 
 
 @dataclass
@@ -108,6 +127,9 @@ class ClientAppWorker:
         self.root_certificates = None if insecure else root_certificates
         self.poll_interval = poll_interval
         self._stop = threading.Event()
+        self._busy = False  # a task is running in serve()'s thread
+        self._task: dict = {}  # the task in progress: token, message, context (for abandon)
+        self.stopped_by: int | None = None  # the signal that stopped the worker
         self._app: ClientApp | None = None
         self._app_hash: str | None = None
         self._app_dir: Path | None = None
@@ -164,10 +186,63 @@ class ClientAppWorker:
         """Stop after the current task."""
         self._stop.set()
 
+    def terminate(self, signum: int) -> None:
+        """Stop now; call from a signal handler in serve()'s thread. A running task is abandoned."""
+        self.stopped_by = signum
+        self._stop.set()
+        if self._busy:
+            raise WorkerStopped(signum)
+
     # --- one task -----------------------------------------------------------
     def run_task(self, token: str) -> TaskOutcome:
-        """Run the task behind ``token``: what ``flwr-clientapp --token`` does, in this process."""
+        """Run the task behind ``token``: what ``flwr-clientapp --token`` does, in this process.
+
+        :class:`WorkerStopped` (from :meth:`terminate`) abandons the task: the SuperNode gets an
+        error reply and a failed task output (one try each), and the exception propagates.
+        """
         t0 = time.perf_counter()
+        self._task = {"token": token}
+        self._busy = True
+        try:
+            return self._run_task(token, t0)
+        except WorkerStopped as stopped:
+            self._busy = False
+            self._abandon(stopped.signum, time.perf_counter() - t0)
+            raise
+        finally:
+            self._busy = False
+            self._task = {}
+
+    def _abandon(self, signum: int, seconds: float) -> None:
+        """Tell the SuperNode the task in progress failed: an error reply and the task output, no retries."""
+        token, message, context = (self._task.get(k) for k in ("token", "message", "context"))
+        reason = f"ClientApp worker stopped by signal {signum} before the task finished"
+        log(WARNING, "ClientApp worker: %s task abandoned after %.2fs (signal %d)",
+            message.metadata.message_type if message is not None else "?", seconds, signum)
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_api_address,
+            insecure=self.insecure,
+            root_certificates=self.root_certificates,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
+            retry_invoker=None,
+        )
+        try:
+            # an error reply unless the real one was already on its way (two replies to one message)
+            if message is not None and context is not None and not self._task.get("reply-pushed"):
+                push_message(client, Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=message),
+                             context)
+            push_task_output(client, context, SubStatus.FAILED, reason)
+        except Exception as ex:  # pylint: disable=broad-exception-caught
+            log(WARNING, "ClientApp worker: could not report the abandoned task: %s", ex)
+        finally:
+            client.close()
+        self.outcomes.append(TaskOutcome(message.metadata.message_type if message is not None else "?",
+                                         False, seconds, reason))
+
+    def _run_task(self, token: str, t0: float) -> TaskOutcome:
         client = RuntimeHttpClient.from_server_address(
             server_address=self.runtime_api_address,
             insecure=self.insecure,
@@ -179,11 +254,24 @@ class ClientAppWorker:
             retry_invoker=_task_retry_invoker(),
         )
         heartbeat = HeartbeatSender(_heartbeat_fn(client))
+        try:
+            heartbeat.start()
+            return self._pull_run_push(client, t0)
+        finally:  # no network call here: WorkerStopped must leave at once
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+
+    def _pull_run_push(self, client: RuntimeHttpClient, t0: float) -> TaskOutcome:
+        """Pull the task's input, run the ClientApp, push the reply and the task output.
+
+        Each step catches ``Exception`` only, so :class:`WorkerStopped` skips every later step.
+        """
         message = context = reply = None
         sub_status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         try:
-            heartbeat.start()
             message, context, run, fab = pull_task_input(client)
+            self._task.update(message=message, context=context)
             client_app = self._load(run.fab_id, run.fab_version, fab.hash_str, fab.content)
             reply = client_app(message=message, context=context)
             sub_status, details = SubStatus.COMPLETED, ""
@@ -197,20 +285,17 @@ class ClientAppWorker:
             details = reason
             if message is not None:
                 reply = Message(Error(code=code, reason=reason), reply_to=message)
-        finally:
-            try:
-                if reply is not None and context is not None:
-                    push_message(client, reply, context)
-            except Exception as ex:  # pylint: disable=broad-exception-caught
-                log(ERROR, "ClientApp worker: failed to push the reply", exc_info=ex)
-                sub_status, details = SubStatus.FAILED, f"failed to push reply: {ex}"
-            try:
-                push_task_output(client, context, sub_status, details)
-            except Exception as ex:  # pylint: disable=broad-exception-caught
-                log(ERROR, "ClientApp worker: failed to push the task output: %s", ex)
-            if heartbeat.is_running:
-                heartbeat.stop()
-            client.close()
+        try:
+            if reply is not None and context is not None:
+                self._task["reply-pushed"] = True
+                push_message(client, reply, context)
+        except Exception as ex:  # pylint: disable=broad-exception-caught
+            log(ERROR, "ClientApp worker: failed to push the reply", exc_info=ex)
+            sub_status, details = SubStatus.FAILED, f"failed to push reply: {ex}"
+        try:
+            push_task_output(client, context, sub_status, details)
+        except Exception as ex:  # pylint: disable=broad-exception-caught
+            log(ERROR, "ClientApp worker: failed to push the task output: %s", ex)
         outcome = TaskOutcome(
             message.metadata.message_type if message is not None else "?",
             sub_status == SubStatus.COMPLETED, time.perf_counter() - t0, details,
@@ -325,13 +410,39 @@ def main(argv: list[str] | None = None) -> None:
         poll_interval=args.poll_interval,
     )
 
-    def _graceful(signum, _frame):  # finish the current task, then exit
-        log(INFO, "ClientApp worker: signal %d, stopping after the current task", signum)
-        worker.stop()
+    def _terminate(signum, _frame):  # abandon the current task and exit
+        if worker.stopped_by is not None:  # a second signal: now
+            _exit(128 + signum)
+        log(INFO, "ClientApp worker: signal %d, exiting (a task in progress is abandoned)", signum)
+        threading.Thread(target=_exit_after, args=(EXIT_GRACE, 128 + signum), daemon=True).start()
+        worker.terminate(signum)
 
-    signal.signal(signal.SIGTERM, _graceful)
-    signal.signal(signal.SIGINT, _graceful)
-    worker.serve(max_tasks=args.max_tasks)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    try:
+        worker.serve(max_tasks=args.max_tasks)
+    except WorkerStopped:
+        pass
+    if worker.stopped_by is not None:
+        log(INFO, "ClientApp worker: stopped by signal %d", worker.stopped_by)
+        _exit(128 + worker.stopped_by)
+
+
+def _exit(code: int) -> None:
+    """Flush the logs and end the process now (no interpreter teardown: unloading torch takes seconds)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # pylint: disable=broad-exception-caught
+            pass
+    os._exit(code)
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    """The watchdog of a stopping worker: exit ``seconds`` from now whatever the main thread does."""
+    time.sleep(seconds)
+    log(WARNING, "ClientApp worker: still busy %.0fs after the signal; exiting now", seconds)
+    _exit(code)
 
 
 if __name__ == "__main__":

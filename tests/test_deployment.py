@@ -1,16 +1,22 @@
-"""A real deployment on loopback: TLS SuperLink, authenticated SuperNodes, `flwr run` (marked e2e).
+"""A real deployment on loopback: TLS SuperLink, authenticated SuperNodes, `flwr run` (e2e tests marked).
 
 The processes (SuperLink, SuperNodes, long-running ClientApp workers) run with a private
 FLWR_HOME and free ports via :class:`fedavg_relu.deploy.Deployment` and are stopped by PID:
-one deployment shared by the first tests (module fixture), a fresh one for the killed-node
-test. About 3.5 minutes on 2 cores.
+one deployment shared by the first tests (module fixture, started from a PATH without this
+virtualenv), a fresh one for each killed-node or signal test. The unmarked tests (the reply
+deadline against Flower's own HttpGrid, stop_groups, PATH handling) take seconds.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import re
+import signal
+import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -20,17 +26,24 @@ import numpy as np
 import pytest
 import torch
 
-from fedavg_relu.clientapp_worker import ClientAppWorker
+import fedavg_relu.server_app
+from fedavg_relu.clientapp_worker import EXIT_GRACE, ClientAppWorker
 from fedavg_relu.config import RunConfig
 from fedavg_relu.data import dataset_shape, load_data_file, make_synthetic
-from fedavg_relu.deploy import Deployment
-from fedavg_relu.flower_run import pid_alive
+from fedavg_relu.deploy import (
+    PULL_BACKOFF_CAP, Deployment, ReplyDeadlineGrid, bound_reply_waits, path_with_venv_first, stop_groups, venv_bin,
+)
+from fedavg_relu.flower_run import free_port, pid_alive
 from fedavg_relu.models import set_trainable
 from fedavg_relu.results import read_metrics
 from fedavg_relu.task import initial_params, working_model
 from fedavg_relu.training import evaluate
 
-pytestmark = pytest.mark.e2e
+e2e = pytest.mark.e2e
+#: Whether the ServerApp bounds reply uploads by round-timeout (fedavg_relu.server_app.main wraps its grid)
+SERVER_APP_BOUNDS_REPLIES = "bound_reply_waits" in inspect.getsource(fedavg_relu.server_app)
+#: A PATH without this virtualenv, as in a fresh shell
+BARE_PATH = os.pathsep.join(p for p in ("/usr/local/bin", "/usr/bin", "/bin") if os.path.isdir(p))
 
 APP_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(APP_DIR / "scripts"))
@@ -78,8 +91,12 @@ def node_files(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def deployment(certs, node_files, tmp_path_factory):
-    """One TLS + auth SuperLink with two registered SuperNodes (process isolation + worker)."""
-    dep = Deployment(certs, home=tmp_path_factory.mktemp("flwr-home"))
+    """One TLS + auth SuperLink with two registered SuperNodes (process isolation + worker),
+    started from a PATH that lacks this virtualenv (flower-superlink finds flower-superexec anyway)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", BARE_PATH)
+        dep = Deployment(certs, home=tmp_path_factory.mktemp("flwr-home"))
+    assert dep.env["PATH"].split(os.pathsep)[0] == str(venv_bin())
     try:
         dep.start()
         _start_two_nodes(dep, certs, node_files)
@@ -128,6 +145,7 @@ def test_make_certs_keys_private_and_idempotent(tmp_path):
         make_certificates(tmp_path / "c", num_nodes=2)
 
 
+@e2e
 def test_tls_auth_run_with_device_files(deployment, run_with_intruders, node_files):
     """TLS SuperLink + node auth, 2 registered SuperNodes reading their own files, `flwr run` 2 rounds.
 
@@ -157,6 +175,7 @@ def test_tls_auth_run_with_device_files(deployment, run_with_intruders, node_fil
         assert "query.drift task done" in node.worker_log()
 
 
+@e2e
 def test_unregistered_key_and_wrong_ca_are_refused(deployment, run_with_intruders):
     """During the run above: an unregistered key gets Flower's `[code: 2004] Failed to activate
     SuperNode`, a registered key trusting another CA `CERTIFICATE_VERIFY_FAILED`, a SuperNode
@@ -184,6 +203,7 @@ def test_unregistered_key_and_wrong_ca_are_refused(deployment, run_with_intruder
         intruder.serve(max_tasks=1)
 
 
+@e2e
 def test_missing_data_file_fails_only_that_node(deployment, run_with_intruders, certs, tmp_path):
     """A registered SuperNode whose data-path does not exist: its reply carries the reason (in the
     ServerApp's log), it is counted in clients-failed, and the run completes with the other two."""
@@ -204,6 +224,7 @@ def test_missing_data_file_fails_only_that_node(deployment, run_with_intruders, 
     assert row["clients-measured"] == 2 and row["round-skipped"] == 0
 
 
+@e2e
 def test_supernode_killed_mid_run(certs, node_files, tmp_path):
     """A SuperNode (and its ClientApp worker) SIGKILLed when its round-2 train message arrives:
     the run completes with the other node, and round 2 counts the loss (clients-failed or
@@ -243,3 +264,151 @@ def test_supernode_killed_mid_run(certs, node_files, tmp_path):
     assert lost["clients-failed"] + lost["clients-unmeasured"] >= 1, lost
     assert lost["clients-measured"] == 1
     assert lost["round-skipped"] == 0 and math.isfinite(lost["global-loss"])
+
+
+# --- PATH, stopping, the reply deadline (no deployment; seconds) ----------------------------------
+
+
+def test_path_with_venv_first_puts_this_env_first_once():
+    """The virtualenv's bin (where flower-superexec lives) goes first, and an existing copy is dropped."""
+    first = str(venv_bin())
+    assert (venv_bin() / "flower-superexec").exists()
+    assert path_with_venv_first(BARE_PATH).split(os.pathsep) == [first, *BARE_PATH.split(os.pathsep)]
+    assert path_with_venv_first(f"/usr/bin{os.pathsep}{first}").split(os.pathsep) == [first, "/usr/bin"]
+    assert path_with_venv_first(None) == first
+
+
+def test_stop_groups_terms_together_and_kills_what_ignores_sigterm():
+    """Two process groups get SIGTERM at once: the polite one is gone at once, the one that traps
+    SIGTERM is SIGKILLed after term_wait (1 s); together about 1 s, not 1 s per process."""
+    polite = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    stubborn = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 60 & wait; sleep 60"], start_new_session=True)
+    time.sleep(0.3)  # let bash install its trap
+    seconds = stop_groups([polite, stubborn, None], term_wait=1.0)
+    assert polite.returncode == -signal.SIGTERM
+    assert stubborn.returncode == -signal.SIGKILL
+    assert 1.0 <= seconds < 3.0
+
+
+class _StalledUploadRuntime:
+    """The SuperLink's Runtime API as Flower's HttpGrid sees it when a SuperNode died mid-upload:
+    PushMessages stores the instructions, PullMessages returns the reply (message and object tree
+    are stored), and every PullObject says "found, not available yet", until ``expire()``."""
+
+    def __init__(self, reply_for) -> None:
+        from flwr.proto.message_pb2 import PullObjectResponse  # noqa: PLC0415
+
+        self._reply_for = reply_for  # instruction message id -> reply Message (built lazily)
+        self._pull_object = PullObjectResponse
+        self.pulled: set[str] = set()
+        self.object_pulls = 0
+        self.expired = threading.Event()
+
+    def PushMessages(self, request):  # noqa: N802 - Flower's method names
+        from flwr.proto.runtime_pb2 import PushAppMessagesResponse  # noqa: PLC0415
+
+        ids = [m.metadata.message_id for m in request.messages_list]
+        return PushAppMessagesResponse(message_ids=ids, objects_to_push=[], session_id="s")
+
+    def PushObject(self, request):  # noqa: N802
+        raise AssertionError("nothing to push")
+
+    def PullMessages(self, request):  # noqa: N802
+        from flwr.app.message import remove_content_from_message  # noqa: PLC0415
+        from flwr.common.serde import message_to_proto  # noqa: PLC0415
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse  # noqa: PLC0415
+        from flwr.supercore.inflatable.inflatable_object import get_object_tree  # noqa: PLC0415
+
+        protos, trees = [], []
+        for ins_id in request.message_ids:
+            if ins_id in self.pulled:
+                continue
+            self.pulled.add(ins_id)  # the SuperLink hands a reply out once
+            reply = self._reply_for(ins_id)
+            reply.metadata.__dict__["_message_id"] = reply.object_id
+            trees.append(get_object_tree(reply))
+            protos.append(message_to_proto(remove_content_from_message(reply)))
+        return PullAppMessagesResponse(messages_list=protos, message_object_trees=trees)
+
+    def PullObject(self, request):  # noqa: N802
+        self.object_pulls += 1
+        if self.expired.is_set():  # the SuperLink deleted the session's objects
+            return self._pull_object(object_found=False, object_available=False)
+        return self._pull_object(object_found=True, object_available=False)
+
+    def ConfirmMessageReceived(self, request):  # noqa: N802
+        raise AssertionError("a reply without its objects must not be confirmed")
+
+
+def _stalled_http_grid():
+    """Flower's real HttpGrid talking to :class:`_StalledUploadRuntime`; the instruction it will send."""
+    import numpy as np  # noqa: PLC0415
+    from flwr.app import ArrayRecord, Message, RecordDict  # noqa: PLC0415
+    from flwr.superlink.grid.http_grid import HttpGrid  # noqa: PLC0415
+    from flwr.supercore.run import Run  # noqa: PLC0415
+    from flwr.supercore.task_identity import TaskIdentity  # noqa: PLC0415
+
+    ins = Message(RecordDict(), dst_node_id=7, message_type="train")
+    runtime = _StalledUploadRuntime(  # the reply is built when pulled: push gives `ins` its id
+        lambda _id: Message(RecordDict({"arrays": ArrayRecord([np.ones((64, 64), np.float32)])}), reply_to=ins))
+    grid = HttpGrid(token="t")
+    grid.set_run(Run.create_empty(TaskIdentity.run_id))
+    grid._client = runtime  # noqa: SLF001 - _runtime_client returns it; no network
+    return grid, runtime, ins
+
+
+def test_flower_pull_stalls_past_send_and_receive_timeout_without_the_bound():
+    """The contract our fix relies on, in flwr 1.42's own HttpGrid: a reply whose objects never
+    arrive keeps ``pull_messages`` (so ``send_and_receive``) busy past its timeout; it ends only
+    when the SuperLink drops the objects, with the "object-push session expired" error reply."""
+    from flwr.superlink.grid import http_grid  # noqa: PLC0415
+
+    grid, runtime, ins = _stalled_http_grid()
+    out: list = []
+    worker = threading.Thread(target=lambda: out.extend(grid.send_and_receive([ins], timeout=0.5)), daemon=True)
+    t0 = time.monotonic()
+    worker.start()
+    worker.join(timeout=3.5)
+    assert worker.is_alive(), "Flower's pull gave up by itself: the deadline may no longer be needed"
+    runtime.expired.set()  # what the SuperLink does after OBJECT_PUSH_SESSION_TTL_SECONDS (180 s)
+    worker.join(timeout=15.0)
+    assert not worker.is_alive() and time.monotonic() - t0 > 3.5
+    assert len(out) == 1 and out[0].has_error() and "object-push session expired" in out[0].error.reason
+    assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)  # the name we bound
+
+
+@pytest.mark.parametrize("via", ["send_and_receive", "push_then_pull"])
+def test_reply_deadline_ends_a_stalled_upload_at_the_timeout(via):
+    """Wrapped in ReplyDeadlineGrid (timeout 2 s), the same stalled reply becomes Flower's error reply
+    at 2 s (+ at most one backoff of PULL_BACKOFF_CAP = 1 s), through ``send_and_receive`` and through
+    push_messages/pull_messages as StreamingGrid calls them. Outside a deadline Flower's pull is unchanged."""
+    from flwr.common.constant import ErrorCode  # noqa: PLC0415
+    from flwr.superlink.grid import http_grid  # noqa: PLC0415
+
+    grid, runtime, ins = _stalled_http_grid()
+    bounded = bound_reply_waits(grid, 2.0)
+    assert isinstance(bounded, ReplyDeadlineGrid) and bounded.inner is grid
+    assert getattr(http_grid.pull_objects, "bounded_by_deadline", False)
+    t0 = time.monotonic()
+    if via == "send_and_receive":
+        replies = bounded.send_and_receive([ins], timeout=60.0)  # the grid's own timeout is the cap
+    else:
+        ids = bounded.push_messages([ins])
+        replies = bounded.pull_messages(set(ids))
+    seconds = time.monotonic() - t0
+    assert 2.0 <= seconds < 2.0 + PULL_BACKOFF_CAP * 1.2 + 1.0, seconds
+    assert len(replies) == 1 and replies[0].has_error()
+    assert replies[0].error.code == ErrorCode.MESSAGE_UNAVAILABLE
+    assert replies[0].metadata.reply_to_message_id == ins.metadata.message_id
+    assert runtime.object_pulls >= 3  # tried again while the deadline lasted
+    assert bounded.run.run_id == grid.run.run_id  # everything else is the wrapped grid's
+
+
+def test_bound_reply_waits_leaves_simulation_grids_alone():
+    """Only Flower's HttpGrid (a deployment) is wrapped; in-memory grids cannot stall on an upload."""
+    from fedavg_relu.local_grid import LocalGrid  # noqa: PLC0415
+
+    grid = LocalGrid(lambda message, context: message, num_nodes=1, run_config={})
+    assert bound_reply_waits(grid, 5.0) is grid
+    with pytest.raises(ValueError, match="timeout=0"):
+        ReplyDeadlineGrid(grid, 0)
