@@ -277,15 +277,15 @@ def data_file_problems(cfg: RunConfig, path: str | os.PathLike) -> list[str]:
 # --- hub data sets -----------------------------------------------------------------------------
 def hub_problems(cfg: RunConfig, check_partitions: bool = True) -> list[str]:
     """A hub data set: split and dimensions from the local cache, else whether the Hub answers."""
-    if hf_cache_dirs():
+    hub_id = data.HUB_DATASETS[cfg.dataset][0]
+    if hf_cache_may_hold(hub_id):
         report = probe_hub_cache(cfg)
-    else:  # nothing cached at all: no need to start the child process
-        report = {"status": "unavailable", "error": "the Hugging Face cache is empty"}
+    else:  # nothing of that name cached: no need to start the child process
+        report = {"status": "unavailable", "error": "not in the Hugging Face cache"}
     if report["status"] == "unavailable":
         reachable, reason = hub_reachable()
         if reachable:
             return []  # not cached but the Hub answers: the clients download it (the split is not checked)
-        hub_id = data.HUB_DATASETS[cfg.dataset][0]
         return [
             f"dataset={cfg.dataset!r}: {hub_id} is not in this machine's Hugging Face cache and the Hub cannot "
             f"be reached ({reason}); expected dataset=digits or dataset=synthetic (they ship with the project), "
@@ -331,6 +331,23 @@ def hf_cache_dirs() -> list[Path]:
         os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub",
     )
     return [Path(c).expanduser() for c in candidates if Path(c).expanduser().is_dir() and any(Path(c).expanduser().iterdir())]
+
+
+def hf_cache_may_hold(hub_id: str) -> bool:
+    """False only when no entry of the HF cache folders (two levels deep) has the data set's name in it.
+
+    ``datasets`` keeps ``ylecun___mnist/``, the hub cache ``datasets--ylecun--mnist/``, older
+    releases ``parquet/ylecun--mnist-<hash>/``: matching the bare name (``mnist``) covers them
+    all; a false match only costs the child process of :func:`probe_hub_cache`.
+    """
+    name = hub_id.rsplit("/", 1)[-1].lower()
+    for root in hf_cache_dirs():
+        for entry in root.iterdir():
+            if name in entry.name.lower():
+                return True
+            if entry.is_dir() and any(name in sub.name.lower() for sub in entry.iterdir()):
+                return True
+    return False
 
 
 def probe_hub_cache(cfg: RunConfig, timeout: float = HUB_PROBE_TIMEOUT) -> dict:

@@ -179,8 +179,12 @@ def test_uncached_hub_dataset_with_a_reachable_hub_passes(monkeypatch):
     assert run_problems(RunConfig(dataset="cifar10")) == []
 
 
-def test_empty_hf_cache_fails_without_starting_the_cache_probe(monkeypatch, tmp_path):
-    """HF_HOME with no datasets/ or hub/ content: no child process; a file under hub/ makes it a cache dir."""
+def test_uncached_hub_dataset_fails_without_starting_the_cache_probe(monkeypatch, tmp_path):
+    """HF_HOME with an empty hub/: no child process; then entries named like the data set make the cache a candidate.
+
+    hub/datasets--uoft-cs--cifar10 (hub layout) and datasets/parquet/uoft-cs--cifar10-1a2b (old layout) both
+    hold "cifar10"; datasets/other___digits does not.
+    """
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     for name in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(name, raising=False)
@@ -194,8 +198,14 @@ def test_empty_hf_cache_fails_without_starting_the_cache_probe(monkeypatch, tmp_
     monkeypatch.setattr(preflight, "hub_reachable", lambda: (False, "no route"))
     with pytest.raises(ConfigError, match=r"dataset='cifar10': uoft-cs/cifar10 is not in this machine's Hugging Face cache"):
         check_run(RunConfig(dataset="cifar10"))
-    (tmp_path / "hf" / "hub" / "datasets--uoft-cs--cifar10").mkdir()
-    assert preflight.hf_cache_dirs() == [tmp_path / "hf" / "hub"]
+    (tmp_path / "hf" / "datasets" / "other___digits").mkdir(parents=True)
+    assert preflight.hf_cache_dirs() == [tmp_path / "hf" / "datasets"]
+    assert not preflight.hf_cache_may_hold("uoft-cs/cifar10")
+    (tmp_path / "hf" / "datasets" / "parquet" / "uoft-cs--cifar10-1a2b").mkdir(parents=True)
+    assert preflight.hf_cache_may_hold("uoft-cs/cifar10") and not preflight.hf_cache_may_hold("ylecun/mnist")
+    (tmp_path / "hf" / "hub" / "datasets--ylecun--mnist").mkdir()
+    assert preflight.hf_cache_dirs() == [tmp_path / "hf" / "datasets", tmp_path / "hf" / "hub"]
+    assert preflight.hf_cache_may_hold("ylecun/mnist")
 
 
 def test_hub_cache_probe_offline_with_an_empty_cache_is_unavailable(monkeypatch, tmp_path):
@@ -222,10 +232,13 @@ def _fake_hub(monkeypatch, tmp_path, n_train: int, d: int, num_labels: int = 10)
 
     def federated(cfg):
         partitioner = data.make_partitioner(cfg, None, "label")
-        return FederatedDataset(dataset="parquet", data_files=files, partitioners={"train": partitioner}, seed=cfg.seed)
+        return FederatedDataset(
+            dataset="parquet", data_files=files, partitioners={"train": partitioner}, seed=cfg.seed,
+            cache_dir=str(tmp_path / "hf-cache"),
+        )
 
     monkeypatch.setattr(data, "_federated_dataset", federated)
-    monkeypatch.setattr(preflight, "hf_cache_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(preflight, "hf_cache_may_hold", lambda hub_id: True)
     monkeypatch.setattr(preflight, "probe_hub_cache", preflight.hub_cache_report)
 
 
