@@ -94,16 +94,16 @@ def test_pathological_more_classes_per_client_than_labels_present_raises():
 
 
 def test_pathological_label_on_more_clients_than_examples_raises():
-    """digits, 1000 clients x 2 classes = 2000 label slots, ~200 per label > the ~144 examples of each label.
+    """digits, 400 clients x 5 classes = 2000 label slots, ~200 per label > the ~144 examples of each label.
 
     The message names num-partitions and classes-per-partition; the suggested num-partitions passes.
     """
-    cfg = RunConfig(dataset="digits", partitioner="pathological", classes_per_partition=2, num_partitions=1000)
-    with pytest.raises(ConfigError, match=r"num-partitions=1000: with classes-per-partition=2 .* would go to \d+ clients "
+    cfg = RunConfig(dataset="digits", partitioner="pathological", classes_per_partition=5, num_partitions=400)
+    with pytest.raises(ConfigError, match=r"num-partitions=400: with classes-per-partition=5 .* would go to \d+ clients "
                                           r"but has only \d+ examples.*a smaller classes-per-partition") as info:
         check_run(cfg)
     k = int(_works(info.value.problems[0], "num-partitions"))
-    assert k < 1000
+    assert k < 400
     check_run(cfg.replace(num_partitions=k))
 
 
