@@ -122,7 +122,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 # --- the wrapper's echo -------------------------------------------------------
 _ACTOR_PREFIX = re.compile(r"^\((?:pid=\d+|\w+ pid=\d+)(?:, ip=[^)]*)?\)\s*")  # Ray's "(ClientAppActor pid=7822) "
-_LEVEL_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*(?:\x1b\[[0-9;]*m)?\s*:\s*")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LEVEL_PREFIX = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*")
 _NOISE = tuple(
     re.compile(p)
     for p in (
@@ -146,7 +147,7 @@ _NOISE = tuple(
 
 def strip_level(line: str) -> str:
     """``line`` without Ray's actor prefix, Flower's ``INFO :`` / ``WARNING :`` prefix and colour codes, stripped."""
-    return _LEVEL_PREFIX.sub("", _ACTOR_PREFIX.sub("", line.strip())).strip()
+    return _LEVEL_PREFIX.sub("", _ACTOR_PREFIX.sub("", _ANSI.sub("", line).strip())).strip()
 
 
 def is_noise_line(line: str) -> bool:

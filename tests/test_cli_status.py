@@ -193,14 +193,19 @@ def test_sigint_stops_every_process_and_says_how_to_resume(tmp_path):
     out = open(tmp_path / "out.txt", "w+")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     metrics = runs / "sig" / "metrics.jsonl"
+
+    def rounds() -> list[int]:
+        try:
+            return [json.loads(line)["round"] for line in metrics.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            return []
+
     try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.exists() and any(json.loads(l)["round"] >= 1 for l in metrics.read_text().splitlines() if l):
-                break
+        deadline = time.monotonic() + 240  # round 1 needs Ray and the actors up: ~25 s idle, minutes on a busy machine
+        while time.monotonic() < deadline and proc.poll() is None and max(rounds(), default=-1) < 1:
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert metrics.exists(), "round 1 never reached metrics.jsonl"
+        assert max(rounds(), default=-1) >= 1, "round 1 never reached metrics.jsonl"
         running = _processes_naming(home)
         assert len(running) >= 4  # superlink, superexec, flwr run, flwr-simulation, Ray ...
         t_signal = time.monotonic()
@@ -219,7 +224,8 @@ def test_sigint_stops_every_process_and_says_how_to_resume(tmp_path):
     assert returncode == 130, output[-3000:]
     assert seconds < 30, f"took {seconds:.0f}s to stop"
     assert "Traceback" not in output, output[-3000:]
-    last = max(json.loads(l)["round"] for l in metrics.read_text().splitlines() if l)
+    last = max(rounds())
+    assert 1 <= last < 40
     assert f"interrupted by SIGINT after round {last} of 40" in output
     assert "resume=true" in output.splitlines()[-1] and 'run-name="sig"' in output.splitlines()[-1]
     assert read_summary(runs / "sig")["status"] == "interrupted"
