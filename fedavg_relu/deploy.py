@@ -47,6 +47,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,7 @@ class SuperNode:
     worker: subprocess.Popen | None = None
     worker_log_path: Path | None = None
     args: list[str] = field(default_factory=list)
+    worker_args: list[str] = field(default_factory=list)
 
     def alive(self) -> bool:
         """Whether the SuperNode process is still running."""
@@ -277,6 +279,7 @@ class Deployment:
         max_wait_time: float | None = None,
         timestamps: bool = False,
         runtime_secret: bool = True,
+        superlink_address: str | None = None,
     ) -> SuperNode:
         """Start a ``flower-supernode`` (plus a ClientApp worker with ``isolation="process"``).
 
@@ -286,7 +289,8 @@ class Deployment:
         (``time.time()``), for latency measurements. With process isolation and
         ``runtime_secret`` the SuperNode and its worker share a random
         ``--superexec-auth-secret-file`` (0600), so that no other local process can acquire
-        the node's tasks from its Runtime API.
+        the node's tasks from its Runtime API. ``superlink_address`` replaces this deployment's
+        address (e.g. a proxy in front of the SuperLink; its certificate must name the host).
         """
         if isolation not in ("process", "subprocess"):
             raise ValueError(f"isolation={isolation!r}: expected 'process' or 'subprocess'")
@@ -294,7 +298,7 @@ class Deployment:
         runtime_port = free_port()
         args = [
             _tool("flower-supernode"),
-            "--superlink", self.address,
+            "--superlink", superlink_address or self.address,
             "--root-certificates", str(root_certificates or self.certs / "ca.crt"),
             "--isolation", isolation,
             "--host", "127.0.0.1", "--port", str(runtime_port),
@@ -328,16 +332,27 @@ class Deployment:
                 )
         node = SuperNode(name, process, runtime_port, log_path, args=args)
         if isolation == "process":
-            node.worker_log_path = self.home / f"{name}-worker.out"
-            with open(node.worker_log_path, "wb") as out:
-                node.worker = subprocess.Popen(
-                    [sys.executable, "-m", "fedavg_relu.clientapp_worker",
-                     "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure", *secret_args,
-                     "--preload", "torch"],
-                    env=self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                )
+            node.worker_args = [
+                sys.executable, "-m", "fedavg_relu.clientapp_worker",
+                "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure", *secret_args, "--preload", "torch",
+            ]
+            self.start_worker(node)
         self.supernodes.append(node)
         return node
+
+    def start_worker(self, node: SuperNode) -> subprocess.Popen:
+        """(Re)start ``node``'s ClientApp worker (process isolation); its output is appended to its log."""
+        if not node.worker_args:
+            raise ValueError(f"{node.name} runs Flower's own ClientApp processes (isolation='subprocess'): no worker")
+        if node.worker is not None and node.worker.poll() is None:
+            raise RuntimeError(f"{node.name}'s worker (pid {node.worker.pid}) is still running")
+        node.worker_log_path = self.home / f"{node.name}-worker.out"
+        with open(node.worker_log_path, "ab") as out:
+            node.worker = subprocess.Popen(
+                node.worker_args, env=self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return node.worker
 
     # --- runs ---------------------------------------------------------------
     def run(
@@ -501,6 +516,9 @@ class ReplyDeadlineGrid:
         self._grid = grid
         self.timeout = float(timeout)
         self._deadlines: dict[str, float] = {}
+        from flwr.common.logger import log  # noqa: PLC0415
+
+        log(INFO, "fedavg-relu: a reply, upload included, is waited for at most round-timeout = %gs", self.timeout)
 
     @property
     def inner(self):

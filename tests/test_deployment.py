@@ -412,3 +412,224 @@ def test_bound_reply_waits_leaves_simulation_grids_alone():
     assert bound_reply_waits(grid, 5.0) is grid
     with pytest.raises(ValueError, match="timeout=0"):
         ReplyDeadlineGrid(grid, 0)
+
+
+# --- from a fresh shell, signals, a node dying mid-upload (real processes) ------------------------
+
+
+def _documented_block(needle: str) -> str:
+    """The ```bash block of docs/deployment.md that contains ``needle``."""
+    text = (APP_DIR / "docs" / "deployment.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    found = [b for b in blocks if needle in b]
+    assert found, f"no bash block with {needle!r} in docs/deployment.md"
+    return found[0]
+
+
+@e2e
+def test_documented_superlink_command_works_from_a_fresh_shell(certs, tmp_path):
+    """docs/deployment.md's SuperLink commands, run as written by `bash` with an empty environment
+    (PATH=/usr/bin:/bin, no virtualenv) in the project folder, with only the certificate folder,
+    host, port and database swapped in: the SuperLink answers /health over TLS. The same command
+    without `source .venv/bin/activate` dies (flower-superexec is started by name)."""
+    import ssl  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    block = _documented_block("flower-superlink")
+    assert "source .venv/bin/activate" in block
+    port = free_port()
+    script = (block.replace("certificates/", f"{certs}/").replace("10.0.0.5", "127.0.0.1")
+              .replace("9093", str(port)).replace("state.db", str(tmp_path / "state.db")))
+    env = {"HOME": str(tmp_path), "PATH": BARE_PATH, "FLWR_HOME": str(tmp_path / "flwr"),
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+    def start(text: str) -> subprocess.Popen:
+        return subprocess.Popen(["bash", "-c", text], cwd=APP_DIR, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    proc = start(script)
+    try:
+        deadline, healthy = time.monotonic() + 90, False
+        while time.monotonic() < deadline and proc.poll() is None and not healthy:
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=2, context=context) as r:
+                    healthy = r.status == 200
+            except OSError:
+                time.sleep(0.5)
+    finally:
+        stop_groups([proc])
+    assert healthy, proc.stdout.read().decode(errors="replace")[-3000:]
+    without_venv = start("\n".join(line for line in script.splitlines() if "activate" not in line))
+    try:
+        out, _ = without_venv.communicate(timeout=90)
+    finally:
+        stop_groups([without_venv])
+    assert without_venv.returncode != 0 and b"'flower-superexec'" in out
+
+
+@e2e
+def test_sigterm_stops_worker_and_supernode_within_seconds(certs, node_files, tmp_path):
+    """SIGTERM to a ClientApp worker 1 s into a long train task (local-steps=10^6): it exits within
+    EXIT_GRACE (3 s) with code 143 and the task abandoned; the SuperNode passes its error reply on, so
+    the ServerApp logs "stopped by signal 15" and the run ends long before round-timeout (600 s).
+    A restarted worker, idle with torch loaded, exits within 1.5 s of SIGTERM; the SuperNode
+    (Flower's own handler: it deregisters) within 8 s."""
+    with Deployment(certs, home=tmp_path / "flwr-home") as dep:
+        dep.register(certs / "supernode-1.pub")
+        node = dep.start_supernode(certs / "supernode-1", {"data-path": str(node_files[0])})
+        dep.wait_online(1, timeout=60)
+        busy: dict = {}
+
+        def terminate_when_training() -> None:
+            deadline = time.monotonic() + 240
+            while "ClientApp worker: loaded" not in node.worker_log() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            busy["signalled"] = t0
+            node.worker.send_signal(signal.SIGTERM)
+            busy["rc"] = node.worker.wait(timeout=30)
+            busy["seconds"] = time.monotonic() - t0
+
+        watcher = threading.Thread(target=terminate_when_training, daemon=True)
+        watcher.start()
+        result = dep.run(APP_DIR, {**RUN, "num-partitions": 1, "num-server-rounds": 1, "local-steps": 1_000_000,
+                                   "round-timeout": 600.0, "output-dir": str(tmp_path), "run-name": "sigterm"},
+                         timeout=400)
+        ended = time.monotonic()
+        watcher.join(timeout=40)
+        assert busy.get("rc") == 128 + signal.SIGTERM, (busy, node.worker_log()[-2000:])
+        assert busy["seconds"] < EXIT_GRACE + 0.5, busy
+        assert "train task abandoned" in node.worker_log()
+        assert "ClientApp worker stopped by signal 15" in result.output, result.output[-3000:]
+        assert ended - busy["signalled"] < 60, "the ServerApp waited for round-timeout instead of the error reply"
+
+        worker = dep.start_worker(node)  # idle, torch preloaded
+        deadline = time.monotonic() + 120
+        while "serving the SuperNode Runtime API" not in node.worker_log().split("stopped by signal")[-1]:
+            assert time.monotonic() < deadline and worker.poll() is None, node.worker_log()[-2000:]
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 128 + signal.SIGTERM
+        idle_seconds = time.monotonic() - t0
+        assert idle_seconds < 1.5, idle_seconds
+        node_seconds = stop_groups([node.process], term_wait=20.0)
+        assert node.process.returncode == 0 and node_seconds < 8.0, (node_seconds, node.log()[-2000:])
+        assert "SuperNode terminated gracefully" in node.log()
+
+
+class ThrottledProxy:
+    """A TCP proxy on loopback in front of the SuperLink (TLS passes through untouched): what the
+    SuperNode sends upstream is counted, and slowed to ``rate`` bytes/s once that is set."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.rate: float | None = None
+        self.upstream = 0
+        self._count = threading.Lock()
+        self._throttle = threading.Lock()  # one upstream budget for all connections
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                if self._server.fileno() == -1:
+                    return
+                continue
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, is_upstream: bool) -> None:
+        try:
+            while data := src.recv(16384):
+                if is_upstream:
+                    with self._count:
+                        self.upstream += len(data)
+                    if self.rate:
+                        with self._throttle:
+                            time.sleep(len(data) / self.rate)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._server.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+@e2e
+@pytest.mark.skipif(not SERVER_APP_BOUNDS_REPLIES,
+                    reason="fedavg_relu.server_app.main does not wrap its grid with bound_reply_waits yet")
+def test_node_killed_mid_upload_costs_at_most_round_timeout(certs, node_files, tmp_path):
+    """A SuperNode SIGKILLed while uploading its round-2 train reply (width 512: a 1 MiB reply; its uplink
+    slowed to 200 kB/s by a proxy; killed after 100 kB of it went up): round 2's train exchange ends when
+    round-timeout (25 s) is up, plus a few seconds, not after Flower's 180 s object-push session. The node
+    counts as failed, its reply's reason is logged, and the run completes with the other node."""
+    timeout = 25.0
+    with Deployment(certs, home=tmp_path / "flwr-home") as dep:
+        proxy = ThrottledProxy(dep.port)
+        for i in (1, 2):
+            dep.register(certs / f"supernode-{i}.pub")
+        survivor = dep.start_supernode(certs / "supernode-1", {"data-path": str(node_files[0])})
+        victim = dep.start_supernode(certs / "supernode-2", {"data-path": str(node_files[1])},
+                                     superlink_address=f"127.0.0.1:{proxy.port}")
+        dep.wait_online(2, timeout=60)
+        kill: dict = {}
+
+        def kill_mid_upload() -> None:
+            deadline = time.monotonic() + 300
+            while victim.log().count("Receiving: train message") < 2:  # round 2 has begun for the victim
+                if time.monotonic() > deadline or not victim.alive():
+                    return
+                time.sleep(0.05)
+            proxy.rate = 200_000
+            while victim.log().count("Sending: train message") < 2:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)
+            start = proxy.upstream  # PushMessages (message + object tree) goes first, then the objects
+            while proxy.upstream - start < 100_000 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            kill["uploaded"] = proxy.upstream - start
+            victim.kill()
+            kill["at"] = time.monotonic()
+
+        watcher = threading.Thread(target=kill_mid_upload, daemon=True)
+        watcher.start()
+        try:
+            result = dep.run(APP_DIR, {**RUN, "width": 512, "round-timeout": timeout, "output-dir": str(tmp_path),
+                                       "run-name": "mid-upload"}, timeout=400)
+        finally:
+            proxy.close()
+        watcher.join(timeout=5)
+        assert "at" in kill, victim.log()[-2000:]
+        assert survivor.alive()
+    sent_after_kill = victim.log().split("Sending: train message")[2] if victim.log().count("Sending: train message") > 1 else ""
+    assert "Sent successfully" not in sent_after_kill, "the reply was complete before the kill"
+    assert 100_000 <= kill["uploaded"] < 512 * 512 * 4
+    assert result.status == "finished:completed", result.output[-3000:]
+    assert f"at most round-timeout = {timeout:g}s" in result.output
+    assert "object-push session expired" in result.output  # the lost reply's reason, from Flower's HttpGrid
+    rows = read_metrics(tmp_path / "mid-upload")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["clients-trained"] == 2 and rows[1]["clients-failed"] == 0
+    lost = rows[2]
+    assert lost["clients-trained"] == 1 and lost["clients-failed"] == 1 and lost["round-skipped"] == 0, lost
+    train_seconds = lost["seconds"] - lost["drift-seconds"]
+    assert train_seconds < timeout + 10, lost  # Flower alone: ~180 s
