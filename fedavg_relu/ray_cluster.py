@@ -166,9 +166,84 @@ class LocalRayCluster:
                 found.append((int(stat.parent.name), name))
         return found
 
+    def node_groups(self) -> dict[int, str]:
+        """Process group id of each node this cluster started: ``{pgid: "head" | "worker0" | ...}``.
+
+        Each ``ray start --block`` runs in a session of its own, and the node's raylet spawns its
+        workers (Ray actors included) inside that group, so a process's group tells its node.
+        """
+        names = ["head", *(f"worker{i}" for i in range(self.num_workers))]
+        return {proc.pid: name for proc, name in zip(self.processes, names)}
+
+    def actor_processes(self, class_name: str = "ClientAppActor") -> dict[int, str]:
+        """Live processes of Ray actors of ``class_name`` on this cluster's nodes: ``{pid: node name}``.
+
+        Ray titles an actor's worker process ``ray::CLASS`` (``ray::CLASS.method`` while it runs one);
+        Flower's simulation runs every ClientApp in a ``ClientAppActor``. Actors of other clusters
+        or of a private Ray instance (another process group) are not counted.
+        """
+        groups = self.node_groups()
+        found: dict[int, str] = {}
+        for proc_dir in Path("/proc").glob("[0-9]*"):
+            try:
+                title = (proc_dir / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+                stat = (proc_dir / "stat").read_text()
+            except OSError:
+                continue
+            if title != f"ray::{class_name}" and not title.startswith(f"ray::{class_name}."):
+                continue
+            pgid = int(stat[stat.rindex(")") + 2 :].split()[2])
+            if pgid in groups:
+                found[int(proc_dir.name)] = groups[pgid]
+        return found
+
     def __enter__(self) -> LocalRayCluster:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedavg_relu.ray_cluster``: start a loopback cluster, print how to use it, stop it on Ctrl-C."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fedavg_relu.ray_cluster",
+        description="A head + worker Ray cluster on 127.0.0.1 for trying `flwr run` on a cluster; Ctrl-C stops it.",
+    )
+    parser.add_argument("--head-cpus", type=int, default=1)
+    parser.add_argument("--worker-cpus", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="number of worker nodes (default 1)")
+    args = parser.parse_args(argv)
+    cluster = LocalRayCluster(head_cpus=args.head_cpus, worker_cpus=args.worker_cpus, num_workers=args.workers)
+
+    def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the nodes too, as Ctrl-C does
+    try:
+        cluster.start()
+        groups = ", ".join(f"{name} pgid {pgid}" for pgid, name in cluster.node_groups().items())
+        print(f"Ray cluster up: {cluster.address} ({groups}); logs in {cluster.temp_dir}", flush=True)
+        print(f"  export RAY_ADDRESS={cluster.address}", flush=True)
+        print("Ctrl-C (or SIGTERM to this process) stops every node.", flush=True)
+        while all(proc.poll() is None for proc in cluster.processes):
+            time.sleep(0.5)
+        print("A Ray node exited by itself; stopping the others.", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as err:  # a node did not come up: LocalRayCluster has stopped the others
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not interrupt the cleanup
+            signal.signal(sig, signal.SIG_IGN)
+        cluster.stop()
+        print("Ray cluster stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

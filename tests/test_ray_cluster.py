@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import pytest
 
+from fedavg_relu.flower_run import IsolatedFlower, pid_alive
 from fedavg_relu.ray_cluster import LocalRayCluster
 from fedavg_relu.results import read_metrics
 from fedavg_relu.simulation import simulate
 
 pytestmark = pytest.mark.e2e
+
+APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _started_cluster(attempts: int = 2, **kwargs) -> LocalRayCluster:
+    """A started LocalRayCluster; one more try when a node misses Ray's fixed 30 s startup deadline
+    ("The current node timed out during startup"), which happens on a 2-core machine under load."""
+    for attempt in range(attempts):
+        cluster = LocalRayCluster(**kwargs)
+        try:
+            cluster.start()
+            return cluster
+        except RuntimeError:  # start() has already stopped what it started
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def test_simulation_runs_on_an_existing_ray_cluster(tmp_path):
@@ -54,3 +75,68 @@ def test_cluster_ports_never_fall_in_a_worker_port_range():
             assert b < c or d < a
     finally:
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
+def test_flwr_run_joins_an_existing_ray_cluster_through_ray_address(tmp_path, monkeypatch):
+    """`flwr run .` with RAY_ADDRESS in the SuperLink's environment runs its ClientApps on the cluster.
+
+    Head (1 CPU) + worker node (1 CPU); 3 SuperNodes, 1 CPU per client, so Flower's pool holds
+    2 ClientAppActors and Ray must place one on each node. Seen while the run goes: a
+    `ray::ClientAppActor` process inside the head's process group AND one inside the worker's.
+    The run's private RAY_TMPDIR stays empty (no Ray instance of its own), the run completes with
+    rounds 0..2 written, the actors are gone afterwards and the cluster is still up.
+    Then Flower's default 2 CPUs per client on these 1-CPU nodes: `finished:failed`, "ActorPool is
+    empty", while `flwr run --stream` still exits 0 (the earlier "only round 0 written" attempt).
+    """
+    cluster = _started_cluster(head_cpus=1, worker_cpus=1, num_workers=1)
+    seen: dict[int, str] = {}
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            seen.update(cluster.actor_processes())
+            watching.wait(0.25)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    overrides = {
+        "dataset": "synthetic", "synthetic-num-examples": 300, "num-partitions": 3, "width": 64,
+        "num-server-rounds": 2, "local-steps": 2, "output-dir": str(tmp_path / "runs"), "run-name": "cluster",
+    }
+    try:
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)  # before IsolatedFlower copies os.environ
+        flower = IsolatedFlower(home=tmp_path / "flwr-home")
+        assert flower.env["RAY_ADDRESS"] == cluster.address
+        watcher.start()
+        with flower:
+            superlink = flower.process.pid
+            result = flower.run(APP_DIR, overrides, num_supernodes=3, cpus_per_client=1, timeout=240)
+            private_ray = sorted(p.name for p in flower.ray_tmp.iterdir())
+            watching.set()
+            watcher.join()
+            deadline = time.monotonic() + 30
+            while cluster.actor_processes() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            actors_after = cluster.actor_processes()
+            assert cluster._cpus() == 2  # the run left the cluster up
+            too_big = flower.run(APP_DIR, dict(overrides, **{"run-name": "too-big"}), num_supernodes=3,
+                                 cpus_per_client=2, timeout=180)
+        assert not pid_alive(superlink)
+        pids = [p.pid for p in cluster.processes]
+    finally:
+        watching.set()
+        cluster.stop()
+    assert result.returncode == 0, result.output[-3000:]
+    assert result.status == "finished:completed", result.output[-3000:]
+    rows = read_metrics(tmp_path / "runs" / "cluster")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["clients-trained"] == 3 for r in rows[1:])
+    assert sorted(set(seen.values())) == ["head", "worker0"], seen  # an actor on each node of the cluster
+    assert len(seen) == 2, seen  # pool size = sum over nodes of floor(node CPUs / client CPUs) = 1 + 1
+    assert private_ray == []  # the simulation started no Ray of its own
+    assert actors_after == {}
+    assert too_big.returncode == 0 and too_big.status == "finished:failed", too_big.output[-3000:]
+    assert "ActorPool is empty" in too_big.output
+    assert not (tmp_path / "runs" / "too-big" / "metrics.jsonl").exists() or len(
+        read_metrics(tmp_path / "runs" / "too-big")) <= 1
+    assert cluster.group_members(pids) == []
+    assert not cluster.temp_dir.exists()
