@@ -96,9 +96,8 @@ def run_problems(cfg: RunConfig, data_paths: Sequence[str | os.PathLike] = ()) -
         problems = hub_problems(cfg, check_partitions=not data_paths)
     else:
         problems = builtin_problems(cfg, check_partitions=not data_paths)
-    if not any(p.startswith("dataset=") for p in problems):
-        for path in data_paths:
-            problems.extend(data_file_problems(cfg, path))
+    for path in data_paths:
+        problems.extend(data_file_problems(cfg, path))
     return problems
 
 
