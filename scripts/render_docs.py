@@ -1,0 +1,741 @@
+"""Render the generated parts of the docs from the code and the committed results.
+
+Every table of measured numbers in ``README.md`` and ``docs/*.md`` sits between
+two marker comments, and so do the tables generated from the code (the run
+configuration, the rejection reasons)::
+
+    <!-- render:scale-paths dir=benchmarks/results -->
+    | path | ... |
+    <!-- /render:scale-paths -->
+
+This script rewrites only what lies between the markers; everything else is
+prose written by hand. A marker on its own line makes a block (a table, a
+paragraph); markers inside a line make an inline value::
+
+    packed mode reaches <!-- render:num file=benchmarks/results/scale.json at=paths[path=packed].flops-fraction-of-peak fmt=.2f -->0.18<!-- /render:num --> of the peak
+
+Arguments are ``key=value`` words (``shlex`` quoting: ``label="two words"``).
+The names and their arguments are in :data:`RENDERERS`; ``--list`` prints them.
+
+Usage::
+
+    python scripts/render_docs.py            # rewrite every stale block in place
+    python scripts/render_docs.py --check    # exit 1 and list the stale blocks; write nothing
+    python scripts/render_docs.py --list     # the marker names
+
+Adding a rendered table: write a function ``(root: Path, args: dict) -> str``
+below, register it in :data:`RENDERERS` under its marker name, put the empty
+markers where the table belongs and run the script. ``tests/test_docs.py`` then
+fails whenever the committed page and the results disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import dataclasses
+import importlib
+import io
+import json
+import math
+import pkgutil
+import re
+import shlex
+import sys
+import tokenize
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+#: The next front-door README, written under docs/ until it replaces README.md; its links are relative to the root.
+NEXT_README = "docs/_README.next.md"
+
+MARKER = re.compile(r"<!--\s*render:(?P<name>[a-z0-9-]+)(?P<args>[^>]*?)\s*-->(?P<body>.*?)<!--\s*/render:(?P=name)\s*-->", re.S)
+OPENING = re.compile(r"<!--\s*render:([a-z0-9-]+)")
+CLOSING = re.compile(r"<!--\s*/render:([a-z0-9-]+)\s*-->")
+
+
+class RenderError(Exception):
+    """A marker the script cannot render (unknown name, bad argument, missing data); the message says where."""
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """Every page the script renders: README.md and docs/*.md."""
+    found = [root / "README.md"] if (root / "README.md").exists() else []
+    return found + sorted((root / "docs").glob("*.md"))
+
+
+# --- finding modules that may move between subpackages --------------------------------
+def find_module(name: str):
+    """``fedavg_relu.<name>``, or the module called ``name`` in any subpackage of ``fedavg_relu``."""
+    try:
+        return importlib.import_module(f"fedavg_relu.{name}")
+    except ModuleNotFoundError:
+        pass
+    import fedavg_relu
+
+    for info in pkgutil.walk_packages(fedavg_relu.__path__, "fedavg_relu."):
+        if info.name.rsplit(".", 1)[-1] == name:
+            return importlib.import_module(info.name)
+    raise RenderError(f"no module named {name!r} in fedavg_relu")
+
+
+def trailing_comments(source: str) -> dict[int, str]:
+    """Line number -> the ``# comment`` ending that line (comment lines of their own excluded)."""
+    comments: dict[int, str] = {}
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+            code_lines.add(tok.start[0])
+    return {line: text for line, text in comments.items() if line in code_lines}
+
+
+def cell(text: Any) -> str:
+    """``text`` made safe for one Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- the run configuration (fedavg_relu/config.py) -------------------------------------
+#: References in config.py's comments that mean other docs pages.
+DOC_LINKS = {
+    "(THEORY.md)": "([theory](theory.md))",
+    "THEORY.md's metrics": "the [theory](theory.md)'s metrics",
+    'README "Scale and speed"': "[scale](scale.md)",
+}
+
+
+class _Choices(tuple):
+    """A tuple of names that formats as `a`, `b`, ... (for the config's choice lists)."""
+
+    def __new__(cls, values):
+        return super().__new__(cls, (f"`{v}`" for v in values))
+
+    def __str__(self) -> str:
+        return ", ".join(self)
+
+    __repr__ = __str__
+
+    def __format__(self, spec: str) -> str:
+        return str(self)
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as it is written in ``pyproject.toml``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _accepted(module, source: str) -> dict[str, str]:
+    """Field name -> what ``_range_problems`` accepts, evaluated from its ``checks`` list."""
+    namespace = dict(vars(module))
+    namespace.update({k: _Choices(v) for k, v in vars(module).items()
+                      if k.isupper() and isinstance(v, tuple) and all(isinstance(x, str) for x in v)})
+    accepted: dict[str, str] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "checks" and isinstance(node.value, ast.List):
+            for entry in node.value.elts:
+                if isinstance(entry, ast.Tuple) and len(entry.elts) == 3 and isinstance(entry.elts[0], ast.Constant):
+                    what = eval(compile(ast.Expression(entry.elts[2]), "<config>", "eval"), namespace)  # noqa: S307 - our own source
+                    accepted[entry.elts[0].value] = str(what)
+    others: dict[str, list[tuple[int, str]]] = {}
+    for node in ast.walk(ast.parse(source)):  # the other checks: f"key={self.field!r}: expected ..."
+        if isinstance(node, ast.JoinedStr):
+            text = "".join(
+                v.value if isinstance(v, ast.Constant) else
+                "{" + (v.value.attr.replace("_", "-") if isinstance(v.value, ast.Attribute) else "?") + "}"
+                for v in node.values
+            )
+            match = re.match(r"^([a-z0-9-]+)=\{\1\}: expected (.*)$", text, re.S)
+            if match and match.group(1).replace("-", "_") not in accepted:
+                what = re.sub(r"([a-z0-9-]+)=\{\1\}", r"\1=…", match.group(2))
+                others.setdefault(match.group(1).replace("-", "_"), []).append((node.lineno, what))
+    for name, found in others.items():
+        accepted[name] = "; ".join(what for _, what in sorted(found))
+    return accepted
+
+
+def _type_name(field: dataclasses.Field) -> str:
+    return {"int": "integer", "float": "float", "bool": "boolean", "str": "string"}.get(
+        field.type if isinstance(field.type, str) else field.type.__name__, str(field.type))
+
+
+def render_config_reference(root: Path, args: Mapping[str, str]) -> str:
+    """Every ``RunConfig`` field, by section: key, type, default, what validation accepts, its comment."""
+    config = find_module("config")
+    import inspect
+
+    source = inspect.getsource(config)
+    cls_source = inspect.getsource(config.RunConfig)
+    first = source.index(cls_source)
+    offset = source[:first].count("\n")  # line of the class in the module, minus one
+    comments = trailing_comments(source)
+    accepted = _accepted(config, source)
+    choices = {k: str(_Choices(v)) for k, v in vars(config).items()
+               if k.isupper() and isinstance(v, tuple) and all(isinstance(x, str) for x in v)}
+    with open(root / "pyproject.toml", "rb") as fh:
+        app_config = tomllib.load(fh).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    fields = {f.name: f for f in dataclasses.fields(config.RunConfig)}
+    sections: list[tuple[str, list[list[str]]]] = []
+    tree = ast.parse(cls_source)
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    section_lines = {i + 1 + offset: m.group(1).strip() for i, line in enumerate(cls_source.splitlines())
+                     if (m := re.match(r"\s*# -+ (.+?) -+\s*$", line))}
+    headings = sorted(section_lines.items())
+    for node in body:
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        name = node.target.id
+        line = node.lineno + offset
+        heading = next((text for at, text in reversed(headings) if at < line), "settings")
+        if not sections or sections[-1][0] != heading:
+            sections.append((heading, []))
+        field = fields[name]
+        key = name.replace("_", "-")
+        meaning = comments.get(line, "")
+        for token, pretty in choices.items():
+            meaning = re.sub(rf"^one of {token}\b\s*", "", meaning)  # the accepted column lists them
+            meaning = re.sub(rf"\b{token}\b", pretty, meaning)
+        for ref, link in DOC_LINKS.items():
+            meaning = meaning.replace(ref, link)
+        default = toml_value(field.default)
+        if key in app_config and toml_value(app_config[key]) != default:
+            default += f" (pyproject.toml: {toml_value(app_config[key])})"
+        elif key not in app_config:
+            default += " (not in pyproject.toml)"
+        accepts = accepted.get(name) or {"boolean": "true or false", "string": "a string"}.get(_type_name(field), "")
+        if name == "batch_size":
+            accepts = accepts or 'an integer >= 0 or "full"'
+        sections[-1][1].append([f"`{key}`", _type_name(field), f"`{default}`", accepts, meaning or "—"])
+    parts = []
+    for heading, rows in sections:
+        for ref, link in DOC_LINKS.items():
+            heading = heading.replace(ref, link)
+        parts.append(f"### {heading}\n\n" + table(["key", "type", "default", "accepted", "meaning"], rows))
+    return "\n\n".join(parts)
+
+
+def render_validation_reasons(root: Path, args: Mapping[str, str]) -> str:
+    """``validation.REASONS`` with each reason's comment: the rejection reasons a round counts."""
+    validation = find_module("validation")
+    import inspect
+
+    source = inspect.getsource(validation)
+    comments = trailing_comments(source)
+    rows = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "REASONS" for t in node.targets):
+            for elt in node.value.elts:  # type: ignore[attr-defined]
+                rows.append([f"`{elt.value}`", f"`rejected-{elt.value}`", comments.get(elt.lineno, "")])
+    if [r[0] for r in rows] != [f"`{r}`" for r in validation.REASONS]:
+        raise RenderError("validation.REASONS is not a literal tuple of strings: cannot read its comments")
+    return table(["reason", "counter in metrics.jsonl", "rejected when"], rows)
+
+
+# --- benchmarks/results: scale.py's output --------------------------------------------------
+def _json(root: Path, path: str) -> Any:
+    file = root / path
+    if not file.exists():
+        raise RenderError(f"{path} does not exist")
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def _scale(root: Path, args: Mapping[str, str]) -> dict[str, Any]:
+    return _json(root, f"{args.get('dir', 'benchmarks/results').rstrip('/')}/scale.json")
+
+
+def _gib(row: Mapping[str, Any]) -> str:
+    return f"{row['peak-pss-gib']:.2f} ({row['peak-rss-gib']:.2f})"
+
+
+def render_scale_paths(root: Path, args: Mapping[str, str]) -> str:
+    """One row per path of ``scale.json``: speed, overhead, FLOP share, memory."""
+    data = _scale(root, args)
+    rows = []
+    for p in data["paths"]:
+        speedup = p.get("speedup-vs-stock-default")
+        rows.append([
+            p["path"], f"{p['actors']} x {p['threads-per-actor']}", f"{p['round-s']:.3f}", f"{p['client-updates-per-s']:.0f}",
+            "—" if speedup is None else f"{speedup:.1f}", f"{p['overhead-ms-per-client-round']:.2f}",
+            f"{p['flops-fraction-of-peak']:.2f}", _gib(p),
+        ])
+    return table(["path", "actors x threads", "round s", "client-updates/s", "x stock default",
+                  "overhead ms/client-round", "FLOP/s / peak", "peak PSS GiB (RSS)"], rows)
+
+
+def render_scale_scan(root: Path, args: Mapping[str, str]) -> str:
+    """Round time and memory as the number of virtual clients grows (``scan`` of ``scale.json``)."""
+    data = _scale(root, args)
+    rows = [[s["path"], s["virtual-clients"], s["clients-per-round"], f"{s['round-s']:.3f}",
+             f"{s['round-time-vs-smallest']:.2f}", _gib(s)] for s in data.get("scan", [])]
+    if not rows:
+        raise RenderError(f"{args.get('dir')}/scale.json has no scan")
+    return table(["path", "virtual clients", "per round", "round s", "vs smallest", "peak PSS GiB (RSS)"], rows)
+
+
+def render_scale_run(root: Path, args: Mapping[str, str]) -> str:
+    """One paragraph: the machine, the workload and the reference timings of a ``scale.json`` run."""
+    data = _scale(root, args)
+    m = data["meta"]
+    peak, loop = m["matmul-peak-gflops"], m["plain-loop-s"]
+    out = m["outside-flower-2-threads"]
+    return (
+        f"Workload: {m['input-dim']} → {m['width']} → 10, {m['clients-per-round']} clients per round, "
+        f"{m['examples-per-client']} examples and {m['local-steps']} full-batch step(s) per client, drift metrics "
+        f"{'on' if m['drift-metrics'] else 'off'}, {m['rounds']} rounds; "
+        f"{m['train-flops-per-client-round'] / 1e6:.1f} MFLOP of training per client-round. "
+        f"Machine: {m['machine']}, torch {m['torch']}; the whole benchmark took {m['seconds']:.0f} s. "
+        f"2048² float32 matmul: {peak['1']:.0f} GFLOP/s on 1 thread, {peak['2']:.0f} on 2. The same training in a "
+        f"plain PyTorch loop over the round's clients: {loop['1']:.3f} s on 1 thread, {loop['2']:.3f} s on 2. "
+        f"Outside Flower, on 2 threads: packed mode's cohort training alone takes {out['packed-compute-s'] * 1e3:.1f} ms "
+        f"per round ({out['packed-compute-fraction-of-peak']:.2f} of the matmul peak); one plain PyTorch step of one "
+        f"model on all the round's examples stacked takes {out['centralized-step-s'] * 1e3:.1f} ms "
+        f"({out['centralized-step-fraction-of-peak']:.2f} of the peak)."
+    )
+
+
+def render_scale_profile(root: Path, args: Mapping[str, str]) -> str:
+    """Where one standard-path client-round goes (``profile`` of ``scale.json``), in ms of actor time."""
+    prof = _scale(root, args)["profile"]
+    total = prof["actor-seconds-per-client-round"]
+    rows = [
+        ["our client code (records ↔ numpy, local training, reply)", prof["client-code-s"]],
+        ["  of which the local training itself", prof["plain-training-s"]],
+        ["serialization (message, context, reply: what Ray ships)", prof["serialization-s"]],
+        ["Flower's messaging and scheduling (the rest)", prof["flower-messaging-s"]],
+        ["actor time per client-round, in all", total],
+    ]
+    return table(["part", "ms per client-round", "share"],
+                 [[name, f"{s * 1e3:.2f}", f"{s / total:.1%}"] for name, s in rows])
+
+
+def _path(data: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
+    return next((p for p in data["paths"] if p["path"] == name), None)
+
+
+def render_scale_workloads(root: Path, args: Mapping[str, str]) -> str:
+    """One row per benchmark folder (``dirs=a,b,...``): client-updates/s per path and packed mode's FLOP shares."""
+    rows = []
+    for folder in args.get("dirs", "benchmarks/results").split(","):
+        data = _scale(root, {"dir": folder})
+        m = data["meta"]
+        steps = f"{m['local-steps']} local step" + ("s" if m["local-steps"] != 1 else "")
+        label = (f"{steps}, {m['input-dim']} inputs, drift {'on' if m['drift-metrics'] else 'off'} "
+                 f"(`{folder}`)")
+
+        def rate(name: str) -> str:
+            p = _path(data, name)
+            if p is None:
+                return "—"
+            s = p.get("speedup-vs-stock-default")
+            return f"{p['client-updates-per-s']:.0f}/s" + (f" ({s:.1f}×)" if s is not None and name.startswith("packed") else "")
+
+        packed = _path(data, "packed")
+        out = m["outside-flower-2-threads"]
+        shares = "—" if packed is None else (f"{packed['flops-fraction-of-peak']:.2f} / {out['packed-compute-fraction-of-peak']:.2f}"
+                                             f" / {out['centralized-step-fraction-of-peak']:.2f}")
+        rows.append([label, rate("stock-default"), rate("standard"), rate("packed"), rate("packed-2nodes"), shares])
+    return table(["workload (64 or 256 → 4096 → 10, 100 clients/round, 32 examples)", "stock-default", "standard",
+                  "packed (1 × 2)", "packed-2nodes", "packed FLOP share: round / training alone / plain step"], rows)
+
+
+#: The performance targets scale.json is judged against.
+TARGET_SPEEDUP, TARGET_FLOP_SHARE, TARGET_OVERHEAD_MS, TARGET_GROWTH, TARGET_MEMORY_GIB = 10.0, 0.5, 1.0, 1.2, 1.5
+
+
+def render_scale_targets(root: Path, args: Mapping[str, str]) -> str:
+    """The targets and whether ``scale.json`` meets them (every number and verdict computed here)."""
+    data = _scale(root, args)
+    out = data["meta"]["outside-flower-2-threads"]
+    stock, stock1, std = _path(data, "stock-default"), _path(data, "stock-1cpu"), _path(data, "standard")
+    packed, packed2 = _path(data, "packed"), _path(data, "packed-2nodes")
+    yes = {True: "yes", False: "**no**"}
+    rows = []
+    speed = packed["client-updates-per-s"] / stock["client-updates-per-s"]
+    speed2 = packed2["client-updates-per-s"] / stock["client-updates-per-s"] if packed2 else math.nan
+    rows.append([f"packed ≥ {TARGET_SPEEDUP:g}× stock Flower's client-updates/s",
+                 f"{packed['client-updates-per-s']:.0f} vs {stock['client-updates-per-s']:.0f}/s: {speed:.1f}× stock-default"
+                 + (f" (packed-2nodes {speed2:.1f}×)" if packed2 else "")
+                 + (f"; {packed['client-updates-per-s'] / stock1['client-updates-per-s']:.1f}× stock-1cpu" if stock1 else ""),
+                 yes[speed >= TARGET_SPEEDUP]])
+    share = packed["flops-fraction-of-peak"]
+    rows.append([f"packed ≥ {TARGET_FLOP_SHARE:.0%} of the matmul peak",
+                 f"{share:.2f} for the whole Flower round; {out['packed-compute-fraction-of-peak']:.2f} for the cohort "
+                 f"training alone; {out['centralized-step-fraction-of-peak']:.2f} for one plain PyTorch step of one model "
+                 "on all the data", yes[share >= TARGET_FLOP_SHARE]])
+    over = packed["overhead-ms-per-client-round"]
+    rows.append([f"packed framework overhead ≤ {TARGET_OVERHEAD_MS:g} ms per client-round",
+                 f"{over:.2f} ms" + (f" (packed-2nodes {packed2['overhead-ms-per-client-round']:.2f} ms)" if packed2 else ""),
+                 yes[over <= TARGET_OVERHEAD_MS]])
+    ok = std["client-updates-per-s"] >= stock["client-updates-per-s"]
+    rows.append(["standard path never slower than stock-default",
+                 f"{std['client-updates-per-s']:.0f} vs {stock['client-updates-per-s']:.0f} client-updates/s"
+                 + (f" (stock-1cpu: {stock1['client-updates-per-s']:.0f})" if stock1 else ""), yes[ok]])
+    scan = data.get("scan", [])
+    if scan:
+        largest = max(s["virtual-clients"] for s in scan)
+        smallest = min(s["virtual-clients"] for s in scan)
+        growth = {s["path"]: s["round-time-vs-smallest"] for s in scan if s["virtual-clients"] == largest}
+        rows.append([f"round time ×≤{TARGET_GROWTH:g} from {smallest:,} to {largest:,} virtual clients (same clients per round)",
+                     "; ".join(f"{p} {g:.2f}×" for p, g in growth.items()), yes[growth.get("packed", math.inf) <= TARGET_GROWTH]])
+        peak = next(s for s in scan if s["virtual-clients"] == largest and s["path"] == "packed")
+        rows.append([f"peak memory of the whole process tree at {largest:,} virtual clients ≤ {TARGET_MEMORY_GIB:g} GiB",
+                     f"packed {peak['peak-pss-gib']:.2f} GiB PSS ({peak['peak-rss-gib']:.2f} GiB RSS)",
+                     yes[peak["peak-pss-gib"] <= TARGET_MEMORY_GIB]])
+    return table(["target", "measured", "met?"], rows)
+
+
+# --- benchmarks/results: memory.py and drift_overhead.py -----------------------------------
+def _missing(path: str, command: str) -> str:
+    return f"*Not measured yet: `{path}` does not exist. `{command}` writes it; then run `python scripts/render_docs.py`.*"
+
+
+def render_memory_table(root: Path, args: Mapping[str, str]) -> str:
+    """Peak memory and round time by number of clients (``benchmarks/results/memory/memory.json``)."""
+    path = args.get("file", "benchmarks/results/memory/memory.json")
+    if not (root / path).exists():
+        return _missing(path, "python benchmarks/memory.py")
+    data = _json(root, path)
+    meta, rows = data.get("meta", {}), data.get("rows", [])
+    caption = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("memory-gib",))
+    body = []
+    for r in rows:
+        secs = r.get("round-seconds") or []
+        body.append([r["path"], r["clients"], f"{r['peak-pss-gib']:.2f}", f"{r['peak-rss-gib']:.2f}",
+                     f"{secs[-1]:.1f}" if secs else "—", r.get("rounds", 0), r.get("status", "")])
+    return (f"{caption}\n\n" if caption else "") + table(
+        ["path", "clients", "peak PSS GiB", "peak RSS GiB", "s per round (last round)", "rounds done", "status"], body)
+
+
+def render_drift_overhead(root: Path, args: Mapping[str, str]) -> str:
+    """Round time with the drift exchange off and on (``benchmarks/drift_overhead.py --out FILE``)."""
+    path = args.get("file", "benchmarks/results/drift_overhead.json")
+    if not (root / path).exists():
+        return _missing(path, f"python benchmarks/drift_overhead.py --out {path}")
+    rows = _json(root, path)
+    return table(["case", "drift off s/round", "drift on s/round", "on/off"],
+                 [[r["case"], f"{r['round-s-drift-off']:.3f}", f"{r['round-s-drift-on']:.3f}", f"{r['ratio']:.2f}"] for r in rows])
+
+
+# --- results/strategies: the strategy comparison -----------------------------------------
+def _csv(root: Path, path: str) -> list[dict[str, Any]]:
+    file = root / path
+    if not file.exists():
+        raise RenderError(f"{path} does not exist")
+    with open(file, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        for key, value in row.items():
+            try:
+                row[key] = float(value)
+            except (TypeError, ValueError):
+                pass
+    return rows
+
+
+def _pm(row: Mapping[str, Any], col: str, fmt: str) -> str:
+    mean, std = row[f"{col}-mean"], row[f"{col}-std"]
+    if not isinstance(mean, float) or not math.isfinite(mean):
+        return "–"
+    return f"{format(mean, fmt)} ± {format(std, fmt)}"
+
+
+def _comparison(root: Path, args: Mapping[str, str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    folder = args.get("dir", "results/strategies")
+    rows = _csv(root, f"{folder}/comparison.csv")
+    spec_file = root / args.get("spec", "compare/strategies.toml")
+    with open(spec_file, "rb") as fh:
+        spec = tomllib.load(fh)
+    return rows, spec
+
+
+def render_strategies_comparison(root: Path, args: Mapping[str, str]) -> str:
+    """``comparison.csv`` as one table per partition, each with the configuration it came from."""
+    rows, spec = _comparison(root, args)
+    base = ", ".join(f"{k}={v}" for k, v in spec.get("base", {}).items())
+    seeds, target = spec["compare"].get("seeds"), spec["compare"].get("target-loss")
+    parts = []
+    for name in dict.fromkeys(r["partition"] for r in rows):
+        keys = ", ".join(f"{k}={v}" for k, v in spec.get("partitions", {}).get(name, {}).items())
+        body = [[r["partition"], r["strategy"], _pm(r, "final-global-loss", ".4f"), _pm(r, "best-test-accuracy", ".3f"),
+                 f"{_pm(r, 'rounds-to-target', '.1f')} ({int(r['seeds-reaching-target'])}/{int(r['seeds'])})",
+                 _pm(r, "mean-relative-gradient-drift", ".3f"), _pm(r, "mean-model-divergence", ".3g")]
+                for r in rows if r["partition"] == name]
+        parts.append(f"**{name}** ({base}, {keys}; seeds {seeds}; target loss {target})\n\n" + table(
+            ["partition", "strategy", "final global loss", "best test acc.", "rounds to target (seeds)",
+             "mean rel. drift", "mean divergence"], body))
+    return "\n\n".join(parts)
+
+
+def render_strategies_summary(root: Path, args: Mapping[str, str]) -> str:
+    """One row per strategy, the partitions side by side: final loss, rounds to target, mean relative drift."""
+    rows, spec = _comparison(root, args)
+    names = list(dict.fromkeys(r["partition"] for r in rows))
+    by = {(r["partition"], r["strategy"]): r for r in rows}
+    header = ["strategy"] + [f"final loss, {p}" for p in names] + [f"rounds to loss {spec['compare'].get('target-loss')}, {p}" for p in names] \
+        + [f"mean rel. drift, {p}" for p in names]
+    body = []
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        line = [f"`{strategy}`"]
+        line += [f"{by[(p, strategy)]['final-global-loss-mean']:.3f}" for p in names]
+        for p in names:
+            r = by[(p, strategy)]
+            reached, seeds = int(r["seeds-reaching-target"]), int(r["seeds"])
+            mean = r["rounds-to-target-mean"]
+            line.append("never" if reached == 0 else f"{mean:.1f}" + ("" if reached == seeds else f" ({reached}/{seeds} seeds)"))
+        line += [f"{by[(p, strategy)]['mean-relative-gradient-drift-mean']:.2f}" for p in names]
+        body.append(line)
+    return table(header, body)
+
+
+# --- results/theory-full: the predictions ---------------------------------------------------
+_CHECKS: dict[Path, list] = {}
+
+
+def _checks(root: Path, folder: str) -> list:
+    key = (root / folder).resolve()
+    if key not in _CHECKS:
+        import pandas as pd
+
+        predictions = find_module("predictions")
+        metrics = pd.read_csv(root / folder / "metrics.csv")
+        cells = pd.read_csv(root / folder / "cells.csv")
+        _CHECKS[key] = predictions.check_all(metrics, cells)
+    return _CHECKS[key]
+
+
+def render_predictions(root: Path, args: Mapping[str, str]) -> str:
+    """The six checks of ``fedavg_relu.predictions`` on a sweep's tables; ``rule=yes`` adds the agreement rule."""
+    checks = _checks(root, args.get("dir", "results/theory-full"))
+    with_rule = args.get("rule", "no") == "yes"
+    header = ["#", "prediction", "measured"] + (["rule (fixed in code)"] if with_rule else []) + ["verdict"]
+    body = [[c.number, c.prediction, c.summary] + ([c.rule] if with_rule else []) + [c.verdict] for c in checks]
+    return table(header, body)
+
+
+def render_runs_summary(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: ``N runs, M min of run time`` from a sweep's ``cells.csv`` (sum of each run's ``elapsed``)."""
+    rows = _csv(root, f"{args['dir']}/cells.csv")
+    total = sum(r["elapsed"] for r in rows if isinstance(r.get("elapsed"), float))
+    return f"{len(rows)} runs, {total / 60:.1f} min of recorded run time"
+
+
+# --- one number -------------------------------------------------------------------------------
+_SEGMENT = re.compile(r"\[(?P<sel>[^\]]*)\]|(?P<key>[^.\[]+)")
+
+
+def lookup(data: Any, at: str) -> Any:
+    """The value at ``at`` in ``data``: ``a.b`` walks keys, ``[k=v,k2=v2]`` picks the list item with those fields."""
+    value = data
+    for match in _SEGMENT.finditer(at):
+        if match.group("sel") is not None:
+            wanted = dict(part.split("=", 1) for part in match.group("sel").split(","))
+            hits = [item for item in value if all(_same(item.get(k), v) for k, v in wanted.items())]
+            if len(hits) != 1:
+                raise RenderError(f"[{match.group('sel')}] matches {len(hits)} items, expected 1")
+            value = hits[0]
+        else:
+            key = match.group("key")
+            if isinstance(value, list):
+                value = value[int(key)]
+            elif key in value:
+                value = value[key]
+            else:
+                raise RenderError(f"no key {key!r} (have {sorted(value)[:12]})")
+    return value
+
+
+def _same(value: Any, text: str) -> bool:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(text) == float(value)
+        except ValueError:
+            return False
+    return str(value) == text
+
+
+def render_num(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: one value of a JSON or CSV file (``file=``, ``at=``, ``fmt=``; ``div=`` divides by a second value)."""
+    file = args["file"]
+    data = _csv(root, file) if file.endswith(".csv") else _json(root, file)
+    value = lookup(data, args["at"])
+    if "div" in args:
+        value = value / lookup(data, args["div"])
+    if "scale" in args:
+        value = value * float(args["scale"])
+    return format(value, args.get("fmt", ""))
+
+
+def render_prediction_value(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: one measured number of a prediction check (``n=``, ``key=``, ``fmt=``)."""
+    checks = _checks(root, args.get("dir", "results/theory-full"))
+    check = next(c for c in checks if c.number == int(args["n"]))
+    return format(float(check.measured[args["key"]]), args.get("fmt", ""))
+
+
+@dataclass(frozen=True)
+class Renderer:
+    """A marker name's function and what it reads."""
+
+    function: Callable[[Path, Mapping[str, str]], str]
+    reads: str
+
+
+RENDERERS: dict[str, Renderer] = {
+    "config-reference": Renderer(render_config_reference, "fedavg_relu/config.py (RunConfig), pyproject.toml"),
+    "validation-reasons": Renderer(render_validation_reasons, "fedavg_relu/validation.py (REASONS)"),
+    "scale-paths": Renderer(render_scale_paths, "DIR/scale.json (dir=, default benchmarks/results)"),
+    "scale-scan": Renderer(render_scale_scan, "DIR/scale.json"),
+    "scale-run": Renderer(render_scale_run, "DIR/scale.json"),
+    "scale-profile": Renderer(render_scale_profile, "DIR/scale.json"),
+    "scale-workloads": Renderer(render_scale_workloads, "DIR/scale.json for each of dirs=a,b,..."),
+    "scale-targets": Renderer(render_scale_targets, "DIR/scale.json"),
+    "memory-table": Renderer(render_memory_table, "benchmarks/results/memory/memory.json (file=)"),
+    "drift-overhead": Renderer(render_drift_overhead, "benchmarks/results/drift_overhead.json (file=)"),
+    "strategies-comparison": Renderer(render_strategies_comparison, "results/strategies/comparison.csv, compare/strategies.toml"),
+    "strategies-summary": Renderer(render_strategies_summary, "results/strategies/comparison.csv"),
+    "predictions": Renderer(render_predictions, "results/theory-full/{metrics,cells}.csv via fedavg_relu.predictions (rule=yes)"),
+    "runs-summary": Renderer(render_runs_summary, "DIR/cells.csv (dir=)"),
+    "num": Renderer(render_num, "one value: file= at= [fmt= div= scale=]"),
+    "prediction-value": Renderer(render_prediction_value, "one measured number of a prediction: n= key= [fmt=]"),
+}
+
+
+# --- the marker machinery --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Block:
+    """One rendered block of a page."""
+
+    page: str
+    line: int
+    name: str
+    args: dict[str, str]
+    old: str
+    new: str
+
+    @property
+    def stale(self) -> bool:
+        """True when the page holds something else than what the script renders."""
+        return self.old != self.new
+
+
+def parse_args(text: str) -> dict[str, str]:
+    """``key=value`` words of a marker."""
+    out = {}
+    for word in shlex.split(text):
+        if "=" not in word:
+            raise RenderError(f"argument {word!r}: expected key=value")
+        key, value = word.split("=", 1)
+        out[key] = value
+    return out
+
+
+def check_balanced(text: str, page: str) -> None:
+    """Raise :class:`RenderError` when an opening marker has no closing one or blocks nest."""
+    opened = [(m.start(), m.group(1)) for m in OPENING.finditer(text)]
+    closed = [(m.start(), m.group(1)) for m in CLOSING.finditer(text)]
+    events = sorted([(at, "open", name) for at, name in opened] + [(at, "close", name) for at, name in closed])
+    current = None
+    for at, kind, name in events:
+        line = text.count("\n", 0, at) + 1
+        if kind == "open":
+            if current is not None:
+                raise RenderError(f"{page}:{line}: render:{name} opens inside render:{current}")
+            current = name
+        else:
+            if current != name:
+                raise RenderError(f"{page}:{line}: /render:{name} closes nothing")
+            current = None
+    if current is not None:
+        raise RenderError(f"{page}: render:{current} is never closed")
+
+
+def render_text(text: str, root: Path = ROOT, page: str = "<text>") -> tuple[str, list[Block]]:
+    """``text`` with every marker block rendered, and the blocks (stale or not)."""
+    check_balanced(text, page)
+    blocks: list[Block] = []
+
+    def replace(match: re.Match) -> str:
+        name, body = match.group("name"), match.group("body")
+        line = text.count("\n", 0, match.start()) + 1
+        if name not in RENDERERS:
+            raise RenderError(f"{page}:{line}: unknown marker render:{name} (known: {', '.join(RENDERERS)})")
+        args = parse_args(match.group("args"))
+        try:
+            rendered = RENDERERS[name].function(root, args)
+        except RenderError as err:
+            raise RenderError(f"{page}:{line}: render:{name}: {err}") from err
+        except (KeyError, ValueError, TypeError, StopIteration) as err:
+            raise RenderError(f"{page}:{line}: render:{name}: {type(err).__name__}: {err}") from err
+        new = f"\n{rendered.strip(chr(10))}\n" if body.startswith("\n") else rendered.strip()
+        blocks.append(Block(page, line, name, args, body, new))
+        return match.group(0)[: match.start("body") - match.start()] + new + match.group(0)[match.end("body") - match.start():]
+
+    return MARKER.sub(replace, text), blocks
+
+
+def render_pages(paths: Iterable[Path], root: Path = ROOT, write: bool = False) -> list[Block]:
+    """Render every page; rewrite the stale ones when ``write``; return every block."""
+    blocks: list[Block] = []
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+        new, found = render_text(text, root, name)
+        blocks.extend(found)
+        if write and new != text:
+            path.write_text(new, encoding="utf-8")
+    return blocks
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 listing the stale blocks")
+    parser.add_argument("--list", action="store_true", help="list the marker names and what each reads")
+    parser.add_argument("--root", default=str(ROOT), help="the repository root (results are read from here)")
+    parser.add_argument("pages", nargs="*", help="pages to render (default: README.md and docs/*.md)")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, renderer in RENDERERS.items():
+            print(f"{name:24s} {renderer.reads}")
+        return 0
+    root = Path(args.root).resolve()
+    paths = [Path(p).resolve() for p in args.pages] or pages(root)
+    try:
+        blocks = render_pages(paths, root, write=not args.check)
+    except RenderError as err:
+        print(f"render_docs: {err}", file=sys.stderr)
+        return 2
+    stale = [b for b in blocks if b.stale]
+    if args.check:
+        for b in stale:
+            print(f"{b.page}:{b.line}: render:{b.name} is stale")
+        if stale:
+            print(f"render_docs: {len(stale)} of {len(blocks)} block(s) stale; run python scripts/render_docs.py")
+            return 1
+        print(f"render_docs: {len(blocks)} block(s) up to date")
+        return 0
+    print(f"render_docs: {len(blocks)} block(s), {len(stale)} rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
