@@ -19,18 +19,12 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+
+from .seam import ensure_task_identity
 
 CLIENT_APP_EXCEPTION = 300  # the error code Flower uses for a ClientApp exception
 
-
-def ensure_task_identity(run_id: int = 1) -> None:
-    """Give this process a task identity, which Flower needs to build messages outside an app."""
-    for field, value in (("run_id", run_id), ("task_id", 1), ("node_id", 0)):
-        try:
-            getattr(TaskIdentity, field)
-        except RuntimeError:
-            setattr(TaskIdentity, field, value)
+__all__ = ["CLIENT_APP_EXCEPTION", "LocalGrid", "ensure_task_identity"]
 
 
 class LocalGrid(Grid):

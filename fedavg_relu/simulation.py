@@ -10,108 +10,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import seam
 from .config import RunConfig
 
-#: Longest wait between two looks for new instructions (Flower's own loop: every 0.1 s, always).
-EXTRACT_INTERVAL_S = 0.1
-
-
-def _add_messages_to_queue(state, queue, nodes_mapping, f_stop, interval: float = EXTRACT_INTERVAL_S) -> None:
-    """Drop-in for ``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``.
-
-    Flower's simulation runtime moves instructions from its LinkState to the
-    workers' queue in a thread that asks every node in turn for its next message
-    (``get_message_ins(node_id, limit=1)``, each call scanning every stored
-    message) and then sleeps 0.1 s: a message waits 50 ms on average before any
-    node sees it, and each sweep costs (nodes x messages) checks, which grows with
-    10,000 virtual nodes. This one
-
-    * wakes up when the ServerApp stores an instruction (the LinkState's
-      ``store_message_ins`` is wrapped to set an event, on this state object only and
-      only while the loop runs), and at the latest every ``interval`` seconds;
-    * looks at the stored messages once per sweep and asks only the nodes that have
-      an undelivered one, through the same ``get_message_ins``, which marks them
-      delivered exactly as before.
-
-    Nothing polls while the workers train (a 2 ms polling loop measurably slowed the
-    training on 2 cores). With a LinkState that lacks these attributes it falls back
-    to Flower's loop (every node, every ``interval``).
-    """
-    nodes = set(nodes_mapping.keys())
-    store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
-    original = getattr(state, "store_message_ins", None)
-    wake = threading.Event()
-    event_driven = store is not None and lock is not None and original is not None
-    if event_driven:
-
-        def store_and_wake(*args, **kwargs):
-            try:
-                return original(*args, **kwargs)
-            finally:
-                wake.set()
-
-        state.store_message_ins = store_and_wake
-    try:
-        while not f_stop.is_set():
-            wake.clear()
-            if event_driven:
-                with lock:
-                    pending = {m.metadata.dst_node_id for m in list(store.values()) if m.metadata.delivered_at == ""}
-                pending &= nodes
-            else:
-                pending = nodes
-            for node_id in sorted(pending):
-                for msg in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(msg)
-            if event_driven:
-                wake.wait(interval)
-            else:
-                f_stop.wait(interval)
-    finally:
-        if event_driven:
-            del state.store_message_ins  # the instance attribute: the class's method shows again
-
-
-class _FastExtractor:
-    """Context manager: Flower's simulation runtime uses :func:`_add_messages_to_queue` inside it."""
-
-    def __enter__(self):
-        from flwr.server.superlink.fleet.vce import vce_api
-
-        self._module, self._original = vce_api, getattr(vce_api, "add_messages_to_queue", None)
-        if self._original is not None:
-            vce_api.add_messages_to_queue = _add_messages_to_queue
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._original is not None:
-            self._module.add_messages_to_queue = self._original
-
-
-def install_fast_extractor() -> bool:
-    """Use :func:`_add_messages_to_queue` for the rest of this process, if this is Flower's simulation process.
-
-    ``flwr run`` on a simulation SuperLink runs the ServerApp and the simulation
-    runtime together in a ``flwr-simulation`` process; the ServerApp's entry point
-    calls this first thing, seconds before the runtime (which starts the Ray actors
-    first) creates its extractor thread. Anywhere else it does nothing and returns
-    False. Idempotent.
-    """
-    if Path(sys.argv[0]).name != "flwr-simulation":
-        return False
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    if getattr(vce_api, "add_messages_to_queue", None) is not None:
-        vce_api.add_messages_to_queue = _add_messages_to_queue
-        return True
-    return False
+# The extractor that simulate() and `flwr run` put into Flower's runtime lives in the seam
+# (the names below are kept for fedavg_relu.server_app and tests/test_simulation.py).
+_add_messages_to_queue = seam.add_messages_to_queue
+_FastExtractor = seam.FastExtractor
+install_fast_extractor = seam.install_fast_extractor
+EXTRACT_INTERVAL_S = seam.EXTRACT_INTERVAL_S
 
 
 def default_cpus_per_client(num_nodes: int, joining: bool = False) -> int:
@@ -149,7 +61,7 @@ def simulate(
 
     Flower's runtime is used as shipped except for one function: the thread that
     hands instructions to the workers wakes when an instruction is stored instead
-    of polling every node every 0.1 s (:func:`_add_messages_to_queue`).
+    of polling every node every 0.1 s (:func:`fedavg_relu.seam.add_messages_to_queue`).
     """
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -182,10 +94,9 @@ def simulate(
 
     @server.main()
     def _main(grid, context) -> None:
-        # Flower's InMemoryGrid polls for replies every 0.1 s (its `pull_interval` parameter): at
-        # packed-mode round times (~0.1-0.3 s) that wait is a large share; poll every 5 ms instead.
-        if hasattr(grid, "pull_interval"):
-            grid.pull_interval = min(grid.pull_interval, 0.005)
+        # Flower's InMemoryGrid polls for replies every 0.1 s: at packed-mode round times
+        # (~0.1-0.3 s) that wait is a large share; poll every 5 ms instead.
+        seam.lower_pull_interval(grid)
         out["run_dir"] = run_experiment(grid, cfg)
 
     # Ray's socket paths must stay under ~107 characters: default to a short private dir
@@ -196,7 +107,7 @@ def simulate(
         init_args["_temp_dir"] = str(temp_dir)
     init_args.update(ray_init_args or {})
     try:
-        with _FastExtractor():
+        with seam.FastExtractor():
             run_simulation(
                 server_app=server,
                 client_app=build_client_app(mods=[inject_config, *(client_mods or [])]),

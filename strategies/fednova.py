@@ -34,8 +34,12 @@ class FedNova(FedAvg):
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Normalised averaging of the valid replies."""
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        """Normalised averaging of the replies without an error.
+
+        Contents are not checked here: :class:`DriftFedNova` gets only replies that
+        :meth:`DriftMeasurement.aggregate_train` screened (layout, keys, shapes, counts).
+        """
+        valid = [msg for msg in replies if not msg.has_error()]
         if not valid or self.current_params is None:
             return None, None
         locals_, sizes, steps = [], [], []

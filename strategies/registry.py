@@ -12,6 +12,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
 from fedavg_relu.config import RunConfig
+from fedavg_relu.seam import strategy_state_attrs
 from fedavg_relu.task import initial_params
 from fedavg_relu.validation import OutlierRules, UpdateRules
 
@@ -21,17 +22,20 @@ from .fednova import DriftFedNova
 from .scaffold import DELTA_PREFIX, DriftScaffold
 
 
-def _with_drift(base: type, state: tuple[str, ...] = ()) -> type:
-    return type(f"Drift{base.__name__}", (DriftMeasurement, base), {"checkpoint_attrs": state, "__doc__": f"{base.__name__} with the drift measurements."})
+def _with_drift(base: type) -> type:
+    """``Drift<Base>``; its checkpoints save the Flower state attributes the seam names for ``base``."""
+    return type(f"Drift{base.__name__}", (DriftMeasurement, base), {
+        "checkpoint_attrs": strategy_state_attrs(base), "__doc__": f"{base.__name__} with the drift measurements.",
+    })
 
 
 STRATEGY_CLASSES: dict[str, type] = {
     "fedavg": DriftFedAvg,
     "fedprox": _with_drift(FedProx),
-    "fedavgm": _with_drift(FedAvgM, ("momentum_vector",)),
-    "fedadam": _with_drift(FedAdam, ("m_t", "v_t")),
-    "fedyogi": _with_drift(FedYogi, ("m_t", "v_t")),
-    "fedadagrad": _with_drift(FedAdagrad, ("m_t", "v_t")),
+    "fedavgm": _with_drift(FedAvgM),
+    "fedadam": _with_drift(FedAdam),
+    "fedyogi": _with_drift(FedYogi),
+    "fedadagrad": _with_drift(FedAdagrad),
     "fedmedian": _with_drift(FedMedian),
     "fedtrimmedavg": _with_drift(FedTrimmedAvg),
     "krum": _with_drift(Krum),

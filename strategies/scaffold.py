@@ -48,8 +48,12 @@ class Scaffold(FedAvg):
         return super().configure_train(server_round, params_to_arrays(combined), config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """``x <- x + eta_g sum p_k (y_k - x)``, ``c <- c + |S|/N sum p_k dc_k``."""
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        """``x <- x + eta_g sum p_k (y_k - x)``, ``c <- c + |S|/N sum p_k dc_k``, over the replies without an error.
+
+        Contents are not checked here: :class:`DriftScaffold` gets only replies that
+        :meth:`DriftMeasurement.aggregate_train` screened (layout, keys, shapes, counts).
+        """
+        valid = [msg for msg in replies if not msg.has_error()]
         if not valid or self.current_params is None or self.control is None:
             return None, None
         locals_, deltas, sizes = [], [], []
