@@ -117,9 +117,11 @@ def check_update(
 
 
 def update_norm(params: Mapping[str, np.ndarray], global_params: Mapping[str, np.ndarray]) -> float:
-    """``||W_k - W^r||`` over every array, in float64."""
+    """``||W_k - W^r||`` over the model's arrays (those in ``global_params``), in float64."""
     total = 0.0
     for k, value in params.items():
+        if k not in global_params:  # e.g. SCAFFOLD's control-variate deltas travel beside the model
+            continue
         diff = np.asarray(value, np.float64) - np.asarray(global_params[k], np.float64)
         total += float(np.dot(diff.ravel(), diff.ravel()))
     return math.sqrt(total)
