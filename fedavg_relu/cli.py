@@ -160,7 +160,8 @@ def _fresh_summary(run_dir: Path, since: float) -> dict[str, Any] | None:
 
 
 def report_interrupted(
-    signum: int, run_dir: Path, cfg: RunConfig, user_overrides: Mapping[str, Any], since: float
+    signum: int, run_dir: Path, cfg: RunConfig, user_overrides: Mapping[str, Any], since: float,
+    stop_seconds: float | None = None,
 ) -> list[str]:
     """After an interrupt: make sure ``summary.json`` says how the run ended; the lines to print (resume hint last)."""
     import signal
@@ -174,7 +175,8 @@ def report_interrupted(
     if summary is None and run_dir.exists():
         write_summary(run_dir, "interrupted", f"{name} {where}", num_server_rounds=cfg.num_server_rounds,
                       written_by="fedavg-relu run")
-    lines = [f"fedavg-relu: interrupted by {name} {where}; every process of the run is stopped"]
+    took = "" if stop_seconds is None else f" ({stop_seconds:.1f}s)"
+    lines = [f"fedavg-relu: interrupted by {name} {where}; every process of the run is stopped{took}"]
     if run_dir.exists():
         lines.append(f"fedavg-relu: outputs so far in {run_dir}")
     every = cfg.checkpoint_every
@@ -215,6 +217,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     t0, started_at = time.perf_counter(), time.time()
     interrupted: RunInterrupted | None = None
+    t_interrupt = 0.0
     with raise_on_signals():  # the first SIGINT/SIGTERM raises RunInterrupted, later ones are ignored
         flower: IsolatedFlower | None = None
         try:
@@ -225,7 +228,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 hide=None if args.verbose else is_noise_line,
             )
         except RunInterrupted as stop:
-            interrupted = stop
+            interrupted, t_interrupt = stop, time.perf_counter()
             print(f"\nfedavg-relu: {stop}; stopping every process of the run ...", flush=True)
         except BaseException:
             if flower is not None:
@@ -236,10 +239,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 flower.stop(grace=3.0 if interrupted else 10.0)
                 flower = None
             except RunInterrupted as stop:
-                interrupted = stop
+                interrupted, t_interrupt = stop, time.perf_counter()
                 print(f"\nfedavg-relu: {stop}; stopping every process of the run ...", flush=True)
         if interrupted is not None:
-            for line in report_interrupted(interrupted.signum, run_dir, cfg, user_overrides, started_at):
+            stopped = time.perf_counter() - t_interrupt
+            for line in report_interrupted(interrupted.signum, run_dir, cfg, user_overrides, started_at, stopped):
                 print(line, flush=True)
             return interrupted.exit_code
     seconds = time.perf_counter() - t0

@@ -139,6 +139,7 @@ _NOISE = tuple(
         r"^flwr federation simulation-config ",
         r"^fraction_evaluate is set to 0\.0\. Federated evaluation will be skipped\.$",
         r"^Manually terminating ClientAppActor$",
+        r"^\[mutex\.cc : \d+\] RAW: ",  # abseil's mutex tracing from a Ray worker
         r"^fedavg-relu: simulation runtime picks up messages",
         r"^fedavg-relu: (run completed|run FAILED|run INTERRUPTED|outputs in |failed: |interrupted: )",
     )

@@ -124,6 +124,7 @@ def test_noise_lines_of_the_echo():
     assert is_noise_line("(ClientAppActor pid=7822) WARNING :   Manually terminating ClientAppActor")
     assert is_noise_line("\x1b[36m(ClientAppActor pid=13994)\x1b[0m \x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor")
     assert is_noise_line("\x1b[92mINFO \x1b[0m:      \n")
+    assert is_noise_line("(pid=18621) [mutex.cc : 452] RAW: Lock blocking 0x559217bdbf10   @ 0x7f1aceb98752")
     assert not is_noise_line("\x1b[92mINFO \x1b[0m:      round   1/10  train-loss 0.6643  test-acc 0.142  80.9s")
     assert not is_noise_line("WARNING :   round 2: no update was aggregated; the global model is unchanged")
     assert strip_level("\x1b[93mWARNING \x1b[0m:   something odd ") == "something odd"
