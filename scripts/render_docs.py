@@ -250,6 +250,74 @@ def render_validation_reasons(root: Path, args: Mapping[str, str]) -> str:
     return table(["reason", "counter in metrics.jsonl", "rejected when"], rows)
 
 
+def render_resumable_keys(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: the run-config keys a resumed run may change (``checkpoint.RESUMABLE_CHANGES``)."""
+    checkpoint = find_module("checkpoint")
+    return ", ".join(f"`{key}`" for key in sorted(checkpoint.RESUMABLE_CHANGES))
+
+
+#: The paper behind each strategy (prose: not derived from the code).
+STRATEGY_PAPERS = {
+    "FedAvg": "McMahan et al., AISTATS 2017",
+    "FedProx": "Li et al., MLSys 2020",
+    "FedAvgM": "Hsu et al., 2019 (arXiv:1909.06335)",
+    "FedAdam": "Reddi et al., ICLR 2021",
+    "FedYogi": "Reddi et al., ICLR 2021",
+    "FedAdagrad": "Reddi et al., ICLR 2021",
+    "FedMedian": "Yin et al., ICML 2018",
+    "FedTrimmedAvg": "Yin et al., ICML 2018",
+    "Krum": "Blanchard et al., NeurIPS 2017",
+    "Scaffold": "Karimireddy et al., ICML 2020",
+    "FedNova": "Wang et al., NeurIPS 2020",
+}
+
+
+def _keys_by_strategy(source: str) -> dict[str, list[str]]:
+    """Strategy name -> the ``cfg.<field>`` keys its branch of ``strategy_kwargs`` reads."""
+    tree = ast.parse(source)
+    func = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "strategy_kwargs")
+    found: dict[str, list[str]] = {}
+
+    def names(test: ast.expr) -> list[str]:
+        if isinstance(test, ast.Compare) and isinstance(test.comparators[0], ast.Constant):
+            return [test.comparators[0].value]
+        if isinstance(test, ast.Compare) and isinstance(test.comparators[0], ast.Tuple):
+            return [e.value for e in test.comparators[0].elts]  # type: ignore[attr-defined]
+        return []
+
+    def visit(node: ast.If) -> None:
+        keys = sorted({n.attr.replace("_", "-") for stmt in node.body for n in ast.walk(stmt)
+                       if isinstance(n, ast.Attribute) and getattr(n.value, "id", "") == "cfg"})
+        for name in names(node.test):
+            found[name] = keys
+        for nxt in node.orelse:
+            if isinstance(nxt, ast.If):
+                visit(nxt)
+
+    for stmt in func.body:
+        if isinstance(stmt, ast.If):
+            visit(stmt)
+    return found
+
+
+def render_strategy_registry(root: Path, args: Mapping[str, str]) -> str:
+    """``strategy = NAME``: the class behind it, the run-config keys it reads, the state a checkpoint keeps."""
+    import inspect
+
+    registry = importlib.import_module("strategies.registry")
+    drift = importlib.import_module("strategies.drift")
+    keys = _keys_by_strategy(inspect.getsource(registry))
+    rows = []
+    for name, cls in registry.STRATEGY_CLASSES.items():
+        mro = cls.__mro__
+        base = mro[mro.index(drift.DriftMeasurement) + 1]
+        origin = "Flower" if base.__module__.startswith("flwr.") else f"`{base.__module__.replace('.', '/')}.py`"
+        state = ", ".join(f"`{a}`" for a in cls.checkpoint_attrs) or "—"
+        read = ", ".join(f"`{k}`" for k in keys.get(name, [])) or "—"
+        rows.append([f"`{name}`", f"`{base.__name__}` ({origin})", read, state, STRATEGY_PAPERS.get(base.__name__, "")])
+    return table(["strategy", "update rule", "run-config keys it reads", "state kept for resume", "paper"], rows)
+
+
 # --- benchmarks/results: scale.py's output --------------------------------------------------
 def _json(root: Path, path: str) -> Any:
     file = root / path
@@ -522,9 +590,37 @@ def _checks(root: Path, folder: str) -> list:
     return _CHECKS[key]
 
 
+def _tau_drift(m: Mapping[str, float]) -> str:
+    rates = sorted((float(k.split("lr=")[1]), v) for k, v in m.items() if k.startswith("slope-drift/lr="))
+    return "round-1 drift slope vs τ: " + ", ".join(f"{v:+.2f} at η̃ = {lr:g}" for lr, v in rates)
+
+
+#: Short labels and key numbers of each prediction, for the README (``short=yes``).
+PREDICTION_SHORT: dict[int, tuple[str, Callable[[Mapping[str, float]], str]]] = {
+    1: ("wide nets: the loss decays linearly",
+        lambda m: f"ρ = {m['rho-widest']:.3f} per round, r² = {m['r2-widest']:.3f} at m = {m['width-widest']:.0f}"),
+    2: ("‖W^R − W^0‖ falls like m^-1/2", lambda m: f"slope {m['slope']:+.3f}"),
+    3: ("activation flips fall with width",
+        lambda m: f"slopes {m['slope-init']:+.3f} (vs W^0), {m['slope-local']:+.3f} (W_k vs W^(r+1))"),
+    4: ("relative drift flat in m, smoothness ∝ m, η × smoothness bounded",
+        lambda m: f"slopes {m['slope-relative-drift']:+.3f}, {m['slope-smoothness']:+.3f}, {m['slope-smoothness-lr']:+.3f}"),
+    5: ("more local steps: lower loss per round, drift grows", _tau_drift),
+    6: ("non-IID: ‖W_fed − W_central‖ shrinks with m", lambda m: f"slope {m['slope-distance']:+.3f}"),
+}
+
+
 def render_predictions(root: Path, args: Mapping[str, str]) -> str:
-    """The six checks of ``fedavg_relu.predictions`` on a sweep's tables; ``rule=yes`` adds the agreement rule."""
+    """The six checks of ``fedavg_relu.predictions`` on a sweep's tables.
+
+    ``rule=yes`` adds the agreement rule; ``short=yes`` gives a short label and the key numbers only.
+    """
     checks = _checks(root, args.get("dir", "results/theory-full"))
+    if args.get("short", "no") == "yes":
+        body = []
+        for c in checks:
+            label, numbers = PREDICTION_SHORT.get(c.number, (c.prediction, lambda m: c.summary))
+            body.append([c.number, label, numbers(c.measured) if c.measured else "—", c.verdict])
+        return table(["#", "prediction", "measured", "verdict"], body)
     with_rule = args.get("rule", "no") == "yes"
     header = ["#", "prediction", "measured"] + (["rule (fixed in code)"] if with_rule else []) + ["verdict"]
     body = [[c.number, c.prediction, c.summary] + ([c.rule] if with_rule else []) + [c.verdict] for c in checks]
@@ -602,6 +698,8 @@ class Renderer:
 RENDERERS: dict[str, Renderer] = {
     "config-reference": Renderer(render_config_reference, "fedavg_relu/config.py (RunConfig), pyproject.toml"),
     "validation-reasons": Renderer(render_validation_reasons, "fedavg_relu/validation.py (REASONS)"),
+    "resumable-keys": Renderer(render_resumable_keys, "fedavg_relu/checkpoint.py (RESUMABLE_CHANGES)"),
+    "strategy-registry": Renderer(render_strategy_registry, "strategies/registry.py (STRATEGY_CLASSES, strategy_kwargs)"),
     "scale-paths": Renderer(render_scale_paths, "DIR/scale.json (dir=, default benchmarks/results)"),
     "scale-scan": Renderer(render_scale_scan, "DIR/scale.json"),
     "scale-run": Renderer(render_scale_run, "DIR/scale.json"),
@@ -685,7 +783,8 @@ def render_text(text: str, root: Path = ROOT, page: str = "<text>") -> tuple[str
             raise RenderError(f"{page}:{line}: render:{name}: {err}") from err
         except (KeyError, ValueError, TypeError, StopIteration) as err:
             raise RenderError(f"{page}:{line}: render:{name}: {type(err).__name__}: {err}") from err
-        new = f"\n{rendered.strip(chr(10))}\n" if body.startswith("\n") else rendered.strip()
+        # a block keeps blank lines around its content, so that a table ends before the closing marker
+        new = f"\n\n{rendered.strip(chr(10))}\n\n" if body.startswith("\n") else rendered.strip()
         blocks.append(Block(page, line, name, args, body, new))
         return match.group(0)[: match.start("body") - match.start()] + new + match.group(0)[match.end("body") - match.start():]
 
