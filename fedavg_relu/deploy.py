@@ -536,12 +536,21 @@ class ReplyDeadlineGrid:
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list:
-        """The replies that are in; a reply whose objects do not arrive by its deadline becomes an error reply."""
+        """The replies that are in; a reply whose objects do not arrive by its deadline becomes an error reply.
+
+        HttpGrid fetches replies one after the other, so a stalled upload holds back replies
+        that arrive meanwhile. When the deadline passed during the pull, one more pull takes
+        every reply that is complete by then (the deadline has passed: nothing waits again).
+        """
         ids = [str(i) for i in message_ids]
         deadline = min((self._deadlines[i] for i in ids if i in self._deadlines), default=None)
         token = _PULL_DEADLINE.set(deadline)
         try:
             replies = list(self._grid.pull_messages(ids))
+            answered = {str(r.metadata.reply_to_message_id) for r in replies}
+            late = [i for i in ids if i not in answered]
+            if late and deadline is not None and time.monotonic() >= deadline:
+                replies += list(self._grid.pull_messages(late))
         finally:
             _PULL_DEADLINE.reset(token)
         for reply in replies:

@@ -290,16 +290,16 @@ def test_stop_groups_terms_together_and_kills_what_ignores_sigterm():
     assert 1.0 <= seconds < 3.0
 
 
-class _StalledUploadRuntime:
-    """The SuperLink's Runtime API as Flower's HttpGrid sees it when a SuperNode died mid-upload:
-    PushMessages stores the instructions, PullMessages returns the reply (message and object tree
-    are stored), and every PullObject says "found, not available yet", until ``expire()``."""
+class _UploadRuntime:
+    """The SuperLink's Runtime API as Flower's HttpGrid sees it. PushMessages stores the instructions.
+    PullMessages returns a reply once it is due (``delay`` s after the push): its message and object
+    tree are stored. A complete reply's objects can be pulled. A stalled reply (its SuperNode died
+    mid-upload) answers every PullObject with "found, not available yet", until ``expire()``."""
 
-    def __init__(self, reply_for) -> None:
-        from flwr.proto.message_pb2 import PullObjectResponse  # noqa: PLC0415
-
-        self._reply_for = reply_for  # instruction message id -> reply Message (built lazily)
-        self._pull_object = PullObjectResponse
+    def __init__(self, replies) -> None:
+        self._replies = replies  # list of (instruction Message, stalled, delay), in push order
+        self.pushed_at: float | None = None
+        self.contents: dict[str, bytes] = {}  # objects of complete replies
         self.pulled: set[str] = set()
         self.object_pulls = 0
         self.expired = threading.Event()
@@ -307,6 +307,7 @@ class _StalledUploadRuntime:
     def PushMessages(self, request):  # noqa: N802 - Flower's method names
         from flwr.proto.runtime_pb2 import PushAppMessagesResponse  # noqa: PLC0415
 
+        self.pushed_at = time.monotonic()
         ids = [m.metadata.message_id for m in request.messages_list]
         return PushAppMessagesResponse(message_ids=ids, objects_to_push=[], session_id="s")
 
@@ -314,47 +315,63 @@ class _StalledUploadRuntime:
         raise AssertionError("nothing to push")
 
     def PullMessages(self, request):  # noqa: N802
+        import numpy as np  # noqa: PLC0415
+        from flwr.app import ArrayRecord, Message, RecordDict  # noqa: PLC0415
         from flwr.app.message import remove_content_from_message  # noqa: PLC0415
         from flwr.common.serde import message_to_proto  # noqa: PLC0415
         from flwr.proto.runtime_pb2 import PullAppMessagesResponse  # noqa: PLC0415
-        from flwr.supercore.inflatable.inflatable_object import get_object_tree  # noqa: PLC0415
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree  # noqa: PLC0415
 
         protos, trees = [], []
-        for ins_id in request.message_ids:
-            if ins_id in self.pulled:
+        for ins, stalled, delay in self._replies:
+            ins_id = ins.metadata.message_id
+            if ins_id not in request.message_ids or ins_id in self.pulled:
+                continue
+            if time.monotonic() < self.pushed_at + delay:
                 continue
             self.pulled.add(ins_id)  # the SuperLink hands a reply out once
-            reply = self._reply_for(ins_id)
+            reply = Message(RecordDict({"arrays": ArrayRecord([np.ones((64, 64), np.float32)])}), reply_to=ins)
             reply.metadata.__dict__["_message_id"] = reply.object_id
+            if not stalled:
+                self.contents.update({k: o.deflate() for k, o in get_all_nested_objects(reply).items()})
             trees.append(get_object_tree(reply))
             protos.append(message_to_proto(remove_content_from_message(reply)))
         return PullAppMessagesResponse(messages_list=protos, message_object_trees=trees)
 
     def PullObject(self, request):  # noqa: N802
+        from flwr.proto.message_pb2 import PullObjectResponse  # noqa: PLC0415
+
         self.object_pulls += 1
+        if request.object_id in self.contents:
+            return PullObjectResponse(object_found=True, object_available=True,
+                                      object_content=self.contents[request.object_id])
         if self.expired.is_set():  # the SuperLink deleted the session's objects
-            return self._pull_object(object_found=False, object_available=False)
-        return self._pull_object(object_found=True, object_available=False)
+            return PullObjectResponse(object_found=False, object_available=False)
+        return PullObjectResponse(object_found=True, object_available=False)
 
     def ConfirmMessageReceived(self, request):  # noqa: N802
-        raise AssertionError("a reply without its objects must not be confirmed")
+        from flwr.proto.message_pb2 import ConfirmMessageReceivedResponse  # noqa: PLC0415
+
+        assert request.message_object_id not in {i for i in self.pulled if i not in self.contents}
+        return ConfirmMessageReceivedResponse()
 
 
-def _stalled_http_grid():
-    """Flower's real HttpGrid talking to :class:`_StalledUploadRuntime`; the instruction it will send."""
-    import numpy as np  # noqa: PLC0415
-    from flwr.app import ArrayRecord, Message, RecordDict  # noqa: PLC0415
+def _http_grid(*replies):
+    """Flower's real HttpGrid talking to :class:`_UploadRuntime`; the instructions it will send.
+
+    ``replies``: (stalled, delay) per instruction, to nodes 7, 8, ...
+    """
+    from flwr.app import Message, RecordDict  # noqa: PLC0415
     from flwr.superlink.grid.http_grid import HttpGrid  # noqa: PLC0415
     from flwr.supercore.run import Run  # noqa: PLC0415
     from flwr.supercore.task_identity import TaskIdentity  # noqa: PLC0415
 
-    ins = Message(RecordDict(), dst_node_id=7, message_type="train")
-    runtime = _StalledUploadRuntime(  # the reply is built when pulled: push gives `ins` its id
-        lambda _id: Message(RecordDict({"arrays": ArrayRecord([np.ones((64, 64), np.float32)])}), reply_to=ins))
+    instructions = [Message(RecordDict(), dst_node_id=7 + k, message_type="train") for k in range(len(replies))]
+    runtime = _UploadRuntime([(ins, stalled, delay) for ins, (stalled, delay) in zip(instructions, replies)])
     grid = HttpGrid(token="t")
     grid.set_run(Run.create_empty(TaskIdentity.run_id))
     grid._client = runtime  # noqa: SLF001 - _runtime_client returns it; no network
-    return grid, runtime, ins
+    return grid, runtime, instructions
 
 
 def test_flower_pull_stalls_past_send_and_receive_timeout_without_the_bound():
@@ -363,7 +380,7 @@ def test_flower_pull_stalls_past_send_and_receive_timeout_without_the_bound():
     when the SuperLink drops the objects, with the "object-push session expired" error reply."""
     from flwr.superlink.grid import http_grid  # noqa: PLC0415
 
-    grid, runtime, ins = _stalled_http_grid()
+    grid, runtime, (ins,) = _http_grid((True, 0.0))
     out: list = []
     worker = threading.Thread(target=lambda: out.extend(grid.send_and_receive([ins], timeout=0.5)), daemon=True)
     t0 = time.monotonic()
@@ -379,28 +396,31 @@ def test_flower_pull_stalls_past_send_and_receive_timeout_without_the_bound():
 
 @pytest.mark.parametrize("via", ["send_and_receive", "push_then_pull"])
 def test_reply_deadline_ends_a_stalled_upload_at_the_timeout(via):
-    """Wrapped in ReplyDeadlineGrid (timeout 2 s), the same stalled reply becomes Flower's error reply
-    at 2 s (+ at most one backoff of PULL_BACKOFF_CAP = 1 s), through ``send_and_receive`` and through
-    push_messages/pull_messages as StreamingGrid calls them. Outside a deadline Flower's pull is unchanged."""
+    """Wrapped in ReplyDeadlineGrid (timeout 2 s), node 7's stalled reply becomes Flower's error reply at
+    2 s (+ at most one retry wait of PULL_BACKOFF_CAP = 1 s), through ``send_and_receive`` and through
+    push_messages/pull_messages as StreamingGrid calls them. Node 8's reply, complete but arriving at
+    0.5 s while the stalled one holds the pull, is taken by the sweep at the deadline, not lost."""
     from flwr.common.constant import ErrorCode  # noqa: PLC0415
     from flwr.superlink.grid import http_grid  # noqa: PLC0415
 
-    grid, runtime, ins = _stalled_http_grid()
+    grid, runtime, (stalled, fine) = _http_grid((True, 0.0), (False, 0.5))
     bounded = bound_reply_waits(grid, 2.0)
     assert isinstance(bounded, ReplyDeadlineGrid) and bounded.inner is grid
     assert getattr(http_grid.pull_objects, "bounded_by_deadline", False)
     t0 = time.monotonic()
     if via == "send_and_receive":
-        replies = bounded.send_and_receive([ins], timeout=60.0)  # the grid's own timeout is the cap
+        replies = bounded.send_and_receive([stalled, fine], timeout=60.0)  # the grid's own timeout is the cap
     else:
-        ids = bounded.push_messages([ins])
+        ids = bounded.push_messages([stalled, fine])
         replies = bounded.pull_messages(set(ids))
     seconds = time.monotonic() - t0
     assert 2.0 <= seconds < 2.0 + PULL_BACKOFF_CAP * 1.2 + 1.0, seconds
-    assert len(replies) == 1 and replies[0].has_error()
-    assert replies[0].error.code == ErrorCode.MESSAGE_UNAVAILABLE
-    assert replies[0].metadata.reply_to_message_id == ins.metadata.message_id
-    assert runtime.object_pulls >= 3  # tried again while the deadline lasted
+    by_request = {r.metadata.reply_to_message_id: r for r in replies}
+    assert set(by_request) == {stalled.metadata.message_id, fine.metadata.message_id}
+    lost = by_request[stalled.metadata.message_id]
+    assert lost.has_error() and lost.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+    assert not by_request[fine.metadata.message_id].has_error()
+    assert runtime.object_pulls >= 3  # the stalled object was tried again while the deadline lasted
     assert bounded.run.run_id == grid.run.run_id  # everything else is the wrapped grid's
 
 
@@ -431,7 +451,8 @@ def test_documented_superlink_command_works_from_a_fresh_shell(certs, tmp_path):
     """docs/deployment.md's SuperLink commands, run as written by `bash` with an empty environment
     (PATH=/usr/bin:/bin, no virtualenv) in the project folder, with only the certificate folder,
     host, port and database swapped in: the SuperLink answers /health over TLS. The same command
-    without `source .venv/bin/activate` dies (flower-superexec is started by name)."""
+    as `.venv/bin/flower-superlink` without `source .venv/bin/activate` dies: it starts
+    flower-superexec by name."""
     import ssl  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
@@ -460,7 +481,8 @@ def test_documented_superlink_command_works_from_a_fresh_shell(certs, tmp_path):
     finally:
         stop_groups([proc])
     assert healthy, proc.stdout.read().decode(errors="replace")[-3000:]
-    without_venv = start("\n".join(line for line in script.splitlines() if "activate" not in line))
+    full_path_only = "\n".join(line for line in script.splitlines() if "activate" not in line)
+    without_venv = start(full_path_only.replace("flower-superlink \\", ".venv/bin/flower-superlink \\"))
     try:
         out, _ = without_venv.communicate(timeout=90)
     finally:
