@@ -197,11 +197,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["verbose"] = True
     user_overrides = dict(overrides)
     try:
-        cfg = resolve(app_dir, overrides)
-        _preflight(cfg)
+        with raise_on_signals():  # preflight may load a data set: a Ctrl-C there is no traceback either
+            cfg = resolve(app_dir, overrides)
+            _preflight(cfg)
     except ConfigError as err:
         print(f"fedavg-relu: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        print(f"\nfedavg-relu: {stop} before the run started; nothing to stop", flush=True)
+        return stop.exit_code
     # Fix the output folder here, so the ServerApp (whose cwd is the SuperLink's) writes where we say.
     run_dir = resolve_run_dir(cfg)
     overrides["output-dir"] = str(run_dir.parent)
@@ -245,6 +249,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             stopped = time.perf_counter() - t_interrupt
             for line in report_interrupted(interrupted.signum, run_dir, cfg, user_overrides, started_at, stopped):
                 print(line, flush=True)
+            args.fast_exit = True  # everything is stopped and written: skip the interpreter's slow teardown
             return interrupted.exit_code
     seconds = time.perf_counter() - t0
     outcome = run_outcome(_fresh_summary(run_dir, started_at), result.status, result.returncode, result.run_id, run_dir)
@@ -292,7 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedavg-relu`` console script."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("FEDAVG_RELU_HOME", str(Path.cwd()))
-    return int(args.func(args))
+    code = int(args.func(args))
+    if argv is None and getattr(args, "fast_exit", False):
+        # As the console script, after an interrupt: tearing down flwr's imports takes seconds on a busy
+        # machine (measured 6.6 s at load 10); every output is already written and flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -340,23 +340,26 @@ class IsolatedFlower:
             roots = [p.pid for p in (self.process,) if p is not None]
             try:
                 self._remember_descendants(*roots, *([extra_root] if extra_root else []))
-            except (OSError, ValueError):  # a process vanished mid-read
+            except (OSError, ValueError, IndexError):  # a process vanished mid-read
                 continue
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every process of this instance by PID, then remove its temporary folders.
 
-        The SuperLink's process group gets SIGTERM, then SIGKILL after ``grace``
-        seconds; everything else it started (see the module docstring) gets the
-        same, found again until none is left (at most about ``grace + 15`` s).
+        Every process it started (the SuperLink's group and what left it, see the
+        module docstring) gets SIGTERM at once, then SIGKILL after ``grace``
+        seconds; the search is repeated until none is left (at most about
+        ``grace + 15`` s). What still lives afterwards is in :attr:`stragglers`.
         """
         self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
         proc, self.process = self.process, None
         if proc is not None:
             self._remember_descendants(proc.pid)
-        if grace < 10.0:  # interrupted: everything at once
-            kill_pids({p: _start_time(p) for p in self.run_processes()}, grace)
-        stop_process_group(proc, term_wait=grace)
+        pids = self.run_processes() | ({proc.pid} if proc is not None and proc.poll() is None else set())
+        kill_pids({p: _start_time(p) for p in pids}, grace)
+        stop_process_group(proc, term_wait=grace)  # reaps it; SIGKILLs what is left of its group
         deadline = time.monotonic() + grace + 10.0
         while time.monotonic() < deadline:
             left = self.run_processes()
