@@ -20,9 +20,7 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from .seam import ensure_task_identity
-
-CLIENT_APP_EXCEPTION = 300  # the error code Flower uses for a ClientApp exception
+from .seam import CLIENT_APP_EXCEPTION, ensure_task_identity
 
 __all__ = ["CLIENT_APP_EXCEPTION", "LocalGrid", "ensure_task_identity"]
 

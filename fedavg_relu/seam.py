@@ -24,6 +24,7 @@ Items, in the order below:
    error text of a reply whose worker died.
 8. :func:`parse_config_args`: ``flwr.common.config.parse_config_args`` (how ``flwr run
    --run-config`` parses ``key=value``).
+9. :data:`CLIENT_APP_EXCEPTION`: the error code of a reply whose ClientApp raised.
 
 Contracts the project relies on without code here (``tests/test_flower_contract.py``
 checks them too):
@@ -331,3 +332,15 @@ def parse_config_args(args: list[str] | None) -> dict[str, Any]:
     from flwr.common.config import parse_config_args as flower_parse
 
     return dict(flower_parse(args or None))
+
+
+# --- 9. the error code of a reply whose ClientApp raised --------------------------------
+def _client_app_exception_code() -> int:
+    from flwr.common.constant import ErrorCode
+
+    return int(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+
+
+#: The error code Flower's engines put in a reply whose ClientApp raised (2 in flwr 1.42.0).
+#: Relies on: ``flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION`` (not exported by ``flwr.common``).
+CLIENT_APP_EXCEPTION = _client_app_exception_code()
