@@ -58,7 +58,10 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn import functional as F
 
-from .cohort import CHUNK_BYTES, _forward, _gradients, _loss_and_grad, _per_client_sq_norm, _prepare, chunk_size, layer_specs
+from .cohort import (
+    CHUNK_BYTES, _forward, _gradients, _loss_and_grad, _per_client_sq_norm, _prepare, chunk_size, layer_specs,
+    retain_freed_memory,
+)
 from .models import ReluMLP, compute_loss, trainable_names
 
 #: Bytes of Jacobian rows :func:`ntk_gram_autodiff` holds at once (two blocks of rows).
@@ -101,8 +104,8 @@ def _ratio(num: float, den: float) -> float:
 
 
 def _sq(tensors) -> float:
-    """``sum ||t||²`` with float64 accumulation of the per-tensor norms."""
-    return sum(float(torch.linalg.vector_norm(t.double())) ** 2 for t in tensors)
+    """``sum ||t||²``: per-tensor norms in the tensors' dtype (no copies), accumulated in float64."""
+    return sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors)
 
 
 def loss_output_gradient(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
@@ -186,29 +189,38 @@ def nonlinear_drift(
     Cost: one jvp and one vjp at W̄ (about three forward passes), plus what is
     not given: a backward at W̄, a forward and backward at W_k.
     """
+    retain_freed_memory()  # m x m temporaries: reuse freed blocks instead of page-faulting new ones
     names = trainable_names(model)
     dtype = _dtype(model)
     w_local = _as_tensors(local_params, names, dtype)
     w_global = _as_tensors(global_params, names, dtype)
     delta = {n: w_local[n] - w_global[n] for n in names}
     gn, out, pullback = gauss_newton_product(model, w_global, delta, x, loss)
+    del delta
     if grad_global is None:
         (g_global,) = pullback(loss_output_gradient(out, y, loss))
     else:
         g_global = _as_tensors(grad_global, names, dtype)
-    if grad_local is None:
+    del pullback
+    if grad_local is None:  # our own tensors: the drift is formed in place
         x_ = x.to(dtype)
-        g_local = grad(lambda p: compute_loss(functional_call(model, p, (x_,)), y, loss))(w_local)
+        drift = grad(lambda p: compute_loss(functional_call(model, p, (x_,)), y, loss))(w_local)
+        for n in names:
+            drift[n].sub_(g_global[n])
     else:
         g_local = _as_tensors(grad_local, names, dtype)
-    drift = {n: g_local[n] - g_global[n] for n in names}
+        drift = {n: g_local[n] - g_global[n] for n in names}
+    del g_global
     drift_norm = math.sqrt(_sq(drift.values()))
-    residual_norm = math.sqrt(_sq(drift[n] - gn[n] for n in names))
+    linear_norm = math.sqrt(_sq(gn.values()))
+    for n in names:
+        drift[n].sub_(gn[n])  # now the residual Δg − GN
+    residual_norm = math.sqrt(_sq(drift.values()))
     return NonlinearDrift(
         fraction=_ratio(residual_norm, drift_norm),
         drift_norm=drift_norm,
         residual_norm=residual_norm,
-        linear_norm=math.sqrt(_sq(gn.values())),
+        linear_norm=linear_norm,
     )
 
 
