@@ -128,6 +128,34 @@ def test_lookup_walks_keys_and_selects_list_items():
     assert render_docs.lookup(data, "n[m=64].v") == 3
 
 
+def test_memory_table_renders_memory_py_rows(tmp_path):
+    """memory.json rows as benchmarks/memory.py writes them: peak PSS 1.234 -> "1.23", last round 12.04 s -> "12.0";
+    a failed row without round times shows "—" and 0 rounds; a missing file gives the command that makes it."""
+    assert "python benchmarks/memory.py" in render_docs.render_memory_table(tmp_path, {})
+    folder = tmp_path / "benchmarks" / "results" / "memory"
+    folder.mkdir(parents=True)
+    rows = [
+        {"path": "packed", "clients": 50, "peak-pss-gib": 1.234, "peak-rss-gib": 2.0, "round-seconds": [30.0, 12.04],
+         "rounds": 2, "status": "completed"},
+        {"path": "standard", "clients": 50, "peak-pss-gib": 9.5, "peak-rss-gib": 11.25, "status": "failed"},
+    ]
+    (folder / "memory.json").write_text(json.dumps({"meta": {"width": 8192}, "rows": rows}))
+    out = render_docs.render_memory_table(tmp_path, {})
+    assert out.startswith("width=8192\n\n| path | clients |")
+    assert "| packed | 50 | 1.23 | 2.00 | 12.0 | 2 | completed |" in out
+    assert "| standard | 50 | 9.50 | 11.25 | — | 0 | failed |" in out
+
+
+def test_drift_overhead_renders_drift_overhead_py_rows(tmp_path):
+    """drift_overhead.py's JSON (case, round-s-drift-off/-on, ratio) becomes one row per case, 3 and 2 decimals."""
+    folder = tmp_path / "benchmarks" / "results"
+    folder.mkdir(parents=True)
+    (folder / "drift_overhead.json").write_text(json.dumps(
+        [{"case": "full batch (tau=5)", "round-s-drift-off": 1.3041, "round-s-drift-on": 1.9598, "ratio": 1.5028}]))
+    out = render_docs.render_drift_overhead(tmp_path, {})
+    assert "| full batch (tau=5) | 1.304 | 1.960 | 1.50 |" in out
+
+
 # --- the pages cover the code ------------------------------------------------------------
 def test_configuration_page_lists_every_runconfig_field_with_its_default():
     """Every RunConfig field appears as `key` in configuration.md, in a row that shows its default."""
