@@ -710,7 +710,7 @@ RENDERERS: dict[str, Renderer] = {
     "drift-overhead": Renderer(render_drift_overhead, "benchmarks/results/drift_overhead.json (file=)"),
     "strategies-comparison": Renderer(render_strategies_comparison, "results/strategies/comparison.csv, compare/strategies.toml"),
     "strategies-summary": Renderer(render_strategies_summary, "results/strategies/comparison.csv"),
-    "predictions": Renderer(render_predictions, "results/theory-full/{metrics,cells}.csv via fedavg_relu.predictions (rule=yes)"),
+    "predictions": Renderer(render_predictions, "results/theory-full/{metrics,cells}.csv via fedavg_relu.predictions (rule=yes, short=yes)"),
     "runs-summary": Renderer(render_runs_summary, "DIR/cells.csv (dir=)"),
     "num": Renderer(render_num, "one value: file= at= [fmt= div= scale=]"),
     "prediction-value": Renderer(render_prediction_value, "one measured number of a prediction: n= key= [fmt=]"),
