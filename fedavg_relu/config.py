@@ -91,6 +91,11 @@ class RunConfig:
     round_timeout: float = 600.0  # seconds to wait for replies per exchange
     drift_metrics: bool = True  # second exchange per round measuring THEORY.md's metrics
     gradient_dissimilarity: bool = True  # clients return their gradient at the average (one model-size upload)
+    drift_nonlinear: bool = False  # drift exchange: also the nonlinear drift fraction (one jvp + one vjp per client)
+    # per-client table (clients.jsonl / clients.csv): on by default because it costs a few floats per
+    # client per round; switch off for 10,000-client runs, where the rows would outweigh the round's metrics
+    client_metrics: bool = True
+    ntk_probe_size: int = 64  # P held-out examples on which the server tracks ntk-change each round; 0 = off
     tensorboard: bool = False  # also write TensorBoard event files (needs `tensorboard`)
     # --- reliability ---------------------------------------------------------
     max_num_examples: int = 1_000_000_000  # a reply claiming more examples is rejected
@@ -167,6 +172,7 @@ class RunConfig:
             ("num_malicious_nodes", self.num_malicious_nodes >= 0, "an integer >= 0"),
             ("fraction_train", 0.0 < self.fraction_train <= 1.0, "a float in (0, 1]"),
             ("round_timeout", self.round_timeout > 0, "a float > 0 (seconds)"),
+            ("ntk_probe_size", self.ntk_probe_size >= 0, "an integer >= 0 (0 = off)"),
             ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0 (0 = after the last round only)"),
             ("max_num_examples", self.max_num_examples >= 1, "an integer >= 1"),
             ("max_update_norm", self.max_update_norm >= 0 and math.isfinite(self.max_update_norm), "a finite float >= 0 (0 = no bound)"),
@@ -183,6 +189,8 @@ class RunConfig:
                 f"num-malicious-nodes={self.num_malicious_nodes!r}: expected Krum's bound "
                 f"num-partitions >= 2 * num-malicious-nodes + 3 (num-partitions={self.num_partitions})"
             )
+        if self.drift_nonlinear and not self.drift_metrics:
+            problems.append("drift-nonlinear=True: expected drift-metrics=true (the fraction is measured in the drift exchange)")
         problems.extend(self._packed_problems())
         num_classes = self.synthetic_num_classes if self.dataset == "synthetic" else 10
         if self.partitioner == "pathological" and self.classes_per_partition > num_classes:
