@@ -88,8 +88,25 @@ class LocalRayCluster:
         log.close()
         self.processes.append(proc)
 
-    def start(self, timeout: float = 120.0) -> None:
-        """Start the head, wait until it answers, start the workers, wait until every CPU is there."""
+    def start(self, timeout: float = 120.0, attempts: int = 1) -> None:
+        """Start the head, wait until it answers, start the workers, wait until every CPU is there.
+
+        ``attempts > 1`` starts the whole cluster again (fresh ports and temp dir) after a failed
+        try: Ray gives a node a fixed 30 s to register ("The current node timed out during
+        startup"), which a loaded 2-core machine misses now and then.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_nodes(timeout)
+                return
+            except RuntimeError:  # _wait() has already stopped every node and removed the temp dir
+                if attempt == attempts:
+                    raise
+                self.temp_dir = Path(tempfile.mkdtemp(prefix="frc-", dir="/tmp"))
+                self.port = self._port()
+                self.address = f"127.0.0.1:{self.port}"
+
+    def _start_nodes(self, timeout: float) -> None:
         self._start(
             ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", f"--num-cpus={self.head_cpus}",
              "--include-dashboard=false", f"--ray-client-server-port={self._port()}", *self._node_ports()],
@@ -216,15 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-cpus", type=int, default=1)
     parser.add_argument("--worker-cpus", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="number of worker nodes (default 1)")
+    parser.add_argument("--attempts", type=int, default=3,
+                        help="start the cluster again this many times in all when a node misses Ray's 30 s start deadline")
     args = parser.parse_args(argv)
     cluster = LocalRayCluster(head_cpus=args.head_cpus, worker_cpus=args.worker_cpus, num_workers=args.workers)
 
     def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the nodes too, as Ctrl-C does
+    # Explicit for SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler (`kill -INT` of `python -m ... &` would do nothing).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
-        cluster.start()
+        cluster.start(attempts=args.attempts)
         groups = ", ".join(f"{name} pgid {pgid}" for pgid, name in cluster.node_groups().items())
         print(f"Ray cluster up: {cluster.address} ({groups}); logs in {cluster.temp_dir}", flush=True)
         print(f"  export RAY_ADDRESS={cluster.address}", flush=True)
