@@ -73,7 +73,12 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def drift(msg: Message, context: Context) -> Message:
-    """Compare the gradient at this node's local model with the one at the new average."""
+    """Compare the gradient at this node's local model with the one at the new average.
+
+    ``drift-nonlinear`` in the ConfigRecord adds the nonlinear drift fraction;
+    ``client-metrics`` adds this node's ``partition-id`` (when it has one), so the
+    server can name the client in its per-client table.
+    """
     cfg = run_config(context)
     config = msg.content[wire.CONFIG]
     server_round = int(config[wire.SERVER_ROUND])
@@ -82,12 +87,16 @@ def drift(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"no local model kept for round {server_round} on this node")
     try:
         measured, gradient = measure_drift(
-            cfg, client_data(cfg, context.node_config), store.load(server_round), arrays_to_params(msg.content[wire.ARRAYS])
+            cfg, client_data(cfg, context.node_config), store.load(server_round), arrays_to_params(msg.content[wire.ARRAYS]),
+            nonlinear=bool(config.get(wire.DRIFT_NONLINEAR, False)),
         )
     finally:
         store.discard()  # measured once; keep the disk clean between rounds
     context.state[MEASURED_LOSS_KEY] = MetricRecord({"server-round": server_round, "loss": measured.loss_at_global})
-    content = RecordDict({wire.METRICS: MetricRecord(measured.to_metrics())})
+    metrics = MetricRecord(measured.to_metrics())
+    if bool(config.get(wire.CLIENT_METRICS, False)) and "partition-id" in context.node_config:
+        metrics[wire.PARTITION_ID] = int(context.node_config["partition-id"])
+    content = RecordDict({wire.METRICS: metrics})
     if bool(config.get(wire.RETURN_GRADIENT, False)):
         content[wire.GRADIENT] = params_to_arrays(gradient)
     return Message(content=content, reply_to=msg)

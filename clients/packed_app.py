@@ -27,7 +27,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedavg_relu import protocol as wire
 from fedavg_relu.config import RunConfig
-from fedavg_relu.packed import measure_cohort_drift, node_clients, train_cohort
+from fedavg_relu.packed import client_row_lists, measure_cohort_drift, node_clients, train_cohort
 from fedavg_relu.records import arrays_to_params, params_to_arrays
 
 from .node import local_store, run_config, settings_from
@@ -82,7 +82,10 @@ def packed_train(msg: Message, context: Context) -> Message:
         store.commit(server_round, cohort_round.local_params)
         cohort_round.local_params = None  # on disk now
         context.state[COHORT_KEY] = ConfigRecord(
-            {"server-round": server_round, "clients": ids, "loss-before": [float(v) for v in cohort_round.loss_before]}
+            {
+                "server-round": server_round, "clients": ids, "loss-before": [float(v) for v in cohort_round.loss_before],
+                "local-steps": [int(v) for v in cohort_round.num_steps],
+            }
         )
         if cohort_round.lockstep:
             lockstep: dict = {"steps": [float(t) for t in sorted(cohort_round.lockstep)]}
@@ -102,7 +105,12 @@ def packed_train(msg: Message, context: Context) -> Message:
 
 
 def packed_drift(msg: Message, context: Context) -> Message:
-    """Measure every cohort client's drift against W^{r+1}; reply with :class:`DriftSums` (and lockstep sums)."""
+    """Measure every cohort client's drift against W^{r+1}; reply with :class:`DriftSums` (and lockstep sums).
+
+    With ``client-metrics`` in the ConfigRecord the reply's MetricRecord also carries
+    the per-client rows as one list per column (``client/ids``, ``client/<column>``);
+    with ``drift-nonlinear`` the nonlinear drift fraction is measured too.
+    """
     cfg = packed_config(msg, context)
     config = msg.content[wire.CONFIG]
     server_round = int(config[wire.SERVER_ROUND])
@@ -112,14 +120,19 @@ def packed_drift(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"no cohort models kept for round {server_round} on this node")
     ids = [int(k) for k in kept["clients"]]
     try:
-        sums, grad_sum, measured = measure_cohort_drift(
+        nonlinear = bool(config.get(wire.DRIFT_NONLINEAR, False))
+        sums, grad_sum, drifts = measure_cohort_drift(
             cfg, ids, store.load(server_round), list(kept["loss-before"]), arrays_to_params(msg.content[wire.ARRAYS]),
-            bool(config.get(wire.RETURN_GRADIENT, False)),
+            bool(config.get(wire.RETURN_GRADIENT, False)), nonlinear=nonlinear,
         )
     finally:
         store.discard()
+    measured = [d.loss_at_global for d in drifts]
     context.state[MEASURED_KEY] = ConfigRecord({"server-round": server_round, "clients": ids, "loss": measured})
-    values = sums.to_metrics()
+    values: dict = dict(sums.to_metrics())
+    if bool(config.get(wire.CLIENT_METRICS, False)):
+        steps = list(kept["local-steps"]) if "local-steps" in kept else [float("nan")] * len(ids)
+        values.update(client_row_lists(ids, drifts, list(kept["loss-before"]), steps, nonlinear))
     lockstep = context.state.get(LOCKSTEP_KEY)
     if lockstep is not None:
         values.update({f"lockstep-{k}": v for k, v in lockstep.items()})

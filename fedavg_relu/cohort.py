@@ -312,6 +312,7 @@ def measure_cohort_drift_vectorized(
     loss: str,
     with_gradient: bool = False,
     budget: int | None = None,
+    nonlinear: bool = False,
 ) -> tuple[list, dict[str, np.ndarray] | None]:
     """:func:`fedavg_relu.metrics.measure_client_drift` for stacked clients.
 
@@ -322,7 +323,15 @@ def measure_cohort_drift_vectorized(
     W^{r+1} and W^0 (``init_params``; None: not measured, NaN). Returns one
     :class:`~fedavg_relu.metrics.ClientDrift` per client (in order) and, with
     ``with_gradient``, ``sum_k n_k grad f_k(W^{r+1})`` (float64).
+
+    ``nonlinear`` also fills in the nonlinear drift fraction
+    ``||Δg_k − Jᵀ H J ΔW_k|| / ||Δg_k||`` in the same pass: the Gauss–Newton
+    products come from :func:`fedavg_relu.mechanism.stacked_gauss_newton` at W^{r+1}
+    (one hand-written jvp and one backward per chunk, reusing the forward at W^{r+1}),
+    and Δg_k is the drift already formed; the values are
+    :func:`fedavg_relu.mechanism.measure_cohort_nonlinear_drift_vectorized`'s.
     """
+    from .mechanism import stacked_gauss_newton
     from .metrics import ClientDrift
 
     budget = CHUNK_BYTES if budget is None else budget
@@ -355,6 +364,11 @@ def measure_cohort_drift_vectorized(
             loss_g, grad = _loss_and_grad(logits, y, loss)
             masks_g = _patterns(specs, inputs, input_measured)
             grads_g = _gradients(specs, weights(at_global), inputs, grad)
+            gauss_newton = None
+            if nonlinear:
+                gauss_newton = stacked_gauss_newton(
+                    specs, weights(at_global), inputs, logits, lambda name: local[name] - at_global[name], loss,
+                )
             del inputs, logits, grad
             logits, inputs = _forward(specs, weights(local), x)
             loss_l, grad = _loss_and_grad(logits, y, loss)
@@ -364,6 +378,10 @@ def measure_cohort_drift_vectorized(
             norm_g = _per_client_sq_norm(grads_g.values()).sqrt()
             norm_l = _per_client_sq_norm(grads_l.values()).sqrt()
             drift = _per_client_sq_norm(grads_l[name] - grads_g[name] for name in trained).sqrt()
+            residual = (
+                _per_client_sq_norm(grads_l[name] - grads_g[name] - gauss_newton[name] for name in trained).sqrt()
+                if gauss_newton is not None else None
+            )
             distance = _per_client_sq_norm(local[name] - at_global[name] for name in trained).sqrt()
             units = sum(m[0].numel() for m in masks_g)
             flips_l = sum((a != b).reshape(k, -1).sum(1) for a, b in zip(masks_l, masks_g, strict=True))
@@ -378,11 +396,18 @@ def measure_cohort_drift_vectorized(
                     gradient_drift=float(drift[j]), param_distance=float(distance[j]),
                     flips_local=float(flips_l[j]) / units if units else 0.0,
                     flips_init=(float(flips_i[j]) / units if units else 0.0) if flips_i is not None else math.nan,
+                    nonlinear_fraction=_ratio(float(residual[j]), float(drift[j])) if residual is not None else math.nan,
                 )
             if grad_sum is not None:
                 for name in trained:
                     grad_sum[name] += float(n) * grads_g[name].sum(0, dtype=torch.float64).numpy()
     return drifts, grad_sum
+
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.nan
 
 
 def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings, positions, out: CohortTraining):

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 
 import numpy as np
 import torch
 
+from .mechanism import nonlinear_drift
 from .models import ReluMLP, set_trainable
 from .training import full_gradient
 
@@ -80,22 +81,61 @@ class ClientDrift:
     param_distance: float  # ||W_k - W^{r+1}||
     flips_local: float  # pattern flips between W_k and W^{r+1}
     flips_init: float  # pattern flips between W^{r+1} and W^0 (NaN if W^0's patterns are unknown)
+    # ||Δg - (1/n_k) Jᵀ H J ΔW|| / ||Δg|| (fedavg_relu.mechanism.nonlinear_drift); NaN when not measured
+    nonlinear_fraction: float = math.nan
 
     def to_metrics(self) -> dict[str, float]:
-        """Flat kebab-case metrics, ``num-examples`` included."""
-        return {k.replace("_", "-"): float(v) for k, v in asdict(self).items()}
+        """Flat kebab-case metrics, ``num-examples`` included (``nonlinear-fraction`` only when measured)."""
+        out = {k.replace("_", "-"): float(v) for k, v in asdict(self).items()}
+        if math.isnan(self.nonlinear_fraction):
+            del out["nonlinear-fraction"]
+        return out
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, float]) -> ClientDrift:
-        """Inverse of :meth:`to_metrics`; raises ``KeyError`` naming a missing key."""
+        """Inverse of :meth:`to_metrics`; raises ``KeyError`` naming a missing key.
+
+        ``nonlinear-fraction`` is optional (NaN when absent: not measured).
+        """
         values = {}
-        for name in cls.__dataclass_fields__:
+        for name, fld in cls.__dataclass_fields__.items():
             key = name.replace("_", "-")
             if key not in metrics:
+                if fld.default is not MISSING:
+                    continue
                 raise KeyError(f"drift reply lacks metric {key!r}")
             values[name] = metrics[key]
         values["num_examples"] = int(values["num_examples"])
         return cls(**values)
+
+
+#: Columns of a per-client row (``clients.jsonl``), after ``round``, ``client`` and ``node``.
+CLIENT_COLUMNS = (
+    "num-examples", "local-steps", "loss-before", "loss-after", "gradient-drift", "relative-gradient-drift",
+    "param-distance", "activation-flips-local", "nonlinear-drift-fraction",
+)
+
+
+def client_row(drift: ClientDrift, loss_before: float, local_steps: float, nonlinear: bool) -> dict[str, float]:
+    """One client's row of the per-client table (:data:`CLIENT_COLUMNS`; the nonlinear fraction when ``nonlinear``).
+
+    ``loss-before`` is f_k(W^r) (from its train reply), ``loss-after`` f_k(W^{r+1}),
+    ``relative-gradient-drift`` the drift over ||grad f_k(W^{r+1})||, ``param-distance``
+    ||W_k - W^{r+1}||: the values :func:`summarize_drift` averages.
+    """
+    row = {
+        "num-examples": drift.num_examples,
+        "local-steps": int(local_steps) if math.isfinite(local_steps) and float(local_steps).is_integer() else local_steps,
+        "loss-before": float(loss_before),
+        "loss-after": drift.loss_at_global,
+        "gradient-drift": drift.gradient_drift,
+        "relative-gradient-drift": _ratio(drift.gradient_drift, drift.grad_norm_global),
+        "param-distance": drift.param_distance,
+        "activation-flips-local": drift.flips_local,
+    }
+    if nonlinear:
+        row["nonlinear-drift-fraction"] = drift.nonlinear_fraction
+    return row
 
 
 def measure_client_drift(
@@ -106,11 +146,14 @@ def measure_client_drift(
     y: torch.Tensor,
     loss: str,
     init_patterns: Sequence[torch.Tensor] | None = None,
+    nonlinear: bool = False,
 ) -> tuple[ClientDrift, dict[str, np.ndarray]]:
     """Compare the gradient at the local model with the gradient at the average.
 
     Costs two full-data gradients (at W_k and at W^{r+1}); the activation
-    patterns come from the same forward passes. Returns the scalars and the
+    patterns come from the same forward passes. With ``nonlinear`` also the
+    nonlinear drift fraction (:func:`fedavg_relu.mechanism.nonlinear_drift`, given
+    both gradients: one jvp and one vjp more). Returns the scalars and the
     gradient at W^{r+1} (numpy, per trained parameter).
     """
     set_trainable(model, local_params)
@@ -118,6 +161,11 @@ def measure_client_drift(
     set_trainable(model, global_params)
     at_global = full_gradient(model, x, y, loss)
     names = list(at_global.grads)
+    fraction = math.nan
+    if nonlinear:
+        fraction = nonlinear_drift(
+            model, local_params, global_params, x, y, loss, grad_local=at_local.grads, grad_global=at_global.grads,
+        ).fraction
     delta = [torch.from_numpy(np.asarray(local_params[n])) - torch.from_numpy(np.asarray(global_params[n])) for n in names]
     drift = ClientDrift(
         num_examples=int(x.shape[0]),
@@ -129,6 +177,7 @@ def measure_client_drift(
         param_distance=_norm(delta),
         flips_local=flip_fraction(at_local.patterns, at_global.patterns),
         flips_init=flip_fraction(at_global.patterns, init_patterns) if init_patterns is not None else math.nan,
+        nonlinear_fraction=fraction,
     )
     return drift, {n: g.cpu().numpy() for n, g in at_global.grads.items()}
 
@@ -172,7 +221,11 @@ def summarize_drift(
         (drift / ||W_k - W^{r+1}||, over clients with a nonzero distance),
         ``effective-smoothness-lr-mean``/``-max`` (the same times eta),
         ``activation-flips-local``/``-init`` (pooled fractions = sum_k p_k f_k),
-        ``gradient-dissimilarity`` (sum_k p_k ||g_k||^2 / ||sum_k p_k g_k||^2).
+        ``gradient-dissimilarity`` (sum_k p_k ||g_k||^2 / ||sum_k p_k g_k||^2),
+        and, when some client measured it, ``nonlinear-drift-fraction-mean``/``-max``
+        over the clients whose fraction is a number (p renormalised over them: a
+        client that did not measure it, or whose ||Δg|| is 0 while its linearized
+        change is not, is left out rather than turning the mean into NaN).
         Means are p-weighted.
     """
     if not drifts:
@@ -207,4 +260,10 @@ def summarize_drift(
     out["effective-smoothness-lr-max"] = out["effective-smoothness-max"] * learning_rate
     if mean_global_gradient_sq is not None:
         out["gradient-dissimilarity"] = _ratio(float(p @ gnorm**2), mean_global_gradient_sq)
+    fraction = np.array([d.nonlinear_fraction for d in drifts], dtype=np.float64)
+    known = ~np.isnan(fraction)
+    if known.any():
+        pk = p[known] / p[known].sum()
+        out["nonlinear-drift-fraction-mean"] = float(pk @ fraction[known])
+        out["nonlinear-drift-fraction-max"] = float(fraction[known].max())
     return out

@@ -40,10 +40,11 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from . import protocol as wire
 from .cohort import allocate_arrays, cohort_seeds, measure_cohort_drift_vectorized, train_cohort_vectorized
 from .config import RunConfig
 from .data import load_partition, load_partitions
-from .metrics import ClientDrift, measure_client_drift
+from .metrics import CLIENT_COLUMNS, ClientDrift, client_row, measure_client_drift
 from .task import initial_params, measure_drift, train_client, working_model
 from .models import get_trainable, set_trainable
 from .training import LocalSGDSettings, client_seed, evaluate, iter_local_sgd
@@ -115,6 +116,9 @@ class DriftSums:
     smoothness_max: float = -math.inf
     moved_clients: int = 0
     grad_norm_sq: float = 0.0  # sum n_k ||grad f_k(W^{r+1})||^2
+    nonlinear_examples: float = 0.0  # sum of n_k over clients whose nonlinear drift fraction is a number
+    nonlinear: float = 0.0  # sum over those clients of n_k * fraction_k
+    nonlinear_max: float = -math.inf  # max over those clients (-inf: none measured)
 
     def add(self, d: ClientDrift, loss_before: float = math.nan) -> None:
         """Add one client's measurement (and its f_k(W^r))."""
@@ -140,6 +144,10 @@ class DriftSums:
             self.smoothness += n * smooth
             self.smoothness_max = _max(self.smoothness_max, smooth)
         self.grad_norm_sq += n * d.grad_norm_global**2
+        if not math.isnan(d.nonlinear_fraction):  # NaN: not measured (or ||Δg|| = 0 alone): left out, as in summarize_drift
+            self.nonlinear_examples += n
+            self.nonlinear += n * d.nonlinear_fraction
+            self.nonlinear_max = _max(self.nonlinear_max, d.nonlinear_fraction)
 
     def merge(self, other: DriftSums) -> DriftSums:
         """Add ``other`` into this one (sums add, maxima max); returns ``self``."""
@@ -198,7 +206,57 @@ def summarize_drift_sums(
     out["effective-smoothness-lr-max"] = out["effective-smoothness-max"] * learning_rate
     if mean_global_gradient_sq is not None:
         out["gradient-dissimilarity"] = _ratio(sums.grad_norm_sq / total, mean_global_gradient_sq)
+    if sums.nonlinear_examples > 0:
+        out["nonlinear-drift-fraction-mean"] = sums.nonlinear / sums.nonlinear_examples
+        out["nonlinear-drift-fraction-max"] = sums.nonlinear_max
     return out
+
+
+# --- the per-client table, as lists --------------------------------------------------------
+CLIENT_IDS_KEY = wire.CLIENT_IDS
+CLIENT_PREFIX = wire.CLIENT_PREFIX
+
+
+def client_row_lists(
+    client_ids: Sequence[int], drifts: Sequence[ClientDrift], loss_before: Sequence[float],
+    local_steps: Sequence[float], nonlinear: bool,
+) -> dict[str, list]:
+    """A cohort's per-client rows as one list per column (``client/ids``, ``client/<column>``) for a MetricRecord.
+
+    The columns are :func:`fedavg_relu.metrics.client_row`'s, so the packed and the
+    standard path write the same table; a few floats per client, in one message.
+    """
+    rows = [client_row(d, b, t, nonlinear) for d, b, t in zip(drifts, loss_before, local_steps, strict=True)]
+    out: dict[str, list] = {CLIENT_IDS_KEY: [int(k) for k in client_ids]}
+    for column in CLIENT_COLUMNS:
+        if rows and column in rows[0]:
+            out[CLIENT_PREFIX + column] = [float(r[column]) for r in rows]
+    return out
+
+
+def client_rows_from_lists(values: Mapping[str, object]) -> list[dict[str, float]]:
+    """Inverse of :func:`client_row_lists`: rows ``{"client": id, <column>: value}``; ``[]`` without ``client/ids``.
+
+    Raises ``ValueError`` when a list's length differs from the ids' or a value is not a number.
+    """
+    if CLIENT_IDS_KEY not in values:
+        return []
+    ids = list(values[CLIENT_IDS_KEY])  # type: ignore[call-overload]
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in ids):
+        raise ValueError("client/ids: expected a list of integers")
+    rows: list[dict[str, float]] = [{"client": k} for k in ids]
+    for column in CLIENT_COLUMNS:
+        key = CLIENT_PREFIX + column
+        if key not in values:
+            continue
+        column_values = list(values[key])  # type: ignore[call-overload]
+        if len(column_values) != len(ids):
+            raise ValueError(f"{key}: {len(column_values)} values for {len(ids)} clients")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in column_values):
+            raise ValueError(f"{key}: expected numbers")
+        for row, value in zip(rows, column_values, strict=True):
+            row[column] = int(value) if column in ("num-examples", "local-steps") and float(value).is_integer() else float(value)
+    return rows
 
 
 LOCKSTEP_KEYS = (
@@ -421,32 +479,35 @@ def measure_cohort_drift(
     global_params: Mapping[str, np.ndarray],
     with_gradient: bool,
     vectorized: bool = True,
-) -> tuple[DriftSums, dict[str, np.ndarray] | None, list[float]]:
+    nonlinear: bool = False,
+) -> tuple[DriftSums, dict[str, np.ndarray] | None, list[ClientDrift]]:
     """Every cohort client's drift against ``W^{r+1}``, reduced to sums.
 
     ``local_params`` holds the stacked W_k (name -> (K, *shape)). Returns the
     :class:`DriftSums`, ``sum_k n_k grad f_k(W^{r+1})`` (float64; when
-    ``with_gradient``) and each client's f_k(W^{r+1}) (next round's f_k(W^r)).
+    ``with_gradient``) and each client's :class:`ClientDrift` (its ``loss_at_global``
+    is next round's f_k(W^r); the per-client table is made from them).
     Vectorized over the cohort (:func:`fedavg_relu.cohort.measure_cohort_drift_vectorized`)
     unless ``vectorized=False`` (client by client through :func:`fedavg_relu.task.measure_drift`).
+    ``nonlinear`` also measures the nonlinear drift fraction (``drift-nonlinear``).
     """
     if vectorized:
         drifts, grad_sum = measure_cohort_drift_vectorized(
             working_model(cfg), local_params, global_params, initial_params(cfg),
-            load_partitions(cfg, client_ids), cfg.loss, with_gradient,
+            load_partitions(cfg, client_ids), cfg.loss, with_gradient, nonlinear=nonlinear,
         )
         sums = DriftSums()
         for drift, before in zip(drifts, loss_before, strict=True):
             sums.add(drift, float(before))
-        return sums, grad_sum, [d.loss_at_global for d in drifts]
+        return sums, grad_sum, list(drifts)
     sums = DriftSums()
     grad_sum: dict[str, np.ndarray] | None = None
-    measured: list[float] = []
+    measured: list[ClientDrift] = []
     for i, k in enumerate(client_ids):
         local = {name: stack[i] for name, stack in local_params.items()}
-        drift, gradient = measure_drift(cfg, load_partition(cfg, k), local, global_params)
+        drift, gradient = measure_drift(cfg, load_partition(cfg, k), local, global_params, nonlinear)
         sums.add(drift, float(loss_before[i]))
-        measured.append(drift.loss_at_global)
+        measured.append(drift)
         if with_gradient:
             if grad_sum is None:
                 grad_sum = {name: np.zeros(g.shape, np.float64) for name, g in gradient.items()}

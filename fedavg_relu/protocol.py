@@ -36,6 +36,8 @@ PROXIMAL_MU = "proximal-mu"  # FedProx sends it
 KEEP_LOCAL_MODEL = "keep-local-model"  # a drift exchange follows: keep W_k until then
 MEASURED_ROUND = "measured-round"  # the node measured f_k at exactly this W^r in that round's drift exchange
 RETURN_GRADIENT = "return-gradient"  # drift: also send grad f_k(W^{r+1})
+DRIFT_NONLINEAR = "drift-nonlinear"  # drift: also measure the nonlinear drift fraction (fedavg_relu.mechanism)
+CLIENT_METRICS = "client-metrics"  # drift: also report the per-client row (partition id; packed: client/* lists)
 VIRTUAL_CLIENTS = "virtual-clients"  # packed: which of the node's virtual clients train this round
 CLIENTS_PER_NODE = "clients-per-node"  # packed: virtual clients per node, as the server decided
 NUM_PARTITIONS = "num-partitions"  # packed: virtual clients in the whole federation
@@ -45,6 +47,11 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 LOSS_BEFORE = "loss-before"
 TRAIN_METRIC_KEYS = frozenset({NUM_EXAMPLES, TRAIN_LOSS, LOSS_BEFORE, LOCAL_STEPS})
+
+# --- MetricRecord keys of a drift reply (node -> server), besides ClientDrift.to_metrics() ----
+PARTITION_ID = "partition-id"  # standard path: the node's partition id (with client-metrics; absent without one)
+CLIENT_PREFIX = "client/"  # packed: one list per per-client column, "client/<column>", clients in "client/ids" order
+CLIENT_IDS = "client/ids"  # packed: the virtual clients (partition ids) of the lists
 
 # --- cohort reply ------------------------------------------------------------------------
 FIRST_CLIENT = "first-client"

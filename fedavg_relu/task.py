@@ -116,15 +116,18 @@ def measure_drift(
     data: TensorData,
     local_params: Mapping[str, np.ndarray],
     global_params: Mapping[str, np.ndarray],
+    nonlinear: bool = False,
 ) -> tuple[ClientDrift, dict[str, np.ndarray]]:
     """This client's drift between its local model and the average (see metrics.py).
 
-    Costs two full-data gradients and one forward pass (patterns at W^0).
+    Costs two full-data gradients and one forward pass (patterns at W^0); with
+    ``nonlinear`` (``drift-nonlinear``) one jvp and one vjp more for the nonlinear
+    drift fraction, reusing both gradients.
     """
     model = working_model(cfg)
     set_trainable(model, initial_params(cfg))
     init_patterns = activation_patterns(model, data.x)
-    return measure_client_drift(model, local_params, global_params, data.x, data.y, cfg.loss, init_patterns)
+    return measure_client_drift(model, local_params, global_params, data.x, data.y, cfg.loss, init_patterns, nonlinear)
 
 
 def client_data(cfg: RunConfig, node_config: Mapping[str, object]) -> TensorData:

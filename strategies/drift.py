@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedavg_relu import protocol as wire
-from fedavg_relu.metrics import ClientDrift, distances_from_init, summarize_drift
+from fedavg_relu.metrics import ClientDrift, client_row, distances_from_init, summarize_drift
 from fedavg_relu.records import arrays_to_params, params_to_arrays
 from fedavg_relu.streaming import StreamingGrid, node_of
 from fedavg_relu.validation import (
@@ -208,6 +208,25 @@ class DriftMeasurement:
         self._drift_started = False
         self._round_node_ids: list[int] = []
         self._round_valid_nodes: list[int] = []
+        self._round_local_steps: dict[int, float] = {}
+        self.setup_mechanism()
+
+    def setup_mechanism(self, nonlinear: bool = False, client_metrics: bool = True) -> None:
+        """What the drift exchange also measures (issue 14; defaults: off, on).
+
+        Parameters
+        ----------
+        nonlinear
+            ``drift-nonlinear``: clients also measure the nonlinear drift fraction;
+            the round gains ``nonlinear-drift-fraction-mean``/``-max``.
+        client_metrics
+            ``client-metrics``: keep one row per measured client and round in
+            ``self.client_rows[round]`` (a few scalars each, never the messages) for
+            the run's ``clients.jsonl``; the ServerApp pops them as it writes them.
+        """
+        self.drift_nonlinear = bool(nonlinear)
+        self.client_metrics = bool(client_metrics)
+        self.client_rows: dict[int, list[dict[str, Any]]] = {}
 
     @property
     def streams_average(self) -> bool:
@@ -303,6 +322,11 @@ class DriftMeasurement:
         seen: set[int] = set()
         repliers: set[int] = set()
         trained: list[tuple[int, float]] = []  # (node, f_k(W^r)) of every update averaged
+        steps: dict[int, float] = {}  # node -> tau_k of every update averaged (per-client table)
+
+        def take(update: _Update) -> None:
+            trained.append((update.node, float(update.metrics.get(wire.LOSS_BEFORE, math.nan))))
+            steps[update.node] = float(update.metrics.get(wire.LOCAL_STEPS, math.nan))
         for index, msg in enumerate(replies):
             node = node_of(self._drift_grid, msg)
             repliers.add(node)
@@ -312,7 +336,7 @@ class DriftMeasurement:
             update.index = index
             if gate.offer(index, update.num_examples, update.norm) and streaming:
                 average.add(update)
-                trained.append((node, float(update.metrics.get(wire.LOSS_BEFORE, math.nan))))
+                take(update)
             else:
                 kept.append(update)
         accepted: list[_Update] = []
@@ -332,15 +356,17 @@ class DriftMeasurement:
         if streaming:
             for update in accepted:
                 average.add(update)
-                trained.append((update.node, float(update.metrics.get(wire.LOSS_BEFORE, math.nan))))
+                take(update)
             arrays, metrics = average.result()
         else:
-            trained = [(u.node, float(u.metrics.get(wire.LOSS_BEFORE, math.nan))) for u in accepted]
+            for update in accepted:
+                take(update)
             arrays, metrics = (None, None)
             if accepted:
                 arrays, metrics = super().aggregate_train(server_round, [u.message for u in accepted])  # type: ignore[misc]
         del kept, accepted
         self._round_valid_nodes = [node for node, _ in trained]
+        self._round_local_steps = steps
         row: dict[str, float] = {
             "clients-sampled": len(sampled),
             "clients-trained": len(trained),
@@ -466,7 +492,10 @@ class DriftMeasurement:
     # --- the second exchange ------------------------------------------------
     def drift_messages(self, server_round: int, arrays: ArrayRecord, nodes: list[int], message_type: str) -> list[Message]:
         """The drift exchange's messages: W^{r+1} and the round to every node in ``nodes``."""
-        config = {wire.SERVER_ROUND: server_round, wire.RETURN_GRADIENT: self.drift_with_gradients}
+        config = {
+            wire.SERVER_ROUND: server_round, wire.RETURN_GRADIENT: self.drift_with_gradients,
+            wire.DRIFT_NONLINEAR: self.drift_nonlinear, wire.CLIENT_METRICS: self.client_metrics,
+        }
         config.update(self.drift_config_extra())
         record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(config)})
         return [Message(content=record, dst_node_id=node, message_type=message_type) for node in nodes]
@@ -479,6 +508,8 @@ class DriftMeasurement:
         """Send W^{r+1} to the nodes that trained (``trained``: (node, f_k(W^r))) and summarise their drift replies.
 
         Replies are taken as they arrive; each gradient is folded into a float64 sum and dropped.
+        With ``client_metrics`` each reply also leaves one row of scalars in
+        ``self.client_rows[server_round]`` (:func:`fedavg_relu.metrics.client_row`).
         """
         if self._drift_grid is None:
             raise RuntimeError("configure_train must run before aggregate_train")
@@ -490,6 +521,7 @@ class DriftMeasurement:
         before: list[float] = []
         grad_sum: dict[str, np.ndarray] | None = None
         rejected = 0
+        rows: list[dict[str, Any]] = []
         errors = ErrorTally(f"round {server_round} drift")
         for reply in self._drift_grid.send_and_receive(messages, timeout=self.drift_timeout):
             node = node_of(self._drift_grid, reply)
@@ -498,16 +530,23 @@ class DriftMeasurement:
                 continue
             try:
                 drift, gradient = _parse_drift_reply(reply, self.drift_with_gradients, self.drift_initial)
+                client = _partition_id(reply) if self.client_metrics else None
             except (KeyError, ValueError, TypeError) as err:
                 rejected += 1
                 log(WARNING, "drift: reply of node %d rejected: %s", node, err)
                 continue
             drifts.append(drift)
             before.append(loss_before.get(node, math.nan))
+            if self.client_metrics:
+                row: dict[str, Any] = {"round": server_round, "client": client, "node": node}
+                row.update(client_row(drift, before[-1], self._round_local_steps.get(node, math.nan), self.drift_nonlinear))
+                rows.append(row)
             if gradient is not None:
                 grad_sum = _accumulate(grad_sum, gradient, drift.num_examples)
             del gradient
         errors.log_repeats()
+        if self.client_metrics:
+            self.client_rows[server_round] = rows
         mean_grad_sq = None
         if grad_sum is not None and len(drifts) > 0:
             total = float(sum(d.num_examples for d in drifts))
@@ -551,6 +590,8 @@ def _parse_drift_reply(
     drift = ClientDrift.from_metrics(metrics)
     if drift.num_examples <= 0:
         raise ValueError(f"num-examples={drift.num_examples}: expected a positive integer")
+    # NaN allowed: flips-init (W^0's patterns unknown) and nonlinear-fraction (to_metrics leaves a NaN one out:
+    # not measured, or ||Δg|| = 0 alone); an infinite fraction is still rejected
     values = [v for k, v in drift.to_metrics().items() if k != "flips-init"]
     if not all(math.isfinite(v) for v in values):
         raise ValueError("non-finite drift measurement")
@@ -564,6 +605,17 @@ def _parse_drift_reply(
         if not all(np.isfinite(g).all() for g in gradient.values()):
             raise ValueError("non-finite gradient")
     return drift, gradient
+
+
+def _partition_id(reply: Message) -> int | None:
+    """The ``partition-id`` a drift reply reports (None without one, e.g. a node with its own data file)."""
+    metrics = next(iter(reply.content.metric_records.values()))
+    if wire.PARTITION_ID not in metrics:
+        return None
+    value = metrics[wire.PARTITION_ID]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"partition-id={value!r}: expected an integer >= 0")
+    return int(value)
 
 
 def _accumulate(acc: dict[str, np.ndarray] | None, grad: Mapping[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:

@@ -39,7 +39,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedavg_relu import protocol as wire
-from fedavg_relu.packed import DriftSums, lockstep_metrics, lockstep_sums_from_metrics, sample_clients, summarize_drift_sums
+from fedavg_relu.packed import DriftSums, client_rows_from_lists, lockstep_metrics, lockstep_sums_from_metrics, sample_clients, summarize_drift_sums
 from fedavg_relu.records import arrays_to_params
 from fedavg_relu.streaming import node_of
 
@@ -47,6 +47,8 @@ from .drift import ErrorTally
 from .fedavg import DriftFedAvg
 # sums a packed drift reply may legitimately carry as NaN (a zero gradient norm; unknown W^0 patterns)
 _NAN_ALLOWED = {"relative", "relative-max", "flips-init", "smoothness-max"}
+# maxima that stay at -inf while no client contributed (the count that says so)
+_EMPTY_MAX = {"smoothness-max": "moved-clients", "nonlinear-max": "nonlinear-examples"}
 
 
 class PackedFedAvg(DriftFedAvg):
@@ -170,6 +172,7 @@ class PackedFedAvg(DriftFedAvg):
         lockstep_nodes = 0
         grad_sum: dict[str, np.ndarray] | None = None
         rejected = 0
+        rows: list[dict] = []
         for reply in self._drift_grid.send_and_receive(messages, timeout=self.drift_timeout):
             node = node_of(self._drift_grid, reply)
             if reply.has_error():
@@ -177,10 +180,12 @@ class PackedFedAvg(DriftFedAvg):
                 continue
             try:
                 sums, steps, gradient = self._parse_packed_drift(reply)
+                cohort_rows = self._parse_client_rows(reply, sums.num_clients)
             except (KeyError, ValueError, TypeError) as err:
                 rejected += 1
                 log(WARNING, "drift: reply of node %d rejected: %s", node, err)
                 continue
+            rows.extend({"round": server_round, "client": r.pop("client"), "node": node, **r} for r in cohort_rows)
             total.merge(sums)
             if steps:
                 lockstep_nodes += 1
@@ -192,6 +197,8 @@ class PackedFedAvg(DriftFedAvg):
                 for k, v in gradient.items():
                     grad_sum[k] += v
         errors.log_repeats()
+        if self.client_metrics:
+            self.client_rows[server_round] = rows
         mean_grad_sq = None
         if grad_sum is not None and total.num_clients > 0:
             mean_grad_sq = float(sum(np.sum((g / total.num_examples) ** 2) for g in grad_sum.values()))
@@ -217,7 +224,12 @@ class PackedFedAvg(DriftFedAvg):
         sums = DriftSums.from_metrics(values)
         if sums.num_clients <= 0 or sums.num_examples <= 0:
             raise ValueError(f"num-clients={sums.num_clients}, num-examples={sums.num_examples}: expected positive")
-        bad = [k for k, v in sums.to_metrics().items() if not math.isfinite(v) and not (k in _NAN_ALLOWED and math.isnan(v))]
+        flat = sums.to_metrics()
+        bad = [
+            k for k, v in flat.items()
+            if not math.isfinite(v) and not (k in _NAN_ALLOWED and math.isnan(v))
+            and not (k in _EMPTY_MAX and v == -math.inf and flat[_EMPTY_MAX[k]] == 0)
+        ]
         if bad:
             raise ValueError(f"non-finite drift sums: {bad}")
         steps = lockstep_sums_from_metrics(values)
@@ -232,3 +244,13 @@ class PackedFedAvg(DriftFedAvg):
             if not all(np.isfinite(g).all() for g in gradient.values()):
                 raise ValueError("non-finite gradient")
         return sums, steps, gradient
+
+    def _parse_client_rows(self, reply: Message, num_clients: int) -> list[dict]:
+        """The cohort's per-client rows (``client/*`` lists; none unless ``client_metrics``); ValueError if malformed."""
+        if not self.client_metrics:
+            return []
+        values = dict(next(iter(reply.content.metric_records.values())))
+        rows = client_rows_from_lists(values)
+        if len(rows) != num_clients:
+            raise ValueError(f"{len(rows)} per-client rows for num-clients={num_clients}")
+        return rows
