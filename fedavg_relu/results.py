@@ -4,7 +4,9 @@ One folder per run holds ``config.json``, ``metrics.jsonl`` (one JSON object per
 round, flat kebab-case keys, non-finite values as ``null``), ``metrics.csv`` (the
 same table), ``model.pt`` (the final global model's full state dict and the
 config), ``summary.json`` (how the run ended: :func:`write_summary`) and, on
-request, TensorBoard event files under ``tensorboard/``.
+request, TensorBoard event files under ``tensorboard/``. With ``client-metrics``
+it also holds the per-client table: ``clients.jsonl`` (one JSON object per
+(round, client), appended each round) and ``clients.csv`` (the same table).
 
 This module does not import flwr.
 """
@@ -72,6 +74,7 @@ class RunWriter:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = list(rows or [])  # earlier rounds, when resuming
+        self._client_rows: list[dict[str, Any]] = []  # clients.jsonl's rows (see resume_clients)
         self._tb = None
         if tensorboard:
             try:
@@ -98,6 +101,55 @@ class RunWriter:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+
+    # --- the per-client table ----------------------------------------------------
+    CLIENTS_JSONL = "clients.jsonl"
+    CLIENTS_CSV = "clients.csv"
+
+    def resume_clients(self, through_round: int) -> int:
+        """Keep the per-client rows of rounds ``<= through_round`` (0: a fresh run keeps none); return how many.
+
+        A resumed run continues after its checkpoint's round: rows the interrupted run
+        wrote for later rounds (and a line cut short by the interruption) are dropped,
+        so ``clients.jsonl`` holds each (round, client) once. Without any row left both
+        files are removed.
+        """
+        self._client_rows = []
+        path = self.run_dir / self.CLIENTS_JSONL
+        if through_round > 0 and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("round"), int) and row["round"] <= through_round:
+                    self._client_rows.append(row)
+        if self._client_rows:
+            self._write_clients()
+        else:
+            for name in (self.CLIENTS_JSONL, self.CLIENTS_CSV):
+                (self.run_dir / name).unlink(missing_ok=True)
+        return len(self._client_rows)
+
+    def append_clients(self, rows: list[Mapping[str, Any]]) -> None:
+        """Add one round's per-client rows: append them to ``clients.jsonl``, rewrite ``clients.csv`` atomically.
+
+        Non-finite values are written as ``null`` (empty in the csv), as in ``metrics.jsonl``.
+        """
+        clean = [{k: _clean(v) for k, v in row.items()} for row in rows]
+        if not clean:
+            return
+        self._client_rows.extend(clean)
+        with open(self.run_dir / self.CLIENTS_JSONL, "a", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in clean))
+            fh.flush()
+            os.fsync(fh.fileno())
+        atomic_write_text(self.run_dir / self.CLIENTS_CSV, rows_to_csv(self._client_rows))
+
+    def _write_clients(self) -> None:
+        lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in self._client_rows)
+        atomic_write_text(self.run_dir / self.CLIENTS_JSONL, lines)
+        atomic_write_text(self.run_dir / self.CLIENTS_CSV, rows_to_csv(self._client_rows))
 
     def save_model(self, state: Mapping[str, Any]) -> Path:
         """``model.pt`` via ``torch.save`` of ``state``, atomically."""
@@ -131,6 +183,15 @@ def rows_to_csv(rows: list[Mapping[str, Any]]) -> str:
 def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl``."""
     with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_clients(run_dir: Path | str) -> list[dict[str, Any]]:
+    """The rows of a run's ``clients.jsonl`` (one per (round, client)); ``[]`` when the run wrote none."""
+    path = Path(run_dir) / RunWriter.CLIENTS_JSONL
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 

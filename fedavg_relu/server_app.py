@@ -10,6 +10,19 @@ the reason. A run fails when a round loses every client (each one's reply was
 an error, was rejected or never came) or when the runtime lost a worker; the
 ServerApp then raises, so Flower marks the run failed and ``fedavg-relu run``
 exits non-zero.
+
+Besides the strategy's round metrics, the ServerApp records ``ntk-change`` (with
+``ntk-probe-size`` P > 0): the relative Frobenius change
+``||Θ(W^{r+1}) − Θ(W^0)||_F / ||Θ(W^0)||_F`` of the empirical tangent kernel (traced
+over the outputs, :func:`fedavg_relu.mechanism.ntk_gram`'s closed form for the
+ReluMLP families) on a fixed probe set of P seeded examples
+(:func:`fedavg_relu.mechanism.probe_indices`) of the **held-out split**, the one
+the server already evaluates on. Not training data, because the server holds
+none: in federated learning the training examples stay on the clients. The NTK
+is a property of the network and the inputs, not of the labels, so any inputs
+from the data distribution serve as probes. Round 0 is 0.0 by definition.
+With ``client-metrics`` the per-client rows the strategy kept for a round go to
+the run folder's ``clients.jsonl`` / ``clients.csv``.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from strategies.registry import build_strategy
 from .config import ConfigError, RunConfig
 from .console import quiet_flower_logs
 from .data import dataset_shape, load_test
+from .mechanism import ntk_change, ntk_gram, probe_indices
 from .models import build_model, num_trainable, set_trainable
 from .records import arrays_to_params, params_to_arrays
 from .preflight import check_run
@@ -128,6 +142,23 @@ def train_config(cfg: RunConfig, learning_rate: float) -> ConfigRecord:
     )
 
 
+class NtkTracker:
+    """``ntk-change`` of the model against W^0 on a fixed probe set of the held-out split.
+
+    Θ(W^0) is computed once (closed form, :func:`fedavg_relu.mechanism.ntk_gram`);
+    each :meth:`change` costs one forward pass of the P probes, their ``P c`` output
+    directions carried down to the lowest trained layer, and a few ``P x P`` Grams.
+    """
+
+    def __init__(self, model, initial_params, x_test: torch.Tensor, size: int, seed: int) -> None:
+        self.x_probe = x_test[probe_indices(len(x_test), size, seed)]
+        self.theta_init = ntk_gram(model, initial_params, self.x_probe)
+
+    def change(self, model) -> float:
+        """``||Θ(W) − Θ(W^0)||_F / ||Θ(W^0)||_F`` at the model's current trained parameters W."""
+        return ntk_change(ntk_gram(model, None, self.x_probe), self.theta_init)
+
+
 def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     """Run ``num-server-rounds`` rounds on ``grid`` (or the rest of them, with ``resume``); return the run folder.
 
@@ -144,6 +175,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     checkpoint = load_checkpoint(run_dir, cfg) if cfg.resume else None
     done = checkpoint.round if checkpoint else 0
     writer = RunWriter(run_dir, tensorboard=cfg.tensorboard, rows=checkpoint.rows if checkpoint else None)
+    writer.resume_clients(done)  # a resumed run keeps the rows of its checkpointed rounds, a fresh one none
     writer.write_config(
         cfg,
         {
@@ -152,7 +184,9 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         },
     )
     strategy = build_strategy(cfg, learning_rate, round_offset=done)
+    strategy.setup_mechanism(nonlinear=cfg.drift_nonlinear, client_metrics=cfg.client_metrics)
     start_params = initial_params(cfg)
+    ntk = NtkTracker(model, start_params, test.x, cfg.ntk_probe_size, cfg.seed) if cfg.ntk_probe_size > 0 else None
     random.seed(cfg.seed)  # Flower samples clients with Python's `random`: make runs repeatable
     if checkpoint:
         checkpoint.restore(strategy)
@@ -172,9 +206,14 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         now = time.perf_counter()
         row = {"round": server_round, "test-loss": test_loss, "test-accuracy": test_acc}
         row.update(strategy.round_metrics.get(server_round, {}))
+        if ntk is not None:
+            row["ntk-change"] = ntk.change(model)
         row.update({"seconds": now - clock["last"], "elapsed": now - clock["start"]})
         clock["last"] = now
         writer.append_round(row)
+        client_rows = strategy.client_rows.pop(server_round, None)
+        if cfg.client_metrics and client_rows:
+            writer.append_clients(client_rows)
         every = cfg.checkpoint_every
         if server_round == cfg.num_server_rounds or (every > 0 and server_round % every == 0):
             save_checkpoint(run_dir, server_round, params, strategy, writer.rows, cfg)
