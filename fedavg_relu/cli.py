@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 import tomllib
@@ -132,9 +133,9 @@ def resume_command(overrides: Mapping[str, Any], run_dir: Path) -> str:
     """The ``fedavg-relu run`` command that continues ``run_dir`` from its last checkpoint (same config)."""
     from .flower_run import run_config_arg
 
-    keep = {k: v for k, v in overrides.items() if k not in ("resume", "run-name", "output-dir", "verbose")}
+    keep = {k: v for k, v in overrides.items() if k not in ("resume", "run-name", "output-dir")}
     keep.update({"resume": True, "run-name": run_dir.name, "output-dir": str(run_dir.parent)})
-    return f"fedavg-relu run --run-config '{run_config_arg(keep)}'"
+    return f"fedavg-relu run --run-config {shlex.quote(run_config_arg(keep))}"
 
 
 def _last_round(run_dir: Path) -> int | None:

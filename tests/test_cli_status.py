@@ -74,10 +74,28 @@ def test_interrupted_summary_without_reason_exits_1(tmp_path):
 
 def test_resume_command_repeats_the_config_and_names_the_folder(tmp_path):
     """The user's overrides stay (the checkpoint needs the same config); resume, folder and name are set."""
-    text = resume_command({"width": 64, "resume": False, "verbose": True}, tmp_path / "runs" / "r1")
+    text = resume_command({"width": 64, "resume": False, "run-name": "old"}, tmp_path / "runs" / "r1")
     assert text.startswith("fedavg-relu run --run-config '")
-    assert "width=64" in text and "resume=true" in text and "verbose" not in text
+    assert "width=64" in text and "resume=true" in text and "resume=false" not in text and '"old"' not in text
     assert 'run-name="r1"' in text and f'output-dir="{tmp_path / "runs"}"' in text
+
+
+def test_resume_command_parses_to_the_checkpointed_config(tmp_path):
+    """The hint's --run-config, parsed as flwr parses it, gives the interrupted run's config up to resumable keys."""
+    import shlex
+
+    from fedavg_relu.checkpoint import RESUMABLE_CHANGES
+    from fedavg_relu.cli import parse_overrides, resolve
+
+    user = {"dataset": "synthetic", "width": 64, "partitioner": "dirichlet", "dirichlet-alpha": 0.3, "verbose": True}
+    run_dir = tmp_path / "my runs" / "r 1"
+    ran = resolve(Path(APP_DIR), {**user, "output-dir": str(run_dir.parent), "run-name": run_dir.name})
+    argv = shlex.split(resume_command(user, run_dir))
+    assert argv[:4] == ["fedavg-relu", "run", "--run-config", argv[3]] and len(argv) == 4
+    resumed = resolve(Path(APP_DIR), parse_overrides([argv[3]]))
+    assert resumed.resume is True
+    differ = {k for k, v in resumed.to_mapping().items() if ran.to_mapping()[k] != v}
+    assert differ <= RESUMABLE_CHANGES and "resume" in differ
 
 
 def test_report_interrupted_writes_the_summary_when_the_serverapp_did_not(tmp_path):
