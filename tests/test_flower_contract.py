@@ -505,9 +505,12 @@ def test_fast_paths_are_active_in_a_real_simulation(tmp_path):
     """simulate(): 2 nodes, 2 rounds, width 32, synthetic data, drift metrics on.
 
     Per round each node gets a train and a drift instruction: 8 instructions. The seam's
-    extractor must have run event-driven (never the polling fallback), been woken by at
-    least 8 stores and delivered at least 8 instructions, and the grid's pull interval
-    must have been lowered once. Afterwards Flower's own extractor is back in place.
+    extractor must have run event-driven (never the polling fallback) and delivered at
+    least 8 instructions, each woken by its store except round 1's train instructions
+    (stored by the ServerApp while the runtime still starts its actors, before the
+    extractor thread exists: its first sweep finds them; measured 6 wakes for 8
+    deliveries), and the grid's pull interval must have been lowered once. Afterwards
+    Flower's own extractor is back in place.
     """
     from flwr.server.superlink.fleet.vce import vce_api
 
@@ -525,7 +528,7 @@ def test_fast_paths_are_active_in_a_real_simulation(tmp_path):
     assert [r["round"] for r in read_metrics(run_dir)] == [0, 1, 2]
     assert counts.get("extractor-event-driven", 0) >= 1, counts
     assert counts.get("extractor-polling", 0) == 0, counts
-    assert counts.get("extractor-woken-by-store", 0) >= 8, counts
     assert counts.get("extractor-delivered", 0) >= 8, counts
+    assert counts.get("extractor-woken-by-store", 0) >= counts["extractor-delivered"] - 2, counts
     assert counts.get("pull-interval-lowered", 0) == 1, counts
     assert vce_api.add_messages_to_queue is original
