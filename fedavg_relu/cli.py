@@ -100,22 +100,47 @@ class RunOutcome:
     lines: list[str]
 
 
+def first_error(output: str) -> str | None:
+    """One line saying what went wrong in a ``flwr run`` stream: the app's first ``ERROR`` record (a
+    ``fedavg-relu: ...`` message, with its ``  - `` problem lines), else Flower's last one; ``None`` if none."""
+    from .console import split_level
+
+    lines = output.splitlines()
+    parsed = [split_level(line) for line in lines]
+    errors = [i for i, (level, _) in enumerate(parsed) if level in ("ERROR", "CRITICAL")]
+    if not errors:
+        return None
+    ours = [i for i in errors if parsed[i][1].startswith("fedavg-relu:")]
+    if not ours:
+        return parsed[errors[-1]][1][:1000]
+    i = ours[0]
+    parts = [parsed[i][1].removeprefix("fedavg-relu:").strip()]
+    for line in lines[i + 1 :]:
+        if not line.startswith("  - "):
+            break
+        parts.append(line.strip())
+    return " ".join(parts)[:1000]
+
+
 def run_outcome(
-    summary: Mapping[str, Any] | None, flwr_status: str, flwr_returncode: int, run_id: int | None, run_dir: Path
+    summary: Mapping[str, Any] | None, flwr_status: str, flwr_returncode: int, run_id: int | None, run_dir: Path,
+    output: str = "",
 ) -> RunOutcome:
     """Exit 0 only when ``summary.json`` says completed and Flower says ``finished:completed`` (exit 0).
 
     ``summary`` is the run folder's ``summary.json`` written by this attempt
-    (``None`` when there is none).
+    (``None`` when there is none); ``output`` is the ``flwr run`` stream, from
+    which the first error is quoted when there is no summary.
     """
     from .console import format_summary
 
     flwr_ok = flwr_returncode == 0 and flwr_status == "finished:completed"
     flwr_says = f"Flower reports run {run_id} ended {flwr_status} (flwr exit {flwr_returncode})"
     if summary is None:
+        error = first_error(output)
         reason = (
             f"fedavg-relu: failed: no summary.json in {run_dir}: the ServerApp stopped before it wrote how the "
-            f"run ended; {flwr_says}; see the log above"
+            f"run ended; {flwr_says}; " + (f"first error: {error}" if error else "see the log above")
         )
         return RunOutcome(1, [reason])
     lines = format_summary(summary).splitlines()
@@ -253,7 +278,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             args.fast_exit = True  # everything is stopped and written: skip the interpreter's slow teardown
             return interrupted.exit_code
     seconds = time.perf_counter() - t0
-    outcome = run_outcome(_fresh_summary(run_dir, started_at), result.status, result.returncode, result.run_id, run_dir)
+    outcome = run_outcome(
+        _fresh_summary(run_dir, started_at), result.status, result.returncode, result.run_id, run_dir, result.output
+    )
     if outcome.exit_code == 0:
         outcome.lines[0] += f" in {seconds:.0f}s"
     for line in outcome.lines:

@@ -146,9 +146,17 @@ _NOISE = tuple(
 )
 
 
+def split_level(line: str) -> tuple[str | None, str]:
+    """``(level, message)`` of a streamed log line: Flower's ``INFO``/``ERROR``/... (``None`` when the line has no
+    level prefix) and the text without colour codes, Ray's actor prefix and the level prefix, stripped."""
+    text = _ACTOR_PREFIX.sub("", _ANSI.sub("", line).strip())
+    match = _LEVEL_PREFIX.match(text)
+    return (match.group(1), text[match.end() :].strip()) if match else (None, text.strip())
+
+
 def strip_level(line: str) -> str:
     """``line`` without Ray's actor prefix, Flower's ``INFO :`` / ``WARNING :`` prefix and colour codes, stripped."""
-    return _LEVEL_PREFIX.sub("", _ACTOR_PREFIX.sub("", _ANSI.sub("", line).strip())).strip()
+    return split_level(line)[1]
 
 
 def is_noise_line(line: str) -> bool:

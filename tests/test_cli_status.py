@@ -58,6 +58,23 @@ def test_missing_summary_exits_1_and_says_so(tmp_path):
     assert "finished:failed" in outcome.lines[-1]
 
 
+def test_missing_summary_quotes_the_apps_first_error(tmp_path):
+    """No summary.json, and the stream holds the app's ConfigError (3 lines) and a later Flower error: the app's is quoted."""
+    output = (
+        "Successfully started run 7\n"
+        "\x1b[91mERROR \x1b[0m:     fedavg-relu: invalid run configuration (1 problem(s)):\n"
+        "  - width=3: expected 64, the value of the checkpointed run\n"
+        "\x1b[91mERROR \x1b[0m:     Exit Code: 700\n"
+    )
+    outcome = run_outcome(None, "finished:failed", 0, 7, tmp_path, output)
+    assert outcome.lines[-1].endswith(
+        "first error: invalid run configuration (1 problem(s)): - width=3: expected 64, the value of the checkpointed run"
+    )
+    assert run_outcome(None, "finished:failed", 0, 7, tmp_path, output.replace("fedavg-relu: ", "")).lines[-1].endswith(
+        "first error: Exit Code: 700"
+    )
+
+
 def test_completed_summary_but_flower_failed_exits_1(tmp_path):
     """The ServerApp wrote completed but Flower reports a failure afterwards: exit 1, Flower's status last."""
     outcome = run_outcome(_summary("completed"), "finished:failed", 0, 7, tmp_path)
