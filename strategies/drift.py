@@ -546,7 +546,7 @@ class DriftMeasurement:
             del gradient
         errors.log_repeats()
         if self.client_metrics:
-            self.client_rows[server_round] = rows
+            self.client_rows[server_round] = sorted(rows, key=_client_order)
         mean_grad_sq = None
         if grad_sum is not None and len(drifts) > 0:
             total = float(sum(d.num_examples for d in drifts))
@@ -605,6 +605,12 @@ def _parse_drift_reply(
         if not all(np.isfinite(g).all() for g in gradient.values()):
             raise ValueError("non-finite gradient")
     return drift, gradient
+
+
+def _client_order(row: Mapping[str, Any]) -> tuple[bool, int]:
+    """Per-client rows by client (partition) id, rows without one last by node id: a file independent of reply order."""
+    client = row.get("client")
+    return (client is None, int(client if client is not None else row.get("node", 0)))
 
 
 def _partition_id(reply: Message) -> int | None:

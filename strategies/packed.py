@@ -43,7 +43,7 @@ from fedavg_relu.packed import DriftSums, client_rows_from_lists, lockstep_metri
 from fedavg_relu.records import arrays_to_params
 from fedavg_relu.streaming import node_of
 
-from .drift import ErrorTally
+from .drift import ErrorTally, _client_order
 from .fedavg import DriftFedAvg
 # sums a packed drift reply may legitimately carry as NaN (a zero gradient norm; unknown W^0 patterns)
 _NAN_ALLOWED = {"relative", "relative-max", "flips-init", "smoothness-max"}
@@ -198,7 +198,7 @@ class PackedFedAvg(DriftFedAvg):
                     grad_sum[k] += v
         errors.log_repeats()
         if self.client_metrics:
-            self.client_rows[server_round] = rows
+            self.client_rows[server_round] = sorted(rows, key=_client_order)
         mean_grad_sq = None
         if grad_sum is not None and total.num_clients > 0:
             mean_grad_sq = float(sum(np.sum((g / total.num_examples) ** 2) for g in grad_sum.values()))
