@@ -6,6 +6,8 @@ Two parts, each printed as a Markdown table (the README's "Deployment" section q
 ``size``     the model's parameter count and wire size at the run config, and the peak
              memory (RSS) of one client's training step and drift measurement, each in a
              fresh Python process so that earlier peaks do not hide it.
+``stop``     seconds from SIGTERM to exit of a ClientApp worker (idle with torch loaded, and
+             1 s into a long train task) and of a SuperNode, in a 1-node deployment.
 ``latency``  a TLS + node-auth deployment on loopback (:class:`fedavg_relu.deploy.Deployment`)
              with 2 SuperNodes, run once with Flower's default isolation (a new
              ``flwr-clientapp`` process per message) and once with ``--isolation process`` and
@@ -19,6 +21,7 @@ Usage::
     python benchmarks/deploy_latency.py                    # both parts, default config (width 2048, digits)
     python benchmarks/deploy_latency.py size -c "width=4096"
     python benchmarks/deploy_latency.py latency --rounds 5
+    python benchmarks/deploy_latency.py stop
 """
 
 from __future__ import annotations
@@ -228,9 +231,74 @@ def print_latency(results: list[dict], config: str) -> None:
                   f"{', '.join(f'{m:.0f}' for m in r['worker-peak-mib'])} MiB")
 
 
+# --- stop ---------------------------------------------------------------------------
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def _sigterm_seconds(proc: subprocess.Popen) -> tuple[float, int]:
+    """SIGTERM ``proc``; (seconds until it exited, its exit code)."""
+    import signal  # noqa: PLC0415
+
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    return time.monotonic() - t0, code
+
+
+def measure_stop(certs: Path, work: Path) -> dict:
+    """SIGTERM -> exit of an idle worker, a busy worker (train task) and a SuperNode."""
+    import threading  # noqa: PLC0415
+
+    from fedavg_relu.deploy import Deployment, stop_groups  # noqa: PLC0415
+
+    out: dict = {}
+    with Deployment(certs, home=work / "home-stop") as dep:
+        dep.register(certs / "supernode-1.pub")
+        node = dep.start_supernode(certs / "supernode-1", {"partition-id": 0})
+        dep.wait_online(1, timeout=120)
+        _wait_for(lambda: "serving the SuperNode Runtime API" in node.worker_log(), 180, "idle worker")
+        out["worker-idle"] = _sigterm_seconds(node.worker)
+        dep.start_worker(node)
+        _wait_for(lambda: node.worker_log().count("serving the SuperNode Runtime API") >= 2, 180, "restarted worker")
+
+        def terminate_mid_task() -> None:
+            _wait_for(lambda: "ClientApp worker: loaded" in node.worker_log(), 600, "train task")
+            time.sleep(1.0)
+            out["worker-busy"] = _sigterm_seconds(node.worker)
+
+        watcher = threading.Thread(target=terminate_mid_task, daemon=True)
+        watcher.start()
+        t0 = time.monotonic()
+        dep.run(ROOT, {"num-server-rounds": 1, "num-partitions": 1, "dataset": "synthetic", "width": 256,
+                       "local-steps": 1_000_000, "round-timeout": 600.0, "output-dir": str(work / "runs"),
+                       "run-name": "stop"}, timeout=900)
+        watcher.join(timeout=60)
+        out["run-after-busy-sigterm"] = time.monotonic() - t0
+        node_seconds = stop_groups([node.process], term_wait=30.0)
+        out["supernode"] = (node_seconds, node.process.returncode)
+    return out
+
+
+def print_stop(r: dict) -> None:
+    print("\n### SIGTERM to exit (1-node deployment on loopback)\n")
+    print("| process, state | seconds | exit code |\n| --- | --- | --- |")
+    labels = {"worker-idle": "ClientApp worker, idle (torch loaded)",
+              "worker-busy": "ClientApp worker, 1 s into a train task (abandoned)",
+              "supernode": "SuperNode (Flower's handler: deregisters, stops its Runtime API)"}
+    for key, label in labels.items():
+        if key in r:
+            seconds, code = r[key]
+            print(f"| {label} | {seconds:.2f} | {code} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", nargs="?", choices=["size", "latency", "all"], default="all")
+    parser.add_argument("part", nargs="?", choices=["size", "latency", "stop", "all"], default="all")
     parser.add_argument("-c", "--run-config", default="", help="run-config overrides, e.g. \"width=4096\"")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per latency run (default 4)")
     parser.add_argument("--isolation", choices=["subprocess", "process", "both"], default="both")
@@ -253,6 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = RunConfig.from_mapping(overrides)
         print_latency(raw["latency"], f"{cfg.model_family}, m={cfg.width}, {cfg.dataset}, tau={cfg.local_steps}, "
                       f"{args.rounds} rounds, overrides: {' '.join(f'{k}={toml_value(v)}' for k, v in overrides.items()) or 'none'}")
+    if args.part in ("stop", "all"):
+        from make_certs import make_certificates
+
+        with tempfile.TemporaryDirectory(prefix="fr-deploy-stop-") as tmp:
+            make_certificates(Path(tmp) / "certs", num_nodes=1)
+            raw["stop"] = measure_stop(Path(tmp) / "certs", Path(tmp))
+        print_stop(raw["stop"])
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str))
     return 0

@@ -247,7 +247,7 @@ def test_supernode_killed_mid_run(certs, node_files, tmp_path):
         watcher.start()
         pids = [dep.superlink.pid, survivor.process.pid, survivor.worker.pid]
         result = dep.run(
-            APP_DIR, {**RUN, "round-timeout": 15.0, "output-dir": str(tmp_path), "run-name": "killed"}, timeout=300
+            APP_DIR, {**RUN, "round-timeout": 30.0, "output-dir": str(tmp_path), "run-name": "killed"}, timeout=400
         )
         killed.set()
         watcher.join(timeout=5)
