@@ -28,7 +28,7 @@ from .results import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # keys that may differ between the interrupted run and its resumption
-RESUMABLE_CHANGES = frozenset({"resume", "num-server-rounds", "round-timeout", "tensorboard", "checkpoint-every"})
+RESUMABLE_CHANGES = frozenset({"resume", "num-server-rounds", "round-timeout", "tensorboard", "checkpoint-every", "verbose"})
 
 
 @dataclass
@@ -80,7 +80,9 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig) -> Checkpoint | None:
     if not path.exists():
         return None
     payload = torch.load(path, weights_only=False)  # our own file, written by save_checkpoint
-    saved, current = payload["config"], cfg.to_mapping()
+    # a key the checkpointed run did not know yet (added in a later version) had its default then
+    saved = dict(RunConfig().to_mapping(), **payload["config"])
+    current = cfg.to_mapping()
     problems = [
         f"{key}={current.get(key)!r}: expected {saved.get(key)!r}, the value of the checkpointed run in {run_dir}"
         for key in sorted(set(saved) | set(current))

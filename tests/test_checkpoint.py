@@ -117,3 +117,21 @@ def test_checkpoint_every(tmp_path, monkeypatch, every, expected):
 def test_checkpoint_every_is_validated():
     with pytest.raises(ConfigError, match="checkpoint-every=-1"):
         RunConfig.from_mapping({"checkpoint-every": -1})
+
+
+def test_resume_of_a_checkpoint_from_before_a_new_key(tmp_path):
+    """A checkpoint written before a config key existed (here: max-update-ratio, dropped from its saved
+    config) resumes when the run uses that key's default, and is refused with any other value."""
+    import torch
+
+    cfg = {"dataset": "synthetic", "synthetic-num-examples": 60, "num-partitions": 2, "width": 32,
+           "num-server-rounds": 1, "output-dir": str(tmp_path), "run-name": "old"}
+    run_in_process(cfg)
+    path = tmp_path / "old" / "checkpoint.pt"
+    payload = torch.load(path, weights_only=False)
+    del payload["config"]["max-update-ratio"]
+    torch.save(payload, path)
+    rows = read_metrics(run_in_process(dict(cfg, **{"num-server-rounds": 2, "resume": True})))
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"max-update-ratio=5.0: expected 100.0"):
+        run_in_process(dict(cfg, **{"num-server-rounds": 3, "resume": True, "max-update-ratio": 5.0}))
