@@ -93,3 +93,23 @@ def test_bad_data_file_is_an_error_reply_not_a_crash(tmp_path):
     strategy.start(grid=grid, initial_arrays=params_to_arrays(initial_params(CFG)), num_rounds=1, train_config=train_config(CFG, 0.1))
     row = strategy.round_metrics[1]
     assert (row["clients-trained"], row["clients-failed"], row["clients-measured"]) == (1, 1, 1)
+
+
+def test_drift_handler_measures_the_fraction_and_names_its_partition(tmp_path, monkeypatch):
+    """drift-nonlinear and client-metrics in the drift ConfigRecord: the reply carries nonlinear-fraction (W_k = W^r
+    vs the initial W^0 here: a positive number) and partition-id 1; without them, neither key."""
+    monkeypatch.setenv("FEDAVG_RELU_SPILL_DIR", str(tmp_path))
+    app, ctx = build_client_app(), _context({"partition-id": 1})
+    replies = []
+    for switches in ({"drift-nonlinear": True, "client-metrics": True}, {}):
+        trained = app(_train_message(), ctx)
+        query = Message(
+            content=RecordDict({"arrays": params_to_arrays(initial_params(CFG)),
+                                "config": ConfigRecord({"server-round": 1, **switches})}),
+            dst_node_id=7, message_type="query.drift",
+        )
+        assert trained.content["metrics"]["local-steps"] == 2
+        replies.append(app(query, ctx).content["metrics"])
+    on, off = replies
+    assert on["partition-id"] == 1 and 0 < on["nonlinear-fraction"] < 2
+    assert "partition-id" not in off and "nonlinear-fraction" not in off

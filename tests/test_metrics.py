@@ -205,3 +205,56 @@ def test_measured_gradient_matches_autograd_on_copy():
     ref = torch.autograd.grad(loss, [p for p in other.parameters() if p.requires_grad])
     for (name, g), r in zip(grad.items(), ref, strict=True):
         np.testing.assert_allclose(g, r.numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+# --- issue 14: the nonlinear drift fraction and the per-client row ---------------------------------
+def test_summarize_drift_nonlinear_fraction_mean_and_max_leave_out_unmeasured():
+    """n = (10, 30, 60) with fractions (0.2, 0.6, NaN): the NaN client is left out, p renormalised over n = (10, 30).
+
+    p = (.25, .75): mean = .25*.2 + .75*.6 = 0.5; max = 0.6. Without any number: no key at all.
+    """
+    drifts = [
+        ClientDrift(10, 1.0, 0.5, 1.0, 1.0, 0.1, 0.1, 0.0, 0.0, 0.2),
+        ClientDrift(30, 1.0, 0.5, 1.0, 1.0, 0.1, 0.1, 0.0, 0.0, 0.6),
+        ClientDrift(60, 1.0, 0.5, 1.0, 1.0, 0.1, 0.1, 0.0, 0.0),
+    ]
+    out = summarize_drift(drifts, 1.0)
+    assert out["nonlinear-drift-fraction-mean"] == pytest.approx(0.5)
+    assert out["nonlinear-drift-fraction-max"] == pytest.approx(0.6)
+    assert "nonlinear-drift-fraction-mean" not in summarize_drift(drifts[2:], 1.0)
+
+
+def test_client_row_columns_by_hand():
+    """drift 0.3 over ||grad f_k(W^{r+1})|| 1.5 -> relative 0.2; loss-after = f_k(W^{r+1}) = 1.0; local-steps 5.0 -> 5.
+
+    The nonlinear column only when asked for (drift-nonlinear), NaN kept as NaN (the writer turns it into null).
+    """
+    from fedavg_relu.metrics import client_row
+
+    d = ClientDrift(8, 1.0, 0.5, 1.5, 2.0, 0.3, 0.4, 0.125, 0.0)
+    row = client_row(d, 1.25, 5.0, False)
+    assert row == {
+        "num-examples": 8, "local-steps": 5, "loss-before": 1.25, "loss-after": 1.0, "gradient-drift": 0.3,
+        "relative-gradient-drift": pytest.approx(0.2), "param-distance": 0.4, "activation-flips-local": 0.125,
+    }
+    assert math.isnan(client_row(d, 1.25, 5.0, True)["nonlinear-drift-fraction"])
+
+
+def test_measure_client_drift_nonlinear_matches_mechanism():
+    """nonlinear=True fills in mechanism.nonlinear_drift's fraction (given the same two gradients: rel 1e-5);
+    W_k = W̄ gives Δg = 0 and ΔW = 0: fraction 0 (0/0 is defined as 0 in mechanism._ratio)."""
+    from fedavg_relu.mechanism import nonlinear_drift
+
+    cfg = RunConfig(model_family="standard", width=16, depth=2, seed=3)
+    model = build_model(cfg, 4, 3)
+    params = get_trainable(model)
+    g = torch.Generator().manual_seed(1)
+    local = {k: v + 0.05 * torch.randn(v.shape, generator=g).numpy() for k, v in params.items()}
+    x, y = torch.randn(9, 4, generator=g), torch.randint(0, 3, (9,), generator=g)
+    drift, _ = measure_client_drift(model, local, params, x, y, "squared", nonlinear=True)
+    want = nonlinear_drift(model, local, params, x, y, "squared").fraction
+    assert drift.nonlinear_fraction == pytest.approx(want, rel=1e-5) and 0 < want < 1
+    same, _ = measure_client_drift(model, params, params, x, y, "squared", nonlinear=True)
+    assert same.nonlinear_fraction == 0.0
+    plain, _ = measure_client_drift(model, local, params, x, y, "squared")
+    assert math.isnan(plain.nonlinear_fraction)

@@ -76,6 +76,52 @@ def test_summarize_drift_sums_equals_summarize_drift():
     assert got["effective-smoothness-max"] == pytest.approx(2.0)  # client 1: 2.0 / 1.0; client 3 (dist 0) left out
 
 
+def test_nonlinear_sums_equal_summarize_drift_and_leave_out_nan():
+    """Fractions (0.2, NaN, 0.6, 0.4) at n = (10, 30, 20, 40), merged from two halves = summarize_drift's keys.
+
+    The NaN client (not measured) is left out: p over n = (10, 20, 40) = (1/7, 2/7, 4/7),
+    mean = (0.2 + 1.2 + 1.6) / 7 = 3/7, max = 0.6. Sums without any fraction: max stays -inf, no key.
+    """
+    import dataclasses
+
+    fractions = [0.2, math.nan, 0.6, 0.4]
+    base = [_drift(10, 1.0, 0.5, 2.0), _drift(30, 2.0, 1.0, 4.0), _drift(20, 0.5, 0.0, 1.0), _drift(40, 3.0, 2.0, 3.0)]
+    drifts = [dataclasses.replace(d, nonlinear_fraction=f) for d, f in zip(base, fractions, strict=True)]
+    left, right = DriftSums(), DriftSums()
+    for d in drifts[:2]:
+        left.add(d)
+    for d in drifts[2:]:
+        right.add(d)
+    merged = DriftSums.from_metrics(left.merge(right).to_metrics())
+    expected = summarize_drift(drifts, 0.1, 2.5)
+    got = summarize_drift_sums(merged, 0.1, 2.5)
+    assert set(got) == set(expected)
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-12), key
+    assert got["nonlinear-drift-fraction-mean"] == pytest.approx(3 / 7)
+    assert got["nonlinear-drift-fraction-max"] == 0.6
+    plain = DriftSums()
+    for d in base:
+        plain.add(d)
+    assert plain.nonlinear_max == -math.inf and "nonlinear-drift-fraction-mean" not in summarize_drift_sums(plain, 0.1)
+
+
+def test_client_row_lists_round_trip():
+    """client_row_lists -> client_rows_from_lists gives the same rows; a list of the wrong length is refused."""
+    from fedavg_relu.metrics import client_row
+    from fedavg_relu.packed import client_row_lists, client_rows_from_lists
+
+    drifts = [_drift(10, 1.0, 0.5, 2.0), _drift(30, 2.0, 1.0, 4.0)]
+    values = client_row_lists([7, 9], drifts, [1.5, 2.5], [3, 4], False)
+    assert values["client/ids"] == [7, 9] and "client/nonlinear-drift-fraction" not in values
+    rows = client_rows_from_lists(values)
+    assert rows == [dict(client=k, **client_row(d, b, t, False)) for k, d, b, t in zip([7, 9], drifts, [1.5, 2.5], [3, 4])]
+    values["client/gradient-drift"] = [1.0]
+    with pytest.raises(ValueError, match="client/gradient-drift: 1 values for 2 clients"):
+        client_rows_from_lists(values)
+    assert client_rows_from_lists({}) == []
+
+
 def test_empty_sums_summarize_to_nothing():
     """No client measured: an empty dict, like summarize_drift([])."""
     assert summarize_drift_sums(DriftSums(), 0.1) == {} == summarize_drift([], 0.1)
@@ -197,6 +243,27 @@ def test_packed_and_standard_give_same_model_and_metrics(tmp_path, clients_per_n
     _assert_rows_match(rows_a, rows_b)
     assert rows_b[-1]["clients-trained"] == 6 and rows_b[-1]["clients-measured"] == 6
     assert rows_a[-1]["gradient-drift-mean"] > 0
+
+
+def test_packed_and_standard_nonlinear_fraction_and_client_rows(tmp_path):
+    """drift-nonlinear=true, 1 round: packed (2 nodes x 3) = standard for every metric, the nonlinear ones included,
+    and the same clients.jsonl rows per client (rel 1e-5: the vectorized cohort's float32 rounding, see
+    tests/test_cohort.py; the fraction is a difference of gradients over a difference of gradients)."""
+    from fedavg_relu.results import read_clients
+
+    base = dict(SMALL, **{"output-dir": str(tmp_path), "drift-nonlinear": True, "num-server-rounds": 1})
+    std = run_in_process(dict(base, **{"run-name": "std"}))
+    packed = run_in_process(dict(base, **{"run-name": "packed", "clients-per-node": 3}))
+    rows_a, rows_b = read_metrics(std), read_metrics(packed)
+    _assert_rows_match(rows_a, rows_b, rel=1e-5)
+    assert 0 < rows_a[-1]["nonlinear-drift-fraction-mean"] <= rows_a[-1]["nonlinear-drift-fraction-max"]
+    clients_a = {c["client"]: c for c in read_clients(std)}
+    clients_b = {c["client"]: c for c in read_clients(packed)}
+    assert sorted(clients_a) == sorted(clients_b) == list(range(6))
+    for k, a in clients_a.items():
+        for column, value in a.items():
+            if column != "node":
+                assert clients_b[k][column] == pytest.approx(value, rel=1e-5, abs=1e-8), (k, column)
 
 
 @pytest.mark.parametrize("lockstep", ["", "1,3"])

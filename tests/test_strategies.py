@@ -303,3 +303,73 @@ def test_node_snapshot_lets_flower_wait_for_nodes_to_connect():
     strategy = build_strategy(cfg, 0.1)
     messages = list(strategy.configure_train(1, params_to_arrays(initial_params(cfg)), train_config(cfg, 0.1), grid))
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
+
+
+# --- issue 14: what the drift exchange also carries --------------------------------------------------
+def _drift_reply(metrics: dict) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=3, message_type="query.drift")
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=request)
+
+
+def test_drift_reply_nonlinear_fraction_may_be_absent_or_nan_but_not_infinite():
+    """No fraction or a NaN one parses (NaN: not measured / ||Δg|| = 0 alone); +inf is rejected as non-finite."""
+    from fedavg_relu.metrics import ClientDrift
+    from strategies.drift import _parse_drift_reply
+
+    base = ClientDrift(5, 1.0, 0.5, 2.0, 1.5, 0.3, 0.2, 0.1, 0.0).to_metrics()
+    assert math.isnan(_parse_drift_reply(_drift_reply(base), False, {})[0].nonlinear_fraction)
+    assert math.isnan(_parse_drift_reply(_drift_reply(dict(base, **{"nonlinear-fraction": math.nan})), False, {})[0].nonlinear_fraction)
+    assert _parse_drift_reply(_drift_reply(dict(base, **{"nonlinear-fraction": 0.25})), False, {})[0].nonlinear_fraction == 0.25
+    with pytest.raises(ValueError, match="non-finite"):
+        _parse_drift_reply(_drift_reply(dict(base, **{"nonlinear-fraction": math.inf})), False, {})
+
+
+def test_drift_messages_carry_the_switches_and_rows_name_the_partition():
+    """drift-nonlinear / client-metrics go out in the drift ConfigRecord; each row names its partition and node.
+
+    2 clients, 1 round, drift-nonlinear on: client_rows[1] has one row per partition (0, 1), with the fraction;
+    the round's nonlinear-drift-fraction-mean is their p-weighted mean. client-metrics off: no rows kept.
+    """
+    cfg = RunConfig(dataset="synthetic", synthetic_num_examples=60, num_partitions=2, width=16, local_steps=2,
+                    drift_nonlinear=True)
+    from fedavg_relu.data import dataset_shape
+
+    lr = cfg.effective_learning_rate(dataset_shape(cfg)[0])
+    grid = LocalGrid(build_client_app(), 2, cfg.to_mapping())
+    strategy = build_strategy(cfg, lr)
+    strategy.setup_mechanism(nonlinear=True, client_metrics=True)
+    strategy.start(grid=grid, initial_arrays=params_to_arrays(initial_params(cfg)), num_rounds=1, train_config=train_config(cfg, lr))
+    drift_configs = [m.content["config"] for m in grid.sent if m.metadata.message_type == "query.drift"]
+    assert drift_configs and all(c["drift-nonlinear"] is True and c["client-metrics"] is True for c in drift_configs)
+    rows = strategy.client_rows[1]
+    assert [r["client"] for r in rows] == [0, 1] and all(r["round"] == 1 and r["local-steps"] == 2 for r in rows)
+    n = np.array([r["num-examples"] for r in rows], float)
+    mean = float(n @ np.array([r["nonlinear-drift-fraction"] for r in rows]) / n.sum())
+    assert strategy.round_metrics[1]["nonlinear-drift-fraction-mean"] == pytest.approx(mean, rel=1e-12)
+    off = build_strategy(cfg, lr)
+    off.setup_mechanism(nonlinear=False, client_metrics=False)
+    grid = LocalGrid(build_client_app(), 2, cfg.to_mapping())
+    off.start(grid=grid, initial_arrays=params_to_arrays(initial_params(cfg)), num_rounds=1, train_config=train_config(cfg, lr))
+    assert off.client_rows == {} and "nonlinear-drift-fraction-mean" not in off.round_metrics[1]
+
+
+def test_packed_drift_sums_without_any_fraction_are_valid_and_bad_rows_are_rejected():
+    """nonlinear-max = -inf passes while nonlinear-examples = 0 (nothing measured), not otherwise; rows of the wrong count are refused."""
+    from fedavg_relu.metrics import ClientDrift
+    from fedavg_relu.packed import DriftSums, client_row_lists
+    from strategies.packed import PackedFedAvg
+
+    strategy = PackedFedAvg()
+    strategy.setup_drift(initial_params(RunConfig(width=8)), 0.1, gradient_dissimilarity=False)
+    sums = DriftSums()
+    drift = ClientDrift(5, 1.0, 0.5, 2.0, 1.5, 0.3, 0.2, 0.1, 0.0)
+    sums.add(drift, 1.2)
+    values = sums.to_metrics()
+    assert values["nonlinear-max"] == -math.inf
+    strategy._parse_packed_drift(_drift_reply(values))  # valid
+    with pytest.raises(ValueError, match="nonlinear-max"):
+        strategy._parse_packed_drift(_drift_reply(dict(values, **{"nonlinear-examples": 5.0})))
+    rows = client_row_lists([3], [drift], [1.2], [2], False)
+    assert strategy._parse_client_rows(_drift_reply(dict(values, **rows)), 1)[0]["client"] == 3
+    with pytest.raises(ValueError, match="1 per-client rows for num-clients=2"):
+        strategy._parse_client_rows(_drift_reply(dict(values, **rows)), 2)
