@@ -55,7 +55,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 #: The next front-door README, written under docs/ until it replaces README.md; its links are relative to the root.
-NEXT_README = "docs/_README.next.md"
+NEXT_README = "docs/_README.next.md"  # a draft front door, when one is being written
 
 MARKER = re.compile(r"<!--\s*render:(?P<name>[a-z0-9-]+)(?P<args>[^>]*?)\s*-->(?P<body>.*?)<!--\s*/render:(?P=name)\s*-->", re.S)
 OPENING = re.compile(r"<!--\s*render:([a-z0-9-]+)")
