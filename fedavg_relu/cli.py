@@ -238,7 +238,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides["run-name"] = run_dir.name
     num_supernodes = args.num_supernodes or cfg.num_nodes  # packed mode: ceil(num-partitions / clients-per-node)
     if args.cpus_per_client is None:
-        args.cpus_per_client = default_cpus_per_client(num_supernodes)
+        args.cpus_per_client = default_cpus_per_client(num_supernodes, joining=bool(os.environ.get("RAY_ADDRESS")))  # a cluster node may have fewer cores
     print(
         f"fedavg-relu: {cfg.model_family} m={cfg.width} L={cfg.depth} tau={cfg.local_steps} on {cfg.dataset} "
         f"({cfg.partitioner}, {cfg.num_partitions} clients, {num_supernodes} SuperNodes, "
