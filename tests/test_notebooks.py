@@ -43,7 +43,7 @@ def test_theory_notebook_runs_in_small_mode(tmp_path, monkeypatch):
     printed = re.search(r"\{1: '.*?'\}", summary)  # the summary cell prints {n: verdict} of every prediction
     assert printed is not None, summary[-2000:]
     verdicts = ast.literal_eval(printed.group(0))
-    assert sorted(verdicts) == [1, 2, 3, 4, 5, 6]
+    assert set(range(1, 7)) <= set(verdicts)  # predictions 1-6 (and any added later)
     assert all(v in ("agrees", "disagrees") for v in verdicts.values()), verdicts  # each one measured
     figures = sorted(p.name for p in (tmp_path / "sweep" / "figures").glob("*.png"))
     assert "fig1_loss_vs_round.png" in figures and "fig6_central_gap_vs_width.png" in figures
