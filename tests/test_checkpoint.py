@@ -135,3 +135,28 @@ def test_resume_of_a_checkpoint_from_before_a_new_key(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     with pytest.raises(ConfigError, match=r"max-update-ratio=5.0: expected 100.0"):
         run_in_process(dict(cfg, **{"num-server-rounds": 3, "resume": True, "max-update-ratio": 5.0}))
+
+
+@pytest.mark.parametrize("strategy", [
+    "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+    pytest.param("scaffold", marks=pytest.mark.xfail(strict=True, reason=(
+        "known gap: SCAFFOLD's client control variates c_k live on the nodes, and a resumed simulation "
+        "starts new nodes with c_k = 0 while the server's c is restored; checkpointing c_k (server-side "
+        "sum of each client's dc_k) is not built yet"))),
+])
+def test_resume_equals_uninterrupted_for_every_stateful_strategy(tmp_path, strategy):
+    """2 rounds, then resume to 4 == 4 rounds straight, every metric (timings aside), for each strategy
+    whose server keeps state between rounds (momentum, Adam/Yogi/Adagrad moments, SCAFFOLD's c and c_k).
+
+    A resume that lost that state would restart the optimizer: rounds 3-4 would differ.
+    """
+    cfg = {"dataset": "synthetic", "synthetic-num-examples": 120, "num-partitions": 3, "width": 32,
+           "local-steps": 2, "strategy": strategy, "output-dir": str(tmp_path)}
+    straight = _history(run_in_process(dict(cfg, **{"num-server-rounds": 4, "run-name": "straight"})))
+    run_in_process(dict(cfg, **{"num-server-rounds": 2, "run-name": "resumed"}))
+    resumed = _history(run_in_process(dict(cfg, **{"num-server-rounds": 4, "run-name": "resumed", "resume": True})))
+    assert len(resumed) == 5
+    for a, b in zip(straight, resumed, strict=True):
+        assert set(a) == set(b)
+        for key, value in a.items():
+            assert b[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (strategy, a["round"], key)
