@@ -34,7 +34,8 @@ checks them too):
   (:mod:`fedavg_relu.streaming` hands it a generator);
 * ``Grid.push_messages(messages) -> ids`` gives each message its ``message_id`` and
   ``Grid.pull_messages(ids) -> replies`` answers with ``reply_to_message_id`` set
-  (:mod:`fedavg_relu.streaming`);
+  (:mod:`fedavg_relu.streaming`, :mod:`fedavg_relu.deploy`); pass the ids positionally:
+  flwr 1.43 renames that parameter from ``message_ids`` to ``reply_to_message_ids``;
 * ``flwr.superlink.grid.http_grid.pull_objects``, the module-level name
   ``HttpGrid.pull_messages`` calls, replaced by :mod:`fedavg_relu.deploy`;
 * :mod:`fedavg_relu.clientapp_worker`: ``flwr.proto.runtime_pb2``, ``flwr.supercore``
@@ -264,14 +265,19 @@ def pull_interval(grid, default: float) -> float:
 def ensure_task_identity(run_id: int = 1) -> None:
     """Give this process a task identity, which Flower needs to build messages outside an app.
 
+    The node is the SuperLink's (``SUPERLINK_NODE_ID``), as in a ServerApp process:
+    messages built here have the source a real grid expects (flwr 1.43's ``HttpGrid``
+    refuses any other). Fields already set are kept.
+
     Relies on: ``flwr.supercore.task_identity.TaskIdentity``, whose class properties
     ``run_id``, ``task_id`` and ``node_id`` raise ``RuntimeError`` until set and which
-    ``Message(...)`` reads (flwr 1.42.0; ``run_simulation`` sets them the same way).
-    Fields already set are kept.
+    ``Message(...)`` reads; ``flwr.common.constant.SUPERLINK_NODE_ID`` (flwr 1.42.0;
+    ``run_simulation`` sets them the same way).
     """
+    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    for field, value in (("run_id", run_id), ("task_id", 1), ("node_id", 0)):
+    for field, value in (("run_id", run_id), ("task_id", 1), ("node_id", SUPERLINK_NODE_ID)):
         try:
             getattr(TaskIdentity, field)
         except RuntimeError:

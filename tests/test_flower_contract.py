@@ -147,7 +147,7 @@ def test_extractor_on_a_real_link_state_wakes_on_store_and_delivers_once(monkeyp
     from fedavg_relu.streaming import StreamingGrid
 
     # instructions come from the SuperLink, in the run (as run_simulation sets TaskIdentity)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)  # what seam.ensure_task_identity sets too
     monkeypatch.setattr(TaskIdentity, "_run_id", 4242)
     state, mapping, grid = _simulation_state(run_id=4242)
     q: queue.Queue = queue.Queue()
@@ -219,7 +219,9 @@ def test_in_memory_grid_pull_interval():
 
 # --- 4. TaskIdentity ----------------------------------------------------------------------
 def test_task_identity_is_what_message_needs(monkeypatch):
-    """Unset, building a Message raises ``run_id is not set``; the seam sets it and keeps fields already set."""
+    """Unset, building a Message raises ``run_id is not set``; the seam sets it (node: the SuperLink's, the
+    source a grid expects) and keeps fields already set."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
     for field in ("run_id", "task_id", "node_id"):
@@ -228,10 +230,12 @@ def test_task_identity_is_what_message_needs(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", None)
     with pytest.raises(RuntimeError, match="run_id is not set"):
         _instruction(1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", None)
     monkeypatch.setattr(TaskIdentity, "_task_id", 55)
     seam.ensure_task_identity(run_id=31)
-    assert (TaskIdentity.run_id, TaskIdentity.task_id) == (31, 55)
-    assert _instruction(1).metadata.run_id == 31
+    assert (TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id) == (31, 55, SUPERLINK_NODE_ID)
+    message = _instruction(1)
+    assert (message.metadata.run_id, message.metadata.src_node_id) == (31, SUPERLINK_NODE_ID)
 
 
 # --- 5. strategy state saved in checkpoints ------------------------------------------------
@@ -376,10 +380,16 @@ def test_strategy_start_passes_send_and_receive_result_unconsumed():
 
 
 def test_grid_push_and_pull_signatures():
-    """The public Grid calls StreamingGrid makes: ``push_messages(messages)``, ``pull_messages(message_ids)``,
-    ``send_and_receive(messages, *, timeout)``."""
+    """The public Grid calls StreamingGrid makes: ``push_messages(messages)``, ``pull_messages(ids)``,
+    ``send_and_receive(messages, *, timeout)``.
+
+    The ids go to ``pull_messages`` positionally: flwr 1.43 renames the parameter
+    ``reply_to_message_ids`` (``message_ids`` stays as a deprecated keyword alias).
+    """
     assert _params(Grid.push_messages) == ["self", "messages"]
-    assert _params(Grid.pull_messages) == ["self", "message_ids"]
+    pull = list(inspect.signature(Grid.pull_messages).parameters.values())
+    assert pull[1].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    assert pull[1].name in ("message_ids", "reply_to_message_ids")
     params = inspect.signature(Grid.send_and_receive).parameters
     assert list(params)[:2] == ["self", "messages"] and params["timeout"].kind is inspect.Parameter.KEYWORD_ONLY
 
