@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from . import seam
+
 #: Seconds between two pulls while nothing arrived, for grids that do not say (Flower's HTTP grid: 3 s).
 DEFAULT_PULL_INTERVAL = 0.1
 
@@ -57,7 +59,7 @@ class StreamingGrid:
             self._dst[str(msg.metadata.message_id)] = int(msg.metadata.dst_node_id)
         pending = set(ids)
         del messages
-        interval = float(getattr(self._grid, "pull_interval", DEFAULT_PULL_INTERVAL))
+        interval = seam.pull_interval(self._grid, DEFAULT_PULL_INTERVAL)
         end = None if timeout is None else time.monotonic() + timeout
         while pending and (end is None or time.monotonic() < end):
             replies = list(self._grid.pull_messages(pending))
