@@ -57,7 +57,7 @@ def app_defaults(app_dir: Path) -> dict[str, Any]:
 
 def parse_overrides(text: list[str] | None) -> dict[str, Any]:
     """``key=value ...`` strings parsed exactly as ``flwr run --run-config`` parses them."""
-    from flwr.common.config import parse_config_args
+    from .seam import parse_config_args
 
     return dict(parse_config_args(text or None))
 
