@@ -38,7 +38,7 @@ ALWAYS_SHOWN = ("model-family", "dataset", "depth", "width", "local-steps", "lea
                 "batch-size", "num-partitions", "partitioner", "num-server-rounds")
 #: Columns never shown in captions (bookkeeping, not science).
 NEVER_SHOWN = ("output-dir", "run-name", "save-model", "round-timeout", "tensorboard", "resume",
-               "drift-metrics", "gradient-dissimilarity", "strategy")
+               "drift-metrics", "gradient-dissimilarity", "strategy", "drift-nonlinear", "client-metrics")
 #: Which groups of a theory sweep each figure reads (see ``sweeps/theory-*.toml``).
 WIDTH_GROUP, TAU_GROUP, NONIID_GROUP = "width", "tau", "non-iid"
 
@@ -415,6 +415,7 @@ def theory_figures(
                     "effective-smoothness-mean": "effective smoothness ‖Δ∇f_k‖/‖ΔW‖",
                     "effective-smoothness-lr-mean": "η × effective smoothness"},
             ax_per_y=True), out_dir / "fig4_drift_smoothness_vs_width", formats, dpi)
+        paths += _mechanism_figures(width, out_dir, formats, dpi)
     tau = _group(metrics, TAU_GROUP)
     rates = sorted(tau["learning-rate"].unique()) if len(tau) else []
     for lr in rates:  # one figure per learning rate (a suffix when there are several)
@@ -431,6 +432,36 @@ def theory_figures(
                     "central-distance-relative": "‖W_fed − W_central‖ / ‖W_fed − W^0‖",
                     "loss-gap": "F(W_fed) − F(W_central)"},
             reference_slope={"central-distance": -0.5}, ax_per_y=True), out_dir / "fig6_central_gap_vs_width", formats, dpi)
+    return paths
+
+
+def _has(table: pd.DataFrame, column: str) -> bool:
+    return column in table and pd.to_numeric(table[column], errors="coerce").notna().any()
+
+
+def _mechanism_figures(width: pd.DataFrame, out_dir: Path, formats: Sequence[str], dpi: int) -> list[Path]:
+    """Issue 14's figures, drawn when the width group recorded them (``drift-nonlinear``, ``ntk-probe-size`` > 0).
+
+    fig4b: the nonlinear drift fraction (mean over rounds of its p-weighted mean,
+    and of its max over clients) vs width; fig7: ``ntk-change`` at the last round vs
+    width with the lazy-training slope −1/2 as a guide.
+    """
+    paths: list[Path] = []
+    cells = per_cell(width, {"nonlinear-drift-fraction-mean": "mean", "nonlinear-drift-fraction-max": "mean",
+                             "ntk-change": "final"})
+    if _has(width, "nonlinear-drift-fraction-mean"):
+        paths += save_figure(plot_scaling(
+            cells, "width", ["nonlinear-drift-fraction-mean", "nonlinear-drift-fraction-max"],
+            "4b. Nonlinear part of the gradient drift ‖Δg − (1/n)JᵀJΔW‖/‖Δg‖ vs width (means over rounds)",
+            labels={"nonlinear-drift-fraction-mean": "p-weighted mean over clients",
+                    "nonlinear-drift-fraction-max": "max over clients"},
+            ylabel="nonlinear fraction of the drift"), out_dir / "fig4b_nonlinear_drift_vs_width", formats, dpi)
+    if _has(width, "ntk-change"):
+        paths += save_figure(plot_scaling(
+            cells, "width", ["ntk-change"],
+            "7. Tangent kernel change ‖Θ(W^R) − Θ(W^0)‖_F/‖Θ(W^0)‖_F at the last round vs width (held-out probes)",
+            labels={"ntk-change": "relative NTK change"}, reference_slope=-0.5, ylabel="relative NTK change"),
+            out_dir / "fig7_ntk_change_vs_width", formats, dpi)
     return paths
 
 

@@ -1,4 +1,4 @@
-"""THEORY.md's six predictions, checked against a theory sweep's tables.
+"""THEORY.md's predictions, checked against a theory sweep's tables.
 
 Each check returns a :class:`Check`: the prediction in words, the measured
 numbers (slopes of log-log fits, per-round rates, ratios), the rule that decides
@@ -15,6 +15,11 @@ flips against W^0, the centralized comparison) are taken at the last round;
 per-round quantities (drift, effective smoothness, flips between local and
 averaged models, divergence) are averaged over rounds 1..R of a cell. Seeds are
 then averaged at each width (τ) and the log-log slope fitted through the means.
+
+Issue 14's mechanism metrics enter when the tables carry them: prediction 4 adds
+the nonlinear drift fraction (``drift-nonlinear``) to its rule, and prediction 7
+(the tangent kernel moves less in wider networks) is checked when the width group
+recorded ``ntk-change``; tables without them are judged as before.
 
 This module does not import flwr.
 """
@@ -105,8 +110,12 @@ def _width_cells(metrics: pd.DataFrame) -> pd.DataFrame:
     return per_cell(_group(metrics, WIDTH_GROUP), {
         "distance-from-init": "final", "relative-distance-from-init": "final", "activation-flips-init": "final",
         "activation-flips-local": "mean", "relative-gradient-drift-mean": "mean", "effective-smoothness-mean": "mean",
-        "effective-smoothness-lr-mean": "mean",
+        "effective-smoothness-lr-mean": "mean", "nonlinear-drift-fraction-mean": "mean", "ntk-change": "final",
     })
+
+
+def _recorded(cells: pd.DataFrame, column: str) -> bool:
+    return column in cells and pd.to_numeric(cells[column], errors="coerce").notna().any()
 
 
 def check_distance(metrics: pd.DataFrame) -> Check:
@@ -143,7 +152,10 @@ def check_drift_smoothness(metrics: pd.DataFrame) -> Check:
     """4. Relative drift does not fall with m; smoothness grows ∝ m; η × smoothness stays bounded.
 
     Rule: relative-drift slope > −0.15, smoothness slope in [0.7, 1.3], η·smoothness |slope| < 0.15.
-    The non-linear part of the drift (optional in THEORY.md) is not measured.
+    When the width group recorded the nonlinear drift fraction (``drift-nonlinear=true``), the
+    prediction's first sentence is tested too: its slope (mean over rounds of the p-weighted
+    mean) must be < −0.1, the same bar as the flips of prediction 3. Without it, the
+    non-linear part is reported as not measured.
     """
     check = Check(4, "The raw relative drift is set by η̃τ, not width (does not fall with m); the effective "
                      "smoothness grows with the kernel's scale (∝ m); times η it stays bounded. "
@@ -159,6 +171,34 @@ def check_drift_smoothness(metrics: pd.DataFrame) -> Check:
     check.summary = (f"slopes: relative drift {drift:+.3f}, effective smoothness {smooth:+.3f}, "
                      f"η × smoothness {smooth_lr:+.3f}")
     check.agrees = bool(drift > -0.15 and 0.7 <= smooth <= 1.3 and abs(smooth_lr) < 0.15)
+    if _recorded(cells, "nonlinear-drift-fraction-mean"):
+        nonlinear = _slope(cells, "width", "nonlinear-drift-fraction-mean")
+        check.prediction = ("The non-linear part of the gradient drift falls with width; the raw relative drift is "
+                            "set by η̃τ, not width (does not fall with m); the effective smoothness grows with the "
+                            "kernel's scale (∝ m); times η it stays bounded.")
+        check.rule = "slopes vs m: nonlinear drift fraction < −0.1; " + check.rule.removeprefix("slopes vs m: ")
+        check.measured["slope-nonlinear-fraction"] = nonlinear
+        check.summary = f"slopes: nonlinear drift fraction {nonlinear:+.3f}, " + check.summary.removeprefix("slopes: ")
+        check.agrees = bool(check.agrees and nonlinear < -0.1)
+    return check
+
+
+def check_ntk_change(metrics: pd.DataFrame) -> Check:
+    """7. The relative NTK change after R rounds falls with width, log-log slope near −1/2.
+
+    ``ntk-change`` at the last round (held-out probe set, trace over outputs), seeds
+    averaged in log space per width. Rule: slope in [−0.7, −0.3], the band of prediction 2.
+    """
+    check = Check(7, "The tangent kernel moves less in wider networks: the relative NTK change after a fixed number "
+                     "of rounds falls with width (lazy training: log-log slope near −1/2).",
+                  rule="slope of log ‖Θ(W^R) − Θ(W^0)‖_F/‖Θ(W^0)‖_F vs log m in [−0.7, −0.3]")
+    cells = _width_cells(metrics)
+    if not len(cells) or not _recorded(cells, "ntk-change"):
+        return check
+    slope = _slope(cells, "width", "ntk-change")
+    check.measured = {"slope": slope}
+    check.summary = f"slope {slope:+.3f}"
+    check.agrees = bool(-0.7 <= slope <= -0.3)
     return check
 
 
@@ -251,11 +291,14 @@ def check_central_gap(cells: pd.DataFrame) -> Check:
 
 
 def check_all(metrics: pd.DataFrame, cells: pd.DataFrame) -> list[Check]:
-    """The six checks in order."""
-    return [
+    """The checks in order: the six of THEORY.md's first list, and 7 when the width group recorded ``ntk-change``."""
+    checks = [
         check_linear_convergence(metrics), check_distance(metrics), check_flips(metrics),
         check_drift_smoothness(metrics), check_local_steps(metrics), check_central_gap(cells),
     ]
+    if _recorded(_group(metrics, WIDTH_GROUP), "ntk-change"):
+        checks.append(check_ntk_change(metrics))
+    return checks
 
 
 def checks_table(checks: list[Check]) -> pd.DataFrame:

@@ -305,3 +305,50 @@ def test_client_drift_without_the_fraction_round_trips():
     assert "nonlinear-fraction" not in d.to_metrics() and math.isnan(ClientDrift.from_metrics(d.to_metrics()).nonlinear_fraction)
     e = ClientDrift(4, 1.0, 0.5, 2.0, 1.5, 0.3, 0.2, 0.1, 0.0, 0.25)
     assert e.to_metrics()["nonlinear-fraction"] == 0.25 and ClientDrift.from_metrics(e.to_metrics()) == e
+
+
+# --- predictions 4 (with the nonlinear fraction) and 7, and their figures ---------------------------
+def _mechanism_tables(nonlinear_exponent: float = -0.25):
+    """_theory_tables' laws plus nonlinear-drift-fraction-mean = 0.3 m^a and ntk-change = 0.5 m^-1/2 (rounds >= 1)."""
+    from _theory_tables import theory_tables
+
+    metrics, cells = theory_tables()
+    trained = (metrics["group"] == "width") & (metrics["round"] >= 1)
+    metrics.loc[trained, "nonlinear-drift-fraction-mean"] = 0.3 * metrics.loc[trained, "width"] ** nonlinear_exponent
+    metrics.loc[trained, "nonlinear-drift-fraction-max"] = 0.6 * metrics.loc[trained, "width"] ** nonlinear_exponent
+    metrics.loc[trained, "ntk-change"] = 0.5 * metrics.loc[trained, "width"] ** -0.5
+    return metrics, cells
+
+
+def test_prediction_4_uses_the_nonlinear_fraction_and_7_the_ntk_change():
+    """Fraction 0.3 m^-1/4: slope -0.25 < -0.1, prediction 4 agrees (its other slopes are _theory_tables' 0, 1, 0);
+    a constant fraction (slope 0) makes it disagree. ntk-change 0.5 m^-1/2: prediction 7's slope -0.5, agrees."""
+    from fedavg_relu.predictions import check_all, check_drift_smoothness, check_ntk_change, checks_markdown
+
+    metrics, cells = _mechanism_tables()
+    four = check_drift_smoothness(metrics)
+    assert four.measured["slope-nonlinear-fraction"] == pytest.approx(-0.25)
+    assert four.agrees is True and "nonlinear drift fraction -0.250" in four.summary
+    assert check_drift_smoothness(_mechanism_tables(0.0)[0]).agrees is False
+    seven = check_ntk_change(metrics)
+    assert seven.measured["slope"] == pytest.approx(-0.5) and seven.agrees is True
+    checks = check_all(metrics, cells)
+    assert [c.number for c in checks] == [1, 2, 3, 4, 5, 6, 7]
+    assert checks_markdown(checks).strip().splitlines()[-1].startswith("| 7 |")
+    from _theory_tables import theory_tables
+
+    plain, plain_cells = theory_tables()  # without the new columns: the six checks as before, 7 left out
+    assert len(check_all(plain, plain_cells)) == 6 and "slope-nonlinear-fraction" not in check_drift_smoothness(plain).measured
+
+
+def test_mechanism_figures_are_drawn_when_recorded(tmp_path):
+    """With both columns recorded, theory_figures adds fig4b (nonlinear fraction) and fig7 (ntk-change) as non-empty PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from fedavg_relu.plots import theory_figures
+
+    metrics, cells = _mechanism_tables()
+    names = {p.name for p in theory_figures(metrics, cells, tmp_path, formats=("png",))}
+    assert {"fig4b_nonlinear_drift_vs_width.png", "fig7_ntk_change_vs_width.png"} <= names
+    assert all((tmp_path / n).stat().st_size > 1000 for n in names)
