@@ -49,9 +49,8 @@ from .models import build_model, num_trainable, set_trainable
 from .records import arrays_to_params, params_to_arrays
 from .preflight import check_run
 from .results import RunWriter, resolve_run_dir, write_summary
-from .seam import is_simulation_grid
+from .seam import install_fast_extractor, is_simulation_grid, lower_pull_interval
 from .spill import remove_run
-from .simulation import install_fast_extractor
 from .checkpoint import load_checkpoint, save_checkpoint
 from .task import initial_params
 from .training import evaluate
@@ -66,8 +65,12 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fedavg-relu: simulation runtime picks up messages when they are stored (no 0.1 s polling)")
     cfg = RunConfig.from_mapping(context.run_config)  # raises ConfigError before any message
     quiet_flower_logs(cfg.verbose)
+    if is_simulation_grid(grid):
+        lower_pull_interval(grid)  # replies are in memory: look for them every 5 ms, not every 0.1 s
+    from .deploy import bound_reply_waits  # a deployment's reply uploads end by round-timeout
+
     try:
-        run_experiment(grid, cfg)
+        run_experiment(bound_reply_waits(grid, cfg.round_timeout), cfg)
     except ConfigError as err:
         log(ERROR, "fedavg-relu: %s", err)
         raise
@@ -165,8 +168,12 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     Raises :class:`RunFailed` (after writing ``summary.json``) when a round lost every
     client, and re-raises whatever else stopped the run.
     """
-    check_run(cfg)  # can the clients realize it (the partitioner, the shapes, the data set)? ConfigError if not
-    cfg = fit_federation(grid, cfg)
+    try:
+        check_run(cfg)  # can the clients realize it (the partitioner, the shapes, the data set)? ConfigError if not
+        cfg = fit_federation(grid, cfg)
+    except (ConfigError, RunFailed) as err:
+        write_summary(resolve_run_dir(cfg), "failed", str(err), num_server_rounds=cfg.num_server_rounds)
+        raise
     input_dim, num_classes = dataset_shape(cfg)
     learning_rate = cfg.effective_learning_rate(input_dim)
     model = build_model(cfg, input_dim, num_classes)
@@ -244,13 +251,13 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         writer.close()
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         reason = f"{type(err).__name__}: {err}" if not isinstance(err, RunFailed) else str(err)
-        write_summary(writer.run_dir, status, reason)
+        write_summary(writer.run_dir, status, reason, num_server_rounds=cfg.num_server_rounds)
         log(ERROR, "fedavg-relu: run %s: %s (outputs so far in %s)", status, reason, writer.run_dir)
         raise
     finally:
         _remove_kept_models(grid)
     writer.close()
-    write_summary(writer.run_dir, "completed", "")
+    write_summary(writer.run_dir, "completed", "", num_server_rounds=cfg.num_server_rounds)
     log(INFO, "fedavg-relu: run completed; outputs in %s", writer.run_dir)
     return writer.run_dir
 

@@ -42,11 +42,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedavg_relu import protocol as wire
 from fedavg_relu.metrics import ClientDrift, client_row, distances_from_init, summarize_drift
 from fedavg_relu.records import arrays_to_params, params_to_arrays
+from fedavg_relu.seam import WORKER_LOST_MARKERS, is_worker_lost, uses_flower_metric_average
 from fedavg_relu.streaming import StreamingGrid, node_of
 from fedavg_relu.validation import (
     REASONS, OutlierGate, OutlierRules, Rejected, UpdateRules, check_record_layout, check_update, update_norm,
@@ -55,8 +55,6 @@ from fedavg_relu.validation import (
 DRIFT_MESSAGE_TYPE = wire.DRIFT
 DEFAULT_METRIC_KEYS = wire.TRAIN_METRIC_KEYS
 GRADIENT_RECORD_KEY = wire.GRADIENT
-#: Error texts by which Ray says that it killed or lost a worker (Flower 1.42 replaces no dead actor).
-WORKER_LOST_MARKERS = ("ActorDiedError", "RayActorError", "OutOfMemoryError", "WorkerCrashedError")
 
 
 class RunAborted(RuntimeError):
@@ -233,7 +231,7 @@ class DriftMeasurement:
         """True when the parent's average is FedAvg's (FedAvg, FedProx): replies are then summed as they arrive."""
         for cls in type(self).__mro__[type(self).__mro__.index(DriftMeasurement) + 1:]:
             if "aggregate_train" in vars(cls):
-                return cls is FedAvg and getattr(self, "train_metrics_aggr_fn", None) is aggregate_metricrecords
+                return cls is FedAvg and uses_flower_metric_average(self)
         return False
 
     # --- Flower hooks -------------------------------------------------------
@@ -455,7 +453,7 @@ class DriftMeasurement:
             reason = msg.error.reason or ""
             errors.add(node, reason)
             self._round_failed_nodes.append(node)
-            if any(marker in reason for marker in WORKER_LOST_MARKERS):
+            if is_worker_lost(reason):
                 raise RunAborted(
                     f"the runtime lost the worker serving node {node} ({reason.strip().splitlines()[-1][:200]}). "
                     "Flower 1.42 does not replace dead workers, so every later round would silently lose its "

@@ -466,7 +466,6 @@ KNOWN_OUTSIDE_SEAM = {
     "seam.py": "the seam itself",
     "clientapp_worker.py": "the long-lived ClientApp worker is built on supernode internals (checked above)",
     "deploy.py": "replaces http_grid.pull_objects (checked above)",
-    "drift.py": "strategy_utils.aggregate_metricrecords: to move to seam.uses_flower_metric_average",
 }
 
 
