@@ -30,14 +30,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.scale import _memory, _tree  # noqa: E402
+from benchmarks.scale import PeakSampler  # noqa: E402
 
 GIB = 2**30
 
@@ -76,24 +75,14 @@ def measure(path: str, clients: int, args: argparse.Namespace, tmp: Path) -> dic
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    peak = {"pss": 0.0, "rss": 0.0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            pss, rss = _memory(_tree(proc.pid))
-            peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
-            stop.wait(0.25)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
+    sampler = PeakSampler(proc.pid)
+    peak = sampler.peak
     try:
-        _, err = proc.communicate(timeout=args.timeout)
+        with sampler:
+            _, err = proc.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
         err = "timeout"
     finally:
-        stop.set()
-        watcher.join()
         try:
             os.killpg(proc.pid, 9)  # stragglers of the child's session (Ray's processes)
         except ProcessLookupError:
@@ -126,7 +115,7 @@ def render_table(rows: list[dict]) -> str:
     """The markdown table of ``rows`` (what the README and docs show)."""
     lines = ["| path | clients | peak PSS GiB | peak RSS GiB | s per round (last round) | rounds done | status |",
              "|---|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["clients"], r["path"] != "standard")):
         secs = r.get("round-seconds") or []
         per_round = f"{secs[-1]:.0f}" if secs else "-"  # round 1 also pays Ray's start and the imports
         lines.append(f"| {r['path']} | {r['clients']} | {r['peak-pss-gib']:.2f} | {r['peak-rss-gib']:.2f} | "

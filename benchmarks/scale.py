@@ -225,6 +225,30 @@ def _memory(pids: list[int]) -> tuple[float, float]:
     return pss, rss
 
 
+class PeakSampler:
+    """Samples the summed PSS and RSS of ``pid``'s process tree every ``every`` s in a thread; keeps the peaks."""
+
+    def __init__(self, pid: int, every: float = 0.25) -> None:
+        self.pid, self.every = pid, every
+        self.peak = {"pss": 0.0, "rss": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pss, rss = _memory(_tree(self.pid))
+            self.peak["pss"], self.peak["rss"] = max(self.peak["pss"], pss), max(self.peak["rss"], rss)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_child(spec: dict, timeout: float, attempts: int = 2) -> dict:
     """:func:`run_child_once`, once more if it failed (a Ray start can fail on a busy shared machine)."""
     for _ in range(attempts):
@@ -241,26 +265,16 @@ def run_child_once(spec: dict, timeout: float) -> dict:
     spec = dict(spec, out=str(out))
     proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    peak = {"pss": 0.0, "rss": 0.0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            pss, rss = _memory(_tree(proc.pid))
-            peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
-            stop.wait(0.25)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
+    sampler = PeakSampler(proc.pid)
+    peak = sampler.peak
     try:
-        _, err = proc.communicate(timeout=timeout)
+        with sampler:
+            _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         proc.wait()
         err = "timeout"
     finally:
-        stop.set()
-        watcher.join()
         try:
             os.killpg(proc.pid, 9)  # stragglers of the child's session (Ray processes)
         except ProcessLookupError:
