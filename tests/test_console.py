@@ -33,12 +33,14 @@ def flwr_capture():
     """Records that pass the ``flwr`` logger's filters; the logger's filters are restored afterwards."""
     from flwr.common.logger import FLOWER_LOGGER
 
-    saved = list(FLOWER_LOGGER.filters)
+    saved, level = list(FLOWER_LOGGER.filters), FLOWER_LOGGER.level
+    FLOWER_LOGGER.setLevel(logging.DEBUG)  # other code in this process (sweeps, benchmarks) may have raised it
     handler = _Capture()
     FLOWER_LOGGER.addHandler(handler)
     yield FLOWER_LOGGER, handler
     FLOWER_LOGGER.removeHandler(handler)
     FLOWER_LOGGER.filters[:] = saved
+    FLOWER_LOGGER.setLevel(level)
 
 
 def _strategy_record(logger: logging.Logger, level: int, msg: str, *args) -> logging.LogRecord:
