@@ -140,7 +140,7 @@ def test_dead_ray_actor_stops_the_run_with_a_clear_message(tmp_path):
                 _os._exit(1)
         return call_next(message, context)
 
-    with pytest.raises(RunAborted, match="a Ray actor died .* resume=true"):
+    with pytest.raises(RunAborted, match="lost the worker serving node .* resume=true"):
         simulate(
             {
                 "num-server-rounds": 3, "num-partitions": 2, "dataset": "synthetic", "synthetic-num-examples": 100,
