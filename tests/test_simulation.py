@@ -118,3 +118,58 @@ def test_install_fast_extractor_only_in_flowers_simulation_process(monkeypatch):
     assert install_fast_extractor() is False and vce_api.add_messages_to_queue is original
     monkeypatch.setattr("sys.argv", ["/x/.venv/bin/flwr-simulation", "--insecure"])
     assert install_fast_extractor() is True and vce_api.add_messages_to_queue is _add_messages_to_queue
+
+
+def test_extractor_keeps_instructions_and_unpulled_replies_within_max_waiting(monkeypatch):
+    """10 instructions pending, nobody working: only MAX_WAITING are queued. Once the queue is taken but
+    MAX_WAITING replies wait unpulled, none more is queued; once they are pulled, the rest follow.
+    (Flower's own loop queues all 10 at once: memory then grows with clients, not with workers.)"""
+    import queue as queue_mod
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from fedavg_relu import seam
+
+    monkeypatch.setattr(seam, "MAX_WAITING", 3)
+    monkeypatch.setattr(seam, "BACKPRESSURE_MAX_WAIT_S", 60.0)
+
+    class State:
+        def __init__(self):
+            self.lock = threading.Lock()
+            self.message_ins_store = {i: SimpleNamespace(metadata=SimpleNamespace(dst_node_id=i, delivered_at=""))
+                                      for i in range(1, 11)}
+            self.message_res_store = {}
+
+        def store_message_ins(self, message):  # pragma: no cover - not called here
+            pass
+
+        def get_message_ins(self, node_id, limit):
+            msg = self.message_ins_store[node_id]
+            if msg.metadata.delivered_at:
+                return []
+            msg.metadata.delivered_at = "now"
+            return [msg]
+
+    state, q, stop = State(), queue_mod.Queue(), threading.Event()
+    thread = threading.Thread(target=seam.add_messages_to_queue, args=(state, q, {i: i for i in range(1, 11)}, stop, 0.05))
+    thread.start()
+    try:
+        time.sleep(0.5)
+        assert q.qsize() == 3
+        taken = [q.get() for _ in range(3)]
+        state.message_res_store = {i: SimpleNamespace(metadata=SimpleNamespace(delivered_at="")) for i in range(3)}
+        time.sleep(0.5)
+        assert q.qsize() == 0  # 3 replies wait to be pulled: no room
+        for reply in state.message_res_store.values():
+            reply.metadata.delivered_at = "pulled"
+        deadline = time.monotonic() + 5
+        while len(taken) < 10 and time.monotonic() < deadline:
+            try:
+                taken.append(q.get(timeout=0.1))
+            except queue_mod.Empty:
+                pass
+        assert sorted(m.metadata.dst_node_id for m in taken) == list(range(1, 11))
+    finally:
+        stop.set()
+        thread.join(timeout=5)
