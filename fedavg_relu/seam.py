@@ -51,9 +51,7 @@ test of a real simulation can tell that none of them silently fell back.
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 import threading
 from collections import Counter
 from logging import WARNING
@@ -97,31 +95,8 @@ def is_simulation_grid(grid) -> bool:
 # --- 2. the simulation runtime's message extractor ------------------------------------
 #: Longest wait between two looks for new instructions (Flower's own loop: every 0.1 s, always).
 EXTRACT_INTERVAL_S = 0.1
-#: Instructions queued for the workers plus replies the ServerApp has not pulled yet, at most: beyond it the
-#: extractor waits, so a fast runtime cannot pile up model-sized replies faster than the strategy folds them in.
-MAX_WAITING = max(2, 2 * (os.cpu_count() or 1))
-#: How long the extractor waits at most for that room (replies of a timed-out exchange are never pulled).
-BACKPRESSURE_MAX_WAIT_S = 30.0
 
 _fallback_logged = False
-
-
-def _unpulled_replies(state) -> int:
-    """Replies stored in the LinkState that the ServerApp has not pulled yet (``delivered_at == ""``)."""
-    store = getattr(state, "message_res_store", None)
-    if store is None:
-        return 0
-    with state.lock:
-        return sum(1 for m in list(store.values()) if m.metadata.delivered_at == "")
-
-
-def _wait_for_room(state, queue, f_stop) -> None:
-    """Block while :data:`MAX_WAITING` instructions and unpulled replies wait (at most ``BACKPRESSURE_MAX_WAIT_S``)."""
-    deadline = time.monotonic() + BACKPRESSURE_MAX_WAIT_S
-    while queue.qsize() + _unpulled_replies(state) >= MAX_WAITING and time.monotonic() < deadline:
-        if f_stop.wait(0.005):
-            return
-        _count("extractor-backpressure-wait")
 
 
 def add_messages_to_queue(state, queue, nodes_mapping, f_stop, interval: float = EXTRACT_INTERVAL_S) -> None:
@@ -141,16 +116,9 @@ def add_messages_to_queue(state, queue, nodes_mapping, f_stop, interval: float =
       an undelivered one, through the same ``get_message_ins``, which marks them
       delivered exactly as before.
 
-    * hands the workers at most :data:`MAX_WAITING` instructions beyond those in
-      progress, counting the replies the ServerApp has not pulled yet: Flower's loop
-      queues every instruction at once, so the workers produce replies as fast as the
-      actors allow and, with models of hundreds of MB, the replies waiting for the
-      strategy (not the clients' count of in-flight work) set the memory peak.
-
     Nothing polls while the workers train (a 2 ms polling loop measurably slowed the
-    training on 2 cores); it polls every 5 ms only while replies wait to be pulled.
-    With a LinkState that lacks these attributes it falls back to Flower's loop
-    (every node, every ``interval``) and logs a warning once.
+    training on 2 cores). With a LinkState that lacks these attributes it falls back
+    to Flower's loop (every node, every ``interval``) and logs a warning once.
 
     Relies on (flwr 1.42.0): ``run_api`` starting the extractor thread with the
     module-level name ``add_messages_to_queue`` and this signature;
@@ -158,7 +126,7 @@ def add_messages_to_queue(state, queue, nodes_mapping, f_stop, interval: float =
     lock guarding it), ``.store_message_ins(message)`` (what ``InMemoryGrid.push_messages``
     calls for each instruction), ``.get_message_ins(node_id, limit)`` (returns the
     node's undelivered messages and sets their ``metadata.delivered_at``, ``""``
-    before), ``.message_res_store`` (message id -> reply; ``delivered_at`` set when pulled).
+    before).
 
     Counts ``extractor-event-driven`` or ``extractor-polling`` (once per run),
     ``extractor-woken-by-store`` and ``extractor-delivered`` in :data:`fast_path_counts`.
@@ -194,8 +162,6 @@ def add_messages_to_queue(state, queue, nodes_mapping, f_stop, interval: float =
             else:
                 pending = nodes
             for node_id in sorted(pending):
-                if event_driven:
-                    _wait_for_room(state, queue, f_stop)
                 for msg in state.get_message_ins(node_id=node_id, limit=1):
                     queue.put(msg)
                     _count("extractor-delivered")
