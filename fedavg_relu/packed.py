@@ -376,7 +376,7 @@ def train_cohort(
         for i, k in enumerate(ids):
             out = train_client(cfg, load_partition(cfg, k), k, server_round, global_params, settings, known.get(k))
             for n in names:
-                _accumulate(acc[n], out.local_params[n], out.num_examples)
+                add_weighted(acc[n], out.local_params[n], out.num_examples)
                 if stacked is not None:
                     stacked[n][i] = out.local_params[n]
             num_examples[i], train_loss[i], loss_before[i], num_steps[i] = (
@@ -421,9 +421,12 @@ def _train_vectorized(cfg, ids, server_round, global_params, settings, known, ke
     )
 
 
-def _accumulate(acc: np.ndarray, value: np.ndarray, weight: int) -> None:
-    """``acc += weight * value`` in acc's float64, in place, without a float64 temporary of ``value``."""
-    torch.from_numpy(acc).add_(torch.from_numpy(np.ascontiguousarray(value)), alpha=weight)
+def add_weighted(acc: np.ndarray, value: np.ndarray, weight: float) -> None:
+    """``acc += weight * value`` in acc's float64, in place, without a float64 temporary of ``value``.
+
+    A read-only ``value`` (e.g. an array decoded from a message) is copied once in its own dtype.
+    """
+    torch.from_numpy(acc).add_(torch.from_numpy(np.require(value, requirements=["C", "W"])), alpha=weight)
 
 
 def _train_lockstep(cfg, ids, server_round, global_params, settings, known, steps, stacked, acc, dtypes) -> CohortRound:
@@ -464,7 +467,7 @@ def _train_lockstep(cfg, ids, server_round, global_params, settings, known, step
     for i, model in enumerate(models):
         for name, value in get_trainable(model).items():
             stacked[name][i] = value
-            _accumulate(acc[name], value, int(n[i]))
+            add_weighted(acc[name], value, int(n[i]))
     return CohortRound(
         list(ids), n, np.array([r.mean_batch_loss for r in results]), np.array(before, np.float64),
         np.array([r.num_steps for r in results], np.int64), acc, stacked, per_step, dtypes,

@@ -37,7 +37,6 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -45,6 +44,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedavg_relu import protocol as wire
 from fedavg_relu.metrics import ClientDrift, client_row, distances_from_init, summarize_drift
+from fedavg_relu.packed import add_weighted
 from fedavg_relu.records import arrays_to_params, params_to_arrays
 from fedavg_relu.seam import WORKER_LOST_MARKERS, is_worker_lost, uses_flower_metric_average
 from fedavg_relu.streaming import StreamingGrid, node_of
@@ -129,7 +129,7 @@ class _RunningAverage:
             if name not in self.sums:
                 self.sums[name] = np.zeros(np.shape(value), np.float64)
                 self.dtypes[name] = np.asarray(value).dtype
-            torch.from_numpy(self.sums[name]).add_(torch.from_numpy(np.ascontiguousarray(value, np.float64)), alpha=n)
+            add_weighted(self.sums[name], value, n)
         for key, value in update.metrics.items():
             if key != wire.NUM_EXAMPLES:
                 self.metric_sums[key] = self.metric_sums.get(key, 0.0) + n * float(value)
@@ -477,16 +477,6 @@ class DriftMeasurement:
             return None
         return _Update(node, msg, params, metrics, n, norm)
 
-    def screen_replies(self, replies: list[Message], sampled: list[int]) -> tuple[list[Message], dict[str, int], int]:
-        """Split replies into valid ones, rejections per reason and the number of error replies (no outlier rules)."""
-        errors, rejected, seen = ErrorTally("train"), {}, set()
-        self._round_failed_nodes, self._round_rejected_nodes = [], []
-        valid = [
-            u.message for msg in replies
-            if (u := self._screen(msg, node_of(self._drift_grid, msg), sampled, seen, errors, rejected)) is not None
-        ]
-        return valid, rejected, errors.count
-
     # --- the second exchange ------------------------------------------------
     def drift_messages(self, server_round: int, arrays: ArrayRecord, nodes: list[int], message_type: str) -> list[Message]:
         """The drift exchange's messages: W^{r+1} and the round to every node in ``nodes``."""
@@ -623,10 +613,11 @@ def _partition_id(reply: Message) -> int | None:
 
 
 def _accumulate(acc: dict[str, np.ndarray] | None, grad: Mapping[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:
+    """``acc += weight * grad`` per name in float64 (``acc`` None: a new sum)."""
     if acc is None:
-        return {k: np.asarray(v, np.float64) * weight for k, v in grad.items()}
+        acc = {k: np.zeros(np.shape(v), np.float64) for k, v in grad.items()}
     for k, v in grad.items():
-        acc[k] += np.asarray(v, np.float64) * weight
+        add_weighted(acc[k], v, weight)
     return acc
 
 

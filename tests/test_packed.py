@@ -40,6 +40,16 @@ def _drift(n, drift, dist, gnorm, flips=0.1):
     return ClientDrift(n, 0.5 + drift, 0.4, gnorm, gnorm + 0.1, drift, dist, flips, 0.2)
 
 
+def _merged_halves(drifts) -> DriftSums:
+    """DriftSums of the first two and the last two clients, merged after a round trip through metrics."""
+    left, right = DriftSums(), DriftSums()
+    for d in drifts[:2]:
+        left.add(d)
+    for d in drifts[2:]:
+        right.add(d)
+    return DriftSums.from_metrics(left.merge(right).to_metrics())
+
+
 def _assert_rows_match(rows_a, rows_b, rel=1e-6):
     """Every key of the standard rows is in the packed rows with the same value (timings aside)."""
     assert len(rows_a) == len(rows_b)
@@ -61,12 +71,7 @@ def test_summarize_drift_sums_equals_summarize_drift():
     n = [10, 30, 20, 40]: p = [.1, .3, .2, .4]; e.g. gradient-drift-mean = .1*1 + .3*2 + .2*.5 + .4*3 = 2.0.
     """
     drifts = [_drift(10, 1.0, 0.5, 2.0), _drift(30, 2.0, 1.0, 4.0), _drift(20, 0.5, 0.0, 1.0), _drift(40, 3.0, 2.0, 3.0)]
-    left, right = DriftSums(), DriftSums()
-    for d in drifts[:2]:
-        left.add(d)
-    for d in drifts[2:]:
-        right.add(d)
-    merged = DriftSums.from_metrics(left.merge(right).to_metrics())
+    merged = _merged_halves(drifts)
     expected = summarize_drift(drifts, 0.1, 2.5)
     got = summarize_drift_sums(merged, 0.1, 2.5)
     assert set(got) == set(expected)
@@ -87,12 +92,7 @@ def test_nonlinear_sums_equal_summarize_drift_and_leave_out_nan():
     fractions = [0.2, math.nan, 0.6, 0.4]
     base = [_drift(10, 1.0, 0.5, 2.0), _drift(30, 2.0, 1.0, 4.0), _drift(20, 0.5, 0.0, 1.0), _drift(40, 3.0, 2.0, 3.0)]
     drifts = [dataclasses.replace(d, nonlinear_fraction=f) for d, f in zip(base, fractions, strict=True)]
-    left, right = DriftSums(), DriftSums()
-    for d in drifts[:2]:
-        left.add(d)
-    for d in drifts[2:]:
-        right.add(d)
-    merged = DriftSums.from_metrics(left.merge(right).to_metrics())
+    merged = _merged_halves(drifts)
     expected = summarize_drift(drifts, 0.1, 2.5)
     got = summarize_drift_sums(merged, 0.1, 2.5)
     assert set(got) == set(expected)
