@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
 Params = Mapping[str, np.ndarray]
 
@@ -88,3 +89,11 @@ def scaffold_server_update(
         new_x[name] = (x64 + server_learning_rate * dy).astype(np.asarray(x).dtype)
         new_c[name] = (np.asarray(server_control[name], np.float64) + share * dc).astype(np.asarray(x).dtype)
     return new_x, new_c
+
+
+def add_weighted(acc: np.ndarray, value: np.ndarray, weight: float) -> None:
+    """``acc += weight * value`` in acc's float64, in place, without a float64 temporary of ``value``.
+
+    A read-only ``value`` (e.g. an array decoded from a message) is copied once in its own dtype.
+    """
+    torch.from_numpy(acc).add_(torch.from_numpy(np.require(value, requirements=["C", "W"])), alpha=weight)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from . import protocol as wire
+from .aggregation import add_weighted
 from .cohort import allocate_arrays, cohort_seeds, measure_cohort_drift_vectorized, train_cohort_vectorized
 from .config import RunConfig
 from .data import load_partition, load_partitions
@@ -419,14 +420,6 @@ def _train_vectorized(cfg, ids, server_round, global_params, settings, known, ke
         list(ids), out.num_examples, out.train_loss, loss_before, out.num_steps, out.weighted_sum,
         out.local_params, per_step, dtypes=dtypes,
     )
-
-
-def add_weighted(acc: np.ndarray, value: np.ndarray, weight: float) -> None:
-    """``acc += weight * value`` in acc's float64, in place, without a float64 temporary of ``value``.
-
-    A read-only ``value`` (e.g. an array decoded from a message) is copied once in its own dtype.
-    """
-    torch.from_numpy(acc).add_(torch.from_numpy(np.require(value, requirements=["C", "W"])), alpha=weight)
 
 
 def _train_lockstep(cfg, ids, server_round, global_params, settings, known, steps, stacked, acc, dtypes) -> CohortRound:

@@ -44,7 +44,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedavg_relu import protocol as wire
 from fedavg_relu.metrics import ClientDrift, client_row, distances_from_init, summarize_drift
-from fedavg_relu.packed import add_weighted
+from fedavg_relu.aggregation import add_weighted
 from fedavg_relu.records import arrays_to_params, params_to_arrays
 from fedavg_relu.seam import WORKER_LOST_MARKERS, is_worker_lost, uses_flower_metric_average
 from fedavg_relu.streaming import StreamingGrid, node_of
