@@ -1,5 +1,7 @@
-"""Server-side update rules that Flower does not ship (pure numpy, no flwr).
+"""Server-side update rules that Flower does not ship (numpy and torch, no flwr).
 
+``add_weighted``
+    ``acc += w * value`` in float64, in place: the running sums of streamed averages.
 ``fednova_average``
     FedNova (Wang et al., NeurIPS 2020): normalised averaging that removes the
     objective inconsistency of clients running different numbers of local steps.
