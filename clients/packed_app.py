@@ -28,7 +28,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fedavg_relu import protocol as wire
 from fedavg_relu.config import RunConfig
 from fedavg_relu.packed import client_row_lists, measure_cohort_drift, node_clients, train_cohort
-from fedavg_relu.records import arrays_to_params, params_to_arrays
+from fedavg_relu.records import arrays_to_params, config_records, params_to_arrays
 
 from .node import local_store, run_config, settings_from
 
@@ -40,7 +40,7 @@ MEASURED_KEY = "packed-measured"  # node state: f_k at the model of the last dri
 def packed_config(msg: Message, context: Context) -> RunConfig:
     """The run config with the server's ``clients-per-node`` / ``num-partitions`` for this run."""
     cfg = run_config(context)
-    config = msg.content[wire.CONFIG] if wire.CONFIG in msg.content.config_records else {}
+    config = msg.content[wire.CONFIG] if wire.CONFIG in config_records(msg.content) else {}
     changes = {}
     if wire.CLIENTS_PER_NODE in config:
         changes["clients_per_node"] = int(config[wire.CLIENTS_PER_NODE])

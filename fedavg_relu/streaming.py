@@ -11,6 +11,12 @@ It relies on Flower's ``Strategy.start`` passing ``send_and_receive``'s return v
 to ``aggregate_train`` / ``aggregate_evaluate`` unconsumed (documented: "replies may
 be a one-shot iterable"); ``tests/test_flower_contract.py`` checks that contract.
 
+Every reply read leaves behind, until Python's cyclic collector runs, whatever
+reference cycles its readers made (Flower's own ``RecordDict.array_records`` makes
+one per call, see :mod:`fedavg_relu.records`); the grid runs the collector after
+every 512 MB of replies (:class:`fedavg_relu.records.GarbageBudget`), so such
+garbage is bounded too.
+
 A grid that already yields replies lazily (``yields_replies = True``, e.g.
 :class:`fedavg_relu.local_grid.LocalGrid`) is used as it is.
 """
@@ -24,6 +30,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from . import seam
+from .records import GarbageBudget, array_bytes
 
 #: Seconds between two pulls while nothing arrived, for grids that do not say (Flower's HTTP grid: 3 s).
 DEFAULT_PULL_INTERVAL = 0.1
@@ -37,9 +44,11 @@ class StreamingGrid:
     expired) carry ``src_node_id = 1``, not the real node (FLOWER_NOTES).
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, budget: GarbageBudget | None = None) -> None:
         self._grid = grid
         self._dst: dict[str, int] = {}
+        #: collects the reference cycles that reading replies leaves (fedavg_relu.records)
+        self.budget = budget if budget is not None else GarbageBudget()
 
     @property
     def inner(self) -> Grid:
@@ -67,7 +76,11 @@ class StreamingGrid:
             for reply in replies:
                 pending.discard(str(reply.metadata.reply_to_message_id))
             while replies:
-                yield replies.pop(0)  # drop our reference before the consumer moves on
+                reply = replies.pop(0)  # drop our reference before the consumer moves on
+                nbytes = array_bytes(reply)
+                yield reply
+                del reply
+                self.budget.spend(nbytes)
             if pending and not arrived:
                 time.sleep(interval)
 

@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedavg_relu import protocol as wire
 from fedavg_relu.metrics import ClientDrift, client_row, distances_from_init, summarize_drift
 from fedavg_relu.aggregation import add_weighted
-from fedavg_relu.records import arrays_to_params, params_to_arrays
+from fedavg_relu.records import array_records, arrays_to_params, metric_records, params_to_arrays, release
 from fedavg_relu.seam import WORKER_LOST_MARKERS, is_worker_lost, uses_flower_metric_average
 from fedavg_relu.streaming import StreamingGrid, node_of
 from fedavg_relu.validation import (
@@ -335,6 +335,7 @@ class DriftMeasurement:
             if gate.offer(index, update.num_examples, update.norm) and streaming:
                 average.add(update)
                 take(update)
+                release(msg)  # summed: its bytes go now, not when the cyclic GC runs
             else:
                 kept.append(update)
         accepted: list[_Update] = []
@@ -355,6 +356,7 @@ class DriftMeasurement:
             for update in accepted:
                 average.add(update)
                 take(update)
+                release(update.message)
             arrays, metrics = average.result()
         else:
             for update in accepted:
@@ -362,6 +364,8 @@ class DriftMeasurement:
             arrays, metrics = (None, None)
             if accepted:
                 arrays, metrics = super().aggregate_train(server_round, [u.message for u in accepted])  # type: ignore[misc]
+                for update in accepted:
+                    release(update.message)
         del kept, accepted
         self._round_valid_nodes = [node for node, _ in trained]
         self._round_local_steps = steps
@@ -401,12 +405,12 @@ class DriftMeasurement:
         for msg in replies:
             if msg.has_error():
                 continue
-            records = msg.content.metric_records
+            records = metric_records(msg.content)
             metrics = dict(next(iter(records.values()))) if len(records) == 1 else None
             n = metrics.get(wire.NUM_EXAMPLES) if metrics else None
             ok = (
                 metrics is not None
-                and not msg.content.array_records
+                and not array_records(msg.content)
                 and isinstance(n, (int, float)) and not isinstance(n, bool)
                 and float(n).is_integer() and 1 <= n <= self.update_rules.max_num_examples
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in metrics.values())
@@ -532,6 +536,7 @@ class DriftMeasurement:
             if gradient is not None:
                 grad_sum = _accumulate(grad_sum, gradient, drift.num_examples)
             del gradient
+            release(reply)
         errors.log_repeats()
         if self.client_metrics:
             self.client_rows[server_round] = sorted(rows, key=_client_order)
@@ -555,24 +560,24 @@ class DriftMeasurement:
 
 def _extract_update(msg: Message, layout: Mapping[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     content = msg.content
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+    if len(array_records(content)) != 1 or len(metric_records(content)) != 1:
         raise Rejected(
             "malformed",
-            f"{len(content.array_records)} ArrayRecords and {len(content.metric_records)} MetricRecords, expected 1 and 1",
+            f"{len(array_records(content))} ArrayRecords and {len(metric_records(content))} MetricRecords, expected 1 and 1",
         )
     if layout is not None:
         check_record_layout({name: type(record).__name__ for name, record in content.items()}, layout)
     try:
-        params = arrays_to_params(next(iter(content.array_records.values())))
+        params = arrays_to_params(next(iter(array_records(content).values())))
     except Exception as err:  # unreadable bytes, unknown dtype, ...
         raise Rejected("malformed", f"unreadable arrays: {type(err).__name__}: {err}") from err
-    return params, dict(next(iter(content.metric_records.values())))
+    return params, dict(next(iter(metric_records(content).values())))
 
 
 def _parse_drift_reply(
     reply: Message, want_gradient: bool, reference: Mapping[str, np.ndarray]
 ) -> tuple[ClientDrift, dict[str, np.ndarray] | None]:
-    metrics = next(iter(reply.content.metric_records.values()), None)
+    metrics = next(iter(metric_records(reply.content).values()), None)
     if metrics is None:
         raise KeyError("drift reply has no MetricRecord")
     drift = ClientDrift.from_metrics(metrics)
@@ -585,9 +590,9 @@ def _parse_drift_reply(
         raise ValueError("non-finite drift measurement")
     gradient = None
     if want_gradient:
-        if GRADIENT_RECORD_KEY not in reply.content.array_records:
+        if GRADIENT_RECORD_KEY not in array_records(reply.content):
             raise KeyError(f"drift reply lacks the {GRADIENT_RECORD_KEY!r} ArrayRecord")
-        gradient = arrays_to_params(reply.content.array_records[GRADIENT_RECORD_KEY])
+        gradient = arrays_to_params(array_records(reply.content)[GRADIENT_RECORD_KEY])
         if set(gradient) != set(reference) or any(gradient[k].shape != reference[k].shape for k in reference):
             raise ValueError("gradient arrays do not match the model's parameters")
         if not all(np.isfinite(g).all() for g in gradient.values()):
@@ -603,7 +608,7 @@ def _client_order(row: Mapping[str, Any]) -> tuple[bool, int]:
 
 def _partition_id(reply: Message) -> int | None:
     """The ``partition-id`` a drift reply reports (None without one, e.g. a node with its own data file)."""
-    metrics = next(iter(reply.content.metric_records.values()))
+    metrics = next(iter(metric_records(reply.content).values()))
     if wire.PARTITION_ID not in metrics:
         return None
     value = metrics[wire.PARTITION_ID]

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedavg_relu.aggregation import fednova_average
-from fedavg_relu.records import arrays_to_params, params_to_arrays
+from fedavg_relu.records import array_records, arrays_to_params, metric_records, params_to_arrays
 
 from .drift import DriftMeasurement
 
@@ -44,8 +44,8 @@ class FedNova(FedAvg):
             return None, None
         locals_, sizes, steps = [], [], []
         for msg in valid:
-            locals_.append(arrays_to_params(next(iter(msg.content.array_records.values()))))
-            metrics = next(iter(msg.content.metric_records.values()))
+            locals_.append(arrays_to_params(next(iter(array_records(msg.content).values()))))
+            metrics = next(iter(metric_records(msg.content).values()))
             sizes.append(int(metrics[self.weighted_by_key]))
             steps.append(int(metrics["local-steps"]))
         new_x = fednova_average(self.current_params, locals_, sizes, steps, self.momentum, self.server_learning_rate)

@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 
 from fedavg_relu import protocol as wire
 from fedavg_relu.packed import DriftSums, client_rows_from_lists, lockstep_metrics, lockstep_sums_from_metrics, sample_clients, summarize_drift_sums
-from fedavg_relu.records import arrays_to_params
+from fedavg_relu.records import array_records, arrays_to_params, metric_records, release
 from fedavg_relu.streaming import node_of
 
 from .drift import ErrorTally, _client_order
@@ -96,7 +96,7 @@ class PackedFedAvg(DriftFedAvg):
             if reply.has_error():
                 errors.add(node, reply.error.reason or "")
                 continue
-            metrics = next(iter(reply.content.metric_records.values()))
+            metrics = next(iter(metric_records(reply.content).values()))
             first, count = int(metrics[wire.FIRST_CLIENT]), int(metrics[wire.NUM_CLIENTS])
             for k in range(first, first + count):
                 if k in holder:
@@ -196,6 +196,8 @@ class PackedFedAvg(DriftFedAvg):
                     grad_sum = {k: np.zeros(v.shape, np.float64) for k, v in gradient.items()}
                 for k, v in gradient.items():
                     grad_sum[k] += v
+            del gradient
+            release(reply)
         errors.log_repeats()
         if self.client_metrics:
             self.client_rows[server_round] = sorted(rows, key=_client_order)
@@ -217,7 +219,7 @@ class PackedFedAvg(DriftFedAvg):
         return out
 
     def _parse_packed_drift(self, reply: Message) -> tuple[DriftSums, dict[int, DriftSums], dict[str, np.ndarray] | None]:
-        metrics = next(iter(reply.content.metric_records.values()), None)
+        metrics = next(iter(metric_records(reply.content).values()), None)
         if metrics is None:
             raise KeyError("drift reply has no MetricRecord")
         values = dict(metrics)
@@ -235,9 +237,9 @@ class PackedFedAvg(DriftFedAvg):
         steps = lockstep_sums_from_metrics(values)
         gradient = None
         if self.drift_with_gradients:
-            if wire.GRADIENT_SUM not in reply.content.array_records:
+            if wire.GRADIENT_SUM not in array_records(reply.content):
                 raise KeyError(f"drift reply lacks the {wire.GRADIENT_SUM!r} ArrayRecord")
-            gradient = arrays_to_params(reply.content.array_records[wire.GRADIENT_SUM])
+            gradient = arrays_to_params(array_records(reply.content)[wire.GRADIENT_SUM])
             ref = self.drift_initial
             if set(gradient) != set(ref) or any(gradient[k].shape != ref[k].shape for k in ref):
                 raise ValueError("gradient arrays do not match the model's parameters")
@@ -249,7 +251,7 @@ class PackedFedAvg(DriftFedAvg):
         """The cohort's per-client rows (``client/*`` lists; none unless ``client_metrics``); ValueError if malformed."""
         if not self.client_metrics:
             return []
-        values = dict(next(iter(reply.content.metric_records.values())))
+        values = dict(next(iter(metric_records(reply.content).values())))
         rows = client_rows_from_lists(values)
         if len(rows) != num_clients:
             raise ValueError(f"{len(rows)} per-client rows for num-clients={num_clients}")

@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedavg_relu import protocol as wire
 from fedavg_relu.aggregation import scaffold_server_update
-from fedavg_relu.records import arrays_to_params, params_to_arrays
+from fedavg_relu.records import array_records, arrays_to_params, metric_records, params_to_arrays
 
 from .drift import DriftMeasurement
 
@@ -58,10 +58,10 @@ class Scaffold(FedAvg):
             return None, None
         locals_, deltas, sizes = [], [], []
         for msg in valid:
-            params = arrays_to_params(next(iter(msg.content.array_records.values())))
+            params = arrays_to_params(next(iter(array_records(msg.content).values())))
             locals_.append({k: v for k, v in params.items() if not k.startswith(DELTA_PREFIX)})
             deltas.append({k[len(DELTA_PREFIX):]: v for k, v in params.items() if k.startswith(DELTA_PREFIX)})
-            sizes.append(int(next(iter(msg.content.metric_records.values()))[self.weighted_by_key]))
+            sizes.append(int(next(iter(metric_records(msg.content).values()))[self.weighted_by_key]))
         new_x, self.control = scaffold_server_update(
             self.current_params, self.control, locals_, deltas, sizes, self.num_nodes_total, self.server_learning_rate
         )

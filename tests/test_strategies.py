@@ -52,19 +52,25 @@ def test_streamed_average_equals_float64_weighted_mean_and_flower_fedavg():
     The replies are folded into sum_k n_k W_k in float64 as they arrive and divided by
     sum_k n_k = 23 at the end: bit for bit ``np.average(..., weights=sizes)`` in float64 cast
     to float32. Flower's FedAvg sums (n_k/23) W_k in float32, so it agrees to float32
-    rounding: three terms of relative error <= 2^-24 each, well inside rtol 1e-6.
+    rounding: three terms of relative error <= 2^-24 each, well inside rtol 1e-6. Summed
+    replies are consumed: their ArrayRecords are emptied, so Flower gets fresh ones.
     """
     rng = np.random.default_rng(0)
     params = [{"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)} for _ in range(3)]
     sizes = [5, 11, 7]
-    replies = [
-        _reply(i + 1, p, n, **{"train-loss": 0.1 * i, "loss-before": 1.0, "local-steps": 2})
-        for i, (p, n) in enumerate(zip(params, sizes, strict=True))
-    ]
+
+    def replies():
+        return [
+            _reply(i + 1, p, n, **{"train-loss": 0.1 * i, "loss-before": 1.0, "local-steps": 2})
+            for i, (p, n) in enumerate(zip(params, sizes, strict=True))
+        ]
     ours = DriftFedAvg()
     ours.setup_drift({"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}, 0.1, enabled=False)
-    arrays, metrics = ours.aggregate_train(1, iter(replies))  # a one-shot iterable, as Flower may pass
-    ref_arrays, ref_metrics = FedAvg().aggregate_train(1, replies)
+    consumed = replies()
+    arrays, metrics = ours.aggregate_train(1, iter(consumed))  # a one-shot iterable, as Flower may pass
+    # each summed reply was released (its arrays freed at once, fedavg_relu.records.release)
+    assert [len(r.content["arrays"]) for r in consumed] == [0, 0, 0]
+    ref_arrays, ref_metrics = FedAvg().aggregate_train(1, replies())
     for key in ("w", "b"):
         exact = np.average([p[key].astype(np.float64) for p in params], axis=0, weights=sizes).astype(np.float32)
         np.testing.assert_array_equal(arrays[key].numpy(), exact)
