@@ -89,7 +89,9 @@ def measure(path: str, clients: int, args: argparse.Namespace, tmp: Path) -> dic
             pass
         proc.wait()
     row = {"path": path, "clients": clients, "peak-pss-gib": peak["pss"] / GIB, "peak-rss-gib": peak["rss"] / GIB,
-           "wall-seconds": time.perf_counter() - t0}
+           "wall-seconds": time.perf_counter() - t0,
+           # the machine's load at the end (1, 5, 15 min): above the run's own ~2, something else competed
+           "loadavg": [round(x, 2) for x in os.getloadavg()]}
     if proc.returncode != 0 or not result.exists():
         row.update(status="failed", error=(err or "")[-1500:])
         return row
