@@ -27,7 +27,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedavg_relu import protocol as wire
 from fedavg_relu.config import RunConfig
-from fedavg_relu.packed import client_row_lists, measure_cohort_drift, node_clients, train_cohort
+from fedavg_relu.packed import measure_cohort_drift, node_clients, train_cohort
+from fedavg_relu.protocol import client_row_lists
 from fedavg_relu.records import arrays_to_params, config_records, params_to_arrays
 
 from .node import local_store, run_config, settings_from

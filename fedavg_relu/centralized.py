@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RunConfig
-from .data import TensorData, dataset_shape, load_central, load_partition, load_test
-from .metrics import squared_distance
-from .models import ReluMLP, build_model, get_trainable, set_trainable
-from .training import LocalSGDSettings, evaluate, run_local_sgd
+from fedavg_relu.config import RunConfig
+from fedavg_relu.data import TensorData, dataset_shape, load_central, load_partition, load_test
+from fedavg_relu.metrics import squared_distance
+from fedavg_relu.models import ReluMLP, build_model, get_trainable, set_trainable
+from fedavg_relu.training import LocalSGDSettings, evaluate, run_local_sgd
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
-from .simulation import default_cpus_per_client
+from fedavg_relu.config import ConfigError, RunConfig
+from fedavg_relu.simulation import default_cpus_per_client
 
 
 def find_app_dir(start: Path | None = None) -> Path:
@@ -57,7 +57,7 @@ def app_defaults(app_dir: Path) -> dict[str, Any]:
 
 def parse_overrides(text: list[str] | None) -> dict[str, Any]:
     """``key=value ...`` strings parsed exactly as ``flwr run --run-config`` parses them."""
-    from .seam import parse_config_args
+    from fedavg_relu.seam import parse_config_args
 
     return dict(parse_config_args(text or None))
 
@@ -84,7 +84,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _preflight(cfg: RunConfig) -> None:
     """:func:`fedavg_relu.preflight.check_run` when that module exists (raises :class:`ConfigError`)."""
     try:
-        from .preflight import check_run
+        from fedavg_relu.preflight import check_run
     except ModuleNotFoundError as err:
         if err.name != f"{__package__}.preflight":
             raise
@@ -103,7 +103,7 @@ class RunOutcome:
 def first_error(output: str) -> str | None:
     """One line saying what went wrong in a ``flwr run`` stream: the app's first ``ERROR`` record (a
     ``fedavg-relu: ...`` message, with its ``  - `` problem lines), else Flower's last one; ``None`` if none."""
-    from .console import split_level
+    from fedavg_relu.console import split_level
 
     lines = output.splitlines()
     parsed = [split_level(line) for line in lines]
@@ -132,7 +132,7 @@ def run_outcome(
     (``None`` when there is none); ``output`` is the ``flwr run`` stream, from
     which the first error is quoted when there is no summary.
     """
-    from .console import format_summary
+    from fedavg_relu.console import format_summary
 
     flwr_ok = flwr_returncode == 0 and flwr_status == "finished:completed"
     flwr_says = f"Flower reports run {run_id} ended {flwr_status} (flwr exit {flwr_returncode})"
@@ -156,7 +156,7 @@ def run_outcome(
 
 def resume_command(overrides: Mapping[str, Any], run_dir: Path) -> str:
     """The ``fedavg-relu run`` command that continues ``run_dir`` from its last checkpoint (same config)."""
-    from .flower_run import run_config_arg
+    from fedavg_relu.flower_run import run_config_arg
 
     keep = {k: v for k, v in overrides.items() if k not in ("resume", "run-name", "output-dir")}
     keep.update({"resume": True, "run-name": run_dir.name, "output-dir": str(run_dir.parent)})
@@ -164,7 +164,7 @@ def resume_command(overrides: Mapping[str, Any], run_dir: Path) -> str:
 
 
 def _last_round(run_dir: Path) -> int | None:
-    from .results import read_metrics
+    from fedavg_relu.results import read_metrics
 
     try:
         rounds = [int(row["round"]) for row in read_metrics(run_dir) if "round" in row]
@@ -175,7 +175,7 @@ def _last_round(run_dir: Path) -> int | None:
 
 def _fresh_summary(run_dir: Path, since: float) -> dict[str, Any] | None:
     """``summary.json`` when it was written after ``since`` (Unix time): an older one is a previous attempt's."""
-    from .results import SUMMARY_NAME, read_summary
+    from fedavg_relu.results import SUMMARY_NAME, read_summary
 
     try:
         if (run_dir / SUMMARY_NAME).stat().st_mtime < since:
@@ -192,7 +192,7 @@ def report_interrupted(
     """After an interrupt: make sure ``summary.json`` says how the run ended; the lines to print (resume hint last)."""
     import signal
 
-    from .results import write_summary
+    from fedavg_relu.results import write_summary
 
     name = signal.Signals(signum).name
     last = _last_round(run_dir)
@@ -213,9 +213,9 @@ def report_interrupted(
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .console import is_noise_line
-    from .flower_run import IsolatedFlower, RunInterrupted, raise_on_signals
-    from .results import resolve_run_dir
+    from fedavg_relu.console import is_noise_line
+    from fedavg_relu.flower_run import IsolatedFlower, RunInterrupted, raise_on_signals
+    from fedavg_relu.results import resolve_run_dir
 
     app_dir = Path(args.app).resolve() if args.app else find_app_dir()
     overrides = parse_overrides(args.run_config)
@@ -310,15 +310,105 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
     val = sub.add_parser("validate", parents=[common], help="validate the run config and print it")
     val.set_defaults(func=_cmd_validate)
-    from .plots import add_plot_command
-    from .sweep import add_sweep_command
-
     add_sweep_command(sub)
     add_plot_command(sub)
-    from .compare import add_compare_command
-
     add_compare_command(sub)
     return parser
+
+
+# --- the experiment subcommands (sweep, plot, compare) ---------------------------------------
+def add_sweep_command(subparsers) -> None:
+    """Add ``fedavg-relu sweep CONFIG`` to the CLI's subparsers."""
+    from fedavg_relu.sweep import ENGINES
+
+    p = subparsers.add_parser("sweep", help="run a grid of configurations (resumable) and collect tidy tables")
+    p.add_argument("config", help="sweep TOML file ([sweep], [base], [[grid]])")
+    p.add_argument("--engine", choices=ENGINES, help="in-process (default) or simulation (Flower's Ray engine)")
+    p.add_argument("--output-dir", help="override sweep.output-dir")
+    p.add_argument("--dry-run", action="store_true", help="list the cells (and whether each is finished) and exit")
+    p.add_argument("--max-cells", type=int, help="run at most this many unfinished cells")
+    p.add_argument("--threads", type=int, help="torch threads while cells run (default: sweep.threads, 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="keep Flower's per-round log lines")
+    p.add_argument("--figures", metavar="DIR", help="afterwards draw the theory figures into DIR (PNG and PDF)")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args) -> int:
+    from fedavg_relu.sweep import describe, is_complete, load_sweep, read_tables, run_sweep
+
+    try:
+        spec = load_sweep(args.config, args.output_dir)
+        cells = spec.cells()
+    except (ConfigError, OSError) as err:
+        print(f"fedavg-relu sweep: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for cell in cells:
+            print(f"{'done' if is_complete(cell) else 'todo'}  {describe(cell)}")
+        print(f"{len(cells)} cells; outputs in {spec.output_dir}")
+        return 0
+    result = run_sweep(spec, engine=args.engine, progress=not args.no_progress, quiet=not args.verbose,
+                       max_cells=args.max_cells, threads=args.threads)
+    print(
+        f"fedavg-relu sweep {spec.name}: {len(result.ran)} ran, {len(result.skipped)} already finished, "
+        f"{len(result.failed)} failed, {len(cells) - len(result.ran) - len(result.skipped) - len(result.failed)} left "
+        f"in {result.seconds:.1f}s; tables {result.metrics_path} and {result.cells_path}"
+    )
+    for cid, err in result.failed.items():
+        print(f"  failed {cid}: {err}", file=sys.stderr)
+    if args.figures:
+        from fedavg_relu.plots import theory_figures
+
+        metrics, cells_table = read_tables(spec.output_dir)
+        paths = theory_figures(metrics, cells_table, args.figures)
+        print(f"figures: {', '.join(str(p) for p in paths)}")
+    return 1 if result.failed else 0
+
+
+def add_plot_command(subparsers) -> None:
+    """Add ``fedavg-relu plot SWEEP_DIR`` to the CLI's subparsers."""
+    p = subparsers.add_parser("plot", help="draw the theory figures from a sweep's tables")
+    p.add_argument("sweep_dir", help="a sweep's output folder (with metrics.csv and cells.csv)")
+    p.add_argument("--out", default=None, help="figure folder (default: SWEEP_DIR/figures)")
+    p.add_argument("--formats", default="png,pdf", help="comma-separated formats (default png,pdf)")
+    p.add_argument("--dpi", type=int, default=110)
+    p.set_defaults(func=_cmd_plot)
+
+
+def _cmd_plot(args) -> int:
+    from fedavg_relu.plots import theory_figures
+    from fedavg_relu.sweep import read_tables
+
+    metrics, cells = read_tables(args.sweep_dir)
+    out = args.out or str(Path(args.sweep_dir) / "figures")
+    paths = theory_figures(metrics, cells, out, formats=tuple(args.formats.split(",")), dpi=args.dpi)
+    for path in paths:
+        print(path)
+    return 0 if paths else 1
+
+
+def add_compare_command(subparsers) -> None:
+    """Add ``fedavg-relu compare CONFIG`` to the CLI's subparsers."""
+    p = subparsers.add_parser("compare", help="compare strategies on the same partitions and seeds")
+    p.add_argument("config", help="comparison TOML file ([compare], [base], [partitions.NAME])")
+    p.add_argument("--output-dir", help="override compare.output-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> int:
+    from fedavg_relu.compare import load_comparison, run_comparison
+
+    try:
+        spec, target = load_comparison(args.config, args.output_dir)
+    except (ConfigError, OSError) as err:
+        print(f"fedavg-relu compare: {err}", file=sys.stderr)
+        return 2
+    path = run_comparison(spec, target, progress=not args.no_progress)
+    print(path.read_text())
+    print(f"fedavg-relu compare: tables and figures in {spec.output_dir}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

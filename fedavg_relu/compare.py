@@ -43,16 +43,15 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import STRATEGIES, ConfigError
-from .results import atomic_write_text
-from .sweep import SweepSpec, parse_sweep, read_tables, read_toml, run_sweep
+from fedavg_relu.config import STRATEGIES, ConfigError
+from fedavg_relu.results import atomic_write_text
+from fedavg_relu.sweep import SweepSpec, parse_sweep, read_tables, read_toml, run_sweep
 
 COMPARE_KEYS = ("name", "output-dir", "strategies", "seeds", "target-loss", "engine")
 
@@ -223,7 +222,7 @@ def run_comparison(spec: SweepSpec, target: float, progress: bool = True) -> Pat
 
 def write_comparison(spec: SweepSpec, target: float) -> Path:
     """Summaries and figures from the sweep's per-round table; returns comparison.md's path."""
-    from .plots import save_figure
+    from fedavg_relu.plots import save_figure
 
     metrics, _ = read_tables(spec.output_dir)
     summary = summarize(metrics, target)
@@ -245,25 +244,3 @@ def write_comparison(spec: SweepSpec, target: float) -> Path:
     path = spec.output_dir / "comparison.md"
     atomic_write_text(path, "\n".join(parts))
     return path
-
-
-# --- command line ---------------------------------------------------------------
-def add_compare_command(subparsers) -> None:
-    """Add ``fedavg-relu compare CONFIG`` to the CLI's subparsers."""
-    p = subparsers.add_parser("compare", help="compare strategies on the same partitions and seeds")
-    p.add_argument("config", help="comparison TOML file ([compare], [base], [partitions.NAME])")
-    p.add_argument("--output-dir", help="override compare.output-dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_compare)
-
-
-def _cmd_compare(args) -> int:
-    try:
-        spec, target = load_comparison(args.config, args.output_dir)
-    except (ConfigError, OSError) as err:
-        print(f"fedavg-relu compare: {err}", file=sys.stderr)
-        return 2
-    path = run_comparison(spec, target, progress=not args.no_progress)
-    print(path.read_text())
-    print(f"fedavg-relu compare: tables and figures in {spec.output_dir}")
-    return 0

@@ -20,7 +20,7 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from .seam import CLIENT_APP_EXCEPTION, ensure_task_identity
+from fedavg_relu.seam import CLIENT_APP_EXCEPTION, ensure_task_identity
 
 __all__ = ["CLIENT_APP_EXCEPTION", "LocalGrid", "ensure_task_identity"]
 

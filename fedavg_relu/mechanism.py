@@ -58,11 +58,11 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn import functional as F
 
-from .cohort import (
-    CHUNK_BYTES, _forward, _gradients, _loss_and_grad, _per_client_sq_norm, _prepare, chunk_size, layer_specs,
+from fedavg_relu.stacked import (
+    CHUNK_BYTES, chunk_size, forward, gradients, layer_specs, loss_and_grad, per_client_sq_norm, prepare,
     retain_freed_memory,
 )
-from .models import ReluMLP, compute_loss, trainable_names
+from fedavg_relu.models import ReluMLP, compute_loss, trainable_names
 
 #: Bytes of Jacobian rows :func:`ntk_gram_autodiff` holds at once (two blocks of rows).
 NTK_BLOCK_BYTES = 2**30
@@ -232,7 +232,7 @@ def nonlinear_drift(
 def _stacked_jvp(specs, weight_of, inputs: list[torch.Tensor], delta_of) -> torch.Tensor:
     """``J ΔW_k`` for every client: the output tangent ``(k, n, c)`` at the shared weights.
 
-    ``inputs``: each layer's input at those weights (``_forward``'s, ``(k, n, in)``);
+    ``inputs``: each layer's input at those weights (``forward``'s, ``(k, n, in)``);
     ``delta_of(name)``: the stacked ``(k, *shape)`` tangent of a trained parameter.
     Per layer ``dpre = s (dh Wᵀ + h dWᵀ) + db`` and ``dh_next = dpre ⊙ 1[h_next > 0]``.
     """
@@ -265,11 +265,11 @@ def stacked_gauss_newton(
 
     The pieces of :func:`fedavg_relu.cohort.measure_cohort_drift_vectorized` at W̄:
     ``weight_of`` gives W̄'s (shared) or frozen weights, ``inputs``/``logits`` are
-    ``_forward``'s at W̄ on the stacked data ``(k, n, d)``, ``delta_of(name)`` the
+    ``forward``'s at W̄ on the stacked data ``(k, n, d)``, ``delta_of(name)`` the
     stacked ``ΔW_k``. Costs one hand-written jvp and one backward.
     """
     jd = _stacked_jvp(specs, weight_of, inputs, delta_of)
-    return _gradients(specs, weight_of, inputs, loss_hessian_product(logits, jd, loss))
+    return gradients(specs, weight_of, inputs, loss_hessian_product(logits, jd, loss))
 
 
 def measure_cohort_nonlinear_drift_vectorized(
@@ -286,7 +286,7 @@ def measure_cohort_nonlinear_drift_vectorized(
     weights, as in :func:`fedavg_relu.cohort.measure_cohort_drift_vectorized`.
     Per chunk: forward and backward at W̄ and at W_k, one jvp and one backward.
     """
-    specs, frozen, trained = _prepare(model)
+    specs, frozen, trained = prepare(model)
     budget = CHUNK_BYTES if budget is None else budget
     at_global = {n: torch.as_tensor(np.asarray(global_params[n])) for n in trained}
     sizes = np.array([len(d) for d in datas], np.int64)
@@ -304,19 +304,19 @@ def measure_cohort_nonlinear_drift_vectorized(
             y = torch.stack([datas[i].y for i in chunk])
             local = {name: torch.as_tensor(np.asarray(local_params[name])[chunk]) for name in trained}
             delta = {name: local[name] - at_global[name] for name in trained}
-            logits, inputs = _forward(specs, weights(at_global), x)
-            _, g = _loss_and_grad(logits, y, loss)
-            grads_g = _gradients(specs, weights(at_global), inputs, g)
+            logits, inputs = forward(specs, weights(at_global), x)
+            _, g = loss_and_grad(logits, y, loss)
+            grads_g = gradients(specs, weights(at_global), inputs, g)
             gn = stacked_gauss_newton(specs, weights(at_global), inputs, logits, delta.__getitem__, loss)
             del inputs, logits, g
-            logits, inputs = _forward(specs, weights(local), x)
-            _, g = _loss_and_grad(logits, y, loss)
-            grads_l = _gradients(specs, weights(local), inputs, g)
+            logits, inputs = forward(specs, weights(local), x)
+            _, g = loss_and_grad(logits, y, loss)
+            grads_l = gradients(specs, weights(local), inputs, g)
             del inputs, logits, g
             drift = {name: grads_l[name] - grads_g[name] for name in trained}
-            drift_norm = _per_client_sq_norm(drift.values()).sqrt()
-            residual = _per_client_sq_norm(drift[name] - gn[name] for name in trained).sqrt()
-            linear = _per_client_sq_norm(gn.values()).sqrt()
+            drift_norm = per_client_sq_norm(drift.values()).sqrt()
+            residual = per_client_sq_norm(drift[name] - gn[name] for name in trained).sqrt()
+            linear = per_client_sq_norm(gn.values()).sqrt()
             for j, i in enumerate(chunk):
                 out[i] = NonlinearDrift(
                     fraction=_ratio(float(residual[j]), float(drift_norm[j])),

@@ -19,9 +19,9 @@ from dataclasses import MISSING, asdict, dataclass
 import numpy as np
 import torch
 
-from .mechanism import nonlinear_drift
-from .models import ReluMLP, set_trainable
-from .training import full_gradient
+from fedavg_relu.mechanism import nonlinear_drift
+from fedavg_relu.models import ReluMLP, set_trainable
+from fedavg_relu.training import full_gradient
 
 
 def squared_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:

@@ -40,15 +40,14 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from . import protocol as wire
-from .aggregation import add_weighted
-from .cohort import allocate_arrays, cohort_seeds, measure_cohort_drift_vectorized, train_cohort_vectorized
-from .config import RunConfig
-from .data import load_partition, load_partitions
-from .metrics import CLIENT_COLUMNS, ClientDrift, client_row, measure_client_drift
-from .task import initial_params, measure_drift, train_client, working_model
-from .models import get_trainable, set_trainable
-from .training import LocalSGDSettings, client_seed, evaluate, iter_local_sgd
+from fedavg_relu.aggregation import add_weighted
+from fedavg_relu.cohort import allocate_arrays, cohort_seeds, measure_cohort_drift_vectorized, train_cohort_vectorized
+from fedavg_relu.config import RunConfig
+from fedavg_relu.data import load_partition, load_partitions
+from fedavg_relu.metrics import ClientDrift, measure_client_drift
+from fedavg_relu.task import initial_params, measure_drift, train_client, working_model
+from fedavg_relu.models import get_trainable, set_trainable
+from fedavg_relu.training import LocalSGDSettings, client_seed, evaluate, iter_local_sgd
 
 
 # --- who holds and who trains which virtual client -------------------------------
@@ -211,53 +210,6 @@ def summarize_drift_sums(
         out["nonlinear-drift-fraction-mean"] = sums.nonlinear / sums.nonlinear_examples
         out["nonlinear-drift-fraction-max"] = sums.nonlinear_max
     return out
-
-
-# --- the per-client table, as lists --------------------------------------------------------
-CLIENT_IDS_KEY = wire.CLIENT_IDS
-CLIENT_PREFIX = wire.CLIENT_PREFIX
-
-
-def client_row_lists(
-    client_ids: Sequence[int], drifts: Sequence[ClientDrift], loss_before: Sequence[float],
-    local_steps: Sequence[float], nonlinear: bool,
-) -> dict[str, list]:
-    """A cohort's per-client rows as one list per column (``client/ids``, ``client/<column>``) for a MetricRecord.
-
-    The columns are :func:`fedavg_relu.metrics.client_row`'s, so the packed and the
-    standard path write the same table; a few floats per client, in one message.
-    """
-    rows = [client_row(d, b, t, nonlinear) for d, b, t in zip(drifts, loss_before, local_steps, strict=True)]
-    out: dict[str, list] = {CLIENT_IDS_KEY: [int(k) for k in client_ids]}
-    for column in CLIENT_COLUMNS:
-        if rows and column in rows[0]:
-            out[CLIENT_PREFIX + column] = [float(r[column]) for r in rows]
-    return out
-
-
-def client_rows_from_lists(values: Mapping[str, object]) -> list[dict[str, float]]:
-    """Inverse of :func:`client_row_lists`: rows ``{"client": id, <column>: value}``; ``[]`` without ``client/ids``.
-
-    Raises ``ValueError`` when a list's length differs from the ids' or a value is not a number.
-    """
-    if CLIENT_IDS_KEY not in values:
-        return []
-    ids = list(values[CLIENT_IDS_KEY])  # type: ignore[call-overload]
-    if not all(isinstance(k, int) and not isinstance(k, bool) for k in ids):
-        raise ValueError("client/ids: expected a list of integers")
-    rows: list[dict[str, float]] = [{"client": k} for k in ids]
-    for column in CLIENT_COLUMNS:
-        key = CLIENT_PREFIX + column
-        if key not in values:
-            continue
-        column_values = list(values[key])  # type: ignore[call-overload]
-        if len(column_values) != len(ids):
-            raise ValueError(f"{key}: {len(column_values)} values for {len(ids)} clients")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in column_values):
-            raise ValueError(f"{key}: expected numbers")
-        for row, value in zip(rows, column_values, strict=True):
-            row[column] = int(value) if column in ("num-examples", "local-steps") and float(value).is_integer() else float(value)
-    return rows
 
 
 LOCKSTEP_KEYS = (

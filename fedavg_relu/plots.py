@@ -29,7 +29,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .config import RunConfig
+from fedavg_relu.config import RunConfig
 
 #: Columns of a sweep table that are not configuration (per-cell bookkeeping).
 CELL_COLUMNS = ("group", "cell-id", "run-dir")
@@ -463,25 +463,3 @@ def _mechanism_figures(width: pd.DataFrame, out_dir: Path, formats: Sequence[str
             labels={"ntk-change": "relative NTK change"}, reference_slope=-0.5, ylabel="relative NTK change"),
             out_dir / "fig7_ntk_change_vs_width", formats, dpi)
     return paths
-
-
-# --- command line ---------------------------------------------------------------------
-def add_plot_command(subparsers) -> None:
-    """Add ``fedavg-relu plot SWEEP_DIR`` to the CLI's subparsers."""
-    p = subparsers.add_parser("plot", help="draw the theory figures from a sweep's tables")
-    p.add_argument("sweep_dir", help="a sweep's output folder (with metrics.csv and cells.csv)")
-    p.add_argument("--out", default=None, help="figure folder (default: SWEEP_DIR/figures)")
-    p.add_argument("--formats", default="png,pdf", help="comma-separated formats (default png,pdf)")
-    p.add_argument("--dpi", type=int, default=110)
-    p.set_defaults(func=_cmd_plot)
-
-
-def _cmd_plot(args) -> int:
-    from .sweep import read_tables
-
-    metrics, cells = read_tables(args.sweep_dir)
-    out = args.out or str(Path(args.sweep_dir) / "figures")
-    paths = theory_figures(metrics, cells, out, formats=tuple(args.formats.split(",")), dpi=args.dpi)
-    for path in paths:
-        print(path)
-    return 0 if paths else 1

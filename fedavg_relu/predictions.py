@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .plots import (
+from fedavg_relu.plots import (
     NONIID_GROUP,
     TAU_GROUP,
     WIDTH_GROUP,

@@ -49,8 +49,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from . import data
-from .config import ConfigError, RunConfig
+from fedavg_relu import data
+from fedavg_relu.config import ConfigError, RunConfig
 
 #: Training pools up to this many bytes stay in data.py's per-process caches after the check,
 #: for clients in the same process (LocalGrid, packed nodes, the centralized baseline); larger

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .flower_run import free_port
+from fedavg_relu.flower_run import free_port
 
 
 def _ray_bin() -> str:

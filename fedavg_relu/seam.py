@@ -256,7 +256,7 @@ def pull_interval(grid, default: float) -> float:
     """Seconds ``grid`` waits between two pulls (``pull_interval``), else ``default``.
 
     Relies on: ``InMemoryGrid.pull_interval`` (flwr 1.42.0); the project's own grids
-    (:class:`fedavg_relu.deploy.ReplyDeadlineGrid`) have one too.
+    (:class:`fedavg_relu.reply_deadline.ReplyDeadlineGrid`) have one too.
     """
     return float(getattr(grid, "pull_interval", default))
 

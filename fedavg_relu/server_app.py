@@ -41,19 +41,19 @@ from flwr.serverapp import Grid, ServerApp
 from strategies.drift import round_summary
 from strategies.registry import build_strategy
 
-from .config import ConfigError, RunConfig
-from .console import quiet_flower_logs
-from .data import dataset_shape, load_test
-from .mechanism import ntk_change, ntk_gram, probe_indices
-from .models import build_model, num_trainable, set_trainable
-from .records import arrays_to_params, params_to_arrays
-from .preflight import check_run
-from .results import RunWriter, resolve_run_dir, write_summary
-from .seam import install_fast_extractor, is_simulation_grid, lower_pull_interval
-from .spill import remove_run
-from .checkpoint import load_checkpoint, save_checkpoint
-from .task import initial_params
-from .training import evaluate
+from fedavg_relu.config import ConfigError, RunConfig
+from fedavg_relu.console import quiet_flower_logs
+from fedavg_relu.data import dataset_shape, load_test
+from fedavg_relu.mechanism import ntk_change, ntk_gram, probe_indices
+from fedavg_relu.models import build_model, num_trainable, set_trainable
+from fedavg_relu.records import arrays_to_params, params_to_arrays
+from fedavg_relu.preflight import check_run
+from fedavg_relu.results import RunWriter, resolve_run_dir, write_summary
+from fedavg_relu.seam import install_fast_extractor, is_simulation_grid, lower_pull_interval
+from fedavg_relu.spill import remove_run
+from fedavg_relu.checkpoint import load_checkpoint, save_checkpoint
+from fedavg_relu.task import initial_params
+from fedavg_relu.training import evaluate
 
 app = ServerApp()
 
@@ -67,7 +67,7 @@ def main(grid: Grid, context: Context) -> None:
     quiet_flower_logs(cfg.verbose)
     if is_simulation_grid(grid):
         lower_pull_interval(grid)  # replies are in memory: look for them every 5 ms, not every 0.1 s
-    from .deploy import bound_reply_waits  # a deployment's reply uploads end by round-timeout
+    from fedavg_relu.reply_deadline import bound_reply_waits  # a deployment's reply uploads end by round-timeout
 
     try:
         run_experiment(bound_reply_waits(grid, cfg.round_timeout), cfg)

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import seam
-from .config import RunConfig
+from fedavg_relu import seam
+from fedavg_relu.config import RunConfig
 
 # The extractor that simulate() and `flwr run` put into Flower's runtime lives in the seam
 # (the names below are kept for fedavg_relu.server_app and tests/test_simulation.py).
@@ -68,7 +68,7 @@ def simulate(
 
     from clients.client_app import build_client_app
 
-    from .server_app import run_experiment
+    from fedavg_relu.server_app import run_experiment
 
     if not isinstance(cfg, RunConfig):
         cfg = RunConfig.from_mapping(cfg)
@@ -130,8 +130,8 @@ def run_in_process(cfg: RunConfig | Mapping[str, Any], num_nodes: int | None = N
     """
     from clients.client_app import build_client_app
 
-    from .local_grid import LocalGrid
-    from .server_app import run_experiment
+    from fedavg_relu.local_grid import LocalGrid
+    from fedavg_relu.server_app import run_experiment
 
     if not isinstance(cfg, RunConfig):
         cfg = RunConfig.from_mapping(cfg)

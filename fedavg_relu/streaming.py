@@ -29,8 +29,8 @@ from collections.abc import Iterable, Iterator
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from . import seam
-from .records import GarbageBudget, array_bytes
+from fedavg_relu import seam
+from fedavg_relu.records import GarbageBudget, array_bytes
 
 #: Seconds between two pulls while nothing arrived, for grids that do not say (Flower's HTTP grid: 3 s).
 DEFAULT_PULL_INTERVAL = 0.1

@@ -81,8 +81,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
-from .results import atomic_write_text, read_metrics
+from fedavg_relu.config import ConfigError, RunConfig
+from fedavg_relu.results import atomic_write_text, read_metrics
 
 ENGINES = ("in-process", "simulation")
 SWEEP_KEYS = ("name", "output-dir", "engine", "central-baseline", "threads")
@@ -292,10 +292,10 @@ def run_cell(cell: Cell, engine: str = "in-process") -> Path:
     if cell.run_dir.exists():
         shutil.rmtree(cell.run_dir)  # an unfinished or different run: start over
     if engine == "simulation":
-        from .simulation import simulate
+        from fedavg_relu.simulation import simulate
 
         return Path(simulate(cell.config))
-    from .simulation import run_in_process
+    from fedavg_relu.simulation import run_in_process
 
     return Path(run_in_process(cell.config))
 
@@ -306,7 +306,7 @@ def central_comparison(cell: Cell) -> dict[str, float]:
     if path.exists():
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
-    from .centralized import compare_with_central
+    from fedavg_relu.centralized import compare_with_central
 
     values = compare_with_central(cell.run_dir)
     atomic_write_text(path, json.dumps({k: (None if not math.isfinite(v) else v) for k, v in values.items()}, indent=1) + "\n")
@@ -459,7 +459,7 @@ def collect_rows(spec: SweepSpec, cells: Sequence[Cell]) -> tuple[list[dict[str,
 
 def write_tables(spec: SweepSpec, cells: Sequence[Cell] | None = None) -> tuple[Path, Path]:
     """Write ``metrics.csv`` and ``cells.csv`` of the finished cells atomically; return their paths."""
-    from .results import rows_to_csv
+    from fedavg_relu.results import rows_to_csv
 
     metric_rows, cell_rows = collect_rows(spec, cells if cells is not None else spec.cells())
     metrics_path, cells_path = spec.output_dir / METRICS_TABLE, spec.output_dir / CELLS_TABLE
@@ -474,49 +474,3 @@ def read_tables(output_dir: str | os.PathLike):
 
     out = Path(output_dir)
     return pd.read_csv(out / METRICS_TABLE), pd.read_csv(out / CELLS_TABLE)
-
-
-# --- command line ---------------------------------------------------------------
-def add_sweep_command(subparsers) -> None:
-    """Add ``fedavg-relu sweep CONFIG`` to the CLI's subparsers."""
-    p = subparsers.add_parser("sweep", help="run a grid of configurations (resumable) and collect tidy tables")
-    p.add_argument("config", help="sweep TOML file ([sweep], [base], [[grid]])")
-    p.add_argument("--engine", choices=ENGINES, help="in-process (default) or simulation (Flower's Ray engine)")
-    p.add_argument("--output-dir", help="override sweep.output-dir")
-    p.add_argument("--dry-run", action="store_true", help="list the cells (and whether each is finished) and exit")
-    p.add_argument("--max-cells", type=int, help="run at most this many unfinished cells")
-    p.add_argument("--threads", type=int, help="torch threads while cells run (default: sweep.threads, 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--verbose", action="store_true", help="keep Flower's per-round log lines")
-    p.add_argument("--figures", metavar="DIR", help="afterwards draw the theory figures into DIR (PNG and PDF)")
-    p.set_defaults(func=_cmd_sweep)
-
-
-def _cmd_sweep(args) -> int:
-    try:
-        spec = load_sweep(args.config, args.output_dir)
-        cells = spec.cells()
-    except (ConfigError, OSError) as err:
-        print(f"fedavg-relu sweep: {err}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        for cell in cells:
-            print(f"{'done' if is_complete(cell) else 'todo'}  {describe(cell)}")
-        print(f"{len(cells)} cells; outputs in {spec.output_dir}")
-        return 0
-    result = run_sweep(spec, engine=args.engine, progress=not args.no_progress, quiet=not args.verbose,
-                       max_cells=args.max_cells, threads=args.threads)
-    print(
-        f"fedavg-relu sweep {spec.name}: {len(result.ran)} ran, {len(result.skipped)} already finished, "
-        f"{len(result.failed)} failed, {len(cells) - len(result.ran) - len(result.skipped) - len(result.failed)} left "
-        f"in {result.seconds:.1f}s; tables {result.metrics_path} and {result.cells_path}"
-    )
-    for cid, err in result.failed.items():
-        print(f"  failed {cid}: {err}", file=sys.stderr)
-    if args.figures:
-        from .plots import theory_figures
-
-        metrics, cells_table = read_tables(spec.output_dir)
-        paths = theory_figures(metrics, cells_table, args.figures)
-        print(f"figures: {', '.join(str(p) for p in paths)}")
-    return 1 if result.failed else 0

@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import WARNING
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,7 @@ from fedavg_relu import protocol as wire
 from fedavg_relu.metrics import ClientDrift, client_row, distances_from_init, summarize_drift
 from fedavg_relu.aggregation import add_weighted
 from fedavg_relu.records import array_records, arrays_to_params, metric_records, params_to_arrays, release
-from fedavg_relu.seam import WORKER_LOST_MARKERS, is_worker_lost, uses_flower_metric_average
+from fedavg_relu.seam import is_worker_lost, uses_flower_metric_average
 from fedavg_relu.streaming import StreamingGrid, node_of
 from fedavg_relu.validation import (
     REASONS, OutlierGate, OutlierRules, Rejected, UpdateRules, check_record_layout, check_update, update_norm,

@@ -39,7 +39,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedavg_relu import protocol as wire
-from fedavg_relu.packed import DriftSums, client_rows_from_lists, lockstep_metrics, lockstep_sums_from_metrics, sample_clients, summarize_drift_sums
+from fedavg_relu.packed import DriftSums, lockstep_metrics, lockstep_sums_from_metrics, sample_clients, summarize_drift_sums
+from fedavg_relu.protocol import client_rows_from_lists
 from fedavg_relu.records import array_records, arrays_to_params, metric_records, release
 from fedavg_relu.streaming import node_of
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedavg_relu.cohort import chunk_size, layer_specs, train_cohort_vectorized
+from fedavg_relu.cohort import train_cohort_vectorized
+from fedavg_relu.stacked import chunk_size, layer_specs
 from fedavg_relu.config import RunConfig
 from fedavg_relu.data import TensorData
 from fedavg_relu.models import build_model, get_trainable, set_trainable

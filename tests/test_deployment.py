@@ -30,9 +30,8 @@ import fedavg_relu.server_app
 from fedavg_relu.clientapp_worker import EXIT_GRACE, ClientAppWorker
 from fedavg_relu.config import RunConfig
 from fedavg_relu.data import dataset_shape, load_data_file, make_synthetic
-from fedavg_relu.deploy import (
-    PULL_BACKOFF_CAP, Deployment, ReplyDeadlineGrid, bound_reply_waits, path_with_venv_first, stop_groups, venv_bin,
-)
+from fedavg_relu.deploy import Deployment, path_with_venv_first, stop_groups, venv_bin
+from fedavg_relu.reply_deadline import PULL_BACKOFF_CAP, ReplyDeadlineGrid, bound_reply_waits
 from fedavg_relu.flower_run import free_port, pid_alive
 from fedavg_relu.models import set_trainable
 from fedavg_relu.results import read_metrics

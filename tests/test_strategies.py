@@ -362,7 +362,8 @@ def test_drift_messages_carry_the_switches_and_rows_name_the_partition():
 def test_packed_drift_sums_without_any_fraction_are_valid_and_bad_rows_are_rejected():
     """nonlinear-max = -inf passes while nonlinear-examples = 0 (nothing measured), not otherwise; rows of the wrong count are refused."""
     from fedavg_relu.metrics import ClientDrift
-    from fedavg_relu.packed import DriftSums, client_row_lists
+    from fedavg_relu.packed import DriftSums
+    from fedavg_relu.protocol import client_row_lists
     from strategies.packed import PackedFedAvg
 
     strategy = PackedFedAvg()
