@@ -8,10 +8,10 @@ Two parts, each printed as a Markdown table (the README's "Deployment" section q
              fresh Python process so that earlier peaks do not hide it.
 ``stop``     seconds from SIGTERM to exit of a ClientApp worker (idle with torch loaded, and
              1 s into a long train task) and of a SuperNode, in a 1-node deployment.
-``latency``  a TLS + node-auth deployment on loopback (:class:`fedavg_relu.deploy.Deployment`)
+``latency``  a TLS + node-auth deployment on loopback (:class:`fedavg_relu.runtime.deploy.Deployment`)
              with 2 SuperNodes, run once with Flower's default isolation (a new
              ``flwr-clientapp`` process per message) and once with ``--isolation process`` and
-             a long-running :mod:`fedavg_relu.clientapp_worker`. Per round: the ServerApp's
+             a long-running :mod:`fedavg_relu.runtime.clientapp_worker`. Per round: the ServerApp's
              wall time (``seconds`` in metrics.jsonl, the drift exchange included) and each
              node's own time per message, from receiving it to having sent the reply
              (timestamped SuperNode logs).
@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from fedavg_relu.config import RunConfig  # noqa: E402
-from fedavg_relu.flower_run import toml_value  # noqa: E402
+from fedavg_relu.core.config import RunConfig  # noqa: E402
+from fedavg_relu.runtime.flower_run import toml_value  # noqa: E402
 
 
 def parse_overrides(text: str) -> dict:
@@ -54,10 +54,10 @@ def parse_overrides(text: str) -> dict:
 # --- size and memory ---------------------------------------------------------------
 _PROBE = r"""
 import json, resource, sys, numpy as np
-from fedavg_relu.config import RunConfig
-from fedavg_relu.task import client_data, initial_params, measure_drift, train_client, working_model
-from fedavg_relu.training import LocalSGDSettings
-from fedavg_relu.data import dataset_shape
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.task import client_data, initial_params, measure_drift, train_client, working_model
+from fedavg_relu.core.training import LocalSGDSettings
+from fedavg_relu.core.data import dataset_shape
 cfg = RunConfig.from_mapping(json.loads(sys.argv[1]))
 stage = sys.argv[2]
 def peak_mib():
@@ -83,8 +83,8 @@ def measure_size(overrides: dict) -> dict:
     """Parameter counts, wire size and peak RSS (MiB) after set-up, one round of training, and drift."""
     import torch
 
-    from fedavg_relu.data import dataset_shape
-    from fedavg_relu.models import build_model, num_trainable
+    from fedavg_relu.core.data import dataset_shape
+    from fedavg_relu.core.models import build_model, num_trainable
 
     cfg = RunConfig.from_mapping(overrides)
     input_dim, num_classes = dataset_shape(cfg)
@@ -153,8 +153,8 @@ def node_message_times(log: str) -> list[tuple[str, float]]:
 
 def measure_latency(overrides: dict, isolation: str, rounds: int, certs: Path, work: Path) -> dict:
     """One deployment run of ``rounds`` rounds with 2 SuperNodes in ``isolation`` mode."""
-    from fedavg_relu.deploy import Deployment
-    from fedavg_relu.results import read_metrics
+    from fedavg_relu.runtime.deploy import Deployment
+    from fedavg_relu.core.results import read_metrics
 
     run = {**overrides, "num-server-rounds": rounds, "num-partitions": 2,
            "output-dir": str(work / "runs"), "run-name": isolation, "round-timeout": 600.0}
@@ -254,7 +254,7 @@ def measure_stop(certs: Path, work: Path) -> dict:
     """SIGTERM -> exit of an idle worker, a busy worker (train task) and a SuperNode."""
     import threading  # noqa: PLC0415
 
-    from fedavg_relu.deploy import Deployment, stop_groups  # noqa: PLC0415
+    from fedavg_relu.runtime.deploy import Deployment, stop_groups  # noqa: PLC0415
 
     out: dict = {}
     with Deployment(certs, home=work / "home-stop") as dep:

@@ -1,7 +1,7 @@
 """What the drift measurement costs: round time with ``drift-metrics`` on vs off.
 
 Runs the project's ServerApp logic, strategy and ClientApp handlers on an
-in-process grid (:class:`fedavg_relu.local_grid.LocalGrid`: no Ray, so Flower's
+in-process grid (:class:`fedavg_relu.runtime.local_grid.LocalGrid`: no Ray, so Flower's
 transport cost does not blur the comparison), alternating the two settings
 ``--repeats`` times, and reports the median seconds per round (rounds >= 1)
 and their ratio, measured in one run. The drift exchange costs two full-data
@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedavg_relu.results import read_metrics  # noqa: E402
-from fedavg_relu.simulation import run_in_process  # noqa: E402
+from fedavg_relu.core.results import read_metrics  # noqa: E402
+from fedavg_relu.runtime.simulation import run_in_process  # noqa: E402
 
 
 def round_seconds(cfg: dict) -> float:

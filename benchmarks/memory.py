@@ -3,7 +3,7 @@
 Workload (issue 12's): ``paper`` family, width 8192 (one trained 8192 x 8192 layer,
 67M parameters, 268 MB per model), digits, Dirichlet(0.3) label skew, tau = 20
 local steps, drift metrics on (with gradient dissimilarity), 2 rounds, through
-Flower's Ray simulation engine (:func:`fedavg_relu.simulation.simulate`):
+Flower's Ray simulation engine (:func:`fedavg_relu.runtime.simulation.simulate`):
 
 * ``standard``: one SuperNode per client, 2 ClientApp actors (one per core);
 * ``packed``: one SuperNode simulating every client, torch on both cores.
@@ -59,8 +59,8 @@ def child(spec: dict) -> None:
     import logging
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    from fedavg_relu.results import read_metrics
-    from fedavg_relu.simulation import simulate
+    from fedavg_relu.core.results import read_metrics
+    from fedavg_relu.runtime.simulation import simulate
 
     cpus = 2 if spec["path"] == "packed" else 1
     run_dir = simulate(spec["cfg"], num_cpus_per_client=cpus)

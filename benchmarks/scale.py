@@ -23,7 +23,7 @@ measured alone):
 ``packed``
     This project's app with ``clients-per-node`` = the number of virtual clients:
     one Flower node trains all 100 clients per message (vectorized,
-    :mod:`fedavg_relu.cohort`), torch on both cores (``simulate()``'s default for one node).
+    :mod:`fedavg_relu.core.cohort`), torch on both cores (``simulate()``'s default for one node).
 ``packed-2nodes``
     The same split over two nodes of 50 virtual clients, 1 CPU and one torch thread each.
 
@@ -125,8 +125,8 @@ def child_stock(args: dict, num_partitions: int, per_round: int, cpus: int | Non
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    from fedavg_relu.config import RunConfig
-    from fedavg_relu.data import load_partition
+    from fedavg_relu.core.config import RunConfig
+    from fedavg_relu.core.data import load_partition
 
     cfg = RunConfig.from_mapping(run_config(args, num_partitions, per_round, "stock"))
     width, steps = args["width"], args["local_steps"]
@@ -171,8 +171,8 @@ def child_stock(args: dict, num_partitions: int, per_round: int, cpus: int | Non
 
 def child_ours(args: dict, num_partitions: int, per_round: int, path: str) -> list[float]:
     """This project's app (standard or packed) through simulate(); returns round seconds."""
-    from fedavg_relu.results import read_metrics
-    from fedavg_relu.simulation import simulate
+    from fedavg_relu.core.results import read_metrics
+    from fedavg_relu.runtime.simulation import simulate
 
     run_dir = simulate(run_config(args, num_partitions, per_round, path), num_cpus_per_client=THREADS[path])
     return [float(r["seconds"]) for r in read_metrics(run_dir) if r["round"] >= 1]
@@ -308,8 +308,8 @@ def plain_loop_seconds(args: dict, threads: int, clients: int) -> float:
     """Seconds to train ``clients`` clients in a plain loop (one persistent model, weights reset per client)."""
     import torch
 
-    from fedavg_relu.config import RunConfig
-    from fedavg_relu.data import load_partition
+    from fedavg_relu.core.config import RunConfig
+    from fedavg_relu.core.data import load_partition
 
     torch.set_num_threads(threads)
     cfg = RunConfig.from_mapping(run_config(args, clients, clients, "plain"))
@@ -330,7 +330,7 @@ def compute_ceilings(args: dict, threads: int, clients: int) -> dict:
     """Seconds for the round's training FLOPs outside Flower, on ``threads`` threads.
 
     ``packed-compute-s``: packed mode's cohort training alone
-    (``fedavg_relu.packed.train_cohort``, vectorized, no messages, no server);
+    (``fedavg_relu.core.packed.train_cohort``, vectorized, no messages, no server);
     ``centralized-step-s``: one plain PyTorch SGD step of one model on all the
     clients' examples stacked (the same FLOPs when every client does one full-batch
     step, with no federated structure at all: what eager PyTorch reaches on this
@@ -339,10 +339,10 @@ def compute_ceilings(args: dict, threads: int, clients: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from fedavg_relu.config import RunConfig
-    from fedavg_relu.packed import train_cohort
-    from fedavg_relu.task import initial_params
-    from fedavg_relu.training import LocalSGDSettings
+    from fedavg_relu.core.config import RunConfig
+    from fedavg_relu.core.packed import train_cohort
+    from fedavg_relu.core.task import initial_params
+    from fedavg_relu.core.training import LocalSGDSettings
 
     torch.set_num_threads(threads)
     cfg = RunConfig.from_mapping(run_config(args, clients, clients, "packed"))
@@ -354,7 +354,7 @@ def compute_ceilings(args: dict, threads: int, clients: int) -> dict:
         train_cohort(cfg, ids, 1, w0, settings, keep_local=False)
         best = min(best, time.perf_counter() - t)
     out = {"packed-compute-s": best}
-    from fedavg_relu.data import load_partitions
+    from fedavg_relu.core.data import load_partitions
 
     data = load_partitions(cfg, ids)
     x, y = torch.cat([d.x for d in data]), torch.cat([d.y for d in data])
@@ -385,12 +385,12 @@ def profile_standard(args: dict, clients: int = 20) -> dict:
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from clients.client_app import build_client_app
-    from fedavg_relu.config import RunConfig
-    from fedavg_relu.data import load_partition
-    from fedavg_relu.local_grid import ensure_task_identity
-    from fedavg_relu.records import params_to_arrays
+    from fedavg_relu.core.config import RunConfig
+    from fedavg_relu.core.data import load_partition
+    from fedavg_relu.runtime.local_grid import ensure_task_identity
+    from fedavg_relu.flower.records import params_to_arrays
     from fedavg_relu.server_app import train_config
-    from fedavg_relu.task import initial_params
+    from fedavg_relu.core.task import initial_params
 
     torch.set_num_threads(1)
     ensure_task_identity()

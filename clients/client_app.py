@@ -8,9 +8,9 @@ virtual clients) has message types of its own (``train.packed``,
 strategy picks the path by the message type it sends, and nothing here branches
 on the config.
 
-Handlers only unpack the message, call :mod:`fedavg_relu.task` and pack the
+Handlers only unpack the message, call :mod:`fedavg_relu.core.task` and pack the
 reply. The final local model of a round is kept on the node's disk
-(:mod:`fedavg_relu.spill`), not in ``context.state``, until the drift exchange of
+(:mod:`fedavg_relu.core.spill`), not in ``context.state``, until the drift exchange of
 the same round has used it.
 """
 
@@ -19,9 +19,9 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedavg_relu import protocol as wire
-from fedavg_relu.records import arrays_to_params, params_to_arrays
-from fedavg_relu.task import client_data, measure_drift, node_seed_id, train_client
+from fedavg_relu.flower import protocol as wire
+from fedavg_relu.flower.records import arrays_to_params, params_to_arrays
+from fedavg_relu.core.task import client_data, measure_drift, node_seed_id, train_client
 
 from .node import local_store, run_config, settings_from
 from .packed_app import cohort, packed_drift, packed_train

@@ -10,11 +10,11 @@ import functools
 
 from flwr.app import ConfigRecord, Context
 
-from fedavg_relu import protocol as wire
-from fedavg_relu.config import RunConfig
-from fedavg_relu.spill import LocalModelStore
-from fedavg_relu.threads import configure_torch_threads
-from fedavg_relu.training import LocalSGDSettings
+from fedavg_relu.flower import protocol as wire
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.spill import LocalModelStore
+from fedavg_relu.core.threads import configure_torch_threads
+from fedavg_relu.core.training import LocalSGDSettings
 
 
 @functools.lru_cache(maxsize=4)
@@ -43,5 +43,5 @@ def settings_from(config: ConfigRecord, cfg: RunConfig) -> LocalSGDSettings:
 
 
 def local_store(context: Context, slot: str = "local") -> LocalModelStore:
-    """This node's on-disk store of kept local models (:mod:`fedavg_relu.spill`)."""
+    """This node's on-disk store of kept local models (:mod:`fedavg_relu.core.spill`)."""
     return LocalModelStore(context.run_id, context.node_id, slot)

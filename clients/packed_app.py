@@ -1,8 +1,8 @@
 """Packed-mode handlers: one Flower node trains and measures a cohort of virtual clients.
 
-Message types (:mod:`fedavg_relu.protocol`): ``train.packed``,
+Message types (:mod:`fedavg_relu.flower.protocol`): ``train.packed``,
 ``query.packed_drift`` and ``query.cohort`` (which virtual clients a node holds).
-The work is :mod:`fedavg_relu.packed`; these handlers only unpack, call it and
+The work is :mod:`fedavg_relu.core.packed`; these handlers only unpack, call it and
 pack sums.
 
 How many virtual clients a node holds is the *server's* word: every packed
@@ -15,7 +15,7 @@ plain ``flwr run .`` with Flower's 2 default SuperNodes); the run config's
 Between a round's two exchanges the drift measurement needs the cohort's local
 models W_k (``K x`` the model). They are written, chunk by chunk as training
 produces them, to disk-backed arrays in the node's local model store
-(:mod:`fedavg_relu.spill`) and read back chunk by chunk by the drift handler:
+(:mod:`fedavg_relu.core.spill`) and read back chunk by chunk by the drift handler:
 neither the node's Context (which Flower's Ray engine ships with every message)
 nor any worker's memory ever holds the whole cohort. Between rounds a node keeps
 only a few scalars per virtual client.
@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedavg_relu import protocol as wire
-from fedavg_relu.config import RunConfig
-from fedavg_relu.packed import measure_cohort_drift, node_clients, train_cohort
-from fedavg_relu.protocol import client_row_lists
-from fedavg_relu.records import arrays_to_params, config_records, params_to_arrays
+from fedavg_relu.flower import protocol as wire
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.packed import measure_cohort_drift, node_clients, train_cohort
+from fedavg_relu.flower.protocol import client_row_lists
+from fedavg_relu.flower.records import arrays_to_params, config_records, params_to_arrays
 
 from .node import local_store, run_config, settings_from
 

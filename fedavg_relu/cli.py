@@ -2,7 +2,7 @@
 
 ``fedavg-relu run``
     Validate the run config (``pyproject.toml`` defaults + ``--run-config``) and
-    check that it can run (:mod:`fedavg_relu.preflight`), then ``flwr run`` the
+    check that it can run (:mod:`fedavg_relu.core.preflight`), then ``flwr run`` the
     app on a private simulation SuperLink (own FLWR_HOME, ports and Ray temp
     dir; every process stopped by PID afterwards), stream one line per round,
     and end with the run's ``summary.json``: exit 0 only when it says
@@ -12,11 +12,11 @@
 ``fedavg-relu validate``
     Only the validation step.
 ``fedavg-relu sweep CONFIG``
-    Run a grid of configurations (resumable) into tidy tables (:mod:`fedavg_relu.sweep`).
+    Run a grid of configurations (resumable) into tidy tables (:mod:`fedavg_relu.experiments.sweep`).
 ``fedavg-relu compare CONFIG``
-    Compare strategies on the same partitions and seeds (:mod:`fedavg_relu.compare`).
+    Compare strategies on the same partitions and seeds (:mod:`fedavg_relu.experiments.compare`).
 ``fedavg-relu plot SWEEP_DIR``
-    Draw the theory figures from a sweep's tables (:mod:`fedavg_relu.plots`).
+    Draw the theory figures from a sweep's tables (:mod:`fedavg_relu.experiments.plots`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedavg_relu.config import ConfigError, RunConfig
-from fedavg_relu.simulation import default_cpus_per_client
+from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.runtime.simulation import default_cpus_per_client
 
 
 def find_app_dir(start: Path | None = None) -> Path:
@@ -57,7 +57,7 @@ def app_defaults(app_dir: Path) -> dict[str, Any]:
 
 def parse_overrides(text: list[str] | None) -> dict[str, Any]:
     """``key=value ...`` strings parsed exactly as ``flwr run --run-config`` parses them."""
-    from fedavg_relu.seam import parse_config_args
+    from fedavg_relu.flower.seam import parse_config_args
 
     return dict(parse_config_args(text or None))
 
@@ -82,9 +82,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _preflight(cfg: RunConfig) -> None:
-    """:func:`fedavg_relu.preflight.check_run` when that module exists (raises :class:`ConfigError`)."""
+    """:func:`fedavg_relu.core.preflight.check_run` when that module exists (raises :class:`ConfigError`)."""
     try:
-        from fedavg_relu.preflight import check_run
+        from fedavg_relu.core.preflight import check_run
     except ModuleNotFoundError as err:
         if err.name != f"{__package__}.preflight":
             raise
@@ -103,7 +103,7 @@ class RunOutcome:
 def first_error(output: str) -> str | None:
     """One line saying what went wrong in a ``flwr run`` stream: the app's first ``ERROR`` record (a
     ``fedavg-relu: ...`` message, with its ``  - `` problem lines), else Flower's last one; ``None`` if none."""
-    from fedavg_relu.console import split_level
+    from fedavg_relu.flower.console import split_level
 
     lines = output.splitlines()
     parsed = [split_level(line) for line in lines]
@@ -132,7 +132,7 @@ def run_outcome(
     (``None`` when there is none); ``output`` is the ``flwr run`` stream, from
     which the first error is quoted when there is no summary.
     """
-    from fedavg_relu.console import format_summary
+    from fedavg_relu.flower.console import format_summary
 
     flwr_ok = flwr_returncode == 0 and flwr_status == "finished:completed"
     flwr_says = f"Flower reports run {run_id} ended {flwr_status} (flwr exit {flwr_returncode})"
@@ -156,7 +156,7 @@ def run_outcome(
 
 def resume_command(overrides: Mapping[str, Any], run_dir: Path) -> str:
     """The ``fedavg-relu run`` command that continues ``run_dir`` from its last checkpoint (same config)."""
-    from fedavg_relu.flower_run import run_config_arg
+    from fedavg_relu.runtime.flower_run import run_config_arg
 
     keep = {k: v for k, v in overrides.items() if k not in ("resume", "run-name", "output-dir")}
     keep.update({"resume": True, "run-name": run_dir.name, "output-dir": str(run_dir.parent)})
@@ -164,7 +164,7 @@ def resume_command(overrides: Mapping[str, Any], run_dir: Path) -> str:
 
 
 def _last_round(run_dir: Path) -> int | None:
-    from fedavg_relu.results import read_metrics
+    from fedavg_relu.core.results import read_metrics
 
     try:
         rounds = [int(row["round"]) for row in read_metrics(run_dir) if "round" in row]
@@ -175,7 +175,7 @@ def _last_round(run_dir: Path) -> int | None:
 
 def _fresh_summary(run_dir: Path, since: float) -> dict[str, Any] | None:
     """``summary.json`` when it was written after ``since`` (Unix time): an older one is a previous attempt's."""
-    from fedavg_relu.results import SUMMARY_NAME, read_summary
+    from fedavg_relu.core.results import SUMMARY_NAME, read_summary
 
     try:
         if (run_dir / SUMMARY_NAME).stat().st_mtime < since:
@@ -192,7 +192,7 @@ def report_interrupted(
     """After an interrupt: make sure ``summary.json`` says how the run ended; the lines to print (resume hint last)."""
     import signal
 
-    from fedavg_relu.results import write_summary
+    from fedavg_relu.core.results import write_summary
 
     name = signal.Signals(signum).name
     last = _last_round(run_dir)
@@ -213,9 +213,9 @@ def report_interrupted(
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedavg_relu.console import is_noise_line
-    from fedavg_relu.flower_run import IsolatedFlower, RunInterrupted, raise_on_signals
-    from fedavg_relu.results import resolve_run_dir
+    from fedavg_relu.flower.console import is_noise_line
+    from fedavg_relu.runtime.flower_run import IsolatedFlower, RunInterrupted, raise_on_signals
+    from fedavg_relu.core.results import resolve_run_dir
 
     app_dir = Path(args.app).resolve() if args.app else find_app_dir()
     overrides = parse_overrides(args.run_config)
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --- the experiment subcommands (sweep, plot, compare) ---------------------------------------
 def add_sweep_command(subparsers) -> None:
     """Add ``fedavg-relu sweep CONFIG`` to the CLI's subparsers."""
-    from fedavg_relu.sweep import ENGINES
+    from fedavg_relu.experiments.sweep import ENGINES
 
     p = subparsers.add_parser("sweep", help="run a grid of configurations (resumable) and collect tidy tables")
     p.add_argument("config", help="sweep TOML file ([sweep], [base], [[grid]])")
@@ -335,7 +335,7 @@ def add_sweep_command(subparsers) -> None:
 
 
 def _cmd_sweep(args) -> int:
-    from fedavg_relu.sweep import describe, is_complete, load_sweep, read_tables, run_sweep
+    from fedavg_relu.experiments.sweep import describe, is_complete, load_sweep, read_tables, run_sweep
 
     try:
         spec = load_sweep(args.config, args.output_dir)
@@ -358,7 +358,7 @@ def _cmd_sweep(args) -> int:
     for cid, err in result.failed.items():
         print(f"  failed {cid}: {err}", file=sys.stderr)
     if args.figures:
-        from fedavg_relu.plots import theory_figures
+        from fedavg_relu.experiments.plots import theory_figures
 
         metrics, cells_table = read_tables(spec.output_dir)
         paths = theory_figures(metrics, cells_table, args.figures)
@@ -377,8 +377,8 @@ def add_plot_command(subparsers) -> None:
 
 
 def _cmd_plot(args) -> int:
-    from fedavg_relu.plots import theory_figures
-    from fedavg_relu.sweep import read_tables
+    from fedavg_relu.experiments.plots import theory_figures
+    from fedavg_relu.experiments.sweep import read_tables
 
     metrics, cells = read_tables(args.sweep_dir)
     out = args.out or str(Path(args.sweep_dir) / "figures")
@@ -398,7 +398,7 @@ def add_compare_command(subparsers) -> None:
 
 
 def _cmd_compare(args) -> int:
-    from fedavg_relu.compare import load_comparison, run_comparison
+    from fedavg_relu.experiments.compare import load_comparison, run_comparison
 
     try:
         spec, target = load_comparison(args.config, args.output_dir)

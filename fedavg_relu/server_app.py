@@ -1,11 +1,11 @@
 """The ServerApp: config -> initial model -> drift-recording strategy -> outputs.
 
 ``main`` validates the run config and checks that the clients can realize it
-(:func:`fedavg_relu.preflight.check_run`) before any message is sent, then
+(:func:`fedavg_relu.core.preflight.check_run`) before any message is sent, then
 :func:`run_experiment` does the work so that tests can call it with any grid.
 
 How a run ends is written to the run folder's ``summary.json``
-(:func:`fedavg_relu.results.write_summary`): ``completed``, or ``failed`` with
+(:func:`fedavg_relu.core.results.write_summary`): ``completed``, or ``failed`` with
 the reason. A run fails when a round loses every client (each one's reply was
 an error, was rejected or never came) or when the runtime lost a worker; the
 ServerApp then raises, so Flower marks the run failed and ``fedavg-relu run``
@@ -14,9 +14,9 @@ exits non-zero.
 Besides the strategy's round metrics, the ServerApp records ``ntk-change`` (with
 ``ntk-probe-size`` P > 0): the relative Frobenius change
 ``||Θ(W^{r+1}) − Θ(W^0)||_F / ||Θ(W^0)||_F`` of the empirical tangent kernel (traced
-over the outputs, :func:`fedavg_relu.mechanism.ntk_gram`'s closed form for the
+over the outputs, :func:`fedavg_relu.core.mechanism.ntk_gram`'s closed form for the
 ReluMLP families) on a fixed probe set of P seeded examples
-(:func:`fedavg_relu.mechanism.probe_indices`) of the **held-out split**, the one
+(:func:`fedavg_relu.core.mechanism.probe_indices`) of the **held-out split**, the one
 the server already evaluates on. Not training data, because the server holds
 none: in federated learning the training examples stay on the clients. The NTK
 is a property of the network and the inputs, not of the labels, so any inputs
@@ -41,19 +41,19 @@ from flwr.serverapp import Grid, ServerApp
 from strategies.drift import round_summary
 from strategies.registry import build_strategy
 
-from fedavg_relu.config import ConfigError, RunConfig
-from fedavg_relu.console import quiet_flower_logs
-from fedavg_relu.data import dataset_shape, load_test
-from fedavg_relu.mechanism import ntk_change, ntk_gram, probe_indices
-from fedavg_relu.models import build_model, num_trainable, set_trainable
-from fedavg_relu.records import arrays_to_params, params_to_arrays
-from fedavg_relu.preflight import check_run
-from fedavg_relu.results import RunWriter, resolve_run_dir, write_summary
-from fedavg_relu.seam import install_fast_extractor, is_simulation_grid, lower_pull_interval
-from fedavg_relu.spill import remove_run
-from fedavg_relu.checkpoint import load_checkpoint, save_checkpoint
-from fedavg_relu.task import initial_params
-from fedavg_relu.training import evaluate
+from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.flower.console import quiet_flower_logs
+from fedavg_relu.core.data import dataset_shape, load_test
+from fedavg_relu.core.mechanism import ntk_change, ntk_gram, probe_indices
+from fedavg_relu.core.models import build_model, num_trainable, set_trainable
+from fedavg_relu.flower.records import arrays_to_params, params_to_arrays
+from fedavg_relu.core.preflight import check_run
+from fedavg_relu.core.results import RunWriter, resolve_run_dir, write_summary
+from fedavg_relu.flower.seam import install_fast_extractor, is_simulation_grid, lower_pull_interval
+from fedavg_relu.core.spill import remove_run
+from fedavg_relu.flower.checkpoint import load_checkpoint, save_checkpoint
+from fedavg_relu.core.task import initial_params
+from fedavg_relu.core.training import evaluate
 
 app = ServerApp()
 
@@ -67,7 +67,7 @@ def main(grid: Grid, context: Context) -> None:
     quiet_flower_logs(cfg.verbose)
     if is_simulation_grid(grid):
         lower_pull_interval(grid)  # replies are in memory: look for them every 5 ms, not every 0.1 s
-    from fedavg_relu.reply_deadline import bound_reply_waits  # a deployment's reply uploads end by round-timeout
+    from fedavg_relu.flower.reply_deadline import bound_reply_waits  # a deployment's reply uploads end by round-timeout
 
     try:
         run_experiment(bound_reply_waits(grid, cfg.round_timeout), cfg)
@@ -148,7 +148,7 @@ def train_config(cfg: RunConfig, learning_rate: float) -> ConfigRecord:
 class NtkTracker:
     """``ntk-change`` of the model against W^0 on a fixed probe set of the held-out split.
 
-    Θ(W^0) is computed once (closed form, :func:`fedavg_relu.mechanism.ntk_gram`);
+    Θ(W^0) is computed once (closed form, :func:`fedavg_relu.core.mechanism.ntk_gram`);
     each :meth:`change` costs one forward pass of the P probes, their ``P c`` output
     directions carried down to the lowest trained layer, and a few ``P x P`` Grams.
     """

@@ -111,7 +111,7 @@ def table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
     return "\n".join(lines)
 
 
-# --- the run configuration (fedavg_relu/config.py) -------------------------------------
+# --- the run configuration (fedavg_relu/core/config.py) -------------------------------------
 #: References in config.py's comments that mean other docs pages.
 DOC_LINKS = {
     "(THEORY.md)": "([theory](theory.md))",
@@ -610,7 +610,7 @@ PREDICTION_SHORT: dict[int, tuple[str, Callable[[Mapping[str, float]], str]]] = 
 
 
 def render_predictions(root: Path, args: Mapping[str, str]) -> str:
-    """The six checks of ``fedavg_relu.predictions`` on a sweep's tables.
+    """The six checks of ``fedavg_relu.experiments.predictions`` on a sweep's tables.
 
     ``rule=yes`` adds the agreement rule; ``short=yes`` gives a short label and the key numbers only.
     """
@@ -696,9 +696,9 @@ class Renderer:
 
 
 RENDERERS: dict[str, Renderer] = {
-    "config-reference": Renderer(render_config_reference, "fedavg_relu/config.py (RunConfig), pyproject.toml"),
-    "validation-reasons": Renderer(render_validation_reasons, "fedavg_relu/validation.py (REASONS)"),
-    "resumable-keys": Renderer(render_resumable_keys, "fedavg_relu/checkpoint.py (RESUMABLE_CHANGES)"),
+    "config-reference": Renderer(render_config_reference, "fedavg_relu/core/config.py (RunConfig), pyproject.toml"),
+    "validation-reasons": Renderer(render_validation_reasons, "fedavg_relu/flower/validation.py (REASONS)"),
+    "resumable-keys": Renderer(render_resumable_keys, "fedavg_relu/flower/checkpoint.py (RESUMABLE_CHANGES)"),
     "strategy-registry": Renderer(render_strategy_registry, "strategies/registry.py (STRATEGY_CLASSES, strategy_kwargs)"),
     "scale-paths": Renderer(render_scale_paths, "DIR/scale.json (dir=, default benchmarks/results)"),
     "scale-scan": Renderer(render_scale_scan, "DIR/scale.json"),
@@ -710,7 +710,7 @@ RENDERERS: dict[str, Renderer] = {
     "drift-overhead": Renderer(render_drift_overhead, "benchmarks/results/drift_overhead.json (file=)"),
     "strategies-comparison": Renderer(render_strategies_comparison, "results/strategies/comparison.csv, compare/strategies.toml"),
     "strategies-summary": Renderer(render_strategies_summary, "results/strategies/comparison.csv"),
-    "predictions": Renderer(render_predictions, "results/theory-full/{metrics,cells}.csv via fedavg_relu.predictions (rule=yes, short=yes)"),
+    "predictions": Renderer(render_predictions, "results/theory-full/{metrics,cells}.csv via fedavg_relu.experiments.predictions (rule=yes, short=yes)"),
     "runs-summary": Renderer(render_runs_summary, "DIR/cells.csv (dir=)"),
     "num": Renderer(render_num, "one value: file= at= [fmt= div= scale=]"),
     "prediction-value": Renderer(render_prediction_value, "one measured number of a prediction: n= key= [fmt=]"),

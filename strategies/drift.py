@@ -18,7 +18,7 @@ averaging is untouched while every round gains THEORY.md's metrics:
 Nodes that trained but did not answer the drift exchange are counted
 (``clients-unmeasured``), never guessed.
 
-Replies are taken as they arrive (:class:`fedavg_relu.streaming.StreamingGrid`):
+Replies are taken as they arrive (:class:`fedavg_relu.flower.streaming.StreamingGrid`):
 for FedAvg and FedProx each valid update is folded into a float64 running sum
 ``sum_k n_k W_k`` and dropped, and each drift reply's gradient likewise, so the
 server holds the replies in flight, not one model per client. Strategies whose
@@ -42,13 +42,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedavg_relu import protocol as wire
-from fedavg_relu.metrics import ClientDrift, client_row, distances_from_init, summarize_drift
-from fedavg_relu.aggregation import add_weighted
-from fedavg_relu.records import array_records, arrays_to_params, metric_records, params_to_arrays, release
-from fedavg_relu.seam import is_worker_lost, uses_flower_metric_average
-from fedavg_relu.streaming import StreamingGrid, node_of
-from fedavg_relu.validation import (
+from fedavg_relu.flower import protocol as wire
+from fedavg_relu.core.metrics import ClientDrift, client_row, distances_from_init, summarize_drift
+from fedavg_relu.core.aggregation import add_weighted
+from fedavg_relu.flower.records import array_records, arrays_to_params, metric_records, params_to_arrays, release
+from fedavg_relu.flower.seam import is_worker_lost, uses_flower_metric_average
+from fedavg_relu.flower.streaming import StreamingGrid, node_of
+from fedavg_relu.flower.validation import (
     REASONS, OutlierGate, OutlierRules, Rejected, UpdateRules, check_record_layout, check_update, update_norm,
 )
 
@@ -178,7 +178,7 @@ class DriftMeasurement:
         timeout
             Seconds to wait for drift replies.
         rules
-            What a valid train reply is (:class:`fedavg_relu.validation.UpdateRules`);
+            What a valid train reply is (:class:`fedavg_relu.flower.validation.UpdateRules`);
             default: arrays shaped like W^0 and the metric keys of this project's
             ClientApp (``num-examples``, ``train-loss``, ``loss-before``, ``local-steps``).
         round_offset
@@ -187,7 +187,7 @@ class DriftMeasurement:
             checkpoints see the true round.
         outliers
             Bounds relative to the round's other replies
-            (:class:`fedavg_relu.validation.OutlierRules`); default: off.
+            (:class:`fedavg_relu.flower.validation.OutlierRules`); default: off.
         """
         self.drift_initial = {k: np.asarray(v) for k, v in initial_params.items()}
         self.drift_learning_rate = float(learning_rate)
@@ -501,7 +501,7 @@ class DriftMeasurement:
 
         Replies are taken as they arrive; each gradient is folded into a float64 sum and dropped.
         With ``client_metrics`` each reply also leaves one row of scalars in
-        ``self.client_rows[server_round]`` (:func:`fedavg_relu.metrics.client_row`).
+        ``self.client_rows[server_round]`` (:func:`fedavg_relu.core.metrics.client_row`).
         """
         if self._drift_grid is None:
             raise RuntimeError("configure_train must run before aggregate_train")

@@ -2,7 +2,7 @@
 
 Clients report the local steps they ran (``local-steps``, which differ across
 clients with ``local-epochs > 0``); the server normalises each client's update
-by its step count before averaging (:func:`fedavg_relu.aggregation.fednova_average`).
+by its step count before averaging (:func:`fedavg_relu.core.aggregation.fednova_average`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedavg_relu.aggregation import fednova_average
-from fedavg_relu.records import array_records, arrays_to_params, metric_records, params_to_arrays
+from fedavg_relu.core.aggregation import fednova_average
+from fedavg_relu.flower.records import array_records, arrays_to_params, metric_records, params_to_arrays
 
 from .drift import DriftMeasurement
 

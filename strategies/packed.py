@@ -1,11 +1,11 @@
 """Packed FedAvg: Flower nodes that each simulate a cohort of virtual clients.
 
 With ``clients-per-node = K > 1`` node j holds virtual clients ``jK .. jK+K-1``
-(:mod:`fedavg_relu.packed`). :class:`PackedFedAvg` is :class:`DriftFedAvg`
+(:mod:`fedavg_relu.core.packed`). :class:`PackedFedAvg` is :class:`DriftFedAvg`
 (DriftMeasurement + Flower's FedAvg) with three changes:
 
 1. ``configure_train`` samples *virtual clients* (seeded,
-   :func:`fedavg_relu.packed.sample_clients`), asks once (``query.cohort``) which
+   :func:`fedavg_relu.core.packed.sample_clients`), asks once (``query.cohort``) which
    node holds which, and sends one ``train.packed`` message per node that holds a
    sampled client, naming them in the ConfigRecord (``virtual-clients``). Nodes
    without a sampled client get no message and cost nothing. Every packed message
@@ -16,9 +16,9 @@ With ``clients-per-node = K > 1`` node j holds virtual clients ``jK .. jK+K-1``
    usual (names, shapes, dtypes, finite values, metric keys, example counts) and
    Flower's FedAvg averages them: ``sum_j N_j (S_j/N_j) / sum_j N_j`` is the
    average over all trained virtual clients.
-3. ``measure_round`` gathers :class:`fedavg_relu.packed.DriftSums` from every node,
+3. ``measure_round`` gathers :class:`fedavg_relu.core.packed.DriftSums` from every node,
    adds them up and computes the same metrics as the standard path
-   (:func:`fedavg_relu.packed.summarize_drift_sums`), plus the lockstep drift.
+   (:func:`fedavg_relu.core.packed.summarize_drift_sums`), plus the lockstep drift.
 
 Client counts (``clients-sampled``/``-trained``/``-failed``/``-rejected``/``-measured``)
 count virtual clients: a node's clients count as failed when its reply was an error
@@ -38,11 +38,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedavg_relu import protocol as wire
-from fedavg_relu.packed import DriftSums, lockstep_metrics, lockstep_sums_from_metrics, sample_clients, summarize_drift_sums
-from fedavg_relu.protocol import client_rows_from_lists
-from fedavg_relu.records import array_records, arrays_to_params, metric_records, release
-from fedavg_relu.streaming import node_of
+from fedavg_relu.flower import protocol as wire
+from fedavg_relu.core.packed import DriftSums, lockstep_metrics, lockstep_sums_from_metrics, sample_clients, summarize_drift_sums
+from fedavg_relu.flower.protocol import client_rows_from_lists
+from fedavg_relu.flower.records import array_records, arrays_to_params, metric_records, release
+from fedavg_relu.flower.streaming import node_of
 
 from .drift import ErrorTally, _client_order
 from .fedavg import DriftFedAvg

@@ -11,10 +11,10 @@ from typing import Any
 
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
-from fedavg_relu.config import RunConfig
-from fedavg_relu.seam import strategy_state_attrs
-from fedavg_relu.task import initial_params
-from fedavg_relu.validation import OutlierRules, UpdateRules
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.flower.seam import strategy_state_attrs
+from fedavg_relu.core.task import initial_params
+from fedavg_relu.flower.validation import OutlierRules, UpdateRules
 
 from .drift import DEFAULT_METRIC_KEYS, DriftMeasurement
 from .fedavg import DriftFedAvg

@@ -5,7 +5,7 @@ under ``scaffold-c/<name>``; the client keeps its own ``c_k`` in its node state
 (``context.state``, so it survives across rounds in simulation and on real
 SuperNodes), corrects every local gradient by ``c - c_k`` and replies with its
 local model plus ``dc_k = c_k+ - c_k`` under ``scaffold-dc/<name>``. The update
-rules are in :mod:`fedavg_relu.aggregation`.
+rules are in :mod:`fedavg_relu.core.aggregation`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedavg_relu import protocol as wire
-from fedavg_relu.aggregation import scaffold_server_update
-from fedavg_relu.records import array_records, arrays_to_params, metric_records, params_to_arrays
+from fedavg_relu.flower import protocol as wire
+from fedavg_relu.core.aggregation import scaffold_server_update
+from fedavg_relu.flower.records import array_records, arrays_to_params, metric_records, params_to_arrays
 
 from .drift import DriftMeasurement
 

@@ -24,7 +24,7 @@ import math
 
 import pandas as pd
 
-from fedavg_relu.config import RunConfig
+from fedavg_relu.core.config import RunConfig
 
 BASE = {
     "dataset": "synthetic", "model-family": "paper", "batch-size": 0, "learning-rate": 1.0, "local-steps": 5,

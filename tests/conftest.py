@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedavg_relu.local_grid import ensure_task_identity
+from fedavg_relu.runtime.local_grid import ensure_task_identity
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,11 @@
-"""Tests of fedavg_relu/aggregation.py (FedNova, SCAFFOLD update rules) on hand-built cases."""
+"""Tests of fedavg_relu/core/aggregation.py (FedNova, SCAFFOLD update rules) on hand-built cases."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedavg_relu.aggregation import (
+from fedavg_relu.core.aggregation import (
     fednova_average,
     fednova_normalizer,
     scaffold_client_control,

@@ -1,4 +1,4 @@
-"""Tests of fedavg_relu.centralized: the centralized-GD baseline and its comparison with recorded FedAvg runs."""
+"""Tests of fedavg_relu.core.centralized: the centralized-GD baseline and its comparison with recorded FedAvg runs."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedavg_relu.centralized import clients_union, compare_with_central, load_run_model, run_centralized_gd
-from fedavg_relu.config import RunConfig
-from fedavg_relu.data import dataset_shape, load_central
-from fedavg_relu.models import build_model, compute_loss, get_trainable
-from fedavg_relu.simulation import run_in_process
+from fedavg_relu.core.centralized import clients_union, compare_with_central, load_run_model, run_centralized_gd
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.data import dataset_shape, load_central
+from fedavg_relu.core.models import build_model, compute_loss, get_trainable
+from fedavg_relu.runtime.simulation import run_in_process
 
 TINY = {
     "dataset": "synthetic", "synthetic-num-examples": 40, "synthetic-input-dim": 6, "synthetic-num-classes": 3,

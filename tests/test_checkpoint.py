@@ -1,4 +1,4 @@
-"""Tests of fedavg_relu/checkpoint.py: per-round checkpoints, resume after a real SIGKILL."""
+"""Tests of fedavg_relu/flower/checkpoint.py: per-round checkpoints, resume after a real SIGKILL."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from fedavg_relu.config import ConfigError, RunConfig
-from fedavg_relu.results import read_metrics
-from fedavg_relu.simulation import run_in_process
+from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.core.results import read_metrics
+from fedavg_relu.runtime.simulation import run_in_process
 
 TIMING_KEYS = {"seconds", "elapsed", "drift-seconds"}
 BASE = {
@@ -36,7 +36,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     killed_cfg = dict(BASE, **{"output-dir": str(tmp_path), "run-name": "killed"})
     script = (
         "import logging; logging.getLogger('flwr').setLevel(logging.ERROR)\n"
-        "from fedavg_relu.simulation import run_in_process\n"
+        "from fedavg_relu.runtime.simulation import run_in_process\n"
         f"run_in_process({killed_cfg!r})\n"
     )
     metrics = tmp_path / "killed" / "metrics.jsonl"
@@ -97,7 +97,7 @@ def test_checkpoint_every(tmp_path, monkeypatch, every, expected):
     5 rounds (round 0 = the initial evaluation): N=1 -> 0..5; N=2 -> 0, 2, 4 and 5; N=0 -> 5.
     """
     import fedavg_relu.server_app as server_app
-    from fedavg_relu.checkpoint import load_checkpoint
+    from fedavg_relu.flower.checkpoint import load_checkpoint
 
     written: list[int] = []
     real = server_app.save_checkpoint

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from fedavg_relu.cli import report_interrupted, resume_command, run_outcome
-from fedavg_relu.config import RunConfig
-from fedavg_relu.flower_run import (
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.runtime.flower_run import (
     RunInterrupted,
     descendants,
     kill_pids,
@@ -22,7 +22,7 @@ from fedavg_relu.flower_run import (
     processes_marked_by,
     raise_on_signals,
 )
-from fedavg_relu.results import read_summary, write_summary
+from fedavg_relu.core.results import read_summary, write_summary
 
 APP_DIR = str(Path(__file__).resolve().parent.parent)
 
@@ -101,7 +101,7 @@ def test_resume_command_parses_to_the_checkpointed_config(tmp_path):
     """The hint's --run-config, parsed as flwr parses it, gives the interrupted run's config up to resumable keys."""
     import shlex
 
-    from fedavg_relu.checkpoint import RESUMABLE_CHANGES
+    from fedavg_relu.flower.checkpoint import RESUMABLE_CHANGES
     from fedavg_relu.cli import parse_overrides, resolve
 
     user = {"dataset": "synthetic", "width": 64, "partitioner": "dirichlet", "dirichlet-alpha": 0.3, "verbose": True}
@@ -156,7 +156,7 @@ def test_raise_on_signals_raises_once_then_ignores():
 
 _MARKED_CHILD = r"""
 import os, subprocess, sys, time
-from fedavg_relu.flower_run import processes_marked_by
+from fedavg_relu.runtime.flower_run import processes_marked_by
 grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
 time.sleep(0.5)
 found = processes_marked_by([os.environ["MARK"]])

@@ -7,12 +7,12 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from clients.client_app import build_client_app
-from fedavg_relu.config import RunConfig
-from fedavg_relu.data import load_data_file, load_partition
-from fedavg_relu.local_grid import LocalGrid
-from fedavg_relu.records import params_to_arrays
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.data import load_data_file, load_partition
+from fedavg_relu.runtime.local_grid import LocalGrid
+from fedavg_relu.flower.records import params_to_arrays
 from fedavg_relu.server_app import build_strategy, train_config
-from fedavg_relu.task import initial_params
+from fedavg_relu.core.task import initial_params
 
 CFG = RunConfig(dataset="synthetic", synthetic_num_examples=80, synthetic_input_dim=6, num_partitions=2, width=16, local_steps=2)
 

@@ -1,4 +1,4 @@
-"""Tests for fedavg_relu.cohort: vectorized cohort training = run_local_sgd client by client.
+"""Tests for fedavg_relu.core.cohort: vectorized cohort training = run_local_sgd client by client.
 
 Tolerance: both paths do the same float32 arithmetic in a different order
 (batched products, SGD folded into the product), so parameters agree to float32
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedavg_relu.cohort import train_cohort_vectorized
-from fedavg_relu.stacked import chunk_size, layer_specs
-from fedavg_relu.config import RunConfig
-from fedavg_relu.data import TensorData
-from fedavg_relu.models import build_model, get_trainable, set_trainable
-from fedavg_relu.training import LocalSGDSettings, run_local_sgd
+from fedavg_relu.core.cohort import train_cohort_vectorized
+from fedavg_relu.core.stacked import chunk_size, layer_specs
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.data import TensorData
+from fedavg_relu.core.models import build_model, get_trainable, set_trainable
+from fedavg_relu.core.training import LocalSGDSettings, run_local_sgd
 
 D, C = 5, 3
 
@@ -146,8 +146,8 @@ def test_vectorized_drift_equals_measure_client_drift(family, depth, loss, budge
     drift 0 up to float32 rounding); W^0 a third point, so the flips against W^0 are not all zero.
     Gradient sum: sum_k n_k grad f_k(W^{r+1}) from the per-client gradients.
     """
-    from fedavg_relu.cohort import measure_cohort_drift_vectorized
-    from fedavg_relu.metrics import activation_patterns, measure_client_drift
+    from fedavg_relu.core.cohort import measure_cohort_drift_vectorized
+    from fedavg_relu.core.metrics import activation_patterns, measure_client_drift
 
     cfg = RunConfig.from_mapping({"dataset": "synthetic", "width": 16, "depth": depth, "model-family": family})
     model = build_model(cfg, D, C)

@@ -1,4 +1,4 @@
-"""Tests of fedavg_relu/compare.py: parsing, the summary numbers, and a tiny real comparison."""
+"""Tests of fedavg_relu/experiments/compare.py: parsing, the summary numbers, and a tiny real comparison."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from fedavg_relu.compare import parse_comparison, rounds_to_target, run_comparison, summarize
-from fedavg_relu.config import ConfigError
+from fedavg_relu.experiments.compare import parse_comparison, rounds_to_target, run_comparison, summarize
+from fedavg_relu.core.config import ConfigError
 
 
 def test_rounds_to_target():
@@ -79,7 +79,7 @@ def test_tiny_comparison_writes_table_and_figures(tmp_path):
     assert (table["rounds-to-target-mean"] == 1.0).all()  # loss < 10 after round 1
     assert "| iid | fednova |" in md.read_text()
     assert (tmp_path / "figures" / "compare-iid.png").stat().st_size > 1000
-    from fedavg_relu.sweep import run_sweep
+    from fedavg_relu.experiments.sweep import run_sweep
 
     assert run_sweep(spec, progress=False).ran == []
 

@@ -1,4 +1,4 @@
-"""Tests for fedavg_relu.config: RunConfig.from_mapping, ConfigError, derived settings."""
+"""Tests for fedavg_relu.core.config: RunConfig.from_mapping, ConfigError, derived settings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedavg_relu.config import ConfigError, RunConfig
+from fedavg_relu.core.config import ConfigError, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

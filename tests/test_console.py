@@ -1,4 +1,4 @@
-"""Tests of fedavg_relu/console.py and summary.json (results.write_summary / read_summary)."""
+"""Tests of fedavg_relu/flower/console.py and summary.json (results.write_summary / read_summary)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from fedavg_relu.console import (
+from fedavg_relu.flower.console import (
     FlowerDumpFilter,
     format_summary,
     is_noise_line,
     quiet_flower_logs,
     strip_level,
 )
-from fedavg_relu.results import SUMMARY_NAME, read_summary, write_summary
+from fedavg_relu.core.results import SUMMARY_NAME, read_summary, write_summary
 
 
 class _Capture(logging.Handler):

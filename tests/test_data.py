@@ -1,4 +1,4 @@
-"""Tests for fedavg_relu.data: built-in data sets, partitions, the hub data path and its offline failure."""
+"""Tests for fedavg_relu.core.data: built-in data sets, partitions, the hub data path and its offline failure."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedavg_relu.config import RunConfig
-from fedavg_relu.data import (
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.data import (
     DatasetUnavailableError,
     arrays_from_hf,
     load_central,
@@ -246,7 +246,7 @@ def test_hub_dataset_offline_raises_dataset_unavailable(monkeypatch, tmp_path):
 
 def _make_synthetic_one_draw(n, d, num_classes, noise, seed):
     """make_synthetic as first written (one (n, d) draw, one product): the reference for the blocked version."""
-    from fedavg_relu.data import unit_norm
+    from fedavg_relu.core.data import unit_norm
 
     rng = np.random.default_rng([seed, 0x5EED])
     x = unit_norm(rng.standard_normal((n, d)))
@@ -261,7 +261,7 @@ def _make_synthetic_one_draw(n, d, num_classes, noise, seed):
 
 def test_blocked_synthetic_draw_equals_one_draw(monkeypatch):
     """make_synthetic draws its inputs in blocks (7 rows here, so 100 rows = 15 blocks): the same bits as one draw."""
-    import fedavg_relu.data as data_module
+    import fedavg_relu.core.data as data_module
 
     monkeypatch.setattr(data_module, "SYNTHETIC_BLOCK", 7)
     for noise in (0.0, 0.3):
@@ -274,7 +274,7 @@ def test_blocked_synthetic_draw_equals_one_draw(monkeypatch):
 
 def test_load_test_is_the_central_held_out_split():
     """The server's load_test (which does not cache the training pool) returns load_central's test split."""
-    from fedavg_relu.data import load_central, load_test
+    from fedavg_relu.core.data import load_central, load_test
 
     cfg = RunConfig.from_mapping({"dataset": "synthetic", "synthetic-num-examples": 250, "test-fraction": 0.2})
     test, central = load_test(cfg), load_central(cfg)
@@ -298,7 +298,7 @@ def test_synthetic_data_beside_a_fork_does_not_deadlock():
     script = textwrap.dedent(
         """
         import subprocess, threading, time
-        from fedavg_relu.data import make_synthetic
+        from fedavg_relu.core.data import make_synthetic
         stop = []
         def gen():
             while not stop:

@@ -1,7 +1,7 @@
 """A real deployment on loopback: TLS SuperLink, authenticated SuperNodes, `flwr run` (e2e tests marked).
 
 The processes (SuperLink, SuperNodes, long-running ClientApp workers) run with a private
-FLWR_HOME and free ports via :class:`fedavg_relu.deploy.Deployment` and are stopped by PID:
+FLWR_HOME and free ports via :class:`fedavg_relu.runtime.deploy.Deployment` and are stopped by PID:
 one deployment shared by the first tests (module fixture, started from a PATH without this
 virtualenv), a fresh one for each killed-node or signal test. The unmarked tests (the reply
 deadline against Flower's own HttpGrid, stop_groups, PATH handling) take seconds.
@@ -27,16 +27,16 @@ import pytest
 import torch
 
 import fedavg_relu.server_app
-from fedavg_relu.clientapp_worker import EXIT_GRACE, ClientAppWorker
-from fedavg_relu.config import RunConfig
-from fedavg_relu.data import dataset_shape, load_data_file, make_synthetic
-from fedavg_relu.deploy import Deployment, path_with_venv_first, stop_groups, venv_bin
-from fedavg_relu.reply_deadline import PULL_BACKOFF_CAP, ReplyDeadlineGrid, bound_reply_waits
-from fedavg_relu.flower_run import free_port, pid_alive
-from fedavg_relu.models import set_trainable
-from fedavg_relu.results import read_metrics
-from fedavg_relu.task import initial_params, working_model
-from fedavg_relu.training import evaluate
+from fedavg_relu.runtime.clientapp_worker import EXIT_GRACE, ClientAppWorker
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.data import dataset_shape, load_data_file, make_synthetic
+from fedavg_relu.runtime.deploy import Deployment, path_with_venv_first, stop_groups, venv_bin
+from fedavg_relu.flower.reply_deadline import PULL_BACKOFF_CAP, ReplyDeadlineGrid, bound_reply_waits
+from fedavg_relu.runtime.flower_run import free_port, pid_alive
+from fedavg_relu.core.models import set_trainable
+from fedavg_relu.core.results import read_metrics
+from fedavg_relu.core.task import initial_params, working_model
+from fedavg_relu.core.training import evaluate
 
 e2e = pytest.mark.e2e
 #: Whether the ServerApp bounds reply uploads by round-timeout (fedavg_relu.server_app.main wraps its grid)
@@ -425,7 +425,7 @@ def test_reply_deadline_ends_a_stalled_upload_at_the_timeout(via):
 
 def test_bound_reply_waits_leaves_simulation_grids_alone():
     """Only Flower's HttpGrid (a deployment) is wrapped; in-memory grids cannot stall on an upload."""
-    from fedavg_relu.local_grid import LocalGrid  # noqa: PLC0415
+    from fedavg_relu.runtime.local_grid import LocalGrid  # noqa: PLC0415
 
     grid = LocalGrid(lambda message, context: message, num_nodes=1, run_config={})
     assert bound_reply_waits(grid, 5.0) is grid

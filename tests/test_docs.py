@@ -161,7 +161,7 @@ def test_configuration_page_lists_every_runconfig_field_with_its_default():
     """Every RunConfig field appears as `key` in configuration.md, in a row that shows its default."""
     import dataclasses
 
-    from fedavg_relu.config import RunConfig
+    from fedavg_relu.core.config import RunConfig
 
     text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     for field in dataclasses.fields(RunConfig):
@@ -197,7 +197,7 @@ def _documented_form(key: str) -> str:
 def test_metrics_page_documents_every_key_and_file_a_run_writes(tmp_path):
     """A 2-round packed run with lockstep drift (width 16, 4 clients, in process): every metrics.jsonl key and
     every file of the run folder is named in metrics.md as `key`."""
-    from fedavg_relu.simulation import run_in_process
+    from fedavg_relu.runtime.simulation import run_in_process
 
     run_dir = run_in_process({
         "dataset": "synthetic", "synthetic-num-examples": 200, "num-partitions": 4, "width": 16,

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from fedavg_relu.flower_run import IsolatedFlower, pid_alive
-from fedavg_relu.results import read_metrics
+from fedavg_relu.runtime.flower_run import IsolatedFlower, pid_alive
+from fedavg_relu.core.results import read_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,7 @@ def test_flwr_run_writes_outputs_and_learns(tmp_path):
 
 def test_simulation_api_run(tmp_path):
     """Flower's simulation API (Ray, own temp dir): 2 rounds x 4 clients finish and the loss falls."""
-    from fedavg_relu.simulation import simulate
+    from fedavg_relu.runtime.simulation import simulate
 
     run_dir = simulate(
         {
@@ -108,7 +108,7 @@ def test_faulty_clients_never_take_the_run_down(tmp_path):
     """
     import torch
 
-    from fedavg_relu.simulation import simulate
+    from fedavg_relu.runtime.simulation import simulate
 
     run_dir = simulate(
         {
@@ -129,7 +129,7 @@ def test_faulty_clients_never_take_the_run_down(tmp_path):
 
 def test_dead_ray_actor_stops_the_run_with_a_clear_message(tmp_path):
     """An actor process that dies in round 2 (os._exit) stops the run with a message naming it; round 1 is checkpointed."""
-    from fedavg_relu.simulation import simulate
+    from fedavg_relu.runtime.simulation import simulate
     from strategies.drift import RunAborted
 
     def die_in_round_2(message, context, call_next):

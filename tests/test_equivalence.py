@@ -1,6 +1,6 @@
 """The in-process grid gives what Flower's Ray simulation engine gives (issue 13).
 
-Sweeps, comparisons and many tests run through :class:`fedavg_relu.local_grid.LocalGrid`
+Sweeps, comparisons and many tests run through :class:`fedavg_relu.runtime.local_grid.LocalGrid`
 (``run_in_process``); users run Flower's Ray engine (``simulate`` / ``flwr run``).
 The strategy, the ClientApp handlers and the seeds are the same; only the transport
 differs, and with it the order in which replies arrive. Averages are float64 sums
@@ -15,8 +15,8 @@ import math
 
 import pytest
 
-from fedavg_relu.results import read_metrics
-from fedavg_relu.simulation import run_in_process, simulate
+from fedavg_relu.core.results import read_metrics
+from fedavg_relu.runtime.simulation import run_in_process, simulate
 
 pytestmark = pytest.mark.e2e
 

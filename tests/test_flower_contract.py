@@ -1,6 +1,6 @@
 """Contract tests: each Flower internal the project relies on, against the installed flwr.
 
-Every item of :mod:`fedavg_relu.seam` (and the contracts its docstring lists) has a
+Every item of :mod:`fedavg_relu.flower.seam` (and the contracts its docstring lists) has a
 test here that checks the installed flwr still has it: names, signatures, the
 attributes of real objects, and the behaviour the project's replacement depends on.
 When a Flower release changes one, the test that fails names the item. Fast: no Ray
@@ -30,8 +30,8 @@ from flwr.serverapp.strategy import (
     FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy,
 )
 
-from fedavg_relu import seam
-from fedavg_relu.records import params_to_arrays
+from fedavg_relu.flower import seam
+from fedavg_relu.flower.records import params_to_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,7 +144,7 @@ def test_extractor_on_a_real_link_state_wakes_on_store_and_delivers_once(monkeyp
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedavg_relu.streaming import StreamingGrid
+    from fedavg_relu.flower.streaming import StreamingGrid
 
     # instructions come from the SuperLink, in the run (as run_simulation sets TaskIdentity)
     monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)  # what seam.ensure_task_identity sets too
@@ -357,7 +357,7 @@ class _GeneratorGrid:
 
 def test_strategy_start_passes_send_and_receive_result_unconsumed():
     """``Strategy.start`` hands the very object ``send_and_receive`` returned to ``aggregate_train`` and
-    ``aggregate_evaluate``, not yet iterated (fedavg_relu.streaming hands it a generator)."""
+    ``aggregate_evaluate``, not yet iterated (fedavg_relu.flower.streaming hands it a generator)."""
     received: list = []
 
     class Recording(FedAvg):
@@ -396,7 +396,7 @@ def test_grid_push_and_pull_signatures():
 
 def test_http_grid_pulls_objects_through_the_module_name_deploy_replaces():
     """``HttpGrid.pull_messages`` calls ``http_grid.pull_objects`` (looked up at call time) with the
-    keyword arguments fedavg_relu.deploy bounds."""
+    keyword arguments fedavg_relu.runtime.deploy bounds."""
     from flwr.superlink.grid import http_grid
 
     assert "pull_objects" in _globals_read(http_grid.HttpGrid.pull_messages)
@@ -411,14 +411,14 @@ def test_local_grid_error_code_and_flower_logger():
     import flwr.common.logger
     from flwr.common.constant import ErrorCode
 
-    from fedavg_relu.local_grid import CLIENT_APP_EXCEPTION
+    from fedavg_relu.runtime.local_grid import CLIENT_APP_EXCEPTION
 
     assert ErrorCode.CLIENT_APP_RAISED_EXCEPTION == CLIENT_APP_EXCEPTION == seam.CLIENT_APP_EXCEPTION
     assert flwr.common.log is flwr.common.logger.log
     assert flwr.common.logger.FLOWER_LOGGER is logging.getLogger("flwr")
 
 
-# --- the ClientApp worker (fedavg_relu/clientapp_worker.py) ----------------------------------
+# --- the ClientApp worker (fedavg_relu/runtime/clientapp_worker.py) ----------------------------------
 def test_clientapp_worker_internals():
     """The supernode pieces the long-lived ClientApp worker is built from, with the arguments it passes."""
     from flwr.cli.install import install_from_fab
@@ -465,7 +465,6 @@ PUBLIC_FLWR = {"flwr", "flwr.app", "flwr.serverapp", "flwr.serverapp.strategy", 
 KNOWN_OUTSIDE_SEAM = {
     "seam.py": "the seam itself",
     "clientapp_worker.py": "the long-lived ClientApp worker is built on supernode internals (checked above)",
-    "deploy.py": "replaces http_grid.pull_objects (checked above)",
 }
 
 
@@ -504,7 +503,7 @@ def test_flower_internals_are_imported_only_in_the_seam_and_known_files():
         f"{path.relative_to(ROOT)}: {module}" for path, module, _ in _flwr_imports()
         if module not in PUBLIC_FLWR and path.name not in KNOWN_OUTSIDE_SEAM
     })
-    assert not outside, "move these Flower internals into fedavg_relu/seam.py:\n" + "\n".join(outside)
+    assert not outside, "move these Flower internals into fedavg_relu/flower/seam.py:\n" + "\n".join(outside)
 
 
 # --- e2e: the fast paths are active in a real Ray simulation ---------------------------------
@@ -522,8 +521,8 @@ def test_fast_paths_are_active_in_a_real_simulation(tmp_path):
     """
     from flwr.server.superlink.fleet.vce import vce_api
 
-    from fedavg_relu.results import read_metrics
-    from fedavg_relu.simulation import simulate
+    from fedavg_relu.core.results import read_metrics
+    from fedavg_relu.runtime.simulation import simulate
 
     original = vce_api.add_messages_to_queue
     seam.fast_path_counts.clear()

@@ -1,4 +1,4 @@
-"""Tests of fedavg_relu/mechanism.py: nonlinear drift fraction and empirical NTK.
+"""Tests of fedavg_relu/core/mechanism.py: nonlinear drift fraction and empirical NTK.
 
 Reference computations build the Jacobian explicitly with ``torch.func.jacrev`` on
 tiny float64 networks; agreement is then to float64 rounding of sums of a few
@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev
 
-from fedavg_relu.data import TensorData
-from fedavg_relu.mechanism import (
+from fedavg_relu.core.data import TensorData
+from fedavg_relu.core.mechanism import (
     NonlinearDrift,
     loss_hessian_product,
     measure_cohort_nonlinear_drift_vectorized,
@@ -27,7 +27,7 @@ from fedavg_relu.mechanism import (
     ntk_gram_closed_form,
     probe_indices,
 )
-from fedavg_relu.models import ReluMLP, compute_loss, get_trainable, set_trainable, trainable_names
+from fedavg_relu.core.models import ReluMLP, compute_loss, get_trainable, set_trainable, trainable_names
 
 D, C = 3, 2
 F64 = torch.float64

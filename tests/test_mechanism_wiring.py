@@ -1,9 +1,9 @@
 """Issue 14's mechanism metrics as a run records them: nonlinear drift fraction, per-client table, ntk-change.
 
 Every recorded value is recomputed here from the run's own inputs with
-:mod:`fedavg_relu.mechanism`'s functions: the in-process engine
-(:func:`fedavg_relu.simulation.run_in_process`) trains each client with
-:func:`fedavg_relu.task.train_client` from the seeded W^0, so the test replays the
+:mod:`fedavg_relu.core.mechanism`'s functions: the in-process engine
+(:func:`fedavg_relu.runtime.simulation.run_in_process`) trains each client with
+:func:`fedavg_relu.core.task.train_client` from the seeded W^0, so the test replays the
 rounds client by client, forms W^{r+1} = sum_k n_k W_k / sum_k n_k (float64, cast to
 float32, as the strategy does) and checks the replay against the saved model.pt.
 """
@@ -19,17 +19,17 @@ import pytest
 import torch
 
 from clients.node import settings_from
-from fedavg_relu.config import ConfigError, RunConfig
-from fedavg_relu.data import dataset_shape, load_partition, load_test
-from fedavg_relu.mechanism import (
+from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.core.data import dataset_shape, load_partition, load_test
+from fedavg_relu.core.mechanism import (
     measure_cohort_nonlinear_drift_vectorized, nonlinear_drift, ntk_change, ntk_gram, ntk_gram_autodiff, probe_indices,
 )
-from fedavg_relu.metrics import CLIENT_COLUMNS, ClientDrift, client_row, measure_client_drift
-from fedavg_relu.models import build_model
-from fedavg_relu.results import RunWriter, read_clients, read_metrics
+from fedavg_relu.core.metrics import CLIENT_COLUMNS, ClientDrift, client_row, measure_client_drift
+from fedavg_relu.core.models import build_model
+from fedavg_relu.core.results import RunWriter, read_clients, read_metrics
 from fedavg_relu.server_app import train_config
-from fedavg_relu.simulation import run_in_process
-from fedavg_relu.task import initial_params, train_client
+from fedavg_relu.runtime.simulation import run_in_process
+from fedavg_relu.core.task import initial_params, train_client
 
 logging.getLogger("flwr").setLevel(logging.WARNING)
 
@@ -222,8 +222,8 @@ def test_cohort_drift_nonlinear_equals_mechanism_per_client():
     4 clients of sizes (7, 5, 7, 5), each W_k = W̄ + 0.05 * noise: rel 1e-5 (float32, three code paths).
     Without nonlinear the fraction is NaN (not measured).
     """
-    from fedavg_relu.cohort import measure_cohort_drift_vectorized
-    from fedavg_relu.data import TensorData
+    from fedavg_relu.core.cohort import measure_cohort_drift_vectorized
+    from fedavg_relu.core.data import TensorData
 
     cfg = RunConfig(dataset="synthetic", synthetic_input_dim=5, synthetic_num_classes=3, width=24, depth=2,
                     model_family="standard")
@@ -323,7 +323,7 @@ def _mechanism_tables(nonlinear_exponent: float = -0.25):
 def test_prediction_4_uses_the_nonlinear_fraction_and_7_the_ntk_change():
     """Fraction 0.3 m^-1/4: slope -0.25 < -0.1, prediction 4 agrees (its other slopes are _theory_tables' 0, 1, 0);
     a constant fraction (slope 0) makes it disagree. ntk-change 0.5 m^-1/2: prediction 7's slope -0.5, agrees."""
-    from fedavg_relu.predictions import check_all, check_drift_smoothness, check_ntk_change, checks_markdown
+    from fedavg_relu.experiments.predictions import check_all, check_drift_smoothness, check_ntk_change, checks_markdown
 
     metrics, cells = _mechanism_tables()
     four = check_drift_smoothness(metrics)
@@ -346,7 +346,7 @@ def test_mechanism_figures_are_drawn_when_recorded(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from fedavg_relu.plots import theory_figures
+    from fedavg_relu.experiments.plots import theory_figures
 
     metrics, cells = _mechanism_tables()
     names = {p.name for p in theory_figures(metrics, cells, tmp_path, formats=("png",))}

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedavg_relu import seam
-from fedavg_relu.records import GarbageBudget, array_bytes, array_records, metric_records, release
-from fedavg_relu.streaming import StreamingGrid
+from fedavg_relu.flower import seam
+from fedavg_relu.flower.records import GarbageBudget, array_bytes, array_records, metric_records, release
+from fedavg_relu.flower.streaming import StreamingGrid
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +46,7 @@ def test_flower_views_leave_a_cycle_and_ours_do_not():
     reference dies with the last strong one and ``gc.collect()`` finds 0 objects.
 
     If the first half fails, Flower fixed the cycle; the helpers still work, and this docstring and
-    fedavg_relu/records.py should say so.
+    fedavg_relu/flower/records.py should say so.
     """
     reply = _reply()
     ref = weakref.ref(reply.content["arrays"]["w"])

@@ -1,4 +1,4 @@
-"""Tests of fedavg_relu/metrics.py against hand-derivable computations."""
+"""Tests of fedavg_relu/core/metrics.py against hand-derivable computations."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedavg_relu.config import RunConfig
-from fedavg_relu.metrics import (
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.metrics import (
     ClientDrift,
     distances_from_init,
     flip_fraction,
@@ -17,7 +17,7 @@ from fedavg_relu.metrics import (
     squared_distance,
     summarize_drift,
 )
-from fedavg_relu.models import ReluMLP, build_model, get_trainable, set_trainable
+from fedavg_relu.core.models import ReluMLP, build_model, get_trainable, set_trainable
 
 
 def _drift(n, dist, drift, gnorm, flips_local=0.0, flips_init=0.0, loss_g=1.0, loss_l=0.5, lnorm=1.0):
@@ -229,7 +229,7 @@ def test_client_row_columns_by_hand():
 
     The nonlinear column only when asked for (drift-nonlinear), NaN kept as NaN (the writer turns it into null).
     """
-    from fedavg_relu.metrics import client_row
+    from fedavg_relu.core.metrics import client_row
 
     d = ClientDrift(8, 1.0, 0.5, 1.5, 2.0, 0.3, 0.4, 0.125, 0.0)
     row = client_row(d, 1.25, 5.0, False)
@@ -243,7 +243,7 @@ def test_client_row_columns_by_hand():
 def test_measure_client_drift_nonlinear_matches_mechanism():
     """nonlinear=True fills in mechanism.nonlinear_drift's fraction (given the same two gradients: rel 1e-5);
     W_k = W̄ gives Δg = 0 and ΔW = 0: fraction 0 (0/0 is defined as 0 in mechanism._ratio)."""
-    from fedavg_relu.mechanism import nonlinear_drift
+    from fedavg_relu.core.mechanism import nonlinear_drift
 
     cfg = RunConfig(model_family="standard", width=16, depth=2, seed=3)
     model = build_model(cfg, 4, 3)

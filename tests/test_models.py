@@ -1,4 +1,4 @@
-"""Tests for fedavg_relu.models: the three ReLU families, parameter I/O and the losses."""
+"""Tests for fedavg_relu.core.models: the three ReLU families, parameter I/O and the losses."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from fedavg_relu.config import RunConfig
-from fedavg_relu.models import (
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.models import (
     ReluMLP,
     ScaledLinear,
     build_model,

@@ -1,4 +1,4 @@
-"""Tests for packed mode: fedavg_relu.packed, clients/packed_app.py and strategies/packed.py.
+"""Tests for packed mode: fedavg_relu.core.packed, clients/packed_app.py and strategies/packed.py.
 
 Tolerances: a packed node sends its cohort's weighted mean model in float32
 (accumulated in float64), and Flower then averages the node means in float32,
@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedavg_relu.config import ConfigError, RunConfig
-from fedavg_relu.data import load_partition
-from fedavg_relu.metrics import ClientDrift, summarize_drift
-from fedavg_relu.packed import (
+from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.core.data import load_partition
+from fedavg_relu.core.metrics import ClientDrift, summarize_drift
+from fedavg_relu.core.packed import (
     DriftSums, node_clients, sample_clients, summarize_drift_sums, train_cohort, weighted_mean_params,
 )
-from fedavg_relu.results import read_metrics
-from fedavg_relu.simulation import run_in_process
-from fedavg_relu.task import initial_params, train_client
-from fedavg_relu.training import LocalSGDSettings
+from fedavg_relu.core.results import read_metrics
+from fedavg_relu.runtime.simulation import run_in_process
+from fedavg_relu.core.task import initial_params, train_client
+from fedavg_relu.core.training import LocalSGDSettings
 
 logging.getLogger("flwr").setLevel(logging.WARNING)
 
@@ -108,8 +108,8 @@ def test_nonlinear_sums_equal_summarize_drift_and_leave_out_nan():
 
 def test_client_row_lists_round_trip():
     """client_row_lists -> client_rows_from_lists gives the same rows; a list of the wrong length is refused."""
-    from fedavg_relu.metrics import client_row
-    from fedavg_relu.protocol import client_row_lists, client_rows_from_lists
+    from fedavg_relu.core.metrics import client_row
+    from fedavg_relu.flower.protocol import client_row_lists, client_rows_from_lists
 
     drifts = [_drift(10, 1.0, 0.5, 2.0), _drift(30, 2.0, 1.0, 4.0)]
     values = client_row_lists([7, 9], drifts, [1.5, 2.5], [3, 4], False)
@@ -197,7 +197,7 @@ def test_vectorized_lockstep_equals_per_client_lockstep(momentum):
     models. Same W_k (rtol 1e-5) and the same lockstep sums (rtol 1e-5: float32 rounding of
     the two paths, amplified a little by the differences of gradients).
     """
-    import fedavg_relu.cohort as cohort_module
+    import fedavg_relu.core.cohort as cohort_module
 
     cfg = RunConfig.from_mapping(dict(SMALL, **{"clients-per-node": 6, "partitioner": "dirichlet", "dirichlet-alpha": 1.0}))
     settings = LocalSGDSettings(local_steps=3, learning_rate=0.5, batch_size=0, momentum=momentum)
@@ -249,7 +249,7 @@ def test_packed_and_standard_nonlinear_fraction_and_client_rows(tmp_path):
     """drift-nonlinear=true, 1 round: packed (2 nodes x 3) = standard for every metric, the nonlinear ones included,
     and the same clients.jsonl rows per client (rel 1e-5: the vectorized cohort's float32 rounding, see
     tests/test_cohort.py; the fraction is a difference of gradients over a difference of gradients)."""
-    from fedavg_relu.results import read_clients
+    from fedavg_relu.core.results import read_clients
 
     base = dict(SMALL, **{"output-dir": str(tmp_path), "drift-nonlinear": True, "num-server-rounds": 1})
     std = run_in_process(dict(base, **{"run-name": "std"}))
@@ -383,7 +383,7 @@ def test_fast_iid_partitions_equal_flwr_datasets(n, k):
     import datasets
     from flwr_datasets.partitioner import IidPartitioner
 
-    from fedavg_relu.data import partition_indices
+    from fedavg_relu.core.data import partition_indices
 
     cfg = RunConfig(num_partitions=k, seed=3)
     labels = np.arange(n) % 10
@@ -397,9 +397,9 @@ def test_fast_iid_partitions_equal_flwr_datasets(n, k):
 
 def test_full_batch_loss_before_is_the_first_steps_loss_bit_for_bit():
     """Full batch: train_client's f_k(W^r) comes from step 1's forward pass and equals evaluate() exactly."""
-    from fedavg_relu.task import working_model
-    from fedavg_relu.training import evaluate
-    from fedavg_relu.models import set_trainable
+    from fedavg_relu.core.task import working_model
+    from fedavg_relu.core.training import evaluate
+    from fedavg_relu.core.models import set_trainable
 
     cfg = RunConfig.from_mapping(dict(SMALL, **{"batch-size": 0}))
     w0, data = initial_params(cfg), load_partition(cfg, 2)

@@ -1,4 +1,4 @@
-"""Tests of fedavg_relu.plots: fits, captions, seed bands and the theory figures from a hand-made table."""
+"""Tests of fedavg_relu.experiments.plots: fits, captions, seed bands and the theory figures from a hand-made table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from _theory_tables import theory_tables
 
-from fedavg_relu.plots import (
+from fedavg_relu.experiments.plots import (
     config_caption,
     fit_linear_rate,
     fit_loglog_slope,

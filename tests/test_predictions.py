@@ -1,4 +1,4 @@
-"""Tests of fedavg_relu.predictions on the hand-made table of _theory_tables (laws derived there)."""
+"""Tests of fedavg_relu.experiments.predictions on the hand-made table of _theory_tables (laws derived there)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 from _theory_tables import theory_tables
 
-from fedavg_relu.predictions import (
+from fedavg_relu.experiments.predictions import (
     check_all,
     check_central_gap,
     check_distance,

@@ -1,4 +1,4 @@
-"""Tests for fedavg_relu.preflight: what check_run finds before the first message."""
+"""Tests for fedavg_relu.core.preflight: what check_run finds before the first message."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from fedavg_relu import data, preflight
-from fedavg_relu.config import ConfigError, RunConfig
-from fedavg_relu.preflight import check_run, run_problems
+from fedavg_relu.core import data, preflight
+from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.core.preflight import check_run, run_problems
 
 # digits: 1,797 examples, test-fraction 0.2 -> ceil(0.2 * 1797) = 360 held out, 1,437 to split
 DIGITS_TRAIN = 1797 - 360
@@ -289,7 +289,7 @@ def test_hub_reachable_tells_an_open_port_from_a_closed_one(monkeypatch):
 
 
 def test_preflight_does_not_import_flwr():
-    """Importing fedavg_relu.preflight in a fresh interpreter leaves flwr unimported."""
-    code = "import sys, fedavg_relu.preflight; print('flwr' in sys.modules)"
+    """Importing fedavg_relu.core.preflight in a fresh interpreter leaves flwr unimported."""
+    code = "import sys, fedavg_relu.core.preflight; print('flwr' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

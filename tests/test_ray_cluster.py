@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from fedavg_relu.flower_run import IsolatedFlower, pid_alive
-from fedavg_relu.ray_cluster import LocalRayCluster
-from fedavg_relu.results import read_metrics
-from fedavg_relu.simulation import simulate
+from fedavg_relu.runtime.flower_run import IsolatedFlower, pid_alive
+from fedavg_relu.runtime.ray_cluster import LocalRayCluster
+from fedavg_relu.core.results import read_metrics
+from fedavg_relu.runtime.simulation import simulate
 
 APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedavg_relu.config import STRATEGIES, ConfigError, RunConfig
-from fedavg_relu.data import load_partition
-from fedavg_relu.models import build_model, compute_loss, get_trainable, set_trainable
-from fedavg_relu.records import arrays_to_params
-from fedavg_relu.results import read_metrics
-from fedavg_relu.simulation import run_in_process
+from fedavg_relu.core.config import STRATEGIES, ConfigError, RunConfig
+from fedavg_relu.core.data import load_partition
+from fedavg_relu.core.models import build_model, compute_loss, get_trainable, set_trainable
+from fedavg_relu.flower.records import arrays_to_params
+from fedavg_relu.core.results import read_metrics
+from fedavg_relu.runtime.simulation import run_in_process
 from strategies.drift import DriftMeasurement
 from strategies.registry import STRATEGY_CLASSES
 
@@ -134,7 +134,7 @@ def test_scaffold_two_rounds_match_reference_loop(tmp_path):
 def test_scaffold_with_identical_clients_is_fedavg(tmp_path):
     """Every node holds partition 0 with the same seed: c_k = c, the correction vanishes, SCAFFOLD = FedAvg."""
     from clients.client_app import build_client_app
-    from fedavg_relu.local_grid import LocalGrid
+    from fedavg_relu.runtime.local_grid import LocalGrid
     from fedavg_relu.server_app import run_experiment
 
     finals = {}

@@ -1,4 +1,4 @@
-"""Tests of fedavg_relu/results.py: atomic, complete outputs."""
+"""Tests of fedavg_relu/core/results.py: atomic, complete outputs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from fedavg_relu.config import RunConfig
-from fedavg_relu.results import RunWriter, atomic_write_text, read_metrics, resolve_run_dir, rows_to_csv
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.results import RunWriter, atomic_write_text, read_metrics, resolve_run_dir, rows_to_csv
 
 
 def test_rows_written_as_jsonl_and_csv(tmp_path):

@@ -17,16 +17,16 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clients.client_app import build_client_app
-from fedavg_relu.config import ConfigError
-from fedavg_relu.local_grid import LocalGrid
-from fedavg_relu.results import read_metrics, read_summary
+from fedavg_relu.core.config import ConfigError
+from fedavg_relu.runtime.local_grid import LocalGrid
+from fedavg_relu.core.results import read_metrics, read_summary
 from fedavg_relu.server_app import RunFailed, run_experiment
-from fedavg_relu.simulation import run_in_process
-from fedavg_relu.streaming import StreamingGrid
-from fedavg_relu.validation import OutlierGate, OutlierRules, Rejected, check_record_layout, outlier_reason
+from fedavg_relu.runtime.simulation import run_in_process
+from fedavg_relu.flower.streaming import StreamingGrid
+from fedavg_relu.flower.validation import OutlierGate, OutlierRules, Rejected, check_record_layout, outlier_reason
 from strategies import DriftFedAvg
 from strategies.registry import build_strategy
-from fedavg_relu.config import RunConfig
+from fedavg_relu.core.config import RunConfig
 
 SMALL = {
     "dataset": "synthetic", "synthetic-num-examples": 300, "num-partitions": 6, "width": 32,

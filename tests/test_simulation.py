@@ -1,4 +1,4 @@
-"""Tests for fedavg_relu.simulation's message extractor (the one Flower runtime function simulate() replaces).
+"""Tests for fedavg_relu.runtime.simulation's message extractor (the one Flower runtime function simulate() replaces).
 
 The whole simulate() path runs in tests/test_e2e.py and tests/test_ray_cluster.py.
 """
@@ -9,7 +9,7 @@ import queue
 import threading
 from types import SimpleNamespace
 
-from fedavg_relu.simulation import _add_messages_to_queue, _FastExtractor
+from fedavg_relu.runtime.simulation import _add_messages_to_queue, _FastExtractor
 
 
 class FakeState:
@@ -96,7 +96,7 @@ def test_fast_extractor_is_installed_only_inside_the_context():
 
 def test_default_cpus_per_client(monkeypatch):
     """One node gets every core (a packed node holding all virtual clients); several nodes 1 each; a joined cluster 1."""
-    import fedavg_relu.simulation as sim
+    import fedavg_relu.runtime.simulation as sim
 
     monkeypatch.setattr(sim.os, "cpu_count", lambda: 8)
     assert sim.default_cpus_per_client(1) == 8
@@ -110,7 +110,7 @@ def test_install_fast_extractor_only_in_flowers_simulation_process(monkeypatch):
     """`flwr run`'s ServerApp runs in a `flwr-simulation` process: only there is Flower's extractor replaced."""
     from flwr.server.superlink.fleet.vce import vce_api
 
-    from fedavg_relu.simulation import install_fast_extractor
+    from fedavg_relu.runtime.simulation import install_fast_extractor
 
     original = vce_api.add_messages_to_queue
     monkeypatch.setattr(vce_api, "add_messages_to_queue", original)  # restored after the test

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from fedavg_relu.flower_run import free_port, kill_pids, processes_marked_by, run_config_arg
-from fedavg_relu.results import read_metrics, read_summary
+from fedavg_relu.runtime.flower_run import free_port, kill_pids, processes_marked_by, run_config_arg
+from fedavg_relu.core.results import read_metrics, read_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

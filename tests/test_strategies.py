@@ -11,13 +11,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAvg
 
 from clients.client_app import build_client_app
-from fedavg_relu.config import RunConfig
-from fedavg_relu.data import load_central, load_partition
-from fedavg_relu.local_grid import LocalGrid
-from fedavg_relu.models import build_model, compute_loss, get_trainable, set_trainable
-from fedavg_relu.records import arrays_to_params, params_to_arrays
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.data import load_central, load_partition
+from fedavg_relu.runtime.local_grid import LocalGrid
+from fedavg_relu.core.models import build_model, compute_loss, get_trainable, set_trainable
+from fedavg_relu.flower.records import arrays_to_params, params_to_arrays
 from fedavg_relu.server_app import build_strategy, train_config
-from fedavg_relu.task import initial_params
+from fedavg_relu.core.task import initial_params
 from strategies import DriftFedAvg
 
 
@@ -30,7 +30,7 @@ def _reply(node_id: int, params: dict, n: int, **metrics) -> Message:
 
 def _run_rounds(cfg: RunConfig, num_rounds: int, node_configs=None):
     """Run the project's strategy for ``num_rounds`` on a LocalGrid; return (strategy, result, grid)."""
-    from fedavg_relu.data import dataset_shape
+    from fedavg_relu.core.data import dataset_shape
 
     input_dim, _ = dataset_shape(cfg)
     lr = cfg.effective_learning_rate(input_dim)
@@ -68,7 +68,7 @@ def test_streamed_average_equals_float64_weighted_mean_and_flower_fedavg():
     ours.setup_drift({"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}, 0.1, enabled=False)
     consumed = replies()
     arrays, metrics = ours.aggregate_train(1, iter(consumed))  # a one-shot iterable, as Flower may pass
-    # each summed reply was released (its arrays freed at once, fedavg_relu.records.release)
+    # each summed reply was released (its arrays freed at once, fedavg_relu.flower.records.release)
     assert [len(r.content["arrays"]) for r in consumed] == [0, 0, 0]
     ref_arrays, ref_metrics = FedAvg().aggregate_train(1, replies())
     for key in ("w", "b"):
@@ -319,7 +319,7 @@ def _drift_reply(metrics: dict) -> Message:
 
 def test_drift_reply_nonlinear_fraction_may_be_absent_or_nan_but_not_infinite():
     """No fraction or a NaN one parses (NaN: not measured / ||Δg|| = 0 alone); +inf is rejected as non-finite."""
-    from fedavg_relu.metrics import ClientDrift
+    from fedavg_relu.core.metrics import ClientDrift
     from strategies.drift import _parse_drift_reply
 
     base = ClientDrift(5, 1.0, 0.5, 2.0, 1.5, 0.3, 0.2, 0.1, 0.0).to_metrics()
@@ -338,7 +338,7 @@ def test_drift_messages_carry_the_switches_and_rows_name_the_partition():
     """
     cfg = RunConfig(dataset="synthetic", synthetic_num_examples=60, num_partitions=2, width=16, local_steps=2,
                     drift_nonlinear=True)
-    from fedavg_relu.data import dataset_shape
+    from fedavg_relu.core.data import dataset_shape
 
     lr = cfg.effective_learning_rate(dataset_shape(cfg)[0])
     grid = LocalGrid(build_client_app(), 2, cfg.to_mapping())
@@ -361,9 +361,9 @@ def test_drift_messages_carry_the_switches_and_rows_name_the_partition():
 
 def test_packed_drift_sums_without_any_fraction_are_valid_and_bad_rows_are_rejected():
     """nonlinear-max = -inf passes while nonlinear-examples = 0 (nothing measured), not otherwise; rows of the wrong count are refused."""
-    from fedavg_relu.metrics import ClientDrift
-    from fedavg_relu.packed import DriftSums
-    from fedavg_relu.protocol import client_row_lists
+    from fedavg_relu.core.metrics import ClientDrift
+    from fedavg_relu.core.packed import DriftSums
+    from fedavg_relu.flower.protocol import client_row_lists
     from strategies.packed import PackedFedAvg
 
     strategy = PackedFedAvg()

@@ -1,4 +1,4 @@
-"""Tests of fedavg_relu.sweep: grid expansion, stable cell ids, resuming, the tidy tables and the CLI."""
+"""Tests of fedavg_relu.experiments.sweep: grid expansion, stable cell ids, resuming, the tidy tables and the CLI."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from fedavg_relu.cli import main
-from fedavg_relu.config import ConfigError, RunConfig
-from fedavg_relu.sweep import (
+from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.experiments.sweep import (
     cell_id,
     expand_grid,
     is_complete,
@@ -162,7 +162,7 @@ def test_max_cells_leaves_the_rest_for_later(tmp_path):
 
 def test_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     """The engine raises for seed 1 (injected): that cell is recorded as failed, seed 0 still finishes."""
-    import fedavg_relu.simulation as simulation
+    import fedavg_relu.runtime.simulation as simulation
 
     real = simulation.run_in_process
 

@@ -1,4 +1,4 @@
-"""Tests for fedavg_relu.training: local SGD, full-data gradients, evaluation, client seeds."""
+"""Tests for fedavg_relu.core.training: local SGD, full-data gradients, evaluation, client seeds."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedavg_relu.config import RunConfig
-from fedavg_relu.models import build_model, get_trainable, set_trainable, trainable_names
-from fedavg_relu.training import (
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.models import build_model, get_trainable, set_trainable, trainable_names
+from fedavg_relu.core.training import (
     LocalSGDSettings,
     client_seed,
     evaluate,

@@ -1,4 +1,4 @@
-"""Tests of fedavg_relu/validation.py and its use by the strategy layer (property-based, hypothesis)."""
+"""Tests of fedavg_relu/flower/validation.py and its use by the strategy layer (property-based, hypothesis)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedavg_relu.local_grid import LocalGrid, ensure_task_identity
-from fedavg_relu.records import params_to_arrays
-from fedavg_relu.validation import Rejected, UpdateRules, check_update
+from fedavg_relu.runtime.local_grid import LocalGrid, ensure_task_identity
+from fedavg_relu.flower.records import params_to_arrays
+from fedavg_relu.flower.validation import Rejected, UpdateRules, check_update
 from strategies import DriftFedAvg
 
 GLOBAL = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([0.5, -0.5], np.float32)}

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedavg_relu.config import RunConfig
+from fedavg_relu.core.config import RunConfig
 
 
 class ScaledLinear(nn.Module):

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedavg_relu.flower_run import free_port
+from fedavg_relu.runtime.flower_run import free_port
 
 
 def _ray_bin() -> str:
@@ -223,11 +223,11 @@ class LocalRayCluster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fedavg_relu.ray_cluster``: start a loopback cluster, print how to use it, stop it on Ctrl-C."""
+    """``python -m fedavg_relu.runtime.ray_cluster``: start a loopback cluster, print how to use it, stop it on Ctrl-C."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m fedavg_relu.ray_cluster",
+        prog="python -m fedavg_relu.runtime.ray_cluster",
         description="A head + worker Ray cluster on 127.0.0.1 for trying `flwr run` on a cluster; Ctrl-C stops it.",
     )
     parser.add_argument("--head-cpus", type=int, default=1)

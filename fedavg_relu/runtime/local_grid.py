@@ -20,7 +20,7 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedavg_relu.seam import CLIENT_APP_EXCEPTION, ensure_task_identity
+from fedavg_relu.flower.seam import CLIENT_APP_EXCEPTION, ensure_task_identity
 
 __all__ = ["CLIENT_APP_EXCEPTION", "LocalGrid", "ensure_task_identity"]
 
@@ -60,7 +60,7 @@ class LocalGrid(Grid):
         self.sent: list[Message] = []  # every message, for inspection in tests
 
     yields_replies = True  # send_and_receive hands each reply over as soon as it is made
-    simulated = True  # every node is in this process (fedavg_relu.seam.is_simulation_grid)
+    simulated = True  # every node is in this process (fedavg_relu.flower.seam.is_simulation_grid)
 
     # --- the part of the Grid API strategies use ------------------------------
     def get_node_ids(self) -> Iterable[int]:

@@ -2,9 +2,9 @@
 
 Input: the per-round table ``metrics.csv`` (and, for the centralized
 comparison, the per-cell table ``cells.csv``) written by
-:mod:`fedavg_relu.sweep`, as pandas DataFrames. Every figure's title carries the
+:mod:`fedavg_relu.experiments.sweep`, as pandas DataFrames. Every figure's title carries the
 configuration that made it: the configuration columns that are constant over
-the plotted rows (those that differ from :class:`~fedavg_relu.config.RunConfig`'s
+the plotted rows (those that differ from :class:`~fedavg_relu.core.config.RunConfig`'s
 defaults, plus the defining ones such as model family, learning rate and τ) and
 the values that vary. Error bands are mean ± std over seeds; on a logarithmic
 axis they are taken of the log10 values (geometric mean ×/÷ geometric std), so
@@ -29,7 +29,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fedavg_relu.config import RunConfig
+from fedavg_relu.core.config import RunConfig
 
 #: Columns of a sweep table that are not configuration (per-cell bookkeeping).
 CELL_COLUMNS = ("group", "cell-id", "run-dir")

@@ -3,7 +3,7 @@
 With ``clients-per-node = K > 1`` node ``j`` (``partition-id`` j) holds the
 virtual clients ``jK .. jK+K-1`` (data partitions). Per round it trains the ones
 the server sampled, each exactly as the standard path's
-:func:`fedavg_relu.task.train_client` would (same seed per (seed, partition,
+:func:`fedavg_relu.core.task.train_client` would (same seed per (seed, partition,
 round), same code), and returns *sufficient statistics* instead of one model per
 client:
 
@@ -13,11 +13,11 @@ client:
   / sum_k n_k``: the standard path's average, to float32 rounding;
 * drift: :class:`DriftSums`, the sums and maxima from which
   :func:`summarize_drift_sums` computes every metric of
-  :func:`fedavg_relu.metrics.summarize_drift` (the definitions are not repeated,
+  :func:`fedavg_relu.core.metrics.summarize_drift` (the definitions are not repeated,
   they are summed), plus ``sum_k n_k grad f_k(W^{r+1})`` for gradient dissimilarity.
 
 Lockstep drift (``lockstep-drift-steps``): the cohort then trains in lockstep
-(every client does step t before any does step t+1; :func:`fedavg_relu.training.iter_local_sgd`
+(every client does step t before any does step t+1; :func:`fedavg_relu.core.training.iter_local_sgd`
 keeps each client's updates identical to the sequential path), and at each
 selected step t the node forms the virtual average ``W-bar^t = sum_k p_k W_k^t``
 of *its own cohort* and records ``||grad f_k(W_k^t) - grad f_k(W-bar^t)||`` for
@@ -40,14 +40,14 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from fedavg_relu.aggregation import add_weighted
-from fedavg_relu.cohort import allocate_arrays, cohort_seeds, measure_cohort_drift_vectorized, train_cohort_vectorized
-from fedavg_relu.config import RunConfig
-from fedavg_relu.data import load_partition, load_partitions
-from fedavg_relu.metrics import ClientDrift, measure_client_drift
-from fedavg_relu.task import initial_params, measure_drift, train_client, working_model
-from fedavg_relu.models import get_trainable, set_trainable
-from fedavg_relu.training import LocalSGDSettings, client_seed, evaluate, iter_local_sgd
+from fedavg_relu.core.aggregation import add_weighted
+from fedavg_relu.core.cohort import allocate_arrays, cohort_seeds, measure_cohort_drift_vectorized, train_cohort_vectorized
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.data import load_partition, load_partitions
+from fedavg_relu.core.metrics import ClientDrift, measure_client_drift
+from fedavg_relu.core.task import initial_params, measure_drift, train_client, working_model
+from fedavg_relu.core.models import get_trainable, set_trainable
+from fedavg_relu.core.training import LocalSGDSettings, client_seed, evaluate, iter_local_sgd
 
 
 # --- who holds and who trains which virtual client -------------------------------
@@ -177,7 +177,7 @@ class DriftSums:
 def summarize_drift_sums(
     sums: DriftSums, learning_rate: float, mean_global_gradient_sq: float | None = None
 ) -> dict[str, float]:
-    """:func:`fedavg_relu.metrics.summarize_drift` computed from :class:`DriftSums` (same keys, same values).
+    """:func:`fedavg_relu.core.metrics.summarize_drift` computed from :class:`DriftSums` (same keys, same values).
 
     ``p_k = n_k / N`` turns every p-weighted mean into ``sum / N``; the effective
     smoothness mean is over moved clients, so it divides by their examples.
@@ -294,19 +294,19 @@ def train_cohort(
     """Train every client in ``client_ids`` from ``W^r`` for one round.
 
     By default the cohort trains vectorized
-    (:func:`fedavg_relu.cohort.train_cohort_vectorized`: the same updates, stacked
+    (:func:`fedavg_relu.core.cohort.train_cohort_vectorized`: the same updates, stacked
     clients, float32 rounding aside), with ``lockstep_steps`` stepping every chunk
     in lockstep and recording the drift against the cohort's virtual average at those
     steps (see the module docstring). ``vectorized=False`` trains one client after
-    another through :func:`fedavg_relu.task.train_client` (the standard path's very
+    another through :func:`fedavg_relu.core.task.train_client` (the standard path's very
     code, bit for bit), or, with ``lockstep_steps``, per-client models stepped in
-    lockstep through :func:`fedavg_relu.training.iter_local_sgd` (also bit for bit).
+    lockstep through :func:`fedavg_relu.core.training.iter_local_sgd` (also bit for bit).
     ``known_loss_before`` maps a client to
     f_k(W^r) measured earlier (the last drift exchange), saving a forward pass.
     ``keep_local=False`` keeps only the running sum ``sum_k n_k W_k`` (no drift exchange
     will need the W_k): memory of one model however large the cohort. ``allocate``
     supplies the arrays the kept W_k go into (see
-    :func:`fedavg_relu.cohort.train_cohort_vectorized`; e.g. on disk).
+    :func:`fedavg_relu.core.cohort.train_cohort_vectorized`; e.g. on disk).
     """
     known = known_loss_before or {}
     ids = list(client_ids)
@@ -435,8 +435,8 @@ def measure_cohort_drift(
     :class:`DriftSums`, ``sum_k n_k grad f_k(W^{r+1})`` (float64; when
     ``with_gradient``) and each client's :class:`ClientDrift` (its ``loss_at_global``
     is next round's f_k(W^r); the per-client table is made from them).
-    Vectorized over the cohort (:func:`fedavg_relu.cohort.measure_cohort_drift_vectorized`)
-    unless ``vectorized=False`` (client by client through :func:`fedavg_relu.task.measure_drift`).
+    Vectorized over the cohort (:func:`fedavg_relu.core.cohort.measure_cohort_drift_vectorized`)
+    unless ``vectorized=False`` (client by client through :func:`fedavg_relu.core.task.measure_drift`).
     ``nonlinear`` also measures the nonlinear drift fraction (``drift-nonlinear``).
     """
     if vectorized:

@@ -2,8 +2,8 @@
 
 :func:`bound_reply_waits` wraps Flower's ``HttpGrid`` (the ServerApp's grid in a
 deployment) in :class:`ReplyDeadlineGrid`; simulation grids are left alone. The one
-Flower internal used is named in :func:`_install_bounded_object_pulls`
-(``tests/test_deployment.py`` checks it).
+Flower internal used is the seam's item 10
+(:func:`fedavg_relu.flower.seam.install_bounded_object_pulls`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import contextvars
 import time
 from collections.abc import Iterable
 from logging import INFO
+
+from fedavg_relu.flower import seam
 
 # --- ServerApp side: a reply whose upload never finishes costs at most round-timeout ------------
 #
@@ -33,34 +35,6 @@ _PULL_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("f
 PULL_BACKOFF_CAP = 1.0
 
 
-def _install_bounded_object_pulls() -> None:
-    """Make HttpGrid's ``pull_objects`` honour the deadline of the pull in progress (idempotent).
-
-    The one use of Flower internals here: ``flwr.superlink.grid.http_grid.pull_objects``, the
-    module-level name ``HttpGrid.pull_messages`` calls (``tests/test_deployment.py`` checks it).
-    Outside a deadline the call is Flower's, unchanged.
-    """
-    from flwr.superlink.grid import http_grid  # noqa: PLC0415 - a deployment-only import
-
-    flower_pull_objects = http_grid.pull_objects
-    if getattr(flower_pull_objects, "bounded_by_deadline", False):
-        return
-
-    def pull_objects(object_ids, pull_object_fn, **kwargs):
-        deadline = _PULL_DEADLINE.get()
-        if deadline is not None:
-            remaining = max(0.0, deadline - time.monotonic())
-            limit = kwargs.get("max_time")
-            kwargs["max_time"] = remaining if limit is None else min(limit, remaining)
-            kwargs["backoff_cap"] = min(kwargs.get("backoff_cap", PULL_BACKOFF_CAP), PULL_BACKOFF_CAP)
-            kwargs["initial_backoff"] = min(kwargs.get("initial_backoff", 0.2), 0.2)
-        return flower_pull_objects(object_ids, pull_object_fn, **kwargs)
-
-    pull_objects.bounded_by_deadline = True  # type: ignore[attr-defined]
-    pull_objects.__wrapped__ = flower_pull_objects  # type: ignore[attr-defined]
-    http_grid.pull_objects = pull_objects
-
-
 class ReplyDeadlineGrid:
     """A Flower grid whose replies take at most ``timeout`` seconds from push to pulled, uploads included.
 
@@ -79,7 +53,7 @@ class ReplyDeadlineGrid:
     def __init__(self, grid, timeout: float) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout={timeout!r}: expected seconds > 0 (round-timeout)")
-        _install_bounded_object_pulls()
+        seam.install_bounded_object_pulls(_PULL_DEADLINE, PULL_BACKOFF_CAP)
         self._grid = grid
         self.timeout = float(timeout)
         self._deadlines: dict[str, float] = {}
@@ -155,8 +129,4 @@ def bound_reply_waits(grid, timeout: float):
 
     The simulation grids hold replies in memory and cannot stall on an upload.
     """
-    try:
-        from flwr.superlink.grid.http_grid import HttpGrid  # noqa: PLC0415
-    except ImportError:  # another Flower layout: nothing to bound
-        return grid
-    return ReplyDeadlineGrid(grid, timeout) if isinstance(grid, HttpGrid) else grid
+    return ReplyDeadlineGrid(grid, timeout) if seam.is_http_grid(grid) else grid

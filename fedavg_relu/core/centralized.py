@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedavg_relu.config import RunConfig
-from fedavg_relu.data import TensorData, dataset_shape, load_central, load_partition, load_test
-from fedavg_relu.metrics import squared_distance
-from fedavg_relu.models import ReluMLP, build_model, get_trainable, set_trainable
-from fedavg_relu.training import LocalSGDSettings, evaluate, run_local_sgd
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.data import TensorData, dataset_shape, load_central, load_partition, load_test
+from fedavg_relu.core.metrics import squared_distance
+from fedavg_relu.core.models import ReluMLP, build_model, get_trainable, set_trainable
+from fedavg_relu.core.training import LocalSGDSettings, evaluate, run_local_sgd
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedavg_relu.aggregation import scaffold_client_control
-from fedavg_relu.config import RunConfig
-from fedavg_relu.data import TensorData, dataset_shape, load_data_file, load_partition
-from fedavg_relu.metrics import ClientDrift, activation_patterns, measure_client_drift
-from fedavg_relu.models import ReluMLP, build_model, get_trainable, set_trainable
-from fedavg_relu.training import LocalSGDSettings, client_seed, evaluate, run_local_sgd
+from fedavg_relu.core.aggregation import scaffold_client_control
+from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.data import TensorData, dataset_shape, load_data_file, load_partition
+from fedavg_relu.core.metrics import ClientDrift, activation_patterns, measure_client_drift
+from fedavg_relu.core.models import ReluMLP, build_model, get_trainable, set_trainable
+from fedavg_relu.core.training import LocalSGDSettings, client_seed, evaluate, run_local_sgd
 
 # what W^0 depends on: the architecture, the seed, and the data set's shape
 _MODEL_FIELDS = (

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedavg_relu.config import RunConfig
+from fedavg_relu.core.config import RunConfig
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -1,7 +1,7 @@
 """Vectorized local SGD for a cohort of virtual clients that start from the same model.
 
-Packed mode (:mod:`fedavg_relu.packed`) trains many clients per Flower message.
-Training them one after another through :func:`fedavg_relu.training.run_local_sgd`
+Packed mode (:mod:`fedavg_relu.core.packed`) trains many clients per Flower message.
+Training them one after another through :func:`fedavg_relu.core.training.run_local_sgd`
 leaves the CPU mostly idle at federated sizes: a client holds tens of examples,
 so each step is a handful of small matrix products wrapped in autograd, module
 and optimizer calls. Here the clients of a cohort are stacked along a leading
@@ -19,7 +19,7 @@ axis and stepped together:
   what makes the products run near the matmul peak (measured in
   ``benchmarks/scale.py``).
 
-The updates are the ones :func:`fedavg_relu.training.run_local_sgd` makes
+The updates are the ones :func:`fedavg_relu.core.training.run_local_sgd` makes
 (SGD with momentum and weight decay as ``torch.optim.SGD``, minibatches drawn
 from each client's own seeded permutation, full batch when ``batch-size`` is 0);
 only the float32 rounding differs, because sums are formed in another order.
@@ -41,13 +41,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedavg_relu.mechanism import stacked_gauss_newton
-from fedavg_relu.metrics import ClientDrift
-from fedavg_relu.models import ReluMLP
-from fedavg_relu.stacked import (
+from fedavg_relu.core.mechanism import stacked_gauss_newton
+from fedavg_relu.core.metrics import ClientDrift
+from fedavg_relu.core.models import ReluMLP
+from fedavg_relu.core.stacked import (
     CHUNK_BYTES, chunk_size, forward, gradients, loss_and_grad, patterns, per_client_sq_norm, prepare, relu_backward,
 )
-from fedavg_relu.training import LocalSGDSettings, client_seed, minibatch_indices
+from fedavg_relu.core.training import LocalSGDSettings, client_seed, minibatch_indices
 
 
 @dataclass
@@ -78,7 +78,7 @@ def train_cohort_vectorized(
 
     ``model`` supplies the architecture and the frozen weights; its trained
     parameters are not used or changed. ``seeds[i]`` seeds client i's minibatch
-    order exactly like :func:`fedavg_relu.task.train_client`
+    order exactly like :func:`fedavg_relu.core.task.train_client`
     (``torch.Generator().manual_seed(seed)``).
 
     With ``lockstep_steps`` every chunk does step t before any does step t+1, and
@@ -87,7 +87,7 @@ def train_cohort_vectorized(
     must then run the same number of steps. The updates are the same either way.
 
     ``allocate`` (name -> (shape, dtype) -> name -> array) supplies the arrays the kept
-    W_k are written into, e.g. disk-backed ones (:meth:`fedavg_relu.spill.LocalModelStore.allocate`);
+    W_k are written into, e.g. disk-backed ones (:meth:`fedavg_relu.core.spill.LocalModelStore.allocate`);
     default: ``np.empty`` in memory.
     """
     if settings.proximal_mu > 0:
@@ -173,22 +173,22 @@ def measure_cohort_drift_vectorized(
     budget: int | None = None,
     nonlinear: bool = False,
 ) -> tuple[list, dict[str, np.ndarray] | None]:
-    """:func:`fedavg_relu.metrics.measure_client_drift` for stacked clients.
+    """:func:`fedavg_relu.core.metrics.measure_client_drift` for stacked clients.
 
     ``local_params`` maps each trained name to the clients' stacked W_k
     ``(K, *shape)``. Per client, on its full data: loss and gradient at W_k and at
     W^{r+1} (``global_params``), their norms and distance, ``||W_k - W^{r+1}||``, and
     the fraction of ReLU patterns that differ between W_k and W^{r+1} and between
     W^{r+1} and W^0 (``init_params``; None: not measured, NaN). Returns one
-    :class:`~fedavg_relu.metrics.ClientDrift` per client (in order) and, with
+    :class:`~fedavg_relu.core.metrics.ClientDrift` per client (in order) and, with
     ``with_gradient``, ``sum_k n_k grad f_k(W^{r+1})`` (float64).
 
     ``nonlinear`` also fills in the nonlinear drift fraction
     ``||Δg_k − Jᵀ H J ΔW_k|| / ||Δg_k||`` in the same pass: the Gauss–Newton
-    products come from :func:`fedavg_relu.mechanism.stacked_gauss_newton` at W^{r+1}
+    products come from :func:`fedavg_relu.core.mechanism.stacked_gauss_newton` at W^{r+1}
     (one hand-written jvp and one backward per chunk, reusing the forward at W^{r+1}),
     and Δg_k is the drift already formed; the values are
-    :func:`fedavg_relu.mechanism.measure_cohort_nonlinear_drift_vectorized`'s.
+    :func:`fedavg_relu.core.mechanism.measure_cohort_nonlinear_drift_vectorized`'s.
     """
     budget = CHUNK_BYTES if budget is None else budget
     specs, frozen, trained = prepare(model)

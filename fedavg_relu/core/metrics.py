@@ -19,9 +19,9 @@ from dataclasses import MISSING, asdict, dataclass
 import numpy as np
 import torch
 
-from fedavg_relu.mechanism import nonlinear_drift
-from fedavg_relu.models import ReluMLP, set_trainable
-from fedavg_relu.training import full_gradient
+from fedavg_relu.core.mechanism import nonlinear_drift
+from fedavg_relu.core.models import ReluMLP, set_trainable
+from fedavg_relu.core.training import full_gradient
 
 
 def squared_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
@@ -81,7 +81,7 @@ class ClientDrift:
     param_distance: float  # ||W_k - W^{r+1}||
     flips_local: float  # pattern flips between W_k and W^{r+1}
     flips_init: float  # pattern flips between W^{r+1} and W^0 (NaN if W^0's patterns are unknown)
-    # ||Δg - (1/n_k) Jᵀ H J ΔW|| / ||Δg|| (fedavg_relu.mechanism.nonlinear_drift); NaN when not measured
+    # ||Δg - (1/n_k) Jᵀ H J ΔW|| / ||Δg|| (fedavg_relu.core.mechanism.nonlinear_drift); NaN when not measured
     nonlinear_fraction: float = math.nan
 
     def to_metrics(self) -> dict[str, float]:
@@ -152,7 +152,7 @@ def measure_client_drift(
 
     Costs two full-data gradients (at W_k and at W^{r+1}); the activation
     patterns come from the same forward passes. With ``nonlinear`` also the
-    nonlinear drift fraction (:func:`fedavg_relu.mechanism.nonlinear_drift`, given
+    nonlinear drift fraction (:func:`fedavg_relu.core.mechanism.nonlinear_drift`, given
     both gradients: one jvp and one vjp more). Returns the scalars and the
     gradient at W^{r+1} (numpy, per trained parameter).
     """

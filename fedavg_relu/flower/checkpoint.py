@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedavg_relu.config import ConfigError, RunConfig
-from fedavg_relu.results import atomic_write_bytes
+from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.core.results import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # keys that may differ between the interrupted run and its resumption

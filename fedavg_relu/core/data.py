@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedavg_relu.config import RunConfig
+from fedavg_relu.core.config import RunConfig
 
 HUB_DATASETS: dict[str, tuple[str, str, str]] = {
     # name: (hub id, feature column, label column)

@@ -21,7 +21,7 @@ finds the local model its train message kept whichever path runs it.
 Run one per SuperNode, on the same device::
 
     flower-supernode --isolation process --port 9094 ...  &
-    python -m fedavg_relu.clientapp_worker --runtime-api-address 127.0.0.1:9094 --insecure
+    python -m fedavg_relu.runtime.clientapp_worker --runtime-api-address 127.0.0.1:9094 --insecure
 
 The worker runs the code the run shipped: it imports the app's packages from the FAB's
 install folder (dropping any copy imported earlier, e.g. from an editable install), and
@@ -381,7 +381,7 @@ def _unload_app_packages(app_dir: Path, previous_dir: Path | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m fedavg_relu.clientapp_worker``: serve one SuperNode until SIGTERM/SIGINT."""
+    """``python -m fedavg_relu.runtime.clientapp_worker``: serve one SuperNode until SIGTERM/SIGINT."""
     parser = argparse.ArgumentParser(description="Long-running ClientApp process for a SuperNode started "
                                      "with --isolation process.")
     parser.add_argument("--runtime-api-address", default="127.0.0.1:9094",

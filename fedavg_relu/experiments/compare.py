@@ -19,7 +19,7 @@ A comparison file is TOML::
     partitioner = "dirichlet"
     dirichlet-alpha = 0.1
 
-It becomes a sweep (:mod:`fedavg_relu.sweep`; one grid per partition, group =
+It becomes a sweep (:mod:`fedavg_relu.experiments.sweep`; one grid per partition, group =
 the partition's name, cells = strategies x seeds), so runs are resumable and
 identical runs are shared. Every strategy sees the same partitions (same
 seed -> same split) and the same initial model. The outputs, next to the
@@ -49,9 +49,9 @@ from typing import Any
 
 import numpy as np
 
-from fedavg_relu.config import STRATEGIES, ConfigError
-from fedavg_relu.results import atomic_write_text
-from fedavg_relu.sweep import SweepSpec, parse_sweep, read_tables, read_toml, run_sweep
+from fedavg_relu.core.config import STRATEGIES, ConfigError
+from fedavg_relu.core.results import atomic_write_text
+from fedavg_relu.experiments.sweep import SweepSpec, parse_sweep, read_tables, read_toml, run_sweep
 
 COMPARE_KEYS = ("name", "output-dir", "strategies", "seeds", "target-loss", "engine")
 
@@ -222,7 +222,7 @@ def run_comparison(spec: SweepSpec, target: float, progress: bool = True) -> Pat
 
 def write_comparison(spec: SweepSpec, target: float) -> Path:
     """Summaries and figures from the sweep's per-round table; returns comparison.md's path."""
-    from fedavg_relu.plots import save_figure
+    from fedavg_relu.experiments.plots import save_figure
 
     metrics, _ = read_tables(spec.output_dir)
     summary = summarize(metrics, target)

@@ -12,7 +12,7 @@ errors always pass; ``verbose=True`` (run-config ``verbose``, or
 ``fedavg-relu run --verbose``) lets everything through.
 
 :func:`format_summary` turns a run folder's ``summary.json``
-(:func:`fedavg_relu.results.write_summary`) into the few closing lines: status,
+(:func:`fedavg_relu.core.results.write_summary`) into the few closing lines: status,
 rounds, counts of failed and rejected clients, where the outputs are, and, when
 the run did not complete, the reason as the last line.
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedavg_relu.models import ReluMLP, compute_loss
+from fedavg_relu.core.models import ReluMLP, compute_loss
 
 
 @dataclass(frozen=True)

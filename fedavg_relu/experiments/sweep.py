@@ -24,8 +24,8 @@ A sweep file is TOML::
 
 A single ``[grid]`` table works too (group ``"main"``). Every cell is ``base``
 overlaid with one combination of its grid's values and validated as a
-:class:`~fedavg_relu.config.RunConfig`; problems of all cells are reported in
-one :class:`~fedavg_relu.config.ConfigError`. ``output-dir`` and ``run-name``
+:class:`~fedavg_relu.core.config.RunConfig`; problems of all cells are reported in
+one :class:`~fedavg_relu.core.config.ConfigError`. ``output-dir`` and ``run-name``
 are the sweep's to set: cell ``c`` runs in ``<output-dir>/runs/<cell-id>``.
 
 The cell id is a stable hash (the first 12 hex digits of SHA-256) of the
@@ -37,7 +37,7 @@ with ``num-server-rounds + 1`` rows is finished and skipped on a rerun; an
 unfinished folder is cleared and run again. A cell that appears in two grids
 runs once and is listed under both groups.
 
-Outputs, each written atomically (:func:`fedavg_relu.results.atomic_write_text`):
+Outputs, each written atomically (:func:`fedavg_relu.core.results.atomic_write_text`):
 
 ``<output-dir>/metrics.csv``
     the tidy per-round table: one row per (group, cell, round) with the
@@ -49,13 +49,13 @@ Outputs, each written atomically (:func:`fedavg_relu.results.atomic_write_text`)
 ``<output-dir>/cells.csv``
     one row per (group, cell): the configuration, the final round's metrics
     and, with ``central-baseline``, the comparison with centralized GD
-    (:func:`fedavg_relu.centralized.compare_with_central`, cached per cell in
+    (:func:`fedavg_relu.core.centralized.compare_with_central`, cached per cell in
     ``central.json``).
 
 Engines: ``in-process`` (default) runs each cell with
-:func:`fedavg_relu.simulation.run_in_process`: the project's real ServerApp
+:func:`fedavg_relu.runtime.simulation.run_in_process`: the project's real ServerApp
 logic, Flower strategy and ClientApp handlers over an in-process Flower Grid.
-``simulation`` uses :func:`fedavg_relu.simulation.simulate` (Flower's Ray
+``simulation`` uses :func:`fedavg_relu.runtime.simulation.simulate` (Flower's Ray
 simulation engine), which costs ~15-20 s of start-up per cell on 2 cores.
 
 This module imports flwr only when cells run (the engines, and the quieting of
@@ -81,8 +81,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedavg_relu.config import ConfigError, RunConfig
-from fedavg_relu.results import atomic_write_text, read_metrics
+from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.core.results import atomic_write_text, read_metrics
 
 ENGINES = ("in-process", "simulation")
 SWEEP_KEYS = ("name", "output-dir", "engine", "central-baseline", "threads")
@@ -292,10 +292,10 @@ def run_cell(cell: Cell, engine: str = "in-process") -> Path:
     if cell.run_dir.exists():
         shutil.rmtree(cell.run_dir)  # an unfinished or different run: start over
     if engine == "simulation":
-        from fedavg_relu.simulation import simulate
+        from fedavg_relu.runtime.simulation import simulate
 
         return Path(simulate(cell.config))
-    from fedavg_relu.simulation import run_in_process
+    from fedavg_relu.runtime.simulation import run_in_process
 
     return Path(run_in_process(cell.config))
 
@@ -306,7 +306,7 @@ def central_comparison(cell: Cell) -> dict[str, float]:
     if path.exists():
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
-    from fedavg_relu.centralized import compare_with_central
+    from fedavg_relu.core.centralized import compare_with_central
 
     values = compare_with_central(cell.run_dir)
     atomic_write_text(path, json.dumps({k: (None if not math.isfinite(v) else v) for k, v in values.items()}, indent=1) + "\n")
@@ -459,7 +459,7 @@ def collect_rows(spec: SweepSpec, cells: Sequence[Cell]) -> tuple[list[dict[str,
 
 def write_tables(spec: SweepSpec, cells: Sequence[Cell] | None = None) -> tuple[Path, Path]:
     """Write ``metrics.csv`` and ``cells.csv`` of the finished cells atomically; return their paths."""
-    from fedavg_relu.results import rows_to_csv
+    from fedavg_relu.core.results import rows_to_csv
 
     metric_rows, cell_rows = collect_rows(spec, cells if cells is not None else spec.cells())
     metrics_path, cells_path = spec.output_dir / METRICS_TABLE, spec.output_dir / CELLS_TABLE

@@ -9,13 +9,13 @@ Without this module the clients find out, each one, in every round.
 :func:`check_run` runs what the clients will run, with the server's knowledge:
 
 1. **the split**: the training pool is built and partitioned by the very code
-   :func:`fedavg_relu.data.load_partition` uses (same seed, same partitioner);
+   :func:`fedavg_relu.core.data.load_partition` uses (same seed, same partitioner);
    every client must get at least one example (local SGD needs one; a batch
    size above a client's count is fine, that client takes full-batch steps).
    When the partitioner fails it says which parameter to change and, when a
    short search finds one, a value that works;
 2. **dimensions**: the data's features and labels fit the model built from
-   :func:`fedavg_relu.data.dataset_shape`, and so do the nodes' own data files
+   :func:`fedavg_relu.core.data.dataset_shape`, and so do the nodes' own data files
    when the caller knows them (``data_paths``);
 3. **hub data sets** (mnist, fashion-mnist, cifar10): loaded from the local
    Hugging Face cache (when it holds anything) in a child process with the HF
@@ -26,7 +26,7 @@ Without this module the clients find out, each one, in every round.
    project. (Online, ``datasets`` itself retries for ~35 s before it fails.)
 
 Every problem is one ``key=value: ... expected ...`` line of one
-:class:`~fedavg_relu.config.ConfigError`.
+:class:`~fedavg_relu.core.config.ConfigError`.
 
 This module does not import flwr.
 """
@@ -49,8 +49,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from fedavg_relu import data
-from fedavg_relu.config import ConfigError, RunConfig
+from fedavg_relu.core import data
+from fedavg_relu.core.config import ConfigError, RunConfig
 
 #: Training pools up to this many bytes stay in data.py's per-process caches after the check,
 #: for clients in the same process (LocalGrid, packed nodes, the centralized baseline); larger
@@ -155,8 +155,8 @@ def _dims_problems(cfg: RunConfig, input_dim: int, max_label: int, what: str) ->
 def partition_problems(cfg: RunConfig, labels: np.ndarray, keep: bool = True) -> list[str]:
     """Split ``labels`` (the training pool's) with the clients' code; problems naming what to change.
 
-    ``keep``: split through :func:`fedavg_relu.data.load_partition_indices` (its per-process cache,
-    which ``labels`` must be the training pool of) instead of :func:`fedavg_relu.data.partition_indices`.
+    ``keep``: split through :func:`fedavg_relu.core.data.load_partition_indices` (its per-process cache,
+    which ``labels`` must be the training pool of) instead of :func:`fedavg_relu.core.data.partition_indices`.
     """
     n, k = len(labels), cfg.num_partitions
     pool = _pool_words(cfg, n)
@@ -359,7 +359,7 @@ def probe_hub_cache(cfg: RunConfig, timeout: float = HUB_PROBE_TIMEOUT) -> dict:
     package_root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    code = "from fedavg_relu.preflight import _hub_report_main; _hub_report_main()"
+    code = "from fedavg_relu.core.preflight import _hub_report_main; _hub_report_main()"
     try:
         proc = subprocess.run(
             [sys.executable, "-c", code], input=json.dumps(cfg.to_mapping()), capture_output=True, text=True,

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedavg_relu import seam
-from fedavg_relu.config import RunConfig
+from fedavg_relu.flower import seam
+from fedavg_relu.core.config import RunConfig
 
 # The extractor that simulate() and `flwr run` put into Flower's runtime lives in the seam
 # (the names below are kept for fedavg_relu.server_app and tests/test_simulation.py).
@@ -61,7 +61,7 @@ def simulate(
 
     Flower's runtime is used as shipped except for one function: the thread that
     hands instructions to the workers wakes when an instruction is stored instead
-    of polling every node every 0.1 s (:func:`fedavg_relu.seam.add_messages_to_queue`).
+    of polling every node every 0.1 s (:func:`fedavg_relu.flower.seam.add_messages_to_queue`).
     """
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -123,14 +123,14 @@ def simulate(
 
 
 def run_in_process(cfg: RunConfig | Mapping[str, Any], num_nodes: int | None = None, client_app=None) -> Path:
-    """Run the experiment on a :class:`~fedavg_relu.local_grid.LocalGrid` (no Ray); return the run folder.
+    """Run the experiment on a :class:`~fedavg_relu.runtime.local_grid.LocalGrid` (no Ray); return the run folder.
 
     Same ServerApp logic, strategy and ClientApp handlers as :func:`simulate`;
     only the transport differs. ``client_app`` replaces the project's ClientApp.
     """
     from clients.client_app import build_client_app
 
-    from fedavg_relu.local_grid import LocalGrid
+    from fedavg_relu.runtime.local_grid import LocalGrid
     from fedavg_relu.server_app import run_experiment
 
     if not isinstance(cfg, RunConfig):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from fedavg_relu.metrics import CLIENT_COLUMNS, ClientDrift, client_row
+from fedavg_relu.core.metrics import CLIENT_COLUMNS, ClientDrift, client_row
 
 # --- message types -------------------------------------------------------------------
 TRAIN = "train"  # one node = one client: W^r -> W_k
@@ -43,7 +43,7 @@ PROXIMAL_MU = "proximal-mu"  # FedProx sends it
 KEEP_LOCAL_MODEL = "keep-local-model"  # a drift exchange follows: keep W_k until then
 MEASURED_ROUND = "measured-round"  # the node measured f_k at exactly this W^r in that round's drift exchange
 RETURN_GRADIENT = "return-gradient"  # drift: also send grad f_k(W^{r+1})
-DRIFT_NONLINEAR = "drift-nonlinear"  # drift: also measure the nonlinear drift fraction (fedavg_relu.mechanism)
+DRIFT_NONLINEAR = "drift-nonlinear"  # drift: also measure the nonlinear drift fraction (fedavg_relu.core.mechanism)
 CLIENT_METRICS = "client-metrics"  # drift: also report the per-client row (partition id; packed: client/* lists)
 VIRTUAL_CLIENTS = "virtual-clients"  # packed: which of the node's virtual clients train this round
 CLIENTS_PER_NODE = "clients-per-node"  # packed: virtual clients per node, as the server decided
@@ -76,7 +76,7 @@ def client_row_lists(
 ) -> dict[str, list]:
     """A cohort's per-client rows as one list per column (``client/ids``, ``client/<column>``) for a MetricRecord.
 
-    The columns are :func:`fedavg_relu.metrics.client_row`'s, so the packed and the
+    The columns are :func:`fedavg_relu.core.metrics.client_row`'s, so the packed and the
     standard path write the same table; a few floats per client, in one message.
     """
     rows = [client_row(d, b, t, nonlinear) for d, b, t in zip(drifts, loss_before, local_steps, strict=True)]

@@ -4,7 +4,7 @@ Each check returns a :class:`Check`: the prediction in words, the measured
 numbers (slopes of log-log fits, per-round rates, ratios), the rule that decides
 agreement (fixed here, before looking at any particular run) and the verdict.
 The numbers come from the metrics the runs recorded (``metrics.csv`` /
-``cells.csv`` of :mod:`fedavg_relu.sweep`); nothing is re-computed from models.
+``cells.csv`` of :mod:`fedavg_relu.experiments.sweep`); nothing is re-computed from models.
 
 Groups read (see ``sweeps/theory-*.toml``): ``width`` (IID clients, predictions
 1-4), ``tau`` (prediction 5), ``non-iid`` (prediction 6, with the sweep's
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from fedavg_relu.plots import (
+from fedavg_relu.experiments.plots import (
     NONIID_GROUP,
     TAU_GROUP,
     WIDTH_GROUP,

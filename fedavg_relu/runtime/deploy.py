@@ -13,7 +13,7 @@ section tells an operator to do by hand:
 4. ``flower-supernode`` processes, each with its private key, its own Runtime API
    port and a ``--node-config`` (``data-path=...``). With ``isolation="process"``
    (the default here, the fast path) each also gets a long-running
-   :mod:`fedavg_relu.clientapp_worker`; with ``"subprocess"`` Flower starts one
+   :mod:`fedavg_relu.runtime.clientapp_worker`; with ``"subprocess"`` Flower starts one
    ``flwr-clientapp`` process per message.
 5. ``flwr run APP deploy --stream`` and the run's final status from ``flwr ls``.
 
@@ -23,7 +23,7 @@ with this virtualenv's ``bin``: ``flower-superlink`` (and a SuperNode with
 subprocess isolation) starts ``flower-superexec`` *by name*, and dies with
 ``FileNotFoundError: 'flower-superexec'`` when the virtualenv is not on ``PATH``.
 
-The ServerApp side of a deployment is :mod:`fedavg_relu.reply_deadline`: a reply
+The ServerApp side of a deployment is :mod:`fedavg_relu.flower.reply_deadline`: a reply
 whose upload never finishes (its SuperNode died mid-upload) costs at most
 ``round-timeout`` instead of Flower's 180 s object-push session (see
 ``docs/deployment.md``).
@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedavg_relu.flower_run import FlwrRunResult, free_port, run_config_arg
-from fedavg_relu.flower_run import stop_process_group as _stop_group
-from fedavg_relu.flower_run import wait_for_health
+from fedavg_relu.runtime.flower_run import FlwrRunResult, free_port, run_config_arg
+from fedavg_relu.runtime.flower_run import stop_process_group as _stop_group
+from fedavg_relu.runtime.flower_run import wait_for_health
 
 CONNECTION = "deploy"  # the name of the SuperLink connection in config.toml
 
@@ -331,7 +331,7 @@ class Deployment:
         node = SuperNode(name, process, runtime_port, log_path, args=args)
         if isolation == "process":
             node.worker_args = [
-                sys.executable, "-m", "fedavg_relu.clientapp_worker",
+                sys.executable, "-m", "fedavg_relu.runtime.clientapp_worker",
                 "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure", *secret_args, "--preload", "torch",
             ]
             self.start_worker(node)

@@ -25,20 +25,23 @@ Items, in the order below:
 8. :func:`parse_config_args`: ``flwr.common.config.parse_config_args`` (how ``flwr run
    --run-config`` parses ``key=value``).
 9. :data:`CLIENT_APP_EXCEPTION`: the error code of a reply whose ClientApp raised.
+10. :func:`install_bounded_object_pulls`, :func:`is_http_grid`: a deployment's grid
+    (``flwr.superlink.grid.http_grid.HttpGrid``) and the module-level ``pull_objects``
+    its ``pull_messages`` calls (:mod:`fedavg_relu.flower.reply_deadline`).
 
 Contracts the project relies on without code here (``tests/test_flower_contract.py``
 checks them too):
 
 * ``Strategy.start`` passes ``grid.send_and_receive``'s return value to
   ``aggregate_train`` / ``aggregate_evaluate`` unconsumed
-  (:mod:`fedavg_relu.streaming` hands it a generator);
+  (:mod:`fedavg_relu.flower.streaming` hands it a generator);
 * ``Grid.push_messages(messages) -> ids`` gives each message its ``message_id`` and
   ``Grid.pull_messages(ids) -> replies`` answers with ``reply_to_message_id`` set
-  (:mod:`fedavg_relu.streaming`, :mod:`fedavg_relu.deploy`); pass the ids positionally:
+  (:mod:`fedavg_relu.flower.streaming`, :mod:`fedavg_relu.runtime.deploy`); pass the ids positionally:
   flwr 1.43 renames that parameter from ``message_ids`` to ``reply_to_message_ids``;
 * ``flwr.superlink.grid.http_grid.pull_objects``, the module-level name
-  ``HttpGrid.pull_messages`` calls, replaced by :mod:`fedavg_relu.deploy`;
-* :mod:`fedavg_relu.clientapp_worker`: ``flwr.proto.runtime_pb2``, ``flwr.supercore``
+  ``HttpGrid.pull_messages`` calls, wrapped by item 10;
+* :mod:`fedavg_relu.runtime.clientapp_worker`: ``flwr.proto.runtime_pb2``, ``flwr.supercore``
   (``constant.TaskType``, ``heartbeat``, ``interceptors``, ``object_ref.load_app``,
   ``retry``, ``runtime.RuntimeHttpClient``), ``flwr.supernode.runtime.run_clientapp``
   (``pull_task_input``, ``push_message``, ``push_task_output``), ``flwr.cli.install``,
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import Counter
 from logging import WARNING
 from pathlib import Path
@@ -81,7 +85,7 @@ def is_simulation_grid(grid) -> bool:
     Relies on: Flower's simulation runtime (``flwr.simulation.run_simulation``'s main
     loop, used by ``flwr run`` on a simulation SuperLink too) handing the ServerApp a
     ``flwr.superlink.grid.inmemory_grid.InMemoryGrid``; deployments get an HTTP grid.
-    The project's :class:`fedavg_relu.local_grid.LocalGrid` says so itself
+    The project's :class:`fedavg_relu.runtime.local_grid.LocalGrid` says so itself
     (``simulated = True``). Checked with flwr 1.42.0.
     """
     grid = getattr(grid, "inner", grid)
@@ -237,7 +241,7 @@ def lower_pull_interval(grid, seconds: float = REPLY_PULL_INTERVAL_S) -> bool:
 
     Flower's ``InMemoryGrid`` sleeps ``pull_interval`` (0.1 s) between two pulls; at
     packed-mode round times (0.1-0.3 s) that wait is a large share.
-    :class:`fedavg_relu.streaming.StreamingGrid` reads the same attribute.
+    :class:`fedavg_relu.flower.streaming.StreamingGrid` reads the same attribute.
 
     Relies on: ``InMemoryGrid.pull_interval``, an instance attribute set from its
     constructor parameter and read by its ``send_and_receive`` (flwr 1.42.0).
@@ -256,7 +260,7 @@ def pull_interval(grid, default: float) -> float:
     """Seconds ``grid`` waits between two pulls (``pull_interval``), else ``default``.
 
     Relies on: ``InMemoryGrid.pull_interval`` (flwr 1.42.0); the project's own grids
-    (:class:`fedavg_relu.reply_deadline.ReplyDeadlineGrid`) have one too.
+    (:class:`fedavg_relu.flower.reply_deadline.ReplyDeadlineGrid`) have one too.
     """
     return float(getattr(grid, "pull_interval", default))
 
@@ -350,3 +354,48 @@ def _client_app_exception_code() -> int:
 #: The error code Flower's engines put in a reply whose ClientApp raised (2 in flwr 1.42.0).
 #: Relies on: ``flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION`` (not exported by ``flwr.common``).
 CLIENT_APP_EXCEPTION = _client_app_exception_code()
+
+
+# --- 10. a deployment's grid and its object pulls -------------------------------------------
+def is_http_grid(grid) -> bool:
+    """True when ``grid`` is Flower's ``HttpGrid`` (a deployment's ServerApp); False on another layout.
+
+    Relies on: ``flwr.superlink.grid.http_grid.HttpGrid`` (flwr 1.42.0).
+    """
+    try:
+        from flwr.superlink.grid.http_grid import HttpGrid  # noqa: PLC0415 - a deployment-only import
+    except ImportError:
+        return False
+    return isinstance(grid, HttpGrid)
+
+
+def install_bounded_object_pulls(deadline, backoff_cap: float) -> None:
+    """Make HttpGrid's ``pull_objects`` honour the deadline of the pull in progress (idempotent).
+
+    ``deadline``: a ContextVar holding the monotonic deadline of the pull in progress (None:
+    no deadline); a waiting try is retried at most ``backoff_cap`` s apart while one holds.
+    Outside a deadline the call is Flower's, unchanged.
+
+    Relies on: ``flwr.superlink.grid.http_grid.pull_objects``, the module-level name
+    ``HttpGrid.pull_messages`` calls, and its ``max_time``, ``backoff_cap`` and
+    ``initial_backoff`` keywords (flwr 1.42.0; ``tests/test_deployment.py`` checks it).
+    """
+    from flwr.superlink.grid import http_grid  # noqa: PLC0415 - a deployment-only import
+
+    flower_pull_objects = http_grid.pull_objects
+    if getattr(flower_pull_objects, "bounded_by_deadline", False):
+        return
+
+    def pull_objects(object_ids, pull_object_fn, **kwargs):
+        due = deadline.get()
+        if due is not None:
+            remaining = max(0.0, due - time.monotonic())
+            limit = kwargs.get("max_time")
+            kwargs["max_time"] = remaining if limit is None else min(limit, remaining)
+            kwargs["backoff_cap"] = min(kwargs.get("backoff_cap", backoff_cap), backoff_cap)
+            kwargs["initial_backoff"] = min(kwargs.get("initial_backoff", 0.2), 0.2)
+        return flower_pull_objects(object_ids, pull_object_fn, **kwargs)
+
+    pull_objects.bounded_by_deadline = True  # type: ignore[attr-defined]
+    pull_objects.__wrapped__ = flower_pull_objects  # type: ignore[attr-defined]
+    http_grid.pull_objects = pull_objects

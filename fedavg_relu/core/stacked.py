@@ -1,12 +1,12 @@
 """The stacked-layer primitives of a cohort of ReLU networks: forward, backward, loss, chunking.
 
-A cohort (:mod:`fedavg_relu.cohort`) is ``k`` copies of one
-:class:`~fedavg_relu.models.ReluMLP` that differ only in their trained weights,
+A cohort (:mod:`fedavg_relu.core.cohort`) is ``k`` copies of one
+:class:`~fedavg_relu.core.models.ReluMLP` that differ only in their trained weights,
 stacked along a leading axis: a trained weight is ``(k, out, in)``, a frozen one
 (``paper``'s A and B) is shared. Each layer is one batched product; its backward
 is written out by hand (three products per ReLU layer). Local SGD on a cohort
-(:mod:`fedavg_relu.cohort`) and the Gauss-Newton products of the drift mechanism
-(:mod:`fedavg_relu.mechanism`) are both built on these functions.
+(:mod:`fedavg_relu.core.cohort`) and the Gauss-Newton products of the drift mechanism
+(:mod:`fedavg_relu.core.mechanism`) are both built on these functions.
 
 This module does not import flwr.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from fedavg_relu.models import ReluMLP, ScaledLinear
+from fedavg_relu.core.models import ReluMLP, ScaledLinear
 
 #: Bytes of trained weights (and momentum buffers) per chunk of clients stepped together:
 #: about half of this machine's 32 MiB last-level cache (measured best at 16-24 MiB).
@@ -57,7 +57,7 @@ def retain_freed_memory() -> bool:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One affine layer of a :class:`~fedavg_relu.models.ReluMLP`: ``scale * h @ W.T + b``."""
+    """One affine layer of a :class:`~fedavg_relu.core.models.ReluMLP`: ``scale * h @ W.T + b``."""
 
     weight: str  # parameter name
     bias: str | None  # parameter name, None without bias

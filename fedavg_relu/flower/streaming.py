@@ -13,12 +13,12 @@ be a one-shot iterable"); ``tests/test_flower_contract.py`` checks that contract
 
 Every reply read leaves behind, until Python's cyclic collector runs, whatever
 reference cycles its readers made (Flower's own ``RecordDict.array_records`` makes
-one per call, see :mod:`fedavg_relu.records`); the grid runs the collector after
-every 512 MB of replies (:class:`fedavg_relu.records.GarbageBudget`), so such
+one per call, see :mod:`fedavg_relu.flower.records`); the grid runs the collector after
+every 512 MB of replies (:class:`fedavg_relu.flower.records.GarbageBudget`), so such
 garbage is bounded too.
 
 A grid that already yields replies lazily (``yields_replies = True``, e.g.
-:class:`fedavg_relu.local_grid.LocalGrid`) is used as it is.
+:class:`fedavg_relu.runtime.local_grid.LocalGrid`) is used as it is.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from collections.abc import Iterable, Iterator
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedavg_relu import seam
-from fedavg_relu.records import GarbageBudget, array_bytes
+from fedavg_relu.flower import seam
+from fedavg_relu.flower.records import GarbageBudget, array_bytes
 
 #: Seconds between two pulls while nothing arrived, for grids that do not say (Flower's HTTP grid: 3 s).
 DEFAULT_PULL_INTERVAL = 0.1
@@ -47,7 +47,7 @@ class StreamingGrid:
     def __init__(self, grid: Grid, budget: GarbageBudget | None = None) -> None:
         self._grid = grid
         self._dst: dict[str, int] = {}
-        #: collects the reference cycles that reading replies leaves (fedavg_relu.records)
+        #: collects the reference cycles that reading replies leaves (fedavg_relu.flower.records)
         self.budget = budget if budget is not None else GarbageBudget()
 
     @property

@@ -8,7 +8,7 @@ Nonlinear drift fraction
     ``out(W) ≈ out(W̄) + J (W − W̄)`` (J: the Jacobian of all n_k × c outputs at W̄
     w.r.t. the trained parameters) predicts the Gauss–Newton change
     ``GN_k = Jᵀ H J ΔW_k``, where H is the Hessian of the client's *mean* loss
-    w.r.t. the outputs. With :func:`fedavg_relu.models.compute_loss`'s
+    w.r.t. the outputs. With :func:`fedavg_relu.core.models.compute_loss`'s
     normalisation, ``f_k = (1/(2 n_k)) Σ_i ||out_i − y_i||²`` gives ``H = I / n_k``,
     so ``GN_k = (1/n_k) Jᵀ J ΔW_k``; softmax cross-entropy (mean over examples)
     gives the block diagonal ``H_i = (diag(p_i) − p_i p_iᵀ) / n_k``. The fraction
@@ -25,7 +25,7 @@ NTK change
     is available with ``outputs="all"`` (row/column ``i * c + j``) but every recorded
     metric uses the trace. ``ntk-change = ||Θ(W) − Θ(W^0)||_F / ||Θ(W^0)||_F``.
 
-    For a :class:`~fedavg_relu.models.ReluMLP` (every family) the Gram has a closed
+    For a :class:`~fedavg_relu.core.models.ReluMLP` (every family) the Gram has a closed
     form, because each weight's gradient is an outer product: with ``h_l`` the input
     of layer l, ``s_l`` its scale and ``δ_l(i, j) = ∂out_j(x_i)/∂pre_l``,
     ``∂out_j(x_i)/∂W_l = s_l δ_l(i, j) h_l(x_i)ᵀ``, so
@@ -36,7 +36,7 @@ NTK change
     for ReluMLPs and falls back to :func:`ntk_gram_autodiff` (torch.func, any module)
     otherwise.
 
-Vectorized cohorts (stacked ``(k, out, in)`` weights, :mod:`fedavg_relu.cohort`) get
+Vectorized cohorts (stacked ``(k, out, in)`` weights, :mod:`fedavg_relu.core.cohort`) get
 :func:`measure_cohort_nonlinear_drift_vectorized`, built on :func:`stacked_gauss_newton`
 (hand-written jvp, the cohort's hand-written backward).
 
@@ -58,11 +58,11 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn import functional as F
 
-from fedavg_relu.stacked import (
+from fedavg_relu.core.stacked import (
     CHUNK_BYTES, chunk_size, forward, gradients, layer_specs, loss_and_grad, per_client_sq_norm, prepare,
     retain_freed_memory,
 )
-from fedavg_relu.models import ReluMLP, compute_loss, trainable_names
+from fedavg_relu.core.models import ReluMLP, compute_loss, trainable_names
 
 #: Bytes of Jacobian rows :func:`ntk_gram_autodiff` holds at once (two blocks of rows).
 NTK_BLOCK_BYTES = 2**30
@@ -183,7 +183,7 @@ def nonlinear_drift(
         ``squared`` or ``cross-entropy`` (H as in :func:`loss_hessian_product`).
     grad_local, grad_global
         ``∇f_k(W_k)`` and ``∇f_k(W̄)`` when the caller already has them (e.g.
-        :func:`fedavg_relu.training.full_gradient`'s ``grads``); computed otherwise
+        :func:`fedavg_relu.core.training.full_gradient`'s ``grads``); computed otherwise
         (the one at W̄ from the same vjp, one backward more).
 
     Cost: one jvp and one vjp at W̄ (about three forward passes), plus what is
@@ -263,7 +263,7 @@ def stacked_gauss_newton(
 ) -> dict[str, torch.Tensor]:
     """Every client's ``Jᵀ H J ΔW_k`` (name -> ``(k, *shape)``) at shared weights, on its own data.
 
-    The pieces of :func:`fedavg_relu.cohort.measure_cohort_drift_vectorized` at W̄:
+    The pieces of :func:`fedavg_relu.core.cohort.measure_cohort_drift_vectorized` at W̄:
     ``weight_of`` gives W̄'s (shared) or frozen weights, ``inputs``/``logits`` are
     ``forward``'s at W̄ on the stacked data ``(k, n, d)``, ``delta_of(name)`` the
     stacked ``ΔW_k``. Costs one hand-written jvp and one backward.
@@ -283,7 +283,7 @@ def measure_cohort_nonlinear_drift_vectorized(
     """:func:`nonlinear_drift` for stacked clients (``local_params``: name -> ``(K, *shape)``).
 
     Clients are grouped by data size and cut into chunks of ``budget`` bytes of
-    weights, as in :func:`fedavg_relu.cohort.measure_cohort_drift_vectorized`.
+    weights, as in :func:`fedavg_relu.core.cohort.measure_cohort_drift_vectorized`.
     Per chunk: forward and backward at W̄ and at W_k, one jvp and one backward.
     """
     specs, frozen, trained = prepare(model)
@@ -349,7 +349,7 @@ def ntk_gram(model: nn.Module, params: Params | None, x_probe: torch.Tensor, out
     ``outputs="trace"``: ``(n, n)``, summed over the c outputs (the recorded
     metric's choice); ``"all"``: ``(n c, n c)``, row ``i * c + j`` for output j of
     example i. ``params`` (trained names) default to the model's own. Closed form
-    for a :class:`~fedavg_relu.models.ReluMLP` (:func:`ntk_gram_closed_form`),
+    for a :class:`~fedavg_relu.core.models.ReluMLP` (:func:`ntk_gram_closed_form`),
     ``torch.func`` otherwise (:func:`ntk_gram_autodiff`).
     """
     if isinstance(model, ReluMLP):
