@@ -391,6 +391,9 @@ class DriftMeasurement:
         self.round_metrics[server_round] = dict(merged)
         return arrays, merged
 
+    # --- checkpoints ----------------------------------------------------------
+    checkpoint_attrs: tuple[str, ...] = ()  # the strategy's own state, e.g. server momentum
+
     def checkpoint_state(self) -> dict[str, Any]:
         """The strategy state a resumed run needs (attributes named in ``checkpoint_attrs``).
 
