@@ -32,7 +32,6 @@ import copy
 import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from logging import WARNING
 from typing import Any
 
@@ -42,105 +41,20 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedavg_relu.flower import protocol as wire
 from fedavg_relu.core.metrics import ClientDrift, client_row, distances_from_init, summarize_drift
-from fedavg_relu.core.aggregation import add_weighted
-from fedavg_relu.flower.records import array_records, arrays_to_params, metric_records, params_to_arrays, release
+from fedavg_relu.flower import protocol as wire
+from fedavg_relu.flower.records import arrays_to_params, release
 from fedavg_relu.flower.seam import is_worker_lost, uses_flower_metric_average
 from fedavg_relu.flower.streaming import StreamingGrid, node_of
-from fedavg_relu.flower.validation import (
-    REASONS, OutlierGate, OutlierRules, Rejected, UpdateRules, check_record_layout, check_update, update_norm,
+from fedavg_relu.flower.validation import REASONS, OutlierGate, OutlierRules, Rejected, UpdateRules, check_update, update_norm
+
+from .replies import (
+    ErrorTally, RunAborted, RunningAverage, Update, accumulate, client_order, extract_update,
+    parse_drift_reply, partition_id,
 )
 
 DRIFT_MESSAGE_TYPE = wire.DRIFT
 DEFAULT_METRIC_KEYS = wire.TRAIN_METRIC_KEYS
-GRADIENT_RECORD_KEY = wire.GRADIENT
-
-
-class RunAborted(RuntimeError):
-    """The run cannot go on safely (e.g. a Ray actor died); the message says why."""
-
-
-@dataclass
-class _Update:
-    """One valid train reply, unpacked."""
-
-    node: int
-    message: Message
-    params: dict[str, np.ndarray]
-    metrics: dict[str, Any]
-    num_examples: int
-    norm: float
-    index: int = -1  # position among the round's replies (the outlier gate's key)
-
-
-class ErrorTally:
-    """Error replies of one exchange: each distinct error logged once in full, repeats counted.
-
-    ``log_repeats`` then says "the same error on N more clients" per distinct error.
-    """
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.nodes: dict[str, list[int]] = {}
-
-    def add(self, node: int, reason: str) -> None:
-        """Count an error reply of ``node``; log its text when it is new."""
-        if reason not in self.nodes:
-            log(WARNING, "%s: node %d failed: %s", self.what, node, reason)
-        self.nodes.setdefault(reason, []).append(node)
-
-    def log_repeats(self) -> None:
-        """One line per error text seen on more than one node."""
-        for reason, nodes in self.nodes.items():
-            if len(nodes) > 1:
-                first = reason.strip().splitlines()[-1][:160] if reason.strip() else "(no reason given)"
-                log(WARNING, "%s: the same error on %d more clients (%s)", self.what, len(nodes) - 1, first)
-
-    @property
-    def count(self) -> int:
-        """Error replies counted."""
-        return sum(len(v) for v in self.nodes.values())
-
-    def most_common(self) -> str | None:
-        """The error text seen on most nodes (None without errors)."""
-        if not self.nodes:
-            return None
-        return max(self.nodes.items(), key=lambda item: len(item[1]))[0]
-
-
-class _RunningAverage:
-    """``sum_k n_k W_k / sum_k n_k`` and the n-weighted mean of every metric, accumulated in float64.
-
-    Equals Flower's ``aggregate_arrayrecords`` / ``aggregate_metricrecords`` (float32
-    arithmetic there) to float32 rounding (``tests/test_streaming.py``).
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[str, np.ndarray] = {}
-        self.dtypes: dict[str, np.dtype] = {}
-        self.metric_sums: dict[str, float] = {}
-        self.total = 0
-
-    def add(self, update: _Update) -> None:
-        """Fold one update in."""
-        n = update.num_examples
-        for name, value in update.params.items():
-            if name not in self.sums:
-                self.sums[name] = np.zeros(np.shape(value), np.float64)
-                self.dtypes[name] = np.asarray(value).dtype
-            add_weighted(self.sums[name], value, n)
-        for key, value in update.metrics.items():
-            if key != wire.NUM_EXAMPLES:
-                self.metric_sums[key] = self.metric_sums.get(key, 0.0) + n * float(value)
-        self.total += n
-
-    def result(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The average (None, None when nothing was added)."""
-        if self.total == 0:
-            return None, None
-        params = {k: (v / self.total).astype(self.dtypes[k]) for k, v in self.sums.items()}
-        return params_to_arrays(params), MetricRecord({k: v / self.total for k, v in self.metric_sums.items()})
 
 
 class DriftMeasurement:
@@ -315,14 +229,14 @@ class DriftMeasurement:
         rejected: dict[str, int] = {}
         gate = OutlierGate(self.outlier_rules)
         streaming = self.streams_average
-        average = _RunningAverage()
-        kept: list[_Update] = []  # held by the outlier gate, or every valid one for a list-averaging parent
+        average = RunningAverage()
+        kept: list[Update] = []  # held by the outlier gate, or every valid one for a list-averaging parent
         seen: set[int] = set()
         repliers: set[int] = set()
         trained: list[tuple[int, float]] = []  # (node, f_k(W^r)) of every update averaged
         steps: dict[int, float] = {}  # node -> tau_k of every update averaged (per-client table)
 
-        def take(update: _Update) -> None:
+        def take(update: Update) -> None:
             trained.append((update.node, float(update.metrics.get(wire.LOSS_BEFORE, math.nan))))
             steps[update.node] = float(update.metrics.get(wire.LOCAL_STEPS, math.nan))
         for index, msg in enumerate(replies):
@@ -338,7 +252,7 @@ class DriftMeasurement:
                 release(msg)  # summed: its bytes go now, not when the cyclic GC runs
             else:
                 kept.append(update)
-        accepted: list[_Update] = []
+        accepted: list[Update] = []
         for update in kept:
             reason = gate.final(update.index) if self.outlier_rules.active else None
             if reason is not None:
@@ -419,8 +333,8 @@ class DriftMeasurement:
 
     def _screen(
         self, msg: Message, node: int, sampled: list[int], seen: set[int], errors: ErrorTally, rejected: dict[str, int]
-    ) -> _Update | None:
-        """One train reply: an :class:`_Update`, or None (counted as an error or a rejection, and logged)."""
+    ) -> Update | None:
+        """One train reply: an :class:`Update`, or None (counted as an error or a rejection, and logged)."""
         if msg.has_error():
             reason = msg.error.reason or ""
             errors.add(node, reason)
@@ -439,7 +353,7 @@ class DriftMeasurement:
             seen.add(node)
             if sampled and node not in sampled:
                 raise Rejected("unexpected-node", f"node {node} was not sampled this round")
-            params, metrics = _extract_update(msg, self._expected_layout())
+            params, metrics = extract_update(msg, self._expected_layout())
             n = check_update(params, metrics, self.update_rules, self._drift_global)
             norm = update_norm(params, self._drift_global) if self.outlier_rules.update_ratio > 0 and self._drift_global else 0.0
         except Rejected as err:
@@ -447,7 +361,7 @@ class DriftMeasurement:
             self._round_rejected_nodes.append(node)
             log(WARNING, "reply of node %d rejected: %s", node, err)
             return None
-        return _Update(node, msg, params, metrics, n, norm)
+        return Update(node, msg, params, metrics, n, norm)
 
     # --- the second exchange ------------------------------------------------
     def drift_messages(self, server_round: int, arrays: ArrayRecord, nodes: list[int], message_type: str) -> list[Message]:
@@ -489,8 +403,8 @@ class DriftMeasurement:
                 errors.add(node, reply.error.reason or "")
                 continue
             try:
-                drift, gradient = _parse_drift_reply(reply, self.drift_with_gradients, self.drift_initial)
-                client = _partition_id(reply) if self.client_metrics else None
+                drift, gradient = parse_drift_reply(reply, self.drift_with_gradients, self.drift_initial)
+                client = partition_id(reply) if self.client_metrics else None
             except (KeyError, ValueError, TypeError) as err:
                 rejected += 1
                 log(WARNING, "drift: reply of node %d rejected: %s", node, err)
@@ -502,12 +416,12 @@ class DriftMeasurement:
                 row.update(client_row(drift, before[-1], self._round_local_steps.get(node, math.nan), self.drift_nonlinear))
                 rows.append(row)
             if gradient is not None:
-                grad_sum = _accumulate(grad_sum, gradient, drift.num_examples)
+                grad_sum = accumulate(grad_sum, gradient, drift.num_examples)
             del gradient
             release(reply)
         errors.log_repeats()
         if self.client_metrics:
-            self.client_rows[server_round] = sorted(rows, key=_client_order)
+            self.client_rows[server_round] = sorted(rows, key=client_order)
         mean_grad_sq = None
         if grad_sum is not None and len(drifts) > 0:
             total = float(sum(d.num_examples for d in drifts))
@@ -524,74 +438,6 @@ class DriftMeasurement:
         out["drift-rejected"] = rejected
         out["drift-seconds"] = time.perf_counter() - t0
         return out
-
-
-def _extract_update(msg: Message, layout: Mapping[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    content = msg.content
-    if len(array_records(content)) != 1 or len(metric_records(content)) != 1:
-        raise Rejected(
-            "malformed",
-            f"{len(array_records(content))} ArrayRecords and {len(metric_records(content))} MetricRecords, expected 1 and 1",
-        )
-    if layout is not None:
-        check_record_layout({name: type(record).__name__ for name, record in content.items()}, layout)
-    try:
-        params = arrays_to_params(next(iter(array_records(content).values())))
-    except Exception as err:  # unreadable bytes, unknown dtype, ...
-        raise Rejected("malformed", f"unreadable arrays: {type(err).__name__}: {err}") from err
-    return params, dict(next(iter(metric_records(content).values())))
-
-
-def _parse_drift_reply(
-    reply: Message, want_gradient: bool, reference: Mapping[str, np.ndarray]
-) -> tuple[ClientDrift, dict[str, np.ndarray] | None]:
-    metrics = next(iter(metric_records(reply.content).values()), None)
-    if metrics is None:
-        raise KeyError("drift reply has no MetricRecord")
-    drift = ClientDrift.from_metrics(metrics)
-    if drift.num_examples <= 0:
-        raise ValueError(f"num-examples={drift.num_examples}: expected a positive integer")
-    # NaN allowed: flips-init (W^0's patterns unknown) and nonlinear-fraction (to_metrics leaves a NaN one out:
-    # not measured, or ||Δg|| = 0 alone); an infinite fraction is still rejected
-    values = [v for k, v in drift.to_metrics().items() if k != "flips-init"]
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError("non-finite drift measurement")
-    gradient = None
-    if want_gradient:
-        if GRADIENT_RECORD_KEY not in array_records(reply.content):
-            raise KeyError(f"drift reply lacks the {GRADIENT_RECORD_KEY!r} ArrayRecord")
-        gradient = arrays_to_params(array_records(reply.content)[GRADIENT_RECORD_KEY])
-        if set(gradient) != set(reference) or any(gradient[k].shape != reference[k].shape for k in reference):
-            raise ValueError("gradient arrays do not match the model's parameters")
-        if not all(np.isfinite(g).all() for g in gradient.values()):
-            raise ValueError("non-finite gradient")
-    return drift, gradient
-
-
-def _client_order(row: Mapping[str, Any]) -> tuple[bool, int]:
-    """Per-client rows by client (partition) id, rows without one last by node id: a file independent of reply order."""
-    client = row.get("client")
-    return (client is None, int(client if client is not None else row.get("node", 0)))
-
-
-def _partition_id(reply: Message) -> int | None:
-    """The ``partition-id`` a drift reply reports (None without one, e.g. a node with its own data file)."""
-    metrics = next(iter(metric_records(reply.content).values()))
-    if wire.PARTITION_ID not in metrics:
-        return None
-    value = metrics[wire.PARTITION_ID]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"partition-id={value!r}: expected an integer >= 0")
-    return int(value)
-
-
-def _accumulate(acc: dict[str, np.ndarray] | None, grad: Mapping[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:
-    """``acc += weight * grad`` per name in float64 (``acc`` None: a new sum)."""
-    if acc is None:
-        acc = {k: np.zeros(np.shape(v), np.float64) for k, v in grad.items()}
-    for k, v in grad.items():
-        add_weighted(acc[k], v, weight)
-    return acc
 
 
 def round_summary(row: Mapping[str, Any]) -> str:

@@ -44,7 +44,7 @@ from fedavg_relu.flower.protocol import client_rows_from_lists
 from fedavg_relu.flower.records import array_records, arrays_to_params, metric_records, release
 from fedavg_relu.flower.streaming import node_of
 
-from .drift import ErrorTally, _client_order
+from .replies import ErrorTally, client_order
 from .fedavg import DriftFedAvg
 # sums a packed drift reply may legitimately carry as NaN (a zero gradient norm; unknown W^0 patterns)
 _NAN_ALLOWED = {"relative", "relative-max", "flips-init", "smoothness-max"}
@@ -201,7 +201,7 @@ class PackedFedAvg(DriftFedAvg):
             release(reply)
         errors.log_repeats()
         if self.client_metrics:
-            self.client_rows[server_round] = sorted(rows, key=_client_order)
+            self.client_rows[server_round] = sorted(rows, key=client_order)
         mean_grad_sq = None
         if grad_sum is not None and total.num_clients > 0:
             mean_grad_sq = float(sum(np.sum((g / total.num_examples) ** 2) for g in grad_sum.values()))

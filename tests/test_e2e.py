@@ -130,7 +130,7 @@ def test_faulty_clients_never_take_the_run_down(tmp_path):
 def test_dead_ray_actor_stops_the_run_with_a_clear_message(tmp_path):
     """An actor process that dies in round 2 (os._exit) stops the run with a message naming it; round 1 is checkpointed."""
     from fedavg_relu.runtime.simulation import simulate
-    from strategies.drift import RunAborted
+    from strategies.replies import RunAborted
 
     def die_in_round_2(message, context, call_next):
         if message.metadata.message_type == "train" and message.content["config"]["server-round"] == 2:

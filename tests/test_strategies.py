@@ -334,14 +334,14 @@ def _drift_reply(metrics: dict) -> Message:
 def test_drift_reply_nonlinear_fraction_may_be_absent_or_nan_but_not_infinite():
     """No fraction or a NaN one parses (NaN: not measured / ||Δg|| = 0 alone); +inf is rejected as non-finite."""
     from fedavg_relu.core.metrics import ClientDrift
-    from strategies.drift import _parse_drift_reply
+    from strategies.replies import parse_drift_reply
 
     base = ClientDrift(5, 1.0, 0.5, 2.0, 1.5, 0.3, 0.2, 0.1, 0.0).to_metrics()
-    assert math.isnan(_parse_drift_reply(_drift_reply(base), False, {})[0].nonlinear_fraction)
-    assert math.isnan(_parse_drift_reply(_drift_reply(dict(base, **{"nonlinear-fraction": math.nan})), False, {})[0].nonlinear_fraction)
-    assert _parse_drift_reply(_drift_reply(dict(base, **{"nonlinear-fraction": 0.25})), False, {})[0].nonlinear_fraction == 0.25
+    assert math.isnan(parse_drift_reply(_drift_reply(base), False, {})[0].nonlinear_fraction)
+    assert math.isnan(parse_drift_reply(_drift_reply(dict(base, **{"nonlinear-fraction": math.nan})), False, {})[0].nonlinear_fraction)
+    assert parse_drift_reply(_drift_reply(dict(base, **{"nonlinear-fraction": 0.25})), False, {})[0].nonlinear_fraction == 0.25
     with pytest.raises(ValueError, match="non-finite"):
-        _parse_drift_reply(_drift_reply(dict(base, **{"nonlinear-fraction": math.inf})), False, {})
+        parse_drift_reply(_drift_reply(dict(base, **{"nonlinear-fraction": math.inf})), False, {})
 
 
 def test_drift_messages_carry_the_switches_and_rows_name_the_partition():
