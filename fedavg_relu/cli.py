@@ -17,6 +17,9 @@
     Compare strategies on the same partitions and seeds (:mod:`fedavg_relu.experiments.compare`).
 ``fedavg-relu plot SWEEP_DIR``
     Draw the theory figures from a sweep's tables (:mod:`fedavg_relu.experiments.plots`).
+
+Why this module is longer than most: every subcommand's argument parsing lives here on
+purpose, so the library modules below hold no command-line glue.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ for FedAvg and FedProx each valid update is folded into a float64 running sum
 server holds the replies in flight, not one model per client. Strategies whose
 rule needs every update at once (FedMedian, Krum, the adaptive ones, ...) get the
 list of valid replies as before.
+
+Why this module is longer than most: the mixin is one class whose methods are the steps
+of a round (configure, screen, average, measure, checkpoint); the reply readers it uses
+are already apart in :mod:`strategies.replies`.
 """
 
 from __future__ import annotations

@@ -303,3 +303,17 @@ def test_every_relative_link_points_to_an_existing_file_and_heading(page):
         elif fragment and file.suffix == ".md" and fragment not in anchors(file):
             broken.append(f"{target} (no heading #{fragment} in {file.name})")
     assert not broken, f"{page.relative_to(ROOT)}: broken links: {broken}"
+
+
+@pytest.mark.parametrize("name, min_figures", [("01_local_sgd_theory.ipynb", 7), ("02_compare_strategies.ipynb", 2)])
+def test_notebooks_are_committed_with_their_small_mode_outputs(name, min_figures):
+    """The saved notebooks show their results without running anything (scripts/execute_notebooks.py
+    writes them): every code cell ran, in order, none raised, the figures are PNG outputs, and the
+    parameters are small mode's. tests/test_notebooks.py and tests/test_compare.py execute fresh copies."""
+    nb = json.loads((ROOT / "notebooks" / name).read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1))
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o["output_type"] == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= min_figures
+    assert 'MODE = "small"' in "".join(code[0]["source"])

@@ -28,6 +28,10 @@ average (the server reports ``lockstep-nodes``, the number of cohorts the
 figures were pooled over, so a reader can tell).
 
 This module does not import flwr.
+
+Why this module is longer than most: it is the math behind one pair of message types (a
+cohort's train and drift), from sampling to the drift sums and the lockstep per-step
+metrics.
 """
 
 from __future__ import annotations

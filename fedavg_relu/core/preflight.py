@@ -29,6 +29,10 @@ Every problem is one ``key=value: ... expected ...`` line of one
 :class:`~fedavg_relu.core.config.ConfigError`.
 
 This module does not import flwr.
+
+Why this module is longer than most: each check is short, but there is one per thing the
+server can know before a run (the partitioner replayed, shapes, data files, the hub),
+and they share the error wording.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ that a band never crosses zero.
 Matplotlib's object API with the Agg canvas is used throughout (no pyplot, no
 global backend change), so the module works the same in scripts, tests and
 notebooks. This module does not import flwr.
+
+Why this module is longer than most: one function per theory figure, all drawn in one
+shared style that would otherwise be scattered.
 """
 
 from __future__ import annotations

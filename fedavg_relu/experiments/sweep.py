@@ -60,6 +60,10 @@ simulation engine), which costs ~15-20 s of start-up per cell on 2 cores.
 
 This module imports flwr only when cells run (the engines, and the quieting of
 Flower's logger); expanding, checking and tabulating a sweep does not.
+
+Why this module is longer than most: one sweep's whole life, from the TOML file to the
+cells, their resumable runs and the tidy tables, so a reader can follow a cell from file
+to table in one place.
 """
 
 from __future__ import annotations

@@ -50,6 +50,9 @@ checks them too):
 
 :data:`fast_path_counts` counts, in this process, how often each fast path ran, so a
 test of a real simulation can tell that none of them silently fell back.
+
+Why this module is longer than most: every use of a Flower internal is here on purpose:
+one module to read when Flower changes.
 """
 
 from __future__ import annotations

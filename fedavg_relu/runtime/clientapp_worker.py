@@ -35,6 +35,10 @@ ServerApp counts the client as failed instead of waiting for ``round-timeout``. 
 process then ends with ``os._exit``: unloading torch and flwr at interpreter exit takes
 seconds. Whatever happens, the process is gone :data:`EXIT_GRACE` seconds after the
 signal; a second signal ends it at once.
+
+Why this module is longer than most: it mirrors the loop of Flower's own `flwr-
+clientapp` process step by step, kept together so the two can be read side by side when
+Flower changes.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ The ServerApp side of a deployment is :mod:`fedavg_relu.flower.reply_deadline`: 
 whose upload never finishes (its SuperNode died mid-upload) costs at most
 ``round-timeout`` instead of Flower's 180 s object-push session (see
 ``docs/deployment.md``).
+
+Why this module is longer than most: it is one deployment's lifecycle (SuperLink, keys,
+SuperNodes, the run, the teardown by PID), in the order the README gives an operator.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ folder in their command line, plus the descendants seen while the run was
 going) and stops them by PID. :func:`raise_on_signals` turns SIGINT/SIGTERM
 into :class:`RunInterrupted`, so that a caller can stop all of it and exit
 128 + signal number without a traceback.
+
+Why this module is longer than most: it is one lifecycle, a `flwr run` in an isolated
+FLWR_HOME: ports, process groups, streaming the log, signals, the final status.
 """
 
 from __future__ import annotations
