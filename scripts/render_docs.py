@@ -487,10 +487,26 @@ def render_memory_table(root: Path, args: Mapping[str, str]) -> str:
     body = []
     for r in rows:
         secs = r.get("round-seconds") or []
+        load = r.get("loadavg")
         body.append([r["path"], r["clients"], f"{r['peak-pss-gib']:.2f}", f"{r['peak-rss-gib']:.2f}",
-                     f"{secs[-1]:.1f}" if secs else "—", r.get("rounds", 0), r.get("status", "")])
+                     f"{secs[-1]:.1f}" if secs else "—", r.get("rounds", 0), r.get("status", ""),
+                     f"{load[0]:.1f}" if load else "—"])
     return (f"{caption}\n\n" if caption else "") + table(
-        ["path", "clients", "peak PSS GiB", "peak RSS GiB", "s per round (last round)", "rounds done", "status"], body)
+        ["path", "clients", "peak PSS GiB", "peak RSS GiB", "s per round (last round)", "rounds done", "status",
+         "load at end (1 min)"], body)
+
+
+def render_deploy_stop(root: Path, args: Mapping[str, str]) -> str:
+    """SIGTERM to exit of a worker and a SuperNode (``benchmarks/deploy_latency.py stop --json FILE``)."""
+    path = args.get("file", "benchmarks/results/deploy/stop.json")
+    if not (root / path).exists():
+        return _missing(path, f"python benchmarks/deploy_latency.py stop --json {path}")
+    stop = _json(root, path).get("stop", {})
+    labels = {"worker-idle": "ClientApp worker, idle (torch loaded)",
+              "worker-busy": "ClientApp worker, 1 s into a long train task (abandoned, reported failed)",
+              "supernode": "SuperNode (Flower's own handler)"}
+    rows = [[label, f"{stop[key][0]:.2f}", stop[key][1]] for key, label in labels.items() if key in stop]
+    return table(["process, state", "seconds from SIGTERM to exit", "exit code"], rows)
 
 
 def render_drift_overhead(root: Path, args: Mapping[str, str]) -> str:
@@ -707,6 +723,7 @@ RENDERERS: dict[str, Renderer] = {
     "scale-workloads": Renderer(render_scale_workloads, "DIR/scale.json for each of dirs=a,b,..."),
     "scale-targets": Renderer(render_scale_targets, "DIR/scale.json"),
     "memory-table": Renderer(render_memory_table, "benchmarks/results/memory/memory.json (file=)"),
+    "deploy-stop": Renderer(render_deploy_stop, "benchmarks/results/deploy/stop.json (file=)"),
     "drift-overhead": Renderer(render_drift_overhead, "benchmarks/results/drift_overhead.json (file=)"),
     "strategies-comparison": Renderer(render_strategies_comparison, "results/strategies/comparison.csv, compare/strategies.toml"),
     "strategies-summary": Renderer(render_strategies_summary, "results/strategies/comparison.csv"),

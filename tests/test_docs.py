@@ -136,14 +136,26 @@ def test_memory_table_renders_memory_py_rows(tmp_path):
     folder.mkdir(parents=True)
     rows = [
         {"path": "packed", "clients": 50, "peak-pss-gib": 1.234, "peak-rss-gib": 2.0, "round-seconds": [30.0, 12.04],
-         "rounds": 2, "status": "completed"},
+         "rounds": 2, "status": "completed", "loadavg": [2.46, 2.1, 1.9]},
         {"path": "standard", "clients": 50, "peak-pss-gib": 9.5, "peak-rss-gib": 11.25, "status": "failed"},
     ]
     (folder / "memory.json").write_text(json.dumps({"meta": {"width": 8192}, "rows": rows}))
     out = render_docs.render_memory_table(tmp_path, {})
     assert out.startswith("width=8192\n\n| path | clients |")
-    assert "| packed | 50 | 1.23 | 2.00 | 12.0 | 2 | completed |" in out
-    assert "| standard | 50 | 9.50 | 11.25 | — | 0 | failed |" in out
+    assert "| packed | 50 | 1.23 | 2.00 | 12.0 | 2 | completed | 2.5 |" in out
+    assert "| standard | 50 | 9.50 | 11.25 | — | 0 | failed | — |" in out
+
+
+def test_deploy_stop_renders_deploy_latency_rows(tmp_path):
+    """deploy_latency.py stop's JSON ([seconds, exit code] per process) becomes one row each, 2 decimals; a
+    missing file gives the command that makes it."""
+    assert "deploy_latency.py stop --json" in render_docs.render_deploy_stop(tmp_path, {})
+    folder = tmp_path / "benchmarks" / "results" / "deploy"
+    folder.mkdir(parents=True)
+    (folder / "stop.json").write_text(json.dumps({"stop": {"worker-idle": [0.1349, -15], "supernode": [2.8, 0]}}))
+    out = render_docs.render_deploy_stop(tmp_path, {})
+    assert "| ClientApp worker, idle (torch loaded) | 0.13 | -15 |" in out
+    assert "| SuperNode (Flower's own handler) | 2.80 | 0 |" in out and "long train task" not in out
 
 
 def test_drift_overhead_renders_drift_overhead_py_rows(tmp_path):

@@ -85,22 +85,23 @@ def _status(env, output: str) -> str:
 
 
 def test_plain_flwr_run_completes_the_default_run(plain_flower, tmp_path):
-    """`flwr run .` with Flower's 2 default SuperNodes and the app's defaults (10 clients, 10 rounds):
-    the 10 clients are packed 5 per node, every round trains and measures all 10, the run ends
-    finished:completed with summary.json completed, and the console has one line per round."""
+    """`flwr run .` with Flower's 2 default SuperNodes and the app's defaults (10 clients, width 2048, ...),
+    3 rounds as in the issue's command (`--run-config "num-server-rounds=3"`; the default 10 only adds
+    identical rounds): the 10 clients are packed 5 per node, every round trains and measures all 10,
+    the run ends finished:completed with summary.json completed, and the console has one line per round."""
     out = tmp_path / "runs"
-    proc, _ = _flwr_run(plain_flower, {"output-dir": str(out), "run-name": "default"})
+    proc, _ = _flwr_run(plain_flower, {"output-dir": str(out), "run-name": "default", "num-server-rounds": 3})
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert _status(plain_flower, output) == "finished:completed", output[-3000:]
     rows = read_metrics(out / "default")
-    assert [r["round"] for r in rows] == list(range(11))
+    assert [r["round"] for r in rows] == list(range(4))
     assert all(r["clients-trained"] == 10 and r["clients-measured"] == 10 for r in rows[1:])
     assert read_summary(out / "default")["status"] == "completed"
     config = json.loads((out / "default" / "config.json").read_text())
     assert config["config"]["clients-per-node"] == 5
     round_lines = [line for line in output.splitlines() if "round " in line and "test-acc" in line]
-    assert len(round_lines) == 11  # rounds 0 (W^0) to 10
+    assert len(round_lines) == 4  # rounds 0 (W^0) to 3
     assert "Aggregated MetricRecord" not in output  # Flower's per-round dump stays out of the console
 
 
