@@ -28,7 +28,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fedavg_relu.flower import protocol as wire
 from fedavg_relu.core.config import RunConfig
 from fedavg_relu.core.packed import measure_cohort_drift, node_clients, train_cohort
-from fedavg_relu.flower.protocol import client_row_lists
+from fedavg_relu.flower.client_table import client_row_lists
 from fedavg_relu.flower.records import arrays_to_params, config_records, params_to_arrays
 
 from .node import local_store, run_config, settings_from

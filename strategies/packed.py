@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 
 from fedavg_relu.flower import protocol as wire
 from fedavg_relu.core.packed import DriftSums, lockstep_metrics, lockstep_sums_from_metrics, sample_clients, summarize_drift_sums
-from fedavg_relu.flower.protocol import client_rows_from_lists
+from fedavg_relu.flower.client_table import client_rows_from_lists
 from fedavg_relu.flower.records import array_records, arrays_to_params, metric_records, release
 from fedavg_relu.flower.streaming import node_of
 

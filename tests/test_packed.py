@@ -109,7 +109,7 @@ def test_nonlinear_sums_equal_summarize_drift_and_leave_out_nan():
 def test_client_row_lists_round_trip():
     """client_row_lists -> client_rows_from_lists gives the same rows; a list of the wrong length is refused."""
     from fedavg_relu.core.metrics import client_row
-    from fedavg_relu.flower.protocol import client_row_lists, client_rows_from_lists
+    from fedavg_relu.flower.client_table import client_row_lists, client_rows_from_lists
 
     drifts = [_drift(10, 1.0, 0.5, 2.0), _drift(30, 2.0, 1.0, 4.0)]
     values = client_row_lists([7, 9], drifts, [1.5, 2.5], [3, 4], False)

@@ -377,7 +377,7 @@ def test_packed_drift_sums_without_any_fraction_are_valid_and_bad_rows_are_rejec
     """nonlinear-max = -inf passes while nonlinear-examples = 0 (nothing measured), not otherwise; rows of the wrong count are refused."""
     from fedavg_relu.core.metrics import ClientDrift
     from fedavg_relu.core.packed import DriftSums
-    from fedavg_relu.flower.protocol import client_row_lists
+    from fedavg_relu.flower.client_table import client_row_lists
     from strategies.packed import PackedFedAvg
 
     strategy = PackedFedAvg()
