@@ -24,9 +24,11 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 def execute(path: Path) -> float:
     """Run every cell of ``path`` in small mode and write it back with its outputs; return seconds."""
     import nbformat
+    import nbformat.validator
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
+    nb = nbformat.from_dict(nbformat.validator.normalize(nb)[1])  # gives new cells their ids
     t0 = time.perf_counter()
     NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     nbformat.write(nb, path)

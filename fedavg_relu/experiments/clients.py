@@ -1,0 +1,114 @@
+"""Per-client drift in a sweep: who drifts, by width, and who makes the mean.
+
+Every run folder of a sweep holds ``clients.csv`` (one row per round and client,
+:func:`fedavg_relu.core.metrics.client_row`'s columns). These functions gather the
+rows of a sweep's cells, say how much of the round's mean drift each client makes,
+and draw the distribution by width. Notebook 01's per-client section uses them.
+
+The round's mean relative drift is p-weighted, ``D = sum_k p_k d_k`` with
+``p_k = n_k / sum_j n_j`` (``relative-gradient-drift-mean`` in ``metrics.jsonl``);
+client k's share of it is ``p_k d_k / D``. The shares of a round add up to 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .plots import config_caption, new_figure
+
+#: The cell columns copied onto every client row (what a figure or table groups by).
+CELL_COLUMNS = ("group", "cell-id", "width", "seed", "partitioner", "dirichlet-alpha", "num-partitions", "local-steps")
+
+
+def read_client_tables(sweep_dir: str | Path, cells: pd.DataFrame) -> pd.DataFrame:
+    """Every cell's ``clients.csv`` under ``sweep_dir`` (``cells``' ``run-dir``), with the cell's columns.
+
+    A cell without a per-client table (``client-metrics=false``, or a run folder
+    not kept) contributes no rows. Raises ``FileNotFoundError`` when no cell has one.
+    """
+    frames = []
+    for _, cell in cells.iterrows():
+        path = Path(sweep_dir) / str(cell["run-dir"]) / "clients.csv"
+        if not path.exists():
+            continue
+        frame = pd.read_csv(path)
+        for column in CELL_COLUMNS:
+            if column in cell:
+                frame[column] = cell[column]
+        frames.append(frame)
+    if not frames:
+        raise FileNotFoundError(f"no clients.csv under {sweep_dir}/runs: run the sweep with client-metrics=true")
+    return pd.concat(frames, ignore_index=True)
+
+
+def drift_shares(clients: pd.DataFrame, column: str = "relative-gradient-drift") -> pd.DataFrame:
+    """``clients`` plus ``p`` (n_k / sum n_j in its round) and ``share`` (p_k d_k / sum_j p_j d_j) of ``column``.
+
+    Rows are grouped by (cell, round). A round whose clients all have zero drift
+    gets NaN shares (nobody makes a zero mean).
+    """
+    out = clients.copy()
+    keys = ["cell-id", "round"]
+    n = out["num-examples"].astype(float)
+    out["p"] = n / n.groupby([out[k] for k in keys]).transform("sum")
+    weighted = out["p"] * out[column].astype(float)
+    total = weighted.groupby([out[k] for k in keys]).transform("sum")
+    out["share"] = weighted / total.where(total > 0)
+    return out
+
+
+def dominant_clients(shares: pd.DataFrame, by: Sequence[str] = ("width",)) -> pd.DataFrame:
+    """For each value of ``by``: the client with the largest share of the mean drift, over all rounds and seeds.
+
+    Columns: ``by``, ``client``, ``share`` (its mean share over the rounds),
+    ``p`` (its mean data share), ``drift/mean`` (its mean drift over the round's
+    p-weighted mean), and ``top-share`` (how often it had the largest share of a round).
+    """
+    rows = []
+    for key, frame in shares.groupby(list(by)):
+        per_client = frame.groupby("client").agg(share=("share", "mean"), p=("p", "mean"))
+        per_client["drift/mean"] = per_client["share"] / per_client["p"]
+        tops = frame.loc[frame.groupby(["cell-id", "round"])["share"].idxmax(), "client"]
+        top = per_client["share"].idxmax()
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
+        row.update(client=int(top), share=float(per_client.loc[top, "share"]), p=float(per_client.loc[top, "p"]),
+                   **{"drift/mean": float(per_client.loc[top, "drift/mean"]), "top-share": float((tops == top).mean())})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_client_drift_by_width(clients: pd.DataFrame, cells: pd.DataFrame, title: str,
+                               column: str = "relative-gradient-drift") -> Figure:
+    """Left: each client's ``column`` over rounds and seeds, by width (a box per width, client means as
+    points, log scale). Right: each client's mean share of the round's mean drift, by width.
+
+    The title names the configuration of ``cells`` (the cells the rows come from).
+    """
+    shares = drift_shares(clients, column)
+    widths = sorted(shares["width"].unique())
+    fig, (left, right) = new_figure(ncols=2, width=5.4, height=4.2)
+    data = [shares.loc[shares["width"] == w, column].to_numpy(float) for w in widths]
+    left.boxplot(data, positions=range(len(widths)), widths=0.5, showfliers=False)
+    for i, w in enumerate(widths):
+        means = shares[shares["width"] == w].groupby("client")[column].mean()
+        left.scatter(np.full(len(means), i) + np.linspace(-0.15, 0.15, len(means)), means, s=14, zorder=3)
+    left.set_xticks(range(len(widths)), [str(int(w)) for w in widths])
+    left.set_yscale("log")
+    left.set_xlabel("width m")
+    left.set_ylabel("relative drift ‖Δ∇f_k‖ / ‖∇f_k(W̄)‖ per client")
+    per = shares.groupby(["width", "client"])["share"].mean().unstack("client")
+    bottom = np.zeros(len(per))
+    for client in per.columns:
+        right.bar(range(len(per)), per[client].to_numpy(), bottom=bottom, label=f"client {client}")
+        bottom += per[client].to_numpy()
+    right.set_xticks(range(len(per)), [str(int(w)) for w in per.index])
+    right.set_xlabel("width m")
+    right.set_ylabel("share of the round's mean drift (p_k d_k / Σ p_j d_j)")
+    right.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"{title}\n{config_caption(cells, width=int(fig.get_figwidth() * 14))}", fontsize=8.5)
+    return fig
