@@ -48,6 +48,9 @@ def run_config(path: str, clients: int, args: argparse.Namespace, out: str) -> d
         "model-family": "paper", "width": args.width, "depth": 1, "local-steps": args.local_steps,
         "num-server-rounds": args.rounds, "drift-metrics": True, "gradient-dissimilarity": True,
         "save-model": False, "checkpoint-every": 0, "output-dir": out, "run-name": f"{path}-{clients}", "seed": 0,
+        # every client must be waited for: with the default 600 s, a slow round counts the clients still
+        # training as failed (a packed node trains them all in one message)
+        "round-timeout": args.round_timeout,
     }
     if path == "packed":
         cfg["clients-per-node"] = max(2, clients)
@@ -135,7 +138,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--partitioner", default="dirichlet")
     parser.add_argument("--alpha", type=float, default=0.3)
-    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per (path, clients) run")
+    parser.add_argument("--round-timeout", type=float, default=7200.0, help="the runs' round-timeout")
     # reading smaps_rollup of multi-GB processes is kernel work: every 0.25 s it took 80% of a core
     # from the measured run; the peaks at this width last seconds (a 268 MB model is being moved)
     parser.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples")
@@ -146,7 +150,8 @@ def main() -> None:
         return
     tmp = Path(tempfile.mkdtemp(prefix="fr-mem-"))
     rows: list[dict] = []
-    meta = {"width": args.width, "local-steps": args.local_steps, "rounds": args.rounds, "partitioner": args.partitioner,
+    meta = {"width": args.width, "local-steps": args.local_steps, "rounds": args.rounds, "round-timeout": args.round_timeout,
+            "partitioner": args.partitioner,
             "dirichlet-alpha": args.alpha, "dataset": "digits", "model-family": "paper", "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d"), "memory-gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB}
     try:
