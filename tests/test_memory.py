@@ -119,3 +119,50 @@ def test_streaming_grid_collects_what_a_careless_consumer_leaves(limit, survivor
     del reply
     assert sum(ref() is not None for ref in refs) == survivors
     assert grid.budget.collections == (0 if survivors else 3)
+
+
+class _SlowGrid:
+    """Replies are stored when `deliver` is called; `pull_messages` hands out (and forgets) the stored
+    replies of the ids asked for, as Flower's in-memory LinkState does."""
+
+    pull_interval = 0.0
+
+    def __init__(self):
+        self.count = 0
+        self.sent = {}
+        self.store = {}
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{self.count}"
+            self.sent[f"m{self.count}"] = msg
+            ids.append(f"m{self.count}")
+            self.count += 1
+        return ids
+
+    def deliver(self, message_id):
+        reply = _reply()
+        reply.metadata.__dict__["_reply_to_message_id"] = message_id
+        self.store[message_id] = reply
+
+    def pull_messages(self, ids):
+        return [self.store.pop(i) for i in list(ids) if i in self.store]
+
+
+def test_a_reply_after_its_exchange_timed_out_is_pulled_and_dropped_by_the_next_one():
+    """Exchange 1 (message m0) times out with no reply. m0's reply then arrives, and would stay in the
+    store for the rest of the run. Exchange 2 (m1) pulls it with its own: it yields only m1's reply,
+    the late one is counted and its arrays freed, and the store is empty."""
+    grid = _SlowGrid()
+    streaming = StreamingGrid(grid)
+    assert list(streaming.send_and_receive([Message(RecordDict(), dst_node_id=2, message_type="train")], timeout=0.05)) == []
+    assert streaming.abandoned == {"m0"}
+    grid.deliver("m0")
+    late = grid.store["m0"]
+    stream = streaming.send_and_receive([Message(RecordDict(), dst_node_id=3, message_type="train")], timeout=5)
+    grid.deliver("m1")
+    replies = list(stream)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m1"]
+    assert streaming.late_replies == 1 and streaming.abandoned == set() and grid.store == {}
+    assert len(late.content["arrays"]) == 0  # released

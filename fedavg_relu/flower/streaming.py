@@ -15,7 +15,8 @@ Every reply read leaves behind, until Python's cyclic collector runs, whatever
 reference cycles its readers made (Flower's own ``RecordDict.array_records`` makes
 one per call, see :mod:`fedavg_relu.flower.records`); the grid runs the collector after
 every 512 MB of replies (:class:`fedavg_relu.flower.records.GarbageBudget`), so such
-garbage is bounded too.
+garbage is bounded too. A reply that arrives after its exchange timed out is pulled by
+the next exchange and dropped, so slow clients do not leave models in Flower's store.
 
 A grid that already yields replies lazily (``yields_replies = True``, e.g.
 :class:`fedavg_relu.runtime.local_grid.LocalGrid`) is used as it is.
@@ -30,7 +31,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedavg_relu.flower import seam
-from fedavg_relu.flower.records import GarbageBudget, array_bytes
+from fedavg_relu.flower.records import GarbageBudget, array_bytes, release
 
 #: Seconds between two pulls while nothing arrived, for grids that do not say (Flower's HTTP grid: 3 s).
 DEFAULT_PULL_INTERVAL = 0.1
@@ -49,6 +50,10 @@ class StreamingGrid:
         self._dst: dict[str, int] = {}
         #: collects the reference cycles that reading replies leaves (fedavg_relu.flower.records)
         self.budget = budget if budget is not None else GarbageBudget()
+        #: ids of messages whose exchange timed out before their reply came (see :meth:`_stream`)
+        self.abandoned: set[str] = set()
+        #: late replies to those, pulled and dropped so far
+        self.late_replies = 0
 
     @property
     def inner(self) -> Grid:
@@ -71,7 +76,8 @@ class StreamingGrid:
         interval = seam.pull_interval(self._grid, DEFAULT_PULL_INTERVAL)
         end = None if timeout is None else time.monotonic() + timeout
         while pending and (end is None or time.monotonic() < end):
-            replies = list(self._grid.pull_messages(pending))
+            replies = list(self._grid.pull_messages(pending | self.abandoned))
+            replies = [r for r in replies if not self._drop_late(r)]
             arrived = len(replies)
             for reply in replies:
                 pending.discard(str(reply.metadata.reply_to_message_id))
@@ -83,6 +89,20 @@ class StreamingGrid:
                 self.budget.spend(nbytes)
             if pending and not arrived:
                 time.sleep(interval)
+        # A reply that comes after its exchange timed out would stay in the grid's store (Flower's
+        # in-memory LinkState keeps it until someone pulls it): one model per slow client, for the
+        # rest of the run. The next exchanges also ask for these ids and drop what arrives.
+        self.abandoned |= pending
+
+    def _drop_late(self, reply: Message) -> bool:
+        """True (and the reply's arrays freed) when ``reply`` answers a message of an exchange that timed out."""
+        message_id = str(reply.metadata.reply_to_message_id)
+        if message_id not in self.abandoned:
+            return False
+        self.abandoned.discard(message_id)
+        self.late_replies += 1
+        release(reply)
+        return True
 
     def node_of(self, reply: Message) -> int:
         """The node ``reply`` is about (the destination of the message it answers)."""
