@@ -47,11 +47,14 @@ def test_theory_notebook_runs_in_small_mode(tmp_path, monkeypatch):
     assert all(v in ("agrees", "disagrees") for v in verdicts.values()), verdicts  # each one measured
     figures = sorted(p.name for p in (tmp_path / "sweep" / "figures").glob("*.png"))
     assert "fig1_loss_vs_round.png" in figures and "fig6_central_gap_vs_width.png" in figures
-    # fig1-4, fig6, fig5 at two learning rates, and fig7 (ntk-change is recorded by default);
-    # fig4b needs drift-nonlinear, which the small sweep leaves off
+    # fig1-4, fig6, fig5 at two learning rates, fig7 (ntk-change is recorded by default) and the
+    # per-client section's fig8; fig4b needs drift-nonlinear, which the small sweep leaves off
     assert figures == sorted([
         "fig1_loss_vs_round.png", "fig2_distance_vs_width.png", "fig3_flips_vs_width.png",
         "fig4_drift_smoothness_vs_width.png", "fig5_tau_tradeoff_lr0.1.png", "fig5_tau_tradeoff_lr1.png",
-        "fig6_central_gap_vs_width.png", "fig7_ntk_change_vs_width.png",
+        "fig6_central_gap_vs_width.png", "fig7_ntk_change_vs_width.png", "fig8_client_drift_by_width.png",
     ]), figures
+    # the per-client section: the dominant client's table, one row per width of the non-iid group
+    assert "top-share" in "".join(
+        str(out.get("data", {}).get("text/plain", "")) for c in nb.cells if c.cell_type == "code" for out in c.get("outputs", []))
     assert (tmp_path / "sweep" / "metrics.csv").stat().st_size > 0
