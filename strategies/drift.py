@@ -47,7 +47,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedavg_relu.core.metrics import ClientDrift, client_row, distances_from_init, summarize_drift
 from fedavg_relu.flower import protocol as wire
-from fedavg_relu.flower.records import arrays_to_params, release
+from fedavg_relu.flower.records import array_records, arrays_to_params, metric_records, release
 from fedavg_relu.flower.seam import is_worker_lost, uses_flower_metric_average
 from fedavg_relu.flower.streaming import StreamingGrid, node_of
 from fedavg_relu.flower.validation import REASONS, OutlierGate, OutlierRules, Rejected, UpdateRules, check_update, update_norm
@@ -308,6 +308,41 @@ class DriftMeasurement:
             merged[key] = value
         self.round_metrics[server_round] = dict(merged)
         return arrays, merged
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The parent's evaluation average over the well-formed replies only.
+
+        The registry's strategies sample no node for Flower's evaluate phase (clients report
+        their loss in the drift exchange), but a strategy built directly (e.g. ``DriftFedAvg()``,
+        Flower's default ``fraction_evaluate=1.0``) runs it. A reply is kept when it has no
+        error, exactly one MetricRecord with a positive integer ``num-examples`` (within
+        ``max-num-examples``), finite numbers as values, no ArrayRecord, and the same keys as
+        the first kept reply; a malformed reply is logged and dropped, where Flower's own
+        average would end the run (``InconsistentMessageReplies``).
+        """
+        server_round += self.round_offset
+        kept: list[Message] = []
+        keys: set[str] | None = None
+        for msg in replies:
+            if msg.has_error():
+                continue
+            records = metric_records(msg.content)
+            metrics = dict(next(iter(records.values()))) if len(records) == 1 else None
+            n = metrics.get(wire.NUM_EXAMPLES) if metrics else None
+            ok = (
+                metrics is not None
+                and not array_records(msg.content)
+                and isinstance(n, (int, float)) and not isinstance(n, bool)
+                and float(n).is_integer() and 1 <= n <= self.update_rules.max_num_examples
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in metrics.values())
+                and (keys is None or set(metrics) == keys)
+            )
+            if not ok:
+                log(WARNING, "evaluate reply of node %d dropped: malformed", node_of(self._drift_grid, msg))
+                continue
+            keys = keys or set(metrics)
+            kept.append(msg)
+        return super().aggregate_evaluate(server_round, kept) if kept else None  # type: ignore[misc]
 
     # --- checkpoints ----------------------------------------------------------
     checkpoint_attrs: tuple[str, ...] = ()  # the strategy's own state, e.g. server momentum

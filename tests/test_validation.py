@@ -169,3 +169,23 @@ def test_valid_update_passes_and_returns_weight():
     """A clean update returns its num-examples; an integral float weight is accepted as that integer."""
     assert check_update(GLOBAL, GOOD_METRICS, RULES) == 10
     assert check_update(GLOBAL, dict(GOOD_METRICS, **{"num-examples": 7.0}), RULES) == 7
+
+
+def test_evaluate_replies_are_screened_before_flowers_average():
+    """A directly built DriftFedAvg runs Flower's evaluate phase. Kept: n=10 with loss 0.5 and n=30 with
+    loss 0.1, so the weighted mean is (10*0.5 + 30*0.1) / 40 = 0.2. Dropped, where Flower's average would
+    end the run or be wrecked: an error reply, a reply carrying arrays, num-examples 0, and keys other than
+    the first kept reply's. With only the first three bad ones, nothing is left: None."""
+    from flwr.app import Error
+
+    strategy = _strategy()
+    good = [_message(1, RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 0.5})})),
+            _message(2, RecordDict({"metrics": MetricRecord({"num-examples": 30, "loss": 0.1})}))]
+    request = Message(content=RecordDict(), dst_node_id=3, message_type="evaluate")
+    bad = [Message(Error(0, "boom"), reply_to=request),
+           _message(4, _content(GLOBAL, {"num-examples": 10, "loss": 0.5})),
+           _message(5, RecordDict({"metrics": MetricRecord({"num-examples": 0, "loss": 0.5})})),
+           _message(6, RecordDict({"metrics": MetricRecord({"num-examples": 10, "accuracy": 0.9})}))]
+    result = strategy.aggregate_evaluate(1, good[:1] + bad + good[1:])
+    assert result["loss"] == pytest.approx(0.2)
+    assert strategy.aggregate_evaluate(1, bad[:3]) is None
