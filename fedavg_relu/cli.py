@@ -59,10 +59,22 @@ def app_defaults(app_dir: Path) -> dict[str, Any]:
 
 
 def parse_overrides(text: list[str] | None) -> dict[str, Any]:
-    """``key=value ...`` strings parsed exactly as ``flwr run --run-config`` parses them."""
+    """``key=value ...`` strings parsed exactly as ``flwr run --run-config`` parses them.
+
+    Raises :class:`ConfigError` naming the string and the expected form when Flower's
+    parser refuses it (most often a string value without quotes).
+    """
     from fedavg_relu.flower.seam import parse_config_args
 
-    return dict(parse_config_args(text or None))
+    try:
+        return dict(parse_config_args(text or None))
+    except Exception as err:  # flwr raises click.ClickException; a future parser may raise ValueError
+        given = " ".join(text or [])
+        raise ConfigError([
+            f"--run-config {given!r}: not KEY=VALUE pairs as flwr run reads them; expected e.g. "
+            "'num-server-rounds=3 partitioner=\"dirichlet\" dirichlet-alpha=0.3' (string values in double quotes). "
+            f"Flower's parser said: {getattr(err, 'message', err)}"
+        ]) from None
 
 
 def resolve(app_dir: Path, overrides: dict[str, Any]) -> RunConfig:
@@ -85,13 +97,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _preflight(cfg: RunConfig) -> None:
-    """:func:`fedavg_relu.core.preflight.check_run` when that module exists (raises :class:`ConfigError`)."""
-    try:
-        from fedavg_relu.core.preflight import check_run
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.preflight":
-            raise
-        return
+    """:func:`fedavg_relu.core.preflight.check_run` (raises :class:`ConfigError`)."""
+    from fedavg_relu.core.preflight import check_run
+
     check_run(cfg)
 
 
@@ -221,7 +229,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fedavg_relu.core.results import resolve_run_dir
 
     app_dir = Path(args.app).resolve() if args.app else find_app_dir()
-    overrides = parse_overrides(args.run_config)
+    try:
+        overrides = parse_overrides(args.run_config)
+    except ConfigError as err:
+        print(f"fedavg-relu: {err}", file=sys.stderr)
+        return 2
     if args.verbose:
         overrides["verbose"] = True
     user_overrides = dict(overrides)

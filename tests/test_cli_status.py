@@ -265,3 +265,15 @@ def test_sigint_stops_every_process_and_says_how_to_resume(tmp_path):
     assert "resume=true" in output.splitlines()[-1] and 'run-name="sig"' in output.splitlines()[-1]
     assert read_summary(runs / "sig")["status"] == "interrupted"
     assert left == set(), f"still alive: {left}"
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_malformed_run_config_string_exits_2_naming_it_without_a_traceback(command, capsys):
+    """`partitioner=dirichlet` (a string without quotes) is refused by flwr's parser: exit 2 before
+    anything starts, one problem line that quotes the string and shows the quoted form, no traceback."""
+    from fedavg_relu.cli import main
+
+    assert main([command, "--app", APP_DIR, "-c", "partitioner=dirichlet"]) == 2
+    err = capsys.readouterr().err
+    assert "--run-config 'partitioner=dirichlet'" in err and 'partitioner=\\"dirichlet\\"' not in err
+    assert 'partitioner="dirichlet"' in err and "Traceback" not in err
