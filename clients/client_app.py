@@ -16,6 +16,8 @@ the same round has used it.
 
 from __future__ import annotations
 
+import warnings
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -25,6 +27,10 @@ from fedavg_relu.core.task import client_data, measure_drift, node_seed_id, trai
 
 from .node import local_store, run_config, settings_from
 from .packed_app import cohort, packed_drift, packed_train
+
+# torch 2.13 warns once per worker that `torch.jit.script` is deprecated when a library it calls uses it
+# (seen in every Ray actor's first round): two lines of console noise per actor, nothing to act on here.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
 
 MEASURED_LOSS_KEY = "measured-loss"  # node state: f_k at the model of the last drift exchange
 SCAFFOLD_SLOT = "scaffold-control"  # on-disk slot of SCAFFOLD's c_k, kept across rounds
