@@ -92,6 +92,8 @@ def measure(path: str, clients: int, args: argparse.Namespace, tmp: Path) -> dic
             pass
         proc.wait()
     row = {"path": path, "clients": clients, "peak-pss-gib": peak["pss"] / GIB, "peak-rss-gib": peak["rss"] / GIB,
+           # PSS by kind: process memory, shared memory (Ray's object store), mapped files (spilled models)
+           **{f"peak-{k}-gib": peak.get(k, 0.0) / GIB for k in ("pss-anon", "pss-shmem", "pss-file")},
            "wall-seconds": time.perf_counter() - t0,
            # the machine's load at the end (1, 5, 15 min): above the run's own ~2, something else competed
            "loadavg": [round(x, 2) for x in os.getloadavg()]}

@@ -212,21 +212,30 @@ def _tree(root: int) -> list[int]:
 
 def _memory(pids: list[int]) -> tuple[float, float]:
     """Sum of PSS and of RSS (bytes) over ``pids``."""
-    pss = rss = 0.0
+    parts = memory_parts(pids)
+    return parts["pss"], parts["rss"]
+
+
+def memory_parts(pids: list[int]) -> dict[str, float]:
+    """Sums over ``pids`` (bytes): ``pss``, ``rss``, and PSS split into ``pss-anon`` (process memory),
+    ``pss-shmem`` (shared memory, e.g. Ray's object store) and ``pss-file`` (mapped files, e.g. spilled
+    models: page cache the kernel can write back and reclaim)."""
+    fields = {"Pss:": "pss", "Rss:": "rss", "Pss_Anon:": "pss-anon", "Pss_File:": "pss-file", "Pss_Shmem:": "pss-shmem"}
+    out = dict.fromkeys(fields.values(), 0.0)
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-                elif line.startswith("Rss:"):
-                    rss += int(line.split()[1]) * 1024
+                key = fields.get(line.split(maxsplit=1)[0]) if line else None
+                if key:
+                    out[key] += int(line.split()[1]) * 1024
         except (OSError, ValueError):
             continue
-    return pss, rss
+    return out
 
 
 class PeakSampler:
-    """Samples the summed PSS and RSS of ``pid``'s process tree every ``every`` s in a thread; keeps the peaks."""
+    """Samples the summed PSS and RSS of ``pid``'s process tree every ``every`` s in a thread; keeps the peaks
+    (each of :func:`memory_parts`' sums on its own: the peaks of the parts need not coincide)."""
 
     def __init__(self, pid: int, every: float = 0.25) -> None:
         self.pid, self.every = pid, every
@@ -236,8 +245,9 @@ class PeakSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pss, rss = _memory(_tree(self.pid))
-            self.peak["pss"], self.peak["rss"] = max(self.peak["pss"], pss), max(self.peak["rss"], rss)
+            parts = memory_parts(_tree(self.pid))
+            for key, value in parts.items():
+                self.peak[key] = max(self.peak.get(key, 0.0), value)
             self._stop.wait(self.every)
 
     def __enter__(self) -> PeakSampler:

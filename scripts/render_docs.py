@@ -477,23 +477,29 @@ def _missing(path: str, command: str) -> str:
 
 
 def render_memory_table(root: Path, args: Mapping[str, str]) -> str:
-    """Peak memory and round time by number of clients (``benchmarks/results/memory/memory.json``)."""
+    """Peak memory and round time by number of clients (``benchmarks/results/memory/memory.json``).
+
+    Rows measured with the PSS split (process memory, shared memory, mapped files) show it.
+    """
     path = args.get("file", "benchmarks/results/memory/memory.json")
     if not (root / path).exists():
         return _missing(path, "python benchmarks/memory.py")
     data = _json(root, path)
     meta, rows = data.get("meta", {}), data.get("rows", [])
-    caption = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("memory-gib",))
+    caption = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("memory-gib", "note"))
+    split = any("peak-pss-anon-gib" in r for r in rows)
     body = []
     for r in rows:
         secs = r.get("round-seconds") or []
         load = r.get("loadavg")
-        body.append([r["path"], r["clients"], f"{r['peak-pss-gib']:.2f}", f"{r['peak-rss-gib']:.2f}",
+        parts = [f"{r[k]:.2f}" if k in r else "—" for k in ("peak-pss-anon-gib", "peak-pss-shmem-gib", "peak-pss-file-gib")]
+        body.append([r["path"], r["clients"], f"{r['peak-pss-gib']:.2f}", *(parts if split else []), f"{r['peak-rss-gib']:.2f}",
                      f"{secs[-1]:.1f}" if secs else "—", r.get("rounds", 0), r.get("status", ""),
                      f"{load[0]:.1f}" if load else "—"])
-    return (f"{caption}\n\n" if caption else "") + table(
-        ["path", "clients", "peak PSS GiB", "peak RSS GiB", "s per round (last round)", "rounds done", "status",
-         "load at end (1 min)"], body)
+    head = ["path", "clients", "peak PSS GiB", *(["of it: process", "shared (Ray store)", "mapped files"] if split else []),
+            "peak RSS GiB", "s per round (last round)", "rounds done", "status", "load at end (1 min)"]
+    note = f"\n\n{meta['note']}" if meta.get("note") else ""
+    return (f"{caption}\n\n" if caption else "") + table(head, body) + note
 
 
 def render_deploy_stop(root: Path, args: Mapping[str, str]) -> str:

@@ -329,3 +329,21 @@ def test_notebooks_are_committed_with_their_small_mode_outputs(name, min_figures
     assert not [o for o in outputs if o["output_type"] == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= min_figures
     assert 'MODE = "small"' in "".join(code[0]["source"])
+
+
+def test_memory_table_shows_the_pss_split_when_measured(tmp_path):
+    """Rows with peak-pss-anon/-shmem/-file get three more columns (2 decimals); a row without them shows
+    "—" there; meta's note is printed under the table, not in the caption."""
+    folder = tmp_path / "benchmarks" / "results" / "memory"
+    folder.mkdir(parents=True)
+    rows = [
+        {"path": "packed", "clients": 40, "peak-pss-gib": 2.234, "peak-rss-gib": 2.81, "peak-pss-anon-gib": 1.494,
+         "peak-pss-shmem-gib": 0.05, "peak-pss-file-gib": 0.716, "round-seconds": [54.8], "rounds": 1, "status": "completed"},
+        {"path": "standard", "clients": 10, "peak-pss-gib": 2.4, "peak-rss-gib": 3.27, "rounds": 1, "status": "completed"},
+    ]
+    (folder / "memory.json").write_text(json.dumps({"meta": {"width": 2048, "note": "why"}, "rows": rows}))
+    out = render_docs.render_memory_table(tmp_path, {})
+    assert "| of it: process | shared (Ray store) | mapped files |" in out
+    assert "| packed | 40 | 2.23 | 1.49 | 0.05 | 0.72 | 2.81 | 54.8 | 1 | completed | — |" in out
+    assert "| standard | 10 | 2.40 | — | — | — | 3.27 | — | 1 | completed | — |" in out
+    assert out.startswith("width=2048\n\n") and out.endswith("\n\nwhy")
