@@ -76,8 +76,10 @@ class StreamingGrid:
         interval = seam.pull_interval(self._grid, DEFAULT_PULL_INTERVAL)
         end = None if timeout is None else time.monotonic() + timeout
         while pending and (end is None or time.monotonic() < end):
-            replies = list(self._grid.pull_messages(pending | self.abandoned))
-            replies = [r for r in replies if not self._drop_late(r)]
+            if self.abandoned:  # a pull of their own: a grid with deadlines (deployments) gives each pull one
+                for late in self._grid.pull_messages(set(self.abandoned)):
+                    self._drop_late(late)
+            replies = [r for r in self._grid.pull_messages(pending) if not self._drop_late(r)]
             arrived = len(replies)
             for reply in replies:
                 pending.discard(str(reply.metadata.reply_to_message_id))
