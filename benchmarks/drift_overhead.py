@@ -1,16 +1,25 @@
-"""What the drift measurement costs: round time with ``drift-metrics`` on vs off.
+"""What the measurements cost: round time with each of them on, against all of them off.
 
 Runs the project's ServerApp logic, strategy and ClientApp handlers on an
 in-process grid (:class:`fedavg_relu.runtime.local_grid.LocalGrid`: no Ray, so Flower's
-transport cost does not blur the comparison), alternating the two settings
-``--repeats`` times, and reports the median seconds per round (rounds >= 1)
-and their ratio, measured in one run. The drift exchange costs two full-data
-gradients and one forward pass per client, which is why its share falls as the
-local work (tau x batch) grows: the script also runs the full-batch case.
+transport cost does not blur the comparison). Four settings, run in turn
+``--repeats`` times so that a change in the machine's load hits them alike:
+
+- ``off``: ``drift-metrics=false``, ``ntk-probe-size=0`` (plain FedAvg);
+- ``drift``: the drift exchange (two full-data gradients and one forward pass
+  per client after aggregation);
+- ``drift+nonlinear``: the drift exchange with ``drift-nonlinear=true`` (one
+  jvp and one vjp more per client);
+- ``ntk``: the server's NTK change on a probe of ``ntk-probe-size=64``
+  held-out examples, drift off.
+
+It reports the median seconds per round (rounds >= 1) of each setting and its
+ratio to ``off``, measured in one run. The drift exchange's share falls as the
+local work (tau x batch) grows, which is why there are two cases.
 
 Usage::
 
-    python benchmarks/drift_overhead.py [--width 2048] [--rounds 4] [--repeats 3]
+    python benchmarks/drift_overhead.py [--width 2048] [--rounds 4] [--repeats 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -54,26 +63,40 @@ def main() -> None:
         "minibatch (tau=5, batch=32)": {"local-steps": 5, "batch-size": 32},
         "full batch (tau=5)": {"local-steps": 5, "batch-size": 0},
     }
+    settings = {
+        "off": {"drift-metrics": False, "ntk-probe-size": 0},
+        "drift": {"drift-metrics": True, "ntk-probe-size": 0},
+        "drift+nonlinear": {"drift-metrics": True, "drift-nonlinear": True, "ntk-probe-size": 0},
+        "ntk": {"drift-metrics": False, "ntk-probe-size": 64},
+    }
     table = []
     for name, extra in cases.items():
-        times = {True: [], False: []}
+        times: dict[str, list[float]] = {s: [] for s in settings}
         for rep in range(args.repeats):
-            for drift in (False, True):
+            for setting, keys in settings.items():
                 cfg = {
                     "dataset": "digits", "num-partitions": 10, "width": args.width, "num-server-rounds": args.rounds,
-                    "drift-metrics": drift, "output-dir": out_root, "run-name": f"{rep}-{drift}-{len(table)}",
-                    "save-model": False, **extra,
+                    "output-dir": out_root, "run-name": f"{rep}-{setting}-{len(table)}", "save-model": False,
+                    **keys, **extra,
                 }
-                times[drift].append(round_seconds(cfg))
-        off, on = statistics.median(times[False]), statistics.median(times[True])
-        table.append({"case": name, "round-s-drift-off": off, "round-s-drift-on": on, "ratio": on / off})
+                times[setting].append(round_seconds(cfg))
+        seconds = {s: statistics.median(v) for s, v in times.items()}
+        table.append({"case": name, "round-seconds": seconds,
+                      "ratio-to-off": {s: v / seconds["off"] for s, v in seconds.items()},
+                      "all-seconds": times})
     print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"digits, 10 clients, paper m={args.width}, {args.rounds} rounds x {args.repeats} repeats, in process")
-    print(f"{'case':32s} {'drift off s/round':>18s} {'drift on s/round':>17s} {'on/off':>7s}")
+    print(f"{'case':30s} " + " ".join(f"{s:>22s}" for s in settings))
     for row in table:
-        print(f"{row['case']:32s} {row['round-s-drift-off']:18.3f} {row['round-s-drift-on']:17.3f} {row['ratio']:7.2f}")
+        print(f"{row['case']:30s} " + " ".join(
+            f"{row['round-seconds'][s]:10.3f} s ({row['ratio-to-off'][s]:5.2f}x)" for s in settings))
     if args.out:
-        Path(args.out).write_text(json.dumps(table, indent=2) + "\n")
+        meta = {"width": args.width, "rounds": args.rounds, "repeats": args.repeats, "cpus": os.cpu_count(),
+                "torch-threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
+                "workload": "digits, 10 clients, paper family, in-process grid", "settings": settings}
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "rows": table}, indent=2) + "\n")
+        tmp.replace(args.out)
 
 
 if __name__ == "__main__":

@@ -516,13 +516,20 @@ def render_deploy_stop(root: Path, args: Mapping[str, str]) -> str:
 
 
 def render_drift_overhead(root: Path, args: Mapping[str, str]) -> str:
-    """Round time with the drift exchange off and on (``benchmarks/drift_overhead.py --out FILE``)."""
+    """Seconds per round with each measurement on, and the ratio to all off (``benchmarks/drift_overhead.py --out FILE``)."""
     path = args.get("file", "benchmarks/results/drift_overhead.json")
     if not (root / path).exists():
         return _missing(path, f"python benchmarks/drift_overhead.py --out {path}")
-    rows = _json(root, path)
-    return table(["case", "drift off s/round", "drift on s/round", "on/off"],
-                 [[r["case"], f"{r['round-s-drift-off']:.3f}", f"{r['round-s-drift-on']:.3f}", f"{r['ratio']:.2f}"] for r in rows])
+    data = _json(root, path)
+    settings = list(data["meta"]["settings"])
+    header = ["case"] + [f"{s} s/round (× off)" if s != "off" else "off s/round" for s in settings]
+    body = [[r["case"]] + [f"{r['round-seconds'][s]:.3f}" + (f" ({r['ratio-to-off'][s]:.2f}×)" if s != "off" else "")
+                           for s in settings] for r in data["rows"]]
+    meta = data["meta"]
+    note = (f"\n\n*{meta['workload']}, width {meta['width']}, {meta['rounds']} rounds × {meta['repeats']} repeats per "
+            f"setting, medians of rounds ≥ 1; {meta['cpus']} CPUs, {meta['torch-threads']} torch threads, "
+            f"load average {meta['loadavg'][0]:.1f} at the end.*")
+    return table(header, body) + note
 
 
 # --- results/strategies: the strategy comparison -----------------------------------------
