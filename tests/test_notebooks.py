@@ -21,7 +21,7 @@ def _set_parameters(nb, **values) -> None:
 
 
 def test_theory_notebook_runs_in_small_mode(tmp_path, monkeypatch):
-    """Small mode runs the whole small sweep into a fresh folder; no cell errors, six measured verdicts, figures drawn."""
+    """Small mode runs the whole small sweep into a fresh folder; no cell errors, seven measured verdicts, figures drawn."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -43,15 +43,16 @@ def test_theory_notebook_runs_in_small_mode(tmp_path, monkeypatch):
     printed = re.search(r"\{1: '.*?'\}", summary)  # the summary cell prints {n: verdict} of every prediction
     assert printed is not None, summary[-2000:]
     verdicts = ast.literal_eval(printed.group(0))
-    assert set(range(1, 7)) <= set(verdicts)  # predictions 1-6 (and any added later)
+    assert set(verdicts) == set(range(1, 8))  # predictions 1-6, and 7 (the small sweep records ntk-change)
     assert all(v in ("agrees", "disagrees") for v in verdicts.values()), verdicts  # each one measured
     figures = sorted(p.name for p in (tmp_path / "sweep" / "figures").glob("*.png"))
     assert "fig1_loss_vs_round.png" in figures and "fig6_central_gap_vs_width.png" in figures
-    # fig1-4, fig6, fig5 at two learning rates, fig7 (ntk-change is recorded by default) and the
-    # per-client section's fig8; fig4b needs drift-nonlinear, which the small sweep leaves off
+    # fig1-4, fig4b (the small sweep sets drift-nonlinear), fig6, fig5 at two learning rates, fig7
+    # (ntk-change is recorded by default) and the per-client section's fig8
     assert figures == sorted([
         "fig1_loss_vs_round.png", "fig2_distance_vs_width.png", "fig3_flips_vs_width.png",
-        "fig4_drift_smoothness_vs_width.png", "fig5_tau_tradeoff_lr0.1.png", "fig5_tau_tradeoff_lr1.png",
+        "fig4_drift_smoothness_vs_width.png", "fig4b_nonlinear_drift_vs_width.png",
+        "fig5_tau_tradeoff_lr0.1.png", "fig5_tau_tradeoff_lr1.png",
         "fig6_central_gap_vs_width.png", "fig7_ntk_change_vs_width.png", "fig8_client_drift_by_width.png",
     ]), figures
     # the per-client section: the dominant client's table, one row per width of the non-iid group
