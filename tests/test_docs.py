@@ -159,13 +159,20 @@ def test_deploy_stop_renders_deploy_latency_rows(tmp_path):
 
 
 def test_drift_overhead_renders_drift_overhead_py_rows(tmp_path):
-    """drift_overhead.py's JSON (case, round-s-drift-off/-on, ratio) becomes one row per case, 3 and 2 decimals."""
+    """drift_overhead.py's JSON (meta with the settings, one row per case) becomes one row per case: seconds
+    with 3 decimals, each setting's ratio to ``off`` with 2 (1.9598 / 1.3041 = 1.5028 -> 1.50), and a line
+    that names the workload and the load."""
     folder = tmp_path / "benchmarks" / "results"
     folder.mkdir(parents=True)
-    (folder / "drift_overhead.json").write_text(json.dumps(
-        [{"case": "full batch (tau=5)", "round-s-drift-off": 1.3041, "round-s-drift-on": 1.9598, "ratio": 1.5028}]))
+    meta = {"width": 2048, "rounds": 4, "repeats": 3, "cpus": 2, "torch-threads": 2, "loadavg": [1.25, 1.0, 1.0],
+            "workload": "digits, 10 clients", "settings": {"off": {}, "drift": {}}}
+    row = {"case": "full batch (tau=5)", "round-seconds": {"off": 1.3041, "drift": 1.9598},
+           "ratio-to-off": {"off": 1.0, "drift": 1.9598 / 1.3041}}
+    (folder / "drift_overhead.json").write_text(json.dumps({"meta": meta, "rows": [row]}))
     out = render_docs.render_drift_overhead(tmp_path, {})
-    assert "| full batch (tau=5) | 1.304 | 1.960 | 1.50 |" in out
+    assert "| case | off s/round | drift s/round (× off) |" in out
+    assert "| full batch (tau=5) | 1.304 | 1.960 (1.50×) |" in out
+    assert "digits, 10 clients, width 2048, 4 rounds × 3 repeats" in out and "load average 1.2" in out
 
 
 # --- the pages cover the code ------------------------------------------------------------
