@@ -430,7 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedavg-relu`` console script."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("FEDAVG_RELU_HOME", str(Path.cwd()))
-    code = int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, so that a reader that left is caught below and not at exit
+    except BrokenPipeError:  # e.g. `fedavg-relu sweep FILE --dry-run | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
     if argv is None and getattr(args, "fast_exit", False):
         # As the console script, after an interrupt: tearing down flwr's imports takes seconds on a busy
         # machine (measured 6.6 s at load 10); every output is already written and flushed.

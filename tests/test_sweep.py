@@ -201,3 +201,20 @@ def test_cli_sweep_reports_config_errors(tmp_path, capsys):
     path.write_text('[base]\nwidht = 8\n')
     assert main(["sweep", str(path), "--output-dir", str(tmp_path / "o")]) == 2
     assert "widht=8: unknown key" in capsys.readouterr().err
+
+
+def test_cli_dry_run_into_a_closed_pipe_exits_0_without_a_traceback(tmp_path):
+    """`fedavg-relu sweep F --dry-run | head -1`: the reader leaves before the listing is written, so the
+    write fails with EPIPE. The command exits 0 and prints no traceback (before: BrokenPipeError, exit 1)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.toml"
+    path.write_text('[sweep]\nname = "p"\noutput-dir = "out"\n[base]\ndataset = "synthetic"\n'
+                    '[[grid]]\ngroup = "g"\nseed = [' + ", ".join(str(i) for i in range(40)) + "]\n")
+    proc = subprocess.Popen([sys.executable, "-m", "fedavg_relu.cli", "sweep", str(path), "--dry-run"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
