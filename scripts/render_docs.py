@@ -488,15 +488,18 @@ def render_memory_table(root: Path, args: Mapping[str, str]) -> str:
     meta, rows = data.get("meta", {}), data.get("rows", [])
     caption = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("memory-gib", "note"))
     split = any("peak-pss-anon-gib" in r for r in rows)
+    alpha = any("dirichlet-alpha" in r for r in rows)  # rows that differ in α carry their own
     body = []
     for r in rows:
         secs = r.get("round-seconds") or []
         load = r.get("loadavg")
         parts = [f"{r[k]:.2f}" if k in r else "—" for k in ("peak-pss-anon-gib", "peak-pss-shmem-gib", "peak-pss-file-gib")]
-        body.append([r["path"], r["clients"], f"{r['peak-pss-gib']:.2f}", *(parts if split else []), f"{r['peak-rss-gib']:.2f}",
+        body.append([r["path"], r["clients"], *([f"{r['dirichlet-alpha']:g}" if "dirichlet-alpha" in r else "—"] if alpha else []),
+                     f"{r['peak-pss-gib']:.2f}", *(parts if split else []), f"{r['peak-rss-gib']:.2f}",
                      f"{secs[-1]:.1f}" if secs else "—", r.get("rounds", 0), r.get("status", ""),
                      f"{load[0]:.1f}" if load else "—"])
-    head = ["path", "clients", "peak PSS GiB", *(["of it: process", "shared (Ray store)", "mapped files"] if split else []),
+    head = ["path", "clients", *(["Dirichlet α"] if alpha else []), "peak PSS GiB",
+            *(["of it: process", "shared (Ray store)", "mapped files"] if split else []),
             "peak RSS GiB", "s per round (last round)", "rounds done", "status", "load at end (1 min)"]
     note = f"\n\n{meta['note']}" if meta.get("note") else ""
     return (f"{caption}\n\n" if caption else "") + table(head, body) + note

@@ -354,3 +354,8 @@ def test_memory_table_shows_the_pss_split_when_measured(tmp_path):
     assert "| packed | 40 | 2.23 | 1.49 | 0.05 | 0.72 | 2.81 | 54.8 | 1 | completed | — |" in out
     assert "| standard | 10 | 2.40 | — | — | — | 3.27 | — | 1 | completed | — |" in out
     assert out.startswith("width=2048\n\n") and out.endswith("\n\nwhy")
+    rows[1]["dirichlet-alpha"] = 0.5  # a row measured at another α shows it in a column of its own
+    (folder / "memory.json").write_text(json.dumps({"meta": {"width": 2048}, "rows": rows}))
+    out = render_docs.render_memory_table(tmp_path, {})
+    assert "| path | clients | Dirichlet α | peak PSS GiB |" in out
+    assert "| packed | 40 | — | 2.23 |" in out and "| standard | 10 | 0.5 | 2.40 |" in out

@@ -87,6 +87,23 @@ def test_invalid_cells_are_reported_with_their_values(tmp_path):
     assert "[main: width=-1]" in str(err.value)
 
 
+def test_central_baseline_without_saved_models_is_refused(tmp_path):
+    """The centralized baseline compares a cell's final model (model.pt) with centralized GD: a sweep
+    that asks for it on cells with save-model=false is refused, naming the group, the key and the fix.
+    Before, those cells silently got no baseline and prediction 6 read "not measured". Cells of groups
+    left out of central-baseline may have save-model=false; the grid may set it per group."""
+    data = {"sweep": {"central-baseline": ["skewed"]}, "base": {"dataset": "synthetic", "save-model": False},
+            "grid": [{"group": "plain", "width": [4]}, {"group": "skewed", "width": [8, 16]}]}
+    with pytest.raises(ConfigError) as err:
+        expand_grid(parse_sweep(data, output_dir=tmp_path))
+    assert len(err.value.problems) == 2  # widths 8 and 16 of "skewed"; "plain" is fine
+    assert all(p.startswith("[skewed") and "save-model=false" in p and "expected save-model = true" in p
+               for p in err.value.problems), err.value.problems
+    data["grid"][1]["save-model"] = [True]
+    cells = expand_grid(parse_sweep(data, output_dir=tmp_path))
+    assert [(c.groups, c.config.save_model) for c in cells] == [(("plain",), False), (("skewed",), True), (("skewed",), True)]
+
+
 def test_load_sweep_reads_toml_and_resolves_relative_output(tmp_path, monkeypatch):
     """A relative sweep.output-dir resolves under $FEDAVG_RELU_HOME; the name defaults to the file's stem."""
     monkeypatch.setenv("FEDAVG_RELU_HOME", str(tmp_path))
