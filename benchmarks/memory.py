@@ -101,13 +101,20 @@ def measure(path: str, clients: int, args: argparse.Namespace, tmp: Path) -> dic
         row.update(status="failed", error=(err or "")[-1500:])
         return row
     rows = [r for r in json.loads(result.read_text()) if r["round"] >= 1]
+    # completed: every round trained AND measured every client (a round whose drift exchange failed is not the
+    # workload the table describes, even though the run itself completed)
+    whole = all(r.get("clients-trained") == clients and r.get("clients-measured") == clients for r in rows)
     row.update(
-        status="completed" if len(rows) == args.rounds and all(r.get("clients-trained") == clients for r in rows) else "incomplete",
+        status="completed" if len(rows) == args.rounds and whole else "incomplete",
         rounds=len(rows),
         **{"round-seconds": [float(r["seconds"]) for r in rows],
            "clients-trained": [r.get("clients-trained") for r in rows],
-           "clients-measured": [r.get("clients-measured") for r in rows]},
+           "clients-measured": [r.get("clients-measured") for r in rows],
+           "clients-unmeasured": [r.get("clients-unmeasured") for r in rows],
+           "drift-rejected": [r.get("drift-rejected") for r in rows]},
     )
+    if row["status"] != "completed":
+        row["error"] = (err or "")[-1500:]  # the ServerApp's warnings and errors (flwr logs at WARNING here)
     return row
 
 
