@@ -123,7 +123,7 @@ def packed_drift(msg: Message, context: Context) -> Message:
     try:
         nonlinear = bool(config.get(wire.DRIFT_NONLINEAR, False))
         sums, grad_sum, drifts = measure_cohort_drift(
-            cfg, ids, store.load(server_round), list(kept["loss-before"]), arrays_to_params(msg.content[wire.ARRAYS]),
+            cfg, ids, store.load(server_round, writable=False), list(kept["loss-before"]), arrays_to_params(msg.content[wire.ARRAYS]),
             bool(config.get(wire.RETURN_GRADIENT, False)), nonlinear=nonlinear,
         )
     finally:

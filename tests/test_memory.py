@@ -10,6 +10,7 @@ reference cycle that Flower's ``RecordDict.array_records`` leaves. After: 2.12 G
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 
 import numpy as np
@@ -166,3 +167,36 @@ def test_a_reply_after_its_exchange_timed_out_is_pulled_and_dropped_by_the_next_
     assert [r.metadata.reply_to_message_id for r in replies] == ["m1"]
     assert streaming.late_replies == 1 and streaming.abandoned == set() and grid.store == {}
     assert len(late.content["arrays"]) == 0  # released
+
+
+def test_a_cohort_stack_larger_than_memory_is_mapped_read_only(tmp_path):
+    """Packed mode's drift handler maps the cohort's stacked W_k (K x the model) from disk. At width 8192 with
+    100 clients that is 27 GB on a 24 GB machine: copy-on-write (``writable=True``, a private writable mapping)
+    counts the whole file against the kernel's commit limit and failed with ENOMEM (every client unmeasured,
+    found by benchmarks/memory.py). ``writable=False`` maps it read-only: it works and reads pages on demand.
+
+    The stack here is a sparse file of twice the machine's memory (no disk used); under the kernel's default
+    heuristic overcommit (vm.overcommit_memory = 0) the writable mapping must fail, which shows the case is real.
+    """
+    import errno
+
+    from fedavg_relu.core.spill import LocalModelStore
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    clients = 2 * memory // (1024 * 1024) + 1  # float32 rows of 1024 x 256 = 1 MiB: > 2x the memory
+    store = LocalModelStore(run_id=1, node_id=2, root=tmp_path)
+    stack = store.allocate(3, {"hidden.0.weight": ((clients, 1024, 256), np.float32)})
+    stack["hidden.0.weight"][clients - 1, 0, :4] = [1.0, 2.0, 3.0, 4.0]  # one page written, the rest sparse
+    store.commit(3, stack)
+    del stack
+    kept = store.load(3, writable=False)["hidden.0.weight"]
+    assert kept.shape == (clients, 1024, 256) and not kept.flags.writeable
+    assert kept[clients - 1, 0, :4].tolist() == [1.0, 2.0, 3.0, 4.0] and kept[0, 0, 0] == 0.0
+    chunk = np.asarray(kept)[[0, clients - 1]]  # what the cohort code does: a copy of the chunk, writable
+    assert chunk.flags.writeable and chunk[1, 0, 3] == 4.0
+    with open("/proc/sys/vm/overcommit_memory") as fh:
+        heuristic = fh.read().strip() == "0"
+    if heuristic:
+        with pytest.raises(OSError) as err:
+            store.load(3, writable=True)
+        assert err.value.errno == errno.ENOMEM

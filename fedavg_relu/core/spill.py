@@ -90,8 +90,15 @@ class LocalModelStore:
         """True when round ``server_round``'s model is kept."""
         return self._round_dir(server_round).is_dir()
 
-    def load(self, server_round: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Round ``server_round``'s model, memory-mapped copy-on-write (pages are read as they are used; writes stay in memory).
+    def load(self, server_round: int, names: list[str] | None = None, writable: bool = True) -> dict[str, np.ndarray]:
+        """Round ``server_round``'s model, memory-mapped: pages are read as they are used.
+
+        ``writable=True`` maps copy-on-write (writes stay in memory), which torch needs to
+        wrap an array without a copy. A private writable mapping counts in full against the
+        kernel's commit limit, though: a packed cohort's stack larger than the machine's
+        memory (100 clients x 268 MB at width 8192 on a 24 GB machine) failed to map with
+        ENOMEM. ``writable=False`` maps it read-only, which costs only the pages read; the
+        cohort code copies each chunk it reads.
 
         Raises ``FileNotFoundError`` when this node kept nothing for that round.
         """
@@ -100,7 +107,8 @@ class LocalModelStore:
             raise FileNotFoundError(f"no local model kept for round {server_round} in {self.node_dir}")
         files = {p.stem.replace("%2F", "/"): p for p in folder.glob("*.npy")}
         wanted = names if names is not None else sorted(files)
-        return {name: np.load(files[name], mmap_mode="c", allow_pickle=False) for name in wanted}
+        mode = "c" if writable else "r"
+        return {name: np.load(files[name], mmap_mode=mode, allow_pickle=False) for name in wanted}
 
 
 def remove_run(run_id: int, root: Path | None = None) -> None:
