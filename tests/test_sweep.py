@@ -155,6 +155,14 @@ def test_run_resume_and_tables(tmp_path):
     third = run_sweep(spec, progress=False)
     assert third.ran == [broken.cell_id] and third.skipped == [cells[0].cell_id]
 
+    # a clone of the repository has the run folders' tables but no model files (*.pt are not committed):
+    # a cell whose centralized comparison is cached is still finished; without that cache it is not
+    kept = cells[0]
+    (kept.run_dir / "model.pt").unlink()
+    assert is_complete(kept)
+    (kept.run_dir / "central.json").unlink()
+    assert not is_complete(kept)
+
 
 def test_changed_configuration_is_not_taken_for_finished(tmp_path):
     """A finished folder whose config.json says width 32 is not this width-16 cell: it is rerun."""

@@ -244,6 +244,7 @@ def _at_least_a_decade(ax) -> None:
 
 def _title(fig: Figure, what: str, table: pd.DataFrame, vary: Sequence[str] = ()) -> None:
     chars = int(fig.get_figwidth() * 14)  # ~14 characters per inch at 8.5 pt
+    what = textwrap.fill(what, width=chars)  # a long title wraps instead of running off the figure
     fig.suptitle(f"{what}\n{config_caption(table, vary, width=chars)}", fontsize=8.5)
 
 
