@@ -256,7 +256,7 @@ def expand_grid(spec: SweepSpec) -> list[Cell]:
             cfg = dataclasses.replace(cfg, output_dir=str(runs_dir), run_name=cid)
             cells[cid] = Cell(cid, (group,), values, cfg, tuple(keys))
     for cell in cells.values():  # the baseline compares with the run's final model: without model.pt it cannot
-        if wants_central(spec, cell, need_model=False) and not cell.config.save_model:
+        if wants_central(spec, cell) and not cell.config.save_model:
             problems.append(f"[{', '.join(cell.groups)}: {describe(cell).split(': ', 1)[-1]}] save-model=false: "
                             "sweep.central-baseline compares each of its cells' final model (model.pt) with centralized GD; "
                             "expected save-model = true for these cells, or their groups left out of sweep.central-baseline")
@@ -324,15 +324,16 @@ def central_comparison(cell: Cell) -> dict[str, float]:
     return values
 
 
-def wants_central(spec: SweepSpec, cell: Cell, need_model: bool = True) -> bool:
-    """Whether the sweep asks for the centralized baseline of this cell (and, with ``need_model``, it saves its model).
+def wants_central(spec: SweepSpec, cell: Cell) -> bool:
+    """Whether the sweep asks for the centralized baseline of this cell.
 
-    :func:`expand_grid` refuses a sweep that asks for it on a cell with ``save-model=false``.
+    The baseline needs the cell's final model: :func:`expand_grid` refuses a sweep that asks
+    for it on a cell with ``save-model=false``.
     """
     wanted = spec.central_baseline
     if isinstance(wanted, tuple):
         wanted = any(g in wanted for g in cell.groups)
-    return bool(wanted) and (cell.config.save_model or not need_model)
+    return bool(wanted)
 
 
 @contextmanager
