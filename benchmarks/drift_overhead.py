@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedavg_relu.core.results import read_metrics  # noqa: E402
+from fedavg_relu.core.results import atomic_write_text, read_metrics  # noqa: E402
 from fedavg_relu.runtime.simulation import run_in_process  # noqa: E402
 
 
@@ -94,9 +94,7 @@ def main() -> None:
         meta = {"width": args.width, "rounds": args.rounds, "repeats": args.repeats, "cpus": os.cpu_count(),
                 "torch-threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
                 "workload": "digits, 10 clients, paper family, in-process grid", "settings": settings}
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"meta": meta, "rows": table}, indent=2) + "\n")
-        tmp.replace(args.out)
+        atomic_write_text(Path(args.out), json.dumps({"meta": meta, "rows": table}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

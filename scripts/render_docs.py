@@ -524,11 +524,11 @@ def render_drift_overhead(root: Path, args: Mapping[str, str]) -> str:
     if not (root / path).exists():
         return _missing(path, f"python benchmarks/drift_overhead.py --out {path}")
     data = _json(root, path)
-    settings = list(data["meta"]["settings"])
+    meta = data["meta"]
+    settings = list(meta["settings"])
     header = ["case"] + [f"{s} s/round (× off)" if s != "off" else "off s/round" for s in settings]
     body = [[r["case"]] + [f"{r['round-seconds'][s]:.3f}" + (f" ({r['ratio-to-off'][s]:.2f}×)" if s != "off" else "")
                            for s in settings] for r in data["rows"]]
-    meta = data["meta"]
     note = (f"\n\n*{meta['workload']}, width {meta['width']}, {meta['rounds']} rounds × {meta['repeats']} repeats per "
             f"setting, medians of rounds ≥ 1; {meta['cpus']} CPUs, {meta['torch-threads']} torch threads, "
             f"load average {meta['loadavg'][0]:.1f} at the end.*")
