@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import time
 import weakref
 
 import numpy as np
@@ -74,13 +73,11 @@ def test_fewer_nodes_than_clients_packs_them_with_the_same_result(tmp_path):
 
 
 def test_strategy_needing_one_node_per_client_stops_at_once_with_the_fix(tmp_path):
-    """FedProx with 6 clients on 3 nodes: ConfigError naming num-supernodes=6 within seconds, nothing sent."""
+    """FedProx with 6 clients on 3 nodes: ConfigError naming num-supernodes=6 before any message is sent."""
     cfg = RunConfig.from_mapping(dict(SMALL, **{"output-dir": str(tmp_path), "strategy": "fedprox"}))
     grid = LocalGrid(build_client_app(), 3, cfg.to_mapping())
-    t0 = time.monotonic()
     with pytest.raises(ConfigError, match='num-supernodes=6.*strategy=fedprox|strategy=fedprox.*num-supernodes=6'):
         run_experiment(grid, cfg)
-    assert time.monotonic() - t0 < 20
     assert grid.sent == []
 
 
