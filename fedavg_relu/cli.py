@@ -383,7 +383,7 @@ def _cmd_sweep(args) -> int:
 
 def add_plot_command(subparsers) -> None:
     """Add ``fedavg-relu plot SWEEP_DIR`` to the CLI's subparsers."""
-    p = subparsers.add_parser("plot", help="draw the theory figures from a sweep's tables")
+    p = subparsers.add_parser("plot", help="draw the theory figures (and the per-client figure, from the run folders) from a sweep's tables")
     p.add_argument("sweep_dir", help="a sweep's output folder (with metrics.csv and cells.csv)")
     p.add_argument("--out", default=None, help="figure folder (default: SWEEP_DIR/figures)")
     p.add_argument("--formats", default="png,pdf", help="comma-separated formats (default png,pdf)")
@@ -392,12 +392,15 @@ def add_plot_command(subparsers) -> None:
 
 
 def _cmd_plot(args) -> int:
+    from fedavg_relu.experiments.clients import client_figures
     from fedavg_relu.experiments.plots import theory_figures
     from fedavg_relu.experiments.sweep import read_tables
 
     metrics, cells = read_tables(args.sweep_dir)
     out = args.out or str(Path(args.sweep_dir) / "figures")
-    paths = theory_figures(metrics, cells, out, formats=tuple(args.formats.split(",")), dpi=args.dpi)
+    formats = tuple(args.formats.split(","))
+    paths = theory_figures(metrics, cells, out, formats=formats, dpi=args.dpi)
+    paths += client_figures(args.sweep_dir, cells, out, formats=formats, dpi=args.dpi)
     for path in paths:
         print(path)
     return 0 if paths else 1

@@ -55,3 +55,19 @@ def test_tables_are_read_from_the_run_folders_and_the_figure_names_the_configura
     assert title.startswith("Per-client drift") and "dirichlet-alpha=0.1" in title and "width ∈ {64, 128}" in title
     with pytest.raises(FileNotFoundError, match="client-metrics"):
         read_client_tables(tmp_path, cells.iloc[1:])
+
+
+def test_client_figure_is_drawn_for_the_skewed_group_only(tmp_path):
+    """fig8 from the non-iid cells' clients.csv (PNG written); a sweep without that group, or without any
+    per-client table, draws nothing rather than an empty figure."""
+    from fedavg_relu.experiments.clients import client_figures
+
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    _rows().drop(columns=["cell-id", "width"]).to_csv(tmp_path / "runs" / "a" / "clients.csv", index=False)
+    cells = pd.DataFrame({"cell-id": ["a", "b"], "run-dir": ["runs/a", "runs/b"], "width": [64, 128], "seed": 0,
+                          "group": ["non-iid", "width"]})
+    paths = client_figures(tmp_path, cells, tmp_path / "figs", formats=("png",), dpi=40)
+    assert [p.name for p in paths] == ["fig8_client_drift_by_width.png"] and paths[0].stat().st_size > 1000
+    assert client_figures(tmp_path, cells[cells["group"] == "width"], tmp_path / "none", formats=("png",)) == []
+    assert client_figures(tmp_path, cells.assign(**{"run-dir": "runs/missing"}), tmp_path / "none", formats=("png",)) == []
+    assert not (tmp_path / "none").exists()

@@ -112,3 +112,23 @@ def plot_client_drift_by_width(clients: pd.DataFrame, cells: pd.DataFrame, title
     right.legend(fontsize=7, loc="upper right")
     fig.suptitle(f"{title}\n{config_caption(cells, width=int(fig.get_figwidth() * 14))}", fontsize=8.5)
     return fig
+
+
+def client_figures(sweep_dir: str | Path, cells: pd.DataFrame, out_dir: str | Path,
+                   formats: Sequence[str] = ("png", "pdf"), dpi: int = 110, group: str = "non-iid") -> list[Path]:
+    """fig8: :func:`plot_client_drift_by_width` of ``group``'s cells into ``out_dir``; return the files.
+
+    Nothing (an empty list) when the sweep has no such group or none of its run
+    folders holds a ``clients.csv``.
+    """
+    from .plots import save_figure
+
+    skewed = cells[cells["group"] == group] if "group" in cells else cells.iloc[:0]
+    if not len(skewed):
+        return []
+    try:
+        clients = read_client_tables(sweep_dir, skewed)
+    except FileNotFoundError:
+        return []
+    fig = plot_client_drift_by_width(clients, skewed, "8. Per-client relative drift by width, Dirichlet label skew")
+    return save_figure(fig, Path(out_dir) / "fig8_client_drift_by_width", formats, dpi)
