@@ -634,15 +634,17 @@ PREDICTION_SHORT: dict[int, tuple[str, Callable[[Mapping[str, float]], str]]] = 
     2: ("‖W^R − W^0‖ falls like m^-1/2", lambda m: f"slope {m['slope']:+.3f}"),
     3: ("activation flips fall with width",
         lambda m: f"slopes {m['slope-init']:+.3f} (vs W^0), {m['slope-local']:+.3f} (W_k vs W^(r+1))"),
-    4: ("relative drift flat in m, smoothness ∝ m, η × smoothness bounded",
-        lambda m: f"slopes {m['slope-relative-drift']:+.3f}, {m['slope-smoothness']:+.3f}, {m['slope-smoothness-lr']:+.3f}"),
+    4: ("nonlinear drift falls with m; relative drift flat, smoothness ∝ m, η × smoothness bounded",
+        lambda m: "slopes " + ", ".join(f"{m[k]:+.3f}" for k in ("slope-nonlinear-fraction", "slope-relative-drift",
+                                                                   "slope-smoothness", "slope-smoothness-lr") if k in m)),
     5: ("more local steps: lower loss per round, drift grows", _tau_drift),
     6: ("non-IID: ‖W_fed − W_central‖ shrinks with m", lambda m: f"slope {m['slope-distance']:+.3f}"),
+    7: ("the tangent kernel's change falls like m^-1/2", lambda m: f"slope {m['slope']:+.3f}"),
 }
 
 
 def render_predictions(root: Path, args: Mapping[str, str]) -> str:
-    """The six checks of ``fedavg_relu.experiments.predictions`` on a sweep's tables.
+    """The checks of ``fedavg_relu.experiments.predictions`` on a sweep's tables (1-7; 7 needs ``ntk-change``).
 
     ``rule=yes`` adds the agreement rule; ``short=yes`` gives a short label and the key numbers only.
     """
@@ -656,6 +658,51 @@ def render_predictions(root: Path, args: Mapping[str, str]) -> str:
     with_rule = args.get("rule", "no") == "yes"
     header = ["#", "prediction", "measured"] + (["rule (fixed in code)"] if with_rule else []) + ["verdict"]
     body = [[c.number, c.prediction, c.summary] + ([c.rule] if with_rule else []) + [c.verdict] for c in checks]
+    return table(header, body)
+
+
+def render_client_dominance(root: Path, args: Mapping[str, str]) -> str:
+    """Per seed (one partition each) and width: the client with the largest mean share of the mean drift.
+
+    A cell is ``k: share (ratio×)``: client k made that mean share of the rounds' p-weighted mean
+    drift, and its own relative drift was ``ratio`` times that mean (share / data share).
+    Reads a sweep's run folders (``clients.csv``) through ``fedavg_relu.experiments.clients``
+    (``dir=``, default results/theory-full; ``group=``, default non-iid).
+    """
+    import pandas as pd
+
+    clients_mod = find_module("clients")
+    folder = root / args.get("dir", "results/theory-full")
+    cells = pd.read_csv(folder / "cells.csv")
+    cells = cells[cells["group"] == args.get("group", "non-iid")]
+    shares = clients_mod.drift_shares(clients_mod.read_client_tables(folder, cells))
+    top = clients_mod.dominant_clients(shares, by=("seed", "width"))
+    widths = sorted(top["width"].unique())
+    body = []
+    for seed, rows in top.groupby("seed"):
+        sizes = shares[(shares["seed"] == seed) & (shares["round"] == 1)].groupby("client")["num-examples"].first()
+        by_width = {r["width"]: f"{int(r['client'])}: {r['share']:.2f} ({r['drift/mean']:.2f}×)" for _, r in rows.iterrows()}
+        body.append([int(seed), " / ".join(str(int(n)) for n in sizes)] + [by_width.get(w, "—") for w in widths])
+    return table(["seed", "n_k of clients 0 / 1 / 2 / 3"] + [f"m = {int(w)}" for w in widths], body)
+
+
+def render_client_spread(root: Path, args: Mapping[str, str]) -> str:
+    """Per width: the median and the max of the per-client relative drift (all rounds, clients and seeds),
+    for each of the sweep's ``groups=`` (default ``width,non-iid``), from the run folders' ``clients.csv``."""
+    import pandas as pd
+
+    clients_mod = find_module("clients")
+    folder = root / args.get("dir", "results/theory-full")
+    cells = pd.read_csv(folder / "cells.csv")
+    groups = args.get("groups", "width,non-iid").split(",")
+    stats = {}
+    for group in groups:
+        rows = clients_mod.read_client_tables(folder, cells[cells["group"] == group])
+        stats[group] = rows.groupby("width")["relative-gradient-drift"].agg(["median", "max"])
+    widths = sorted(set().union(*(s.index for s in stats.values())))
+    header = ["width m"] + [f"{g}: {q}" for g in groups for q in ("median", "max")]
+    body = [[int(w)] + [f"{stats[g].loc[w, q]:.2f}" if w in stats[g].index else "—" for g in groups for q in ("median", "max")]
+            for w in widths]
     return table(header, body)
 
 
@@ -745,6 +792,8 @@ RENDERERS: dict[str, Renderer] = {
     "strategies-summary": Renderer(render_strategies_summary, "results/strategies/comparison.csv"),
     "predictions": Renderer(render_predictions, "results/theory-full/{metrics,cells}.csv via fedavg_relu.experiments.predictions (rule=yes, short=yes)"),
     "runs-summary": Renderer(render_runs_summary, "DIR/cells.csv (dir=)"),
+    "client-spread": Renderer(render_client_spread, "DIR/runs/*/clients.csv via fedavg_relu.experiments.clients (dir=, groups=)"),
+    "client-dominance": Renderer(render_client_dominance, "DIR/runs/*/clients.csv via fedavg_relu.experiments.clients (dir=, group=)"),
     "num": Renderer(render_num, "one value: file= at= [fmt= div= scale=]"),
     "prediction-value": Renderer(render_prediction_value, "one measured number of a prediction: n= key= [fmt=]"),
 }

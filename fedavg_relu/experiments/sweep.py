@@ -290,7 +290,7 @@ def is_complete(cell: Cell) -> bool:
     if not _same_config(saved, cell.config):
         return False
     # the model file counts only until the centralized comparison that needs it is cached: a clone of the
-    # repository holds the run folders' tables (results/theory-wide/runs) but not their model files
+    # repository holds the run folders' tables (results/theory-full/runs) but not their model files
     if cell.config.save_model and not (run_dir / "model.pt").exists() and not (run_dir / CENTRAL_FILE).exists():
         return False
     return len(rows) == cell.config.num_server_rounds + 1
