@@ -198,9 +198,15 @@ def _fresh_summary(run_dir: Path, since: float) -> dict[str, Any] | None:
 
 def report_interrupted(
     signum: int, run_dir: Path, cfg: RunConfig, user_overrides: Mapping[str, Any], since: float,
-    stop_seconds: float | None = None,
+    stop_seconds: float | None = None, interrupted_at: float | None = None,
 ) -> list[str]:
-    """After an interrupt: make sure ``summary.json`` says how the run ended; the lines to print (resume hint last)."""
+    """After an interrupt: make sure ``summary.json`` says how the run ended; the lines to print (resume hint last).
+
+    A summary the ServerApp wrote during this attempt (after ``since``) stands, with one
+    exception: a ``failed`` one written after the signal (``interrupted_at``, Unix time). That
+    failure is the interrupt's echo (its clients were stopped under it, so a round lost them),
+    and the run is recorded as ``interrupted``, the ServerApp's reason kept after it.
+    """
     import signal
 
     from fedavg_relu.core.results import write_summary
@@ -209,8 +215,13 @@ def report_interrupted(
     last = _last_round(run_dir)
     where = "before round 0 was written" if last is None else f"after round {last} of {cfg.num_server_rounds}"
     summary = _fresh_summary(run_dir, since)
-    if summary is None and run_dir.exists():
-        write_summary(run_dir, "interrupted", f"{name} {where}", num_server_rounds=cfg.num_server_rounds,
+    reason = f"{name} {where}"
+    echo = (summary is not None and interrupted_at is not None and summary.get("status") == "failed"
+            and float(summary.get("written-at") or 0.0) >= interrupted_at)
+    if echo:
+        reason += f" (while stopping, the ServerApp reported: {summary.get('reason', '')})"
+    if (summary is None or echo) and run_dir.exists():
+        write_summary(run_dir, "interrupted", reason, num_server_rounds=cfg.num_server_rounds,
                       written_by="fedavg-relu run")
     took = "" if stop_seconds is None else f" ({stop_seconds:.1f}s)"
     lines = [f"fedavg-relu: interrupted by {name} {where}; every process of the run is stopped{took}"]
@@ -288,7 +299,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 print(f"\nfedavg-relu: {stop}; stopping every process of the run ...", flush=True)
         if interrupted is not None:
             stopped = time.perf_counter() - t_interrupt
-            for line in report_interrupted(interrupted.signum, run_dir, cfg, user_overrides, started_at, stopped):
+            for line in report_interrupted(interrupted.signum, run_dir, cfg, user_overrides, started_at, stopped,
+                                           interrupted_at=interrupted.at):
                 print(line, flush=True)
             args.fast_exit = True  # everything is stopped and written: skip the interpreter's slow teardown
             return interrupted.exit_code

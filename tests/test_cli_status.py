@@ -130,11 +130,28 @@ def test_report_interrupted_writes_the_summary_when_the_serverapp_did_not(tmp_pa
 
 
 def test_report_interrupted_keeps_a_summary_written_by_this_attempt(tmp_path):
-    """A summary.json newer than the start is the ServerApp's: left as it is."""
+    """A summary.json newer than the start but older than the signal is the ServerApp's own verdict: left as it is."""
     start = time.time() - 5
     write_summary(tmp_path, "failed", "all clients failed in round 1")
-    report_interrupted(signal.SIGINT, tmp_path, RunConfig(), {}, since=start)
+    report_interrupted(signal.SIGINT, tmp_path, RunConfig(), {}, since=start, interrupted_at=time.time() + 1)
     assert read_summary(tmp_path)["status"] == "failed"
+
+
+def test_a_failure_written_after_the_signal_is_the_interrupts_echo(tmp_path):
+    """Ctrl-C stops the clients under a running round; the ServerApp may record that round's loss as a
+    failure before it stops itself. Written after the signal, it becomes "interrupted" (the ServerApp's
+    reason kept in the text); a "completed" written after the signal stands (the run had finished)."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in range(3)))
+    cfg = RunConfig.from_mapping({"num-server-rounds": 40})
+    signal_at = time.time() - 1
+    write_summary(tmp_path, "failed", "round 3 lost every client")
+    report_interrupted(signal.SIGINT, tmp_path, cfg, {}, since=signal_at - 10, interrupted_at=signal_at)
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "interrupted"
+    assert summary["reason"] == "SIGINT after round 2 of 40 (while stopping, the ServerApp reported: round 3 lost every client)"
+    write_summary(tmp_path, "completed", "")
+    report_interrupted(signal.SIGINT, tmp_path, cfg, {}, since=signal_at - 10, interrupted_at=signal_at)
+    assert read_summary(tmp_path)["status"] == "completed"
 
 
 # --- signals and processes ----------------------------------------------------------------------

@@ -222,6 +222,7 @@ class RunInterrupted(BaseException):
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
+        self.at = time.time()  # when the signal arrived (Unix time): what the run's processes wrote later is its echo
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
     @property
