@@ -71,3 +71,12 @@ def test_client_figure_is_drawn_for_the_skewed_group_only(tmp_path):
     assert client_figures(tmp_path, cells[cells["group"] == "width"], tmp_path / "none", formats=("png",)) == []
     assert client_figures(tmp_path, cells.assign(**{"run-dir": "runs/missing"}), tmp_path / "none", formats=("png",)) == []
     assert not (tmp_path / "none").exists()
+
+
+def test_size_ranks_compare_clients_by_data_not_by_index():
+    """Cell a: n = (1, 3) -> client 1 is rank 1; cell b: n = (4, 2) -> client 0 is rank 1; a tie keeps index order."""
+    from fedavg_relu.experiments.clients import size_ranks
+
+    rows = pd.DataFrame({"cell-id": ["a", "a", "a", "b", "b", "c", "c"], "client": [0, 1, 0, 0, 1, 0, 1],
+                         "num-examples": [1, 3, 1, 4, 2, 5, 5]})
+    assert size_ranks(rows).tolist() == [2, 1, 2, 1, 2, 1, 2]

@@ -82,12 +82,24 @@ def dominant_clients(shares: pd.DataFrame, by: Sequence[str] = ("width",)) -> pd
     return pd.DataFrame(rows)
 
 
+def size_ranks(rows: pd.DataFrame) -> pd.Series:
+    """Each row's client's rank in data size within its run: 1 for the most examples (ties: lower index first)."""
+    sizes = rows.groupby(["cell-id", "client"])["num-examples"].first().reset_index()
+    sizes = sizes.sort_values(["cell-id", "num-examples", "client"], ascending=[True, False, True])
+    sizes["rank"] = sizes.groupby("cell-id").cumcount() + 1
+    ranks = sizes.set_index(["cell-id", "client"])["rank"]
+    return pd.Series(ranks.reindex(pd.MultiIndex.from_frame(rows[["cell-id", "client"]])).to_numpy(), index=rows.index)
+
+
 def plot_client_drift_by_width(clients: pd.DataFrame, cells: pd.DataFrame, title: str,
                                column: str = "relative-gradient-drift") -> Figure:
-    """Left: each client's ``column`` over rounds and seeds, by width (a box per width, client means as
-    points, log scale). Right: each client's mean share of the round's mean drift, by width.
+    """Left: every client's ``column`` over rounds, clients and seeds, by width (a box per width; each
+    run's clients' means over rounds as points; log scale). Right: the mean share of the round's mean
+    drift of the client with the most data in its run, the second most, and so on, by width.
 
-    The title names the configuration of ``cells`` (the cells the rows come from).
+    Clients are compared by their rank in data size within their run, not by index: with a
+    partition per seed, client k of one seed holds other data than client k of another (ties
+    in size keep index order). The title names the configuration of ``cells``.
     """
     shares = drift_shares(clients, column)
     widths = sorted(shares["width"].unique())
@@ -95,21 +107,24 @@ def plot_client_drift_by_width(clients: pd.DataFrame, cells: pd.DataFrame, title
     data = [shares.loc[shares["width"] == w, column].to_numpy(float) for w in widths]
     left.boxplot(data, positions=range(len(widths)), widths=0.5, showfliers=False)
     for i, w in enumerate(widths):
-        means = shares[shares["width"] == w].groupby("client")[column].mean()
-        left.scatter(np.full(len(means), i) + np.linspace(-0.15, 0.15, len(means)), means, s=14, zorder=3)
+        means = shares[shares["width"] == w].groupby(["cell-id", "client"])[column].mean()
+        left.scatter(np.full(len(means), i) + np.linspace(-0.15, 0.15, len(means)), means, s=10, zorder=3,
+                     alpha=0.7, color="tab:blue")
     left.set_xticks(range(len(widths)), [str(int(w)) for w in widths])
     left.set_yscale("log")
     left.set_xlabel("width m")
     left.set_ylabel("relative drift ‖Δ∇f_k‖ / ‖∇f_k(W̄)‖ per client")
-    per = shares.groupby(["width", "client"])["share"].mean().unstack("client")
+    ranked = shares.assign(rank=size_ranks(shares))
+    per = ranked.groupby(["width", "rank"])["share"].mean().unstack("rank")
     bottom = np.zeros(len(per))
-    for client in per.columns:
-        right.bar(range(len(per)), per[client].to_numpy(), bottom=bottom, label=f"client {client}")
-        bottom += per[client].to_numpy()
+    for rank in per.columns:
+        label = "most data" if rank == 1 else ("least data" if rank == per.columns.max() else f"rank {rank} in data")
+        right.bar(range(len(per)), per[rank].fillna(0).to_numpy(), bottom=bottom, label=label)
+        bottom += per[rank].fillna(0).to_numpy()
     right.set_xticks(range(len(per)), [str(int(w)) for w in per.index])
     right.set_xlabel("width m")
-    right.set_ylabel("share of the round's mean drift (p_k d_k / Σ p_j d_j)")
-    right.legend(fontsize=7, loc="upper right")
+    right.set_ylabel("share of the round's mean drift, p_k d_k / Σ p_j d_j", fontsize=8)
+    right.legend(fontsize=7, loc="lower right", framealpha=0.9)
     fig.suptitle(f"{title}\n{config_caption(cells, width=int(fig.get_figwidth() * 14))}", fontsize=8.5)
     return fig
 
