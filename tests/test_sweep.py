@@ -243,3 +243,35 @@ def test_cli_dry_run_into_a_closed_pipe_exits_0_without_a_traceback(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
     assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
+
+
+TIMING = {"seconds", "elapsed", "drift-seconds", "train-seconds", "evaluate-seconds"}
+
+
+def test_jobs_run_cells_in_processes_of_their_own_with_the_same_numbers(tmp_path):
+    """jobs=2: the two tiny cells run in two spawned processes; every metric of every round equals the
+    serial sweep's (same seeds, same code), timings aside; a rerun finds both finished. A cell whose
+    folder cannot be replaced (a file in its place) fails alone, reported, and the other runs."""
+    serial = parse_sweep(_tiny(tmp_path / "serial"))
+    parallel = parse_sweep(_tiny(tmp_path / "parallel"))
+    assert run_sweep(serial, progress=False).failed == {}
+    result = run_sweep(parallel, progress=False, jobs=2)
+    assert sorted(result.ran) == sorted(c.cell_id for c in parallel.cells()) and result.failed == {}
+    a, _ = read_tables(serial.output_dir)
+    b, _ = read_tables(parallel.output_dir)
+    keys = ["cell-id", "round"]
+    a, b = a.sort_values(keys).reset_index(drop=True), b.sort_values(keys).reset_index(drop=True)
+    numeric = [c for c in a.columns if c not in TIMING and pd.api.types.is_float_dtype(a[c])]
+    assert len(a) == len(b) == 6 and "global-loss" in numeric and "gradient-drift-mean" in numeric
+    pd.testing.assert_frame_equal(a[numeric], b[numeric], rtol=1e-6, atol=1e-9)
+    assert run_sweep(parallel, progress=False, jobs=2).ran == []
+
+    broken = parse_sweep(_tiny(tmp_path / "broken"))
+    first, second = broken.cells()
+    first.run_dir.parent.mkdir(parents=True)
+    first.run_dir.write_text("not a folder")
+    result = run_sweep(broken, progress=False, jobs=2)
+    assert result.ran == [second.cell_id] and list(result.failed) == [first.cell_id]
+    assert "NotADirectoryError" in result.failed[first.cell_id]
+    with pytest.raises(ConfigError, match="jobs=0"):
+        run_sweep(broken, progress=False, jobs=0)
