@@ -412,43 +412,58 @@ def run_sweep(
     t0 = time.perf_counter()
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(cells), desc=spec.name, unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    if jobs > 1:
-        with bar:
-            _run_parallel(spec, cells, result, bar, engine, jobs, quiet, threads or spec.threads, max_cells)
-        write_tables(spec, cells)
-        result.seconds = time.perf_counter() - t0
-        return result
-    with bar, _quiet_flower(quiet), _torch_threads(threads or spec.threads):
-        for cell in cells:
-            bar.set_postfix_str(describe(cell), refresh=True)
-            if is_complete(cell):
-                result.skipped.append(cell.cell_id)
-            elif max_cells is not None and len(result.ran) >= max_cells:
-                bar.update(1)
-                continue
-            else:
-                try:
-                    run_cell(cell, engine)
-                    result.ran.append(cell.cell_id)
-                except Exception as err:  # one bad cell must not end the sweep
-                    result.failed[cell.cell_id] = f"{type(err).__name__}: {err}"
-                    bar.write(f"sweep {spec.name}: cell {cell.cell_id} ({describe(cell)}) failed: {err}")
-                    bar.update(1)
-                    continue
-            if wants_central(spec, cell):
-                try:
-                    central_comparison(cell)
-                except Exception as err:
-                    result.failed[cell.cell_id] = f"central baseline: {type(err).__name__}: {err}"
-                    bar.write(f"sweep {spec.name}: centralized baseline of cell {cell.cell_id} failed: {err}")
-            bar.update(1)
+    with bar:
+        todo = _unfinished(spec, cells, result, bar, max_cells)
+        if jobs > 1 and len(todo) > 1:
+            _run_parallel(spec, todo, result, bar, engine, jobs, quiet, threads or spec.threads)
+        else:
+            for cell in todo:
+                bar.set_postfix_str(describe(cell), refresh=True)
+                _record(spec, result, bar, cell,
+                        *_run_one(cell, engine, wants_central(spec, cell), quiet, threads or spec.threads))
     write_tables(spec, cells)
     result.seconds = time.perf_counter() - t0
     return result
 
 
+def _unfinished(spec: SweepSpec, cells: Sequence[Cell], result: SweepResult, bar: Any,
+                max_cells: int | None) -> list[Cell]:
+    """The cells to run now (at most ``max_cells``); finished ones are recorded as skipped, with their
+    centralized baseline made sure of (cached, or computed from the saved model)."""
+    todo: list[Cell] = []
+    for cell in cells:
+        if is_complete(cell):
+            result.skipped.append(cell.cell_id)
+            if wants_central(spec, cell):
+                try:
+                    central_comparison(cell)
+                except Exception as err:
+                    _record(spec, result, bar, cell, None, f"central baseline: {type(err).__name__}: {err}", ran=False)
+                    continue
+            bar.update(1)
+        elif max_cells is not None and len(todo) >= max_cells:
+            bar.update(1)
+        else:
+            todo.append(cell)
+    return todo
+
+
+def _record(spec: SweepSpec, result: SweepResult, bar: Any, cell: Cell, error: str | None,
+            central_error: str | None, ran: bool = True) -> None:
+    """Note one cell's outcome in ``result`` (a failure also on the console) and advance the bar."""
+    if error is not None:
+        result.failed[cell.cell_id] = error
+        bar.write(f"sweep {spec.name}: cell {cell.cell_id} ({describe(cell)}) failed: {error}")
+    elif ran:
+        result.ran.append(cell.cell_id)
+    if central_error is not None:
+        result.failed[cell.cell_id] = central_error
+        bar.write(f"sweep {spec.name}: centralized baseline of cell {cell.cell_id} failed: {central_error}")
+    bar.update(1)
+
+
 def _run_one(cell: Cell, engine: str, central: bool, quiet: bool, threads: int) -> tuple[str | None, str | None]:
-    """One cell and its centralized baseline, in a worker process: (the run's error, the baseline's error)."""
+    """One cell and its centralized baseline (here, or in a worker process): (the run's error, the baseline's)."""
     with _quiet_flower(quiet), _torch_threads(threads):
         try:
             run_cell(cell, engine)
@@ -462,48 +477,24 @@ def _run_one(cell: Cell, engine: str, central: bool, quiet: bool, threads: int) 
     return None, None
 
 
-def _run_parallel(spec: SweepSpec, cells: Sequence[Cell], result: SweepResult, bar: Any, engine: str, jobs: int,
-                  quiet: bool, threads: int, max_cells: int | None) -> None:
-    """:func:`run_sweep`'s cells, ``jobs`` at a time in spawned processes (a worker killed, e.g. by the
-    kernel's OOM killer, fails its cell only)."""
+def _run_parallel(spec: SweepSpec, todo: Sequence[Cell], result: SweepResult, bar: Any, engine: str, jobs: int,
+                  quiet: bool, threads: int) -> None:
+    """``todo``, ``jobs`` cells at a time in spawned processes (a worker killed, e.g. by the kernel's
+    OOM killer, fails its cell, and the cells still queued on that pool)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    todo: list[Cell] = []
-    for cell in cells:
-        if is_complete(cell):
-            result.skipped.append(cell.cell_id)
-            if wants_central(spec, cell):  # cached, or computed here from the saved model, as the serial loop does
-                try:
-                    central_comparison(cell)
-                except Exception as err:
-                    result.failed[cell.cell_id] = f"central baseline: {type(err).__name__}: {err}"
-            bar.update(1)
-        elif max_cells is not None and len(todo) >= max_cells:
-            bar.update(1)
-        else:
-            todo.append(cell)
-    if not todo:
-        return
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"))
     try:
         futures = {pool.submit(_run_one, cell, engine, wants_central(spec, cell), quiet, threads): cell for cell in todo}
         for future in as_completed(futures):
             cell = futures[future]
             try:
-                error, central_error = future.result()
-            except Exception as err:  # the worker died (BrokenProcessPool): this cell and those still queued fail
-                error, central_error = f"worker process: {type(err).__name__}: {err}", None
-            if error is None:
-                result.ran.append(cell.cell_id)
-            else:
-                result.failed[cell.cell_id] = error
-                bar.write(f"sweep {spec.name}: cell {cell.cell_id} ({describe(cell)}) failed: {error}")
-            if central_error is not None:
-                result.failed[cell.cell_id] = central_error
-                bar.write(f"sweep {spec.name}: centralized baseline of cell {cell.cell_id} failed: {central_error}")
+                outcome = future.result()
+            except Exception as err:  # the worker died (BrokenProcessPool)
+                outcome = (f"worker process: {type(err).__name__}: {err}", None)
             bar.set_postfix_str(describe(cell), refresh=False)
-            bar.update(1)
+            _record(spec, result, bar, cell, *outcome)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
