@@ -661,6 +661,20 @@ def render_predictions(root: Path, args: Mapping[str, str]) -> str:
     return table(header, body)
 
 
+_CLIENT_ROWS: dict[tuple[Path, str], Any] = {}
+
+
+def _client_rows(root: Path, folder: str, group: str):
+    """The per-client rows of a sweep group's run folders (``clients.csv``), read once per render."""
+    key = ((root / folder).resolve(), group)
+    if key not in _CLIENT_ROWS:
+        import pandas as pd
+
+        cells = pd.read_csv(root / folder / "cells.csv")
+        _CLIENT_ROWS[key] = find_module("clients").read_client_tables(root / folder, cells[cells["group"] == group])
+    return _CLIENT_ROWS[key]
+
+
 def render_client_dominance(root: Path, args: Mapping[str, str]) -> str:
     """Per seed (one partition each) and width: the client with the largest mean share of the mean drift.
 
@@ -669,13 +683,9 @@ def render_client_dominance(root: Path, args: Mapping[str, str]) -> str:
     Reads a sweep's run folders (``clients.csv``) through ``fedavg_relu.experiments.clients``
     (``dir=``, default results/theory-full; ``group=``, default non-iid).
     """
-    import pandas as pd
-
     clients_mod = find_module("clients")
-    folder = root / args.get("dir", "results/theory-full")
-    cells = pd.read_csv(folder / "cells.csv")
-    cells = cells[cells["group"] == args.get("group", "non-iid")]
-    shares = clients_mod.drift_shares(clients_mod.read_client_tables(folder, cells))
+    rows = _client_rows(root, args.get("dir", "results/theory-full"), args.get("group", "non-iid"))
+    shares = clients_mod.drift_shares(rows)
     top = clients_mod.dominant_clients(shares, by=("seed", "width"))
     widths = sorted(top["width"].unique())
     body = []
@@ -689,15 +699,11 @@ def render_client_dominance(root: Path, args: Mapping[str, str]) -> str:
 def render_client_spread(root: Path, args: Mapping[str, str]) -> str:
     """Per width: the median and the max of the per-client relative drift (all rounds, clients and seeds),
     for each of the sweep's ``groups=`` (default ``width,non-iid``), from the run folders' ``clients.csv``."""
-    import pandas as pd
-
-    clients_mod = find_module("clients")
-    folder = root / args.get("dir", "results/theory-full")
-    cells = pd.read_csv(folder / "cells.csv")
+    folder = args.get("dir", "results/theory-full")
     groups = args.get("groups", "width,non-iid").split(",")
     stats = {}
     for group in groups:
-        rows = clients_mod.read_client_tables(folder, cells[cells["group"] == group])
+        rows = _client_rows(root, folder, group)
         stats[group] = rows.groupby("width")["relative-gradient-drift"].agg(["median", "max"])
     widths = sorted(set().union(*(s.index for s in stats.values())))
     header = ["width m"] + [f"{g}: {q}" for g in groups for q in ("median", "max")]
