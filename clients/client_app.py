@@ -21,8 +21,9 @@ import warnings
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedavg_relu.flower import protocol as wire
+from fedavg_relu.flower import schema as wire
 from fedavg_relu.flower.records import arrays_to_params, params_to_arrays
+from fedavg_relu.core.spill import ClientStateStore
 from fedavg_relu.core.task import client_data, measure_drift, node_seed_id, train_client
 
 from .node import local_store, run_config, settings_from
@@ -33,7 +34,7 @@ from .packed_app import cohort, packed_drift, packed_train
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
 
 MEASURED_LOSS_KEY = "measured-loss"  # node state: f_k at the model of the last drift exchange
-SCAFFOLD_SLOT = "scaffold-control"  # on-disk slot of SCAFFOLD's c_k, kept across rounds
+SCAFFOLD_SLOT = "scaffold-control"  # on-disk slot of SCAFFOLD's c_k, kept across rounds and resumes
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -47,19 +48,20 @@ def train(msg: Message, context: Context) -> Message:
         loss_before = float(known["loss"])  # this very model was measured here last round
     received = arrays_to_params(msg.content[wire.ARRAYS])
     global_params = {k: v for k, v in received.items() if not k.startswith(wire.SCAFFOLD_CONTROL_PREFIX)}
-    scaffold = None
+    scaffold, control_store = None, None
     if len(global_params) < len(received):  # SCAFFOLD: the server control variate came along
         prefix = wire.SCAFFOLD_CONTROL_PREFIX
         server_c = {k[len(prefix):]: v for k, v in received.items() if k.startswith(prefix)}
-        store = local_store(context, SCAFFOLD_SLOT)
-        scaffold = (server_c, dict(store.load(0)) if store.has(0) else None)
+        control_store = scaffold_store(context, config)
+        scaffold = (server_c, control_store.load(server_round, str(config[wire.STATE_ATTEMPT]), int(config[wire.RESUMED_AFTER])))
     outcome = train_client(
         cfg, client_data(cfg, context.node_config), node_seed_id(context.node_config, context.node_id), server_round,
         global_params, settings_from(config, cfg), loss_before, scaffold,
     )
     reply_params = dict(outcome.local_params)
-    if outcome.control_delta is not None:
-        local_store(context, SCAFFOLD_SLOT).save(0, outcome.client_control)
+    if outcome.control_delta is not None and control_store is not None:
+        control_store.save(server_round, str(config[wire.STATE_ATTEMPT]), int(config[wire.RESUMED_AFTER]),
+                           int(config[wire.CHECKPOINTED_ROUND]), outcome.client_control)
         reply_params.update({wire.SCAFFOLD_DELTA_PREFIX + k: v for k, v in outcome.control_delta.items()})
     store = local_store(context)
     if bool(config.get(wire.KEEP_LOCAL_MODEL, True)):
@@ -76,6 +78,12 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({wire.ARRAYS: params_to_arrays(reply_params), wire.METRICS: metrics})
     return Message(content=content, reply_to=msg)
+
+
+def scaffold_store(context: Context, config) -> ClientStateStore:
+    """Where this client's c_k live: keyed by the run's ``state-key`` and the partition id, not by Flower's ids."""
+    client = int(context.node_config.get("partition-id", context.node_id))
+    return ClientStateStore(str(config[wire.STATE_KEY]), client, SCAFFOLD_SLOT)
 
 
 def drift(msg: Message, context: Context) -> Message:

@@ -10,7 +10,7 @@ import functools
 
 from flwr.app import ConfigRecord, Context
 
-from fedavg_relu.flower import protocol as wire
+from fedavg_relu.flower import schema as wire
 from fedavg_relu.core.config import RunConfig
 from fedavg_relu.core.spill import LocalModelStore
 from fedavg_relu.core.threads import configure_torch_threads

@@ -1,16 +1,16 @@
 """Packed-mode handlers: one Flower node trains and measures a cohort of virtual clients.
 
-Message types (:mod:`fedavg_relu.flower.protocol`): ``train.packed``,
+Message types (:mod:`fedavg_relu.flower.schema`): ``train.packed``,
 ``query.packed_drift`` and ``query.cohort`` (which virtual clients a node holds).
 The work is :mod:`fedavg_relu.core.packed`; these handlers only unpack, call it and
 pack sums.
 
-How many virtual clients a node holds is the *server's* word: every packed
-message carries ``clients-per-node`` and ``num-partitions`` in its ConfigRecord
-(the ServerApp may pack a federation with fewer SuperNodes than clients, e.g.
-plain ``flwr run .`` with Flower's 2 default SuperNodes); the run config's
-``clients-per-node`` is only the default. Node ``partition-id`` j holds clients
-``jK .. jK+K-1``.
+The layout is the *server's* word (:mod:`strategies.cohorts`): the cohort query asks
+a node only for its ``partition-id``; the server decides which virtual clients each
+node simulates and names them in every train message (``virtual-clients``), with
+``num-partitions``. A node never derives its cohort from its own copy of the run
+config (the ServerApp may pack a federation with fewer SuperNodes than clients, e.g.
+plain ``flwr run .`` with Flower's 2 default SuperNodes).
 
 Between a round's two exchanges the drift measurement needs the cohort's local
 models W_k (``K x`` the model). They are written, chunk by chunk as training
@@ -23,11 +23,12 @@ only a few scalars per virtual client.
 
 from __future__ import annotations
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedavg_relu.flower import protocol as wire
+from fedavg_relu.flower import schema as wire
 from fedavg_relu.core.config import RunConfig
-from fedavg_relu.core.packed import measure_cohort_drift, node_clients, train_cohort
+from fedavg_relu.core.packed import measure_cohort_drift, train_cohort
 from fedavg_relu.flower.client_table import client_row_lists
 from fedavg_relu.flower.records import arrays_to_params, config_records, params_to_arrays
 
@@ -39,23 +40,25 @@ MEASURED_KEY = "packed-measured"  # node state: f_k at the model of the last dri
 
 
 def packed_config(msg: Message, context: Context) -> RunConfig:
-    """The run config with the server's ``clients-per-node`` / ``num-partitions`` for this run."""
+    """The run config with the server's ``num-partitions`` for this run (it decides how the data is split)."""
     cfg = run_config(context)
     config = msg.content[wire.CONFIG] if wire.CONFIG in config_records(msg.content) else {}
-    changes = {}
-    if wire.CLIENTS_PER_NODE in config:
-        changes["clients_per_node"] = int(config[wire.CLIENTS_PER_NODE])
-    if wire.NUM_PARTITIONS in config:
-        changes["num_partitions"] = int(config[wire.NUM_PARTITIONS])
-    changes = {k: v for k, v in changes.items() if getattr(cfg, k) != v}
-    return cfg.replace(**changes) if changes else cfg
+    if wire.NUM_PARTITIONS in config and int(config[wire.NUM_PARTITIONS]) != cfg.num_partitions:
+        return cfg.replace(num_partitions=int(config[wire.NUM_PARTITIONS]))
+    return cfg
 
 
-def held_clients(context: Context, cfg: RunConfig) -> list[int]:
-    """The virtual clients this node simulates (from its ``partition-id``)."""
-    if "partition-id" not in context.node_config:
-        raise ValueError("packed mode needs 'partition-id' in the node config")
-    return node_clients(int(context.node_config["partition-id"]), cfg.clients_per_node, cfg.num_partitions)
+def model_params(msg: Message) -> dict:
+    """The received model in the model's float32 (Flower's adaptive strategies send float64 averages)."""
+    return {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in arrays_to_params(msg.content[wire.ARRAYS]).items()}
+
+
+def named_clients(config, cfg: RunConfig) -> list[int]:
+    """The virtual clients the server named for this node (``virtual-clients``), checked."""
+    ids = [int(k) for k in config.get(wire.VIRTUAL_CLIENTS, [])]
+    if not ids or len(set(ids)) != len(ids) or not all(0 <= k < cfg.num_partitions for k in ids):
+        raise ValueError(f"virtual-clients={ids}: expected distinct partition ids in [0, {cfg.num_partitions})")
+    return ids
 
 
 def packed_train(msg: Message, context: Context) -> Message:
@@ -63,10 +66,7 @@ def packed_train(msg: Message, context: Context) -> Message:
     cfg = packed_config(msg, context)
     config = msg.content[wire.CONFIG]
     server_round = int(config[wire.SERVER_ROUND])
-    held = held_clients(context, cfg)
-    ids = [int(k) for k in config[wire.VIRTUAL_CLIENTS]] if wire.VIRTUAL_CLIENTS in config else held
-    if not ids or not set(ids) <= set(held):
-        raise ValueError(f"virtual-clients={ids}: expected a non-empty subset of this node's clients {held}")
+    ids = named_clients(config, cfg)
     known: dict[int, float] = {}
     measured = context.state.get(MEASURED_KEY)
     if measured is not None and wire.MEASURED_ROUND in config and int(measured["server-round"]) == int(config[wire.MEASURED_ROUND]):
@@ -75,7 +75,7 @@ def packed_train(msg: Message, context: Context) -> Message:
     store = local_store(context)
     store.discard()
     cohort_round = train_cohort(
-        cfg, ids, server_round, arrays_to_params(msg.content[wire.ARRAYS]), settings_from(config, cfg),
+        cfg, ids, server_round, model_params(msg), settings_from(config, cfg),
         known, cfg.lockstep_steps(), keep_local=keep,
         allocate=(lambda shapes: store.allocate(server_round, shapes)) if keep else None,
     )
@@ -123,7 +123,7 @@ def packed_drift(msg: Message, context: Context) -> Message:
     try:
         nonlinear = bool(config.get(wire.DRIFT_NONLINEAR, False))
         sums, grad_sum, drifts = measure_cohort_drift(
-            cfg, ids, store.load(server_round, writable=False), list(kept["loss-before"]), arrays_to_params(msg.content[wire.ARRAYS]),
+            cfg, ids, store.load(server_round, writable=False), list(kept["loss-before"]), model_params(msg),
             bool(config.get(wire.RETURN_GRADIENT, False)), nonlinear=nonlinear,
         )
     finally:
@@ -145,11 +145,8 @@ def packed_drift(msg: Message, context: Context) -> Message:
 
 
 def cohort(msg: Message, context: Context) -> Message:
-    """Tell the server which virtual clients this node holds (``first-client``, ``num-clients``)."""
-    cfg = packed_config(msg, context)
-    if int(context.node_config.get("partition-id", 0)) * cfg.clients_per_node >= cfg.num_partitions:
-        metrics = MetricRecord({wire.FIRST_CLIENT: 0, wire.NUM_CLIENTS: 0})  # more nodes than cohorts: idle
-    else:
-        held = held_clients(context, cfg)
-        metrics = MetricRecord({wire.FIRST_CLIENT: held[0], wire.NUM_CLIENTS: len(held)})
+    """Tell the server this node's ``partition-id`` (the server decides which virtual clients go with it)."""
+    if "partition-id" not in context.node_config:
+        raise ValueError("packed mode needs 'partition-id' in the node config")
+    metrics = MetricRecord({wire.PARTITION_ID: int(context.node_config["partition-id"])})
     return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)

@@ -38,10 +38,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from strategies.drift import round_summary
+from strategies.recorder import round_summary
 from strategies.registry import build_strategy
 
-from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.core.config import PACKED_STRATEGIES, ConfigError, RunConfig
 from fedavg_relu.flower.console import quiet_flower_logs
 from fedavg_relu.core.data import dataset_shape, load_test
 from fedavg_relu.core.mechanism import ntk_change, ntk_gram, probe_indices
@@ -117,9 +117,10 @@ def fit_federation(grid: Grid, cfg: RunConfig) -> RunConfig:
         return cfg
     if count == 0:
         raise RunFailed(f"the simulation registered no SuperNode within {NODE_WAIT_S:.0f}s")
-    if cfg.strategy != "fedavg":
+    if cfg.strategy not in PACKED_STRATEGIES:
         raise ConfigError([
-            f"num-partitions={cfg.num_partitions}: strategy={cfg.strategy} runs one client per SuperNode, but this "
+            f"num-partitions={cfg.num_partitions}: strategy={cfg.strategy} runs one client per SuperNode (its server "
+            f"step needs every client's model; packed mode runs {', '.join(PACKED_STRATEGIES)}), but this "
             f"simulation has {count}; expected num-supernodes={cfg.num_partitions}: "
             f'flwr run . --federation-config "num-supernodes={cfg.num_partitions}" (or num-partitions={count})'
         ])
@@ -190,8 +191,11 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
             "num-trainable-parameters": num_trainable(model), "test-examples": len(test),
         },
     )
-    strategy = build_strategy(cfg, learning_rate, round_offset=done)
-    strategy.setup_mechanism(nonlinear=cfg.drift_nonlinear, client_metrics=cfg.client_metrics)
+    try:
+        strategy = build_strategy(cfg, learning_rate)
+    except ConfigError as err:
+        write_summary(run_dir, "failed", str(err), num_server_rounds=cfg.num_server_rounds)
+        raise
     start_params = initial_params(cfg)
     ntk = NtkTracker(model, start_params, test.x, cfg.ntk_probe_size, cfg.seed) if cfg.ntk_probe_size > 0 else None
     random.seed(cfg.seed)  # Flower samples clients with Python's `random`: make runs repeatable
@@ -203,9 +207,8 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         cfg.model_family, cfg.width, cfg.depth, learning_rate, cfg.local_steps, cfg.num_partitions, writer.run_dir)
     clock = {"start": time.perf_counter(), "last": time.perf_counter()}
 
-    def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        server_round = flower_round + done
-        if flower_round == 0 and checkpoint:
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == done and checkpoint:
             return None  # round `done` is already in the history
         params = arrays_to_params(arrays)
         set_trainable(model, params)
@@ -226,7 +229,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
             save_checkpoint(run_dir, server_round, params, strategy, writer.rows, cfg)
         log(INFO, "round %3d/%d  %s  test-loss %.4g  test-acc %.3f  %.1fs", server_round, cfg.num_server_rounds,
             round_summary(row), test_loss, test_acc, row["seconds"])
-        if flower_round > 0 and row.get("clients-trained", 1) == 0:
+        if server_round > done and row.get("clients-trained", 1) == 0:
             why = strategy.round_errors.get(server_round, "")
             why = why.strip().splitlines()[-1][:300] if why.strip() else "every reply was rejected or none came in time"
             raise RunFailed(
@@ -243,6 +246,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
             timeout=cfg.round_timeout,
             train_config=train_config(cfg, learning_rate),
             evaluate_fn=evaluate_fn,
+            start_round=done,
         )
         if cfg.save_model:
             set_trainable(model, arrays_to_params(result.arrays) if len(result.arrays) else start_params)

@@ -234,8 +234,8 @@ def render_config_reference(root: Path, args: Mapping[str, str]) -> str:
 
 
 def render_validation_reasons(root: Path, args: Mapping[str, str]) -> str:
-    """``validation.REASONS`` with each reason's comment: the rejection reasons a round counts."""
-    validation = find_module("validation")
+    """``schema.REASONS`` with each reason's comment: the rejection reasons a round counts."""
+    validation = find_module("schema")
     import inspect
 
     source = inspect.getsource(validation)
@@ -246,7 +246,7 @@ def render_validation_reasons(root: Path, args: Mapping[str, str]) -> str:
             for elt in node.value.elts:  # type: ignore[attr-defined]
                 rows.append([f"`{elt.value}`", f"`rejected-{elt.value}`", comments.get(elt.lineno, "")])
     if [r[0] for r in rows] != [f"`{r}`" for r in validation.REASONS]:
-        raise RenderError("validation.REASONS is not a literal tuple of strings: cannot read its comments")
+        raise RenderError("schema.REASONS is not a literal tuple of strings: cannot read its comments")
     return table(["reason", "counter in metrics.jsonl", "rejected when"], rows)
 
 
@@ -301,21 +301,22 @@ def _keys_by_strategy(source: str) -> dict[str, list[str]]:
 
 
 def render_strategy_registry(root: Path, args: Mapping[str, str]) -> str:
-    """``strategy = NAME``: the class behind it, the run-config keys it reads, the state a checkpoint keeps."""
+    """``strategy = NAME``: the class behind it, the run-config keys it reads, the state a checkpoint keeps, packed mode."""
     import inspect
 
     registry = importlib.import_module("strategies.registry")
-    drift = importlib.import_module("strategies.drift")
+    state = importlib.import_module("strategies.state")
+    config = importlib.import_module("fedavg_relu.core.config")
     keys = _keys_by_strategy(inspect.getsource(registry))
     rows = []
     for name, cls in registry.STRATEGY_CLASSES.items():
-        mro = cls.__mro__
-        base = mro[mro.index(drift.DriftMeasurement) + 1]
-        origin = "Flower" if base.__module__.startswith("flwr.") else f"`{base.__module__.replace('.', '/')}.py`"
-        state = ", ".join(f"`{a}`" for a in cls.checkpoint_attrs) or "—"
+        origin = "Flower" if cls.__module__.startswith("flwr.") else f"`{cls.__module__.replace('.', '/')}.py`"
+        cfg = config.RunConfig(strategy=name, dataset="synthetic", num_partitions=5, width=8)
+        kept = ", ".join(f"`{a}`" for a in state.strategy_state(registry.build_inner(cfg, 0.1))) or "—"
         read = ", ".join(f"`{k}`" for k in keys.get(name, [])) or "—"
-        rows.append([f"`{name}`", f"`{base.__name__}` ({origin})", read, state, STRATEGY_PAPERS.get(base.__name__, "")])
-    return table(["strategy", "update rule", "run-config keys it reads", "state kept for resume", "paper"], rows)
+        packed = "yes" if name in config.PACKED_STRATEGIES else "no: needs every client's model"
+        rows.append([f"`{name}`", f"`{cls.__name__}` ({origin})", read, kept, packed, STRATEGY_PAPERS.get(cls.__name__, "")])
+    return table(["strategy", "update rule", "run-config keys it reads", "state kept for resume", "packed mode", "paper"], rows)
 
 
 # --- benchmarks/results: scale.py's output --------------------------------------------------
@@ -782,7 +783,7 @@ class Renderer:
 
 RENDERERS: dict[str, Renderer] = {
     "config-reference": Renderer(render_config_reference, "fedavg_relu/core/config.py (RunConfig), pyproject.toml"),
-    "validation-reasons": Renderer(render_validation_reasons, "fedavg_relu/flower/validation.py (REASONS)"),
+    "validation-reasons": Renderer(render_validation_reasons, "fedavg_relu/flower/schema.py (REASONS)"),
     "resumable-keys": Renderer(render_resumable_keys, "fedavg_relu/flower/checkpoint.py (RESUMABLE_CHANGES)"),
     "strategy-registry": Renderer(render_strategy_registry, "strategies/registry.py (STRATEGY_CLASSES, strategy_kwargs)"),
     "scale-paths": Renderer(render_scale_paths, "DIR/scale.json (dir=, default benchmarks/results)"),

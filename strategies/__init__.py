@@ -1,8 +1,11 @@
-"""Server strategies; every one records the drift metrics through :mod:`strategies.drift`."""
+"""Server strategies: the drift recorder that wraps any strategy, and SCAFFOLD and FedNova.
 
-from .drift import DriftMeasurement
-from .fedavg import DriftFedAvg
-from .fednova import DriftFedNova, FedNova
-from .scaffold import DriftScaffold, Scaffold
+Every run's strategy is a :class:`strategies.recorder.DriftRecorder` around the strategy
+the run config names (:func:`strategies.registry.build_strategy`).
+"""
 
-__all__ = ["DriftFedAvg", "DriftFedNova", "DriftMeasurement", "DriftScaffold", "FedNova", "Scaffold"]
+from .fednova import FedNova
+from .recorder import DriftRecorder
+from .scaffold import Scaffold
+
+__all__ = ["DriftRecorder", "FedNova", "Scaffold"]

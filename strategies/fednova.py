@@ -14,9 +14,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedavg_relu.core.aggregation import fednova_average
+from fedavg_relu.flower import schema as wire
 from fedavg_relu.flower.records import array_records, arrays_to_params, metric_records, params_to_arrays
-
-from .drift import DriftMeasurement
 
 
 class FedNova(FedAvg):
@@ -36,8 +35,8 @@ class FedNova(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Normalised averaging of the replies without an error.
 
-        Contents are not checked here: :class:`DriftFedNova` gets only replies that
-        :meth:`DriftMeasurement.aggregate_train` screened (layout, keys, shapes, counts).
+        Contents are not checked here: the drift recorder hands this strategy only replies
+        it screened (layout, keys, shapes, counts).
         """
         valid = [msg for msg in replies if not msg.has_error()]
         if not valid or self.current_params is None:
@@ -47,11 +46,7 @@ class FedNova(FedAvg):
             locals_.append(arrays_to_params(next(iter(array_records(msg.content).values()))))
             metrics = next(iter(metric_records(msg.content).values()))
             sizes.append(int(metrics[self.weighted_by_key]))
-            steps.append(int(metrics["local-steps"]))
+            steps.append(int(metrics[wire.LOCAL_STEPS]))
         new_x = fednova_average(self.current_params, locals_, sizes, steps, self.momentum, self.server_learning_rate)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return params_to_arrays(new_x), metrics
-
-
-class DriftFedNova(DriftMeasurement, FedNova):
-    """FedNova with the drift measurements."""

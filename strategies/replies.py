@@ -1,14 +1,13 @@
-"""Train and drift replies, read: unpacked, checked, tallied, averaged as they arrive.
+"""Replies, read: unpacked, tallied, averaged as they arrive.
 
-The pieces :class:`strategies.drift.DriftMeasurement` (and packed FedAvg) build a
-round from: :class:`Update` (one valid train reply, unpacked), :class:`ErrorTally`
-(each distinct client error logged once, repeats counted), :class:`RunningAverage`
-(FedAvg's average as a float64 running sum), and the readers of a reply's records.
+The pieces the drift recorder (:mod:`strategies.recorder`) builds a round from:
+:class:`Update` (one valid train reply, unpacked), :class:`ErrorTally` (each distinct
+client error logged once, repeats counted), :class:`RunningAverage` (FedAvg's average
+as a float64 running sum), and the readers of a reply's records.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import WARNING
@@ -19,12 +18,9 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from fedavg_relu.core.aggregation import add_weighted
-from fedavg_relu.core.metrics import ClientDrift
-from fedavg_relu.flower import protocol as wire
+from fedavg_relu.flower import schema as wire
 from fedavg_relu.flower.records import array_records, arrays_to_params, metric_records, params_to_arrays
 from fedavg_relu.flower.validation import Rejected, check_record_layout
-
-GRADIENT_RECORD_KEY = wire.GRADIENT
 
 
 class RunAborted(RuntimeError):
@@ -129,47 +125,10 @@ def extract_update(msg: Message, layout: Mapping[str, str] | None = None) -> tup
     return params, dict(next(iter(metric_records(content).values())))
 
 
-def parse_drift_reply(
-    reply: Message, want_gradient: bool, reference: Mapping[str, np.ndarray]
-) -> tuple[ClientDrift, dict[str, np.ndarray] | None]:
-    metrics = next(iter(metric_records(reply.content).values()), None)
-    if metrics is None:
-        raise KeyError("drift reply has no MetricRecord")
-    drift = ClientDrift.from_metrics(metrics)
-    if drift.num_examples <= 0:
-        raise ValueError(f"num-examples={drift.num_examples}: expected a positive integer")
-    # NaN allowed: flips-init (W^0's patterns unknown) and nonlinear-fraction (to_metrics leaves a NaN one out:
-    # not measured, or ||Δg|| = 0 alone); an infinite fraction is still rejected
-    values = [v for k, v in drift.to_metrics().items() if k != "flips-init"]
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError("non-finite drift measurement")
-    gradient = None
-    if want_gradient:
-        if GRADIENT_RECORD_KEY not in array_records(reply.content):
-            raise KeyError(f"drift reply lacks the {GRADIENT_RECORD_KEY!r} ArrayRecord")
-        gradient = arrays_to_params(array_records(reply.content)[GRADIENT_RECORD_KEY])
-        if set(gradient) != set(reference) or any(gradient[k].shape != reference[k].shape for k in reference):
-            raise ValueError("gradient arrays do not match the model's parameters")
-        if not all(np.isfinite(g).all() for g in gradient.values()):
-            raise ValueError("non-finite gradient")
-    return drift, gradient
-
-
 def client_order(row: Mapping[str, Any]) -> tuple[bool, int]:
     """Per-client rows by client (partition) id, rows without one last by node id: a file independent of reply order."""
     client = row.get("client")
     return (client is None, int(client if client is not None else row.get("node", 0)))
-
-
-def partition_id(reply: Message) -> int | None:
-    """The ``partition-id`` a drift reply reports (None without one, e.g. a node with its own data file)."""
-    metrics = next(iter(metric_records(reply.content).values()))
-    if wire.PARTITION_ID not in metrics:
-        return None
-    value = metrics[wire.PARTITION_ID]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"partition-id={value!r}: expected an integer >= 0")
-    return int(value)
 
 
 def accumulate(acc: dict[str, np.ndarray] | None, grad: Mapping[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:

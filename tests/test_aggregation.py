@@ -49,15 +49,44 @@ def test_scaffold_client_control_option_ii():
 
 
 def test_scaffold_server_update_hand_case():
-    """x = 1, c = 0; y = (3, 5), dc = (2, 4), n = (1, 3) -> p = (1/4, 3/4); 2 of N = 4 clients sampled.
+    """x = 1, c = 0; y = (3, 5), dc = (2, 4), n = (1, 3); 2 of N = 4 clients sampled, all 4 hold n = 8 examples.
 
-    x_new = 1 + (1/4 * 2 + 3/4 * 4) = 1 + 3.5 = 4.5 (= sum p_k y_k with eta_g = 1);
-    c_new = 0 + (2 / 4) * (1/4 * 2 + 3/4 * 4) = 0.5 * 3.5 = 1.75.
+    examples: p = (1/4, 3/4): x_new = 1 + (1/4 * 2 + 3/4 * 4) = 4.5 (= sum p_k y_k with eta_g = 1);
+              c_new = 0 + (1/8 * 2 + 3/8 * 4) = 1.75 (each dc_k weighted n_k / n over all clients).
+    uniform:  x_new = 1 + (2 + 4) / 2 = 4;  c_new = 0 + (2 + 4) / 4 = 1.5 (the paper's 1/|S| and 1/N).
     """
     x, c = {"w": np.array([1.0])}, {"w": np.array([0.0])}
-    new_x, new_c = scaffold_server_update(
-        x, c, [{"w": np.array([3.0])}, {"w": np.array([5.0])}], [{"w": np.array([2.0])}, {"w": np.array([4.0])}],
-        [1, 3], num_clients_total=4,
-    )
+    ys, dcs = [{"w": np.array([3.0])}, {"w": np.array([5.0])}], [{"w": np.array([2.0])}, {"w": np.array([4.0])}]
+    new_x, new_c = scaffold_server_update(x, c, ys, dcs, [1, 3], num_clients_total=4, total_examples=8)
     assert new_x["w"][0] == pytest.approx(4.5)
     assert new_c["w"][0] == pytest.approx(1.75)
+    new_x, new_c = scaffold_server_update(x, c, ys, dcs, [1, 3], num_clients_total=4, weighting="uniform")
+    assert (new_x["w"][0], new_c["w"][0]) == (pytest.approx(4.0), pytest.approx(1.5))
+    with pytest.raises(ValueError, match="total_examples=None"):
+        scaffold_server_update(x, c, ys, dcs, [1, 3], num_clients_total=4)
+
+
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_scaffold_control_stays_the_average_of_the_client_controls_under_partial_participation(weighting):
+    """3 clients (n = 1, 2, 3), 2 sampled per round for 6 rounds, random dc_k: after every round
+    c == sum_k w_k c_k with w = n / 6 (examples) or 1/3 (uniform), to 1e-12.
+
+    Each round c_k += dc_k for the sampled k only, and the server adds its weighted sum of the dc_k;
+    both sides start at 0, so the invariant holds by induction when the server's weights are w_k.
+    The old rule (|S|/N) * sum_S (n_k/n_S) dc_k weights client k by (2/3) n_k / n_S, not n_k / 6.
+    """
+    rng = np.random.default_rng(3)
+    n = np.array([1, 2, 3])
+    w = n / n.sum() if weighting == "examples" else np.full(3, 1 / 3)
+    x = {"w": np.zeros(4)}
+    c = {"w": np.zeros(4)}
+    ck = np.zeros((3, 4))
+    for _ in range(6):
+        sampled = sorted(rng.choice(3, size=2, replace=False))
+        dcs = [rng.standard_normal(4) for _ in sampled]
+        for k, dc in zip(sampled, dcs, strict=True):
+            ck[k] += dc
+        x, c = scaffold_server_update(x, c, [{"w": rng.standard_normal(4)} for _ in sampled], [{"w": d} for d in dcs],
+                                      [int(n[k]) for k in sampled], num_clients_total=3, weighting=weighting,
+                                      total_examples=6)
+        np.testing.assert_allclose(c["w"], w @ ck, rtol=0, atol=1e-12)

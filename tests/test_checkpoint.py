@@ -139,10 +139,7 @@ def test_resume_of_a_checkpoint_from_before_a_new_key(tmp_path):
 
 @pytest.mark.parametrize("strategy", [
     "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-    pytest.param("scaffold", marks=pytest.mark.xfail(strict=True, reason=(
-        "known gap: SCAFFOLD's client control variates c_k live on the nodes, and a resumed simulation "
-        "starts new nodes with c_k = 0 while the server's c is restored; checkpointing c_k (server-side "
-        "sum of each client's dc_k) is not built yet"))),
+    "scaffold",
 ])
 def test_resume_equals_uninterrupted_for_every_stateful_strategy(tmp_path, strategy):
     """2 rounds, then resume to 4 == 4 rounds straight, every metric (timings aside), for each strategy

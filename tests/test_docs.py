@@ -191,8 +191,8 @@ def test_configuration_page_lists_every_runconfig_field_with_its_default():
 
 
 def test_reliability_page_lists_every_rejection_reason():
-    """Every reason of validation.REASONS appears with its counter rejected-<reason>."""
-    validation = render_docs.find_module("validation")
+    """Every reason of schema.REASONS appears with its counter rejected-<reason>."""
+    validation = render_docs.find_module("schema")
     text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
     for reason in validation.REASONS:
         assert f"| `{reason}` | `rejected-{reason}` |" in text
@@ -210,6 +210,8 @@ def _documented_form(key: str) -> str:
     """A metrics.jsonl key as metrics.md writes it: per-layer and per-step keys by their pattern."""
     key = re.sub(r"/step-\d+$", "/step-<t>", key)
     key = re.sub(r"^((?:relative-)?distance-from-init)/.+$", r"\1/<layer>", key)
+    if key.startswith("drift-rejected-"):
+        return "drift-rejected-<reason>"
     return "rejected-<reason>" if key.startswith("rejected-") else key
 
 

@@ -283,16 +283,22 @@ def test_strategy_state_is_exactly_the_attributes_checkpoints_save(cls, kwargs):
 
 
 def test_registry_checkpoints_the_seams_state_and_fails_loudly_when_it_is_missing():
-    """The drift strategies save the seam's attributes; a missing one raises AttributeError naming it."""
+    """The checkpoint seam (strategies.state) saves the seam's attributes of Flower's stateful strategies, also
+    inside a wrapper (under "inner"); a missing one raises AttributeError naming it."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
     from strategies.registry import STRATEGY_CLASSES
+    from strategies.state import strategy_state
 
     for name, base in (("fedavgm", FedAvgM), ("fedadam", FedAdam), ("fedyogi", FedYogi), ("fedadagrad", FedAdagrad)):
-        assert STRATEGY_CLASSES[name].checkpoint_attrs == seam.strategy_state_attrs(base) != ()
+        strategy = STRATEGY_CLASSES[name](fraction_train=1.0, fraction_evaluate=0.0)
+        assert tuple(strategy_state(strategy)) == seam.strategy_state_attrs(base) != ()
     strategy = STRATEGY_CLASSES["fedadam"](fraction_train=1.0, fraction_evaluate=0.0)
-    assert set(strategy.checkpoint_state()) == {"m_t", "v_t"}
+    wrapped = DifferentialPrivacyServerSideFixedClipping(strategy, 1.0, 1.0, 2)
+    assert set(strategy_state(wrapped)) == {"inner"} and set(strategy_state(wrapped)["inner"]) == {"m_t", "v_t"}
     del strategy.m_t
     with pytest.raises(AttributeError, match="m_t"):
-        strategy.checkpoint_state()
+        strategy_state(strategy)
 
 
 # --- 6. FedAvg's default metric average ---------------------------------------------------

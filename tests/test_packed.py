@@ -151,11 +151,15 @@ def test_sample_clients_is_seeded_and_sized_like_flower():
 
 
 def test_config_rules_of_packed_mode():
-    """Packed mode runs fedavg only; lockstep needs packed mode; RunConfig.num_nodes = ceil(P / K)."""
+    """Packed mode refuses the strategies that need every client model (naming the fix); lockstep needs packed
+    mode; RunConfig.num_nodes = ceil(P / K)."""
     assert RunConfig(num_partitions=10, clients_per_node=4).num_nodes == 3
     assert RunConfig(num_partitions=10, clients_per_node=1).num_nodes == 10
-    with pytest.raises(ConfigError, match="packed mode runs fedavg only"):
-        RunConfig.from_mapping({"clients-per-node": 4, "strategy": "fedprox"})
+    for name in ("fedmedian", "fedtrimmedavg", "krum", "scaffold", "fednova"):
+        with pytest.raises(ConfigError, match=f"strategy='{name}': packed mode runs fedavg, fedprox.*num-supernodes=10"):
+            RunConfig.from_mapping({"clients-per-node": 4, "strategy": name})
+    for name in ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"):
+        assert RunConfig.from_mapping({"clients-per-node": 4, "strategy": name}).packed
     with pytest.raises(ConfigError, match="lockstep-drift-steps='2'"):
         RunConfig.from_mapping({"lockstep-drift-steps": "2"})
     with pytest.raises(ConfigError, match="lockstep-drift-steps='0,9'"):

@@ -14,8 +14,8 @@ from fedavg_relu.core.models import build_model, compute_loss, get_trainable, se
 from fedavg_relu.flower.records import arrays_to_params
 from fedavg_relu.core.results import read_metrics
 from fedavg_relu.runtime.simulation import run_in_process
-from strategies.drift import DriftMeasurement
-from strategies.registry import STRATEGY_CLASSES
+from strategies.recorder import DriftRecorder
+from strategies.registry import STRATEGY_CLASSES, build_strategy
 
 SMALL = {
     "dataset": "synthetic", "synthetic-num-examples": 120, "synthetic-input-dim": 5, "num-partitions": 3,
@@ -38,7 +38,8 @@ def test_every_strategy_runs_two_rounds_with_drift_metrics(name, tmp_path):
         assert row["clients-trained"] == 3 and row["clients-measured"] == 3, name
         for key in ("gradient-drift-mean", "model-divergence", "activation-flips-local", "distance-from-init"):
             assert math.isfinite(row[key]), (name, key)
-    assert issubclass(STRATEGY_CLASSES[name], DriftMeasurement)  # measured by composition
+    wrapped = build_strategy(RunConfig.from_mapping(dict(SMALL, strategy=name)), 0.2)
+    assert isinstance(wrapped, DriftRecorder) and type(wrapped.strategy) is STRATEGY_CLASSES[name]  # a wrapper
 
 
 def test_bad_strategy_name_lists_the_choices():
@@ -132,14 +133,18 @@ def test_scaffold_two_rounds_match_reference_loop(tmp_path):
 
 
 def test_scaffold_with_identical_clients_is_fedavg(tmp_path):
-    """Every node holds partition 0 with the same seed: c_k = c, the correction vanishes, SCAFFOLD = FedAvg."""
+    """Every node holds partition 0 with the same seed: c_k = c, the correction vanishes, SCAFFOLD = FedAvg.
+
+    scaffold-weighting = uniform: with three copies of partition 0 the clients' examples do not add up to
+    the data set's (the ``examples`` rule's n), while c = mean_k c_k = c_k holds for any copies."""
     from clients.client_app import build_client_app
     from fedavg_relu.runtime.local_grid import LocalGrid
     from fedavg_relu.server_app import run_experiment
 
     finals = {}
     for name in ("fedavg", "scaffold"):
-        cfg = RunConfig.from_mapping(dict(SMALL, strategy=name, **{"output-dir": str(tmp_path), "run-name": name}))
+        cfg = RunConfig.from_mapping(dict(SMALL, strategy=name, **{"output-dir": str(tmp_path), "run-name": name,
+                                                                  "scaffold-weighting": "uniform"}))
         nodes = [{"partition-id": 0}] * 3
         finals[name] = _final_params(run_experiment(LocalGrid(build_client_app(), 3, cfg.to_mapping(), nodes), cfg))
     for k in finals["fedavg"]:
@@ -158,7 +163,7 @@ def test_fedprox_mu_changes_the_local_update(tmp_path):
 
 def test_strategy_state_checkpointed_for_resume(tmp_path):
     """FedAdam's moments and SCAFFOLD's control variate are saved in checkpoint.pt."""
-    for name, attrs in (("fedadam", {"m_t", "v_t"}), ("scaffold", {"control"})):
+    for name, attrs in (("fedadam", {"m_t", "v_t"}), ("scaffold", {"control", "round", "state_key"})):
         run_dir = run_in_process(dict(SMALL, strategy=name, **{"output-dir": str(tmp_path), "run-name": name}))
         state = torch.load(run_dir / "checkpoint.pt", weights_only=False)["strategy_state"]
         assert set(state) == attrs

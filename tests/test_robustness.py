@@ -23,8 +23,11 @@ from fedavg_relu.server_app import RunFailed, run_experiment
 from fedavg_relu.runtime.simulation import run_in_process
 from fedavg_relu.flower.streaming import StreamingGrid
 from fedavg_relu.flower.validation import OutlierGate, OutlierRules, Rejected, check_record_layout, outlier_reason
-from strategies import DriftFedAvg
-from strategies.registry import build_strategy
+from fedavg_relu.flower import schema as wire
+from fedavg_relu.flower.validation import UpdateRules
+from strategies import DriftRecorder
+from strategies.exchange import DriftSettings
+from strategies.registry import build_inner
 from fedavg_relu.core.config import RunConfig
 
 SMALL = {
@@ -50,9 +53,9 @@ def _metrics(n=10, **extra):
 
 def _strategy(name="fedavg", outliers=OutlierRules(0.0, 0.0)):
     cfg = RunConfig(dataset="synthetic", num_partitions=4, width=8, strategy=name, drift_metrics=False)
-    strategy = build_strategy(cfg, 0.1)
-    strategy.setup_drift(GLOBAL, 0.1, enabled=False, outliers=outliers)
-    strategy._drift_global = GLOBAL
+    strategy = DriftRecorder(build_inner(cfg, 0.1), drift=DriftSettings(GLOBAL, 0.1), measure_drift=False,
+                             rules=UpdateRules.for_model(GLOBAL, wire.TRAIN_METRIC_KEYS), outliers=outliers)
+    strategy._global[1] = GLOBAL
     return strategy
 
 
@@ -73,10 +76,11 @@ def test_fewer_nodes_than_clients_packs_them_with_the_same_result(tmp_path):
 
 
 def test_strategy_needing_one_node_per_client_stops_at_once_with_the_fix(tmp_path):
-    """FedProx with 6 clients on 3 nodes: ConfigError naming num-supernodes=6 before any message is sent."""
-    cfg = RunConfig.from_mapping(dict(SMALL, **{"output-dir": str(tmp_path), "strategy": "fedprox"}))
+    """FedMedian (it needs every client's model) with 6 clients on 3 nodes: ConfigError naming num-supernodes=6
+    before any message is sent."""
+    cfg = RunConfig.from_mapping(dict(SMALL, **{"output-dir": str(tmp_path), "strategy": "fedmedian"}))
     grid = LocalGrid(build_client_app(), 3, cfg.to_mapping())
-    with pytest.raises(ConfigError, match='num-supernodes=6.*strategy=fedprox|strategy=fedprox.*num-supernodes=6'):
+    with pytest.raises(ConfigError, match='num-supernodes=6.*strategy=fedmedian|strategy=fedmedian.*num-supernodes=6'):
         run_experiment(grid, cfg)
     assert grid.sent == []
 

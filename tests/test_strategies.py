@@ -1,4 +1,4 @@
-"""Tests of strategies/ (DriftFedAvg and the DriftMeasurement mixin), in process (no Ray)."""
+"""Tests of strategies/ (the drift recorder around Flower's strategies), in process (no Ray)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from fedavg_relu.core.models import build_model, compute_loss, get_trainable, se
 from fedavg_relu.flower.records import arrays_to_params, params_to_arrays
 from fedavg_relu.server_app import build_strategy, train_config
 from fedavg_relu.core.task import initial_params
-from strategies import DriftFedAvg
+from fedavg_relu.flower import schema as wire
+from fedavg_relu.flower.validation import UpdateRules
+from strategies import DriftRecorder
+from strategies.exchange import DriftSettings, PackedDriftExchange, TrainedNode
 
 
 def _reply(node_id: int, params: dict, n: int, **metrics) -> Message:
@@ -64,8 +67,9 @@ def test_streamed_average_equals_float64_weighted_mean_and_flower_fedavg():
             _reply(i + 1, p, n, **{"train-loss": 0.1 * i, "loss-before": 1.0, "local-steps": 2})
             for i, (p, n) in enumerate(zip(params, sizes, strict=True))
         ]
-    ours = DriftFedAvg()
-    ours.setup_drift({"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}, 0.1, enabled=False)
+    init = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+    ours = DriftRecorder(FedAvg(), drift=DriftSettings(init, 0.1), rules=UpdateRules.for_model(init, wire.TRAIN_METRIC_KEYS),
+                         measure_drift=False)
     consumed = replies()
     arrays, metrics = ours.aggregate_train(1, iter(consumed))  # a one-shot iterable, as Flower may pass
     # each summed reply was released (its arrays freed at once, fedavg_relu.flower.records.release)
@@ -141,10 +145,13 @@ def test_equal_clients_full_batch_average_equals_centralized_gd_step():
 
 
 def test_identical_clients_have_zero_divergence_and_drift():
-    """Three nodes with the same partition and seed train identical W_k = W̄ (up to float rounding of the average)."""
+    """Three nodes with the same partition and seed train identical W_k = W̄ (up to float rounding of the average).
+
+    client-metrics off: three nodes naming one partition id would otherwise be two duplicate-id rejections
+    (a partition id is reported once per round; see tests/test_exchanges.py)."""
     cfg = RunConfig(
         dataset="synthetic", synthetic_num_examples=60, num_partitions=3, width=64, model_family="paper",
-        local_steps=3, batch_size=8,
+        local_steps=3, batch_size=8, client_metrics=False,
     )
     same = [{"partition-id": 0, "num-partitions": 3}] * 3
     strategy, _, _ = _run_rounds(cfg, 2, node_configs=same)
@@ -330,16 +337,17 @@ def _drift_reply(metrics: dict) -> Message:
 
 
 def test_drift_reply_nonlinear_fraction_may_be_absent_or_nan_but_not_infinite():
-    """No fraction or a NaN one parses (NaN: not measured / ||Δg|| = 0 alone); +inf is rejected as non-finite."""
+    """No fraction or a NaN one passes the schema (NaN: not measured / ||Δg|| = 0 alone); +inf is rejected as non-finite."""
     from fedavg_relu.core.metrics import ClientDrift
-    from strategies.replies import parse_drift_reply
 
     base = ClientDrift(5, 1.0, 0.5, 2.0, 1.5, 0.3, 0.2, 0.1, 0.0).to_metrics()
-    assert math.isnan(parse_drift_reply(_drift_reply(base), False, {})[0].nonlinear_fraction)
-    assert math.isnan(parse_drift_reply(_drift_reply(dict(base, **{"nonlinear-fraction": math.nan})), False, {})[0].nonlinear_fraction)
-    assert parse_drift_reply(_drift_reply(dict(base, **{"nonlinear-fraction": 0.25})), False, {})[0].nonlinear_fraction == 0.25
-    with pytest.raises(ValueError, match="non-finite"):
-        parse_drift_reply(_drift_reply(dict(base, **{"nonlinear-fraction": math.inf})), False, {})
+    bounds = {wire.TRAINED_EXAMPLES: 5, wire.NUM_PARTITIONS_BOUND: 9}
+    assert "nonlinear-fraction" not in wire.check_metrics(wire.DRIFT_METRICS, base, bounds)
+    nan = wire.check_metrics(wire.DRIFT_METRICS, dict(base, **{"nonlinear-fraction": math.nan}), bounds)
+    assert math.isnan(ClientDrift.from_metrics(nan).nonlinear_fraction)
+    assert wire.check_metrics(wire.DRIFT_METRICS, dict(base, **{"nonlinear-fraction": 0.25}), bounds)["nonlinear-fraction"] == 0.25
+    with pytest.raises(wire.Rejected, match="non-finite"):
+        wire.check_metrics(wire.DRIFT_METRICS, dict(base, **{"nonlinear-fraction": math.inf}), bounds)
 
 
 def test_drift_messages_carry_the_switches_and_rows_name_the_partition():
@@ -355,7 +363,6 @@ def test_drift_messages_carry_the_switches_and_rows_name_the_partition():
     lr = cfg.effective_learning_rate(dataset_shape(cfg)[0])
     grid = LocalGrid(build_client_app(), 2, cfg.to_mapping())
     strategy = build_strategy(cfg, lr)
-    strategy.setup_mechanism(nonlinear=True, client_metrics=True)
     strategy.start(grid=grid, initial_arrays=params_to_arrays(initial_params(cfg)), num_rounds=1, train_config=train_config(cfg, lr))
     drift_configs = [m.content["config"] for m in grid.sent if m.metadata.message_type == "query.drift"]
     assert drift_configs and all(c["drift-nonlinear"] is True and c["client-metrics"] is True for c in drift_configs)
@@ -364,31 +371,33 @@ def test_drift_messages_carry_the_switches_and_rows_name_the_partition():
     n = np.array([r["num-examples"] for r in rows], float)
     mean = float(n @ np.array([r["nonlinear-drift-fraction"] for r in rows]) / n.sum())
     assert strategy.round_metrics[1]["nonlinear-drift-fraction-mean"] == pytest.approx(mean, rel=1e-12)
-    off = build_strategy(cfg, lr)
-    off.setup_mechanism(nonlinear=False, client_metrics=False)
+    off = build_strategy(cfg.replace(drift_nonlinear=False, client_metrics=False), lr)
     grid = LocalGrid(build_client_app(), 2, cfg.to_mapping())
     off.start(grid=grid, initial_arrays=params_to_arrays(initial_params(cfg)), num_rounds=1, train_config=train_config(cfg, lr))
     assert off.client_rows == {} and "nonlinear-drift-fraction-mean" not in off.round_metrics[1]
 
 
 def test_packed_drift_sums_without_any_fraction_are_valid_and_bad_rows_are_rejected():
-    """nonlinear-max = -inf passes while nonlinear-examples = 0 (nothing measured), not otherwise; rows of the wrong count are refused."""
+    """nonlinear-max = -inf passes while nonlinear-examples = 0 (nothing measured), not otherwise; rows must name
+    exactly the clients the node trained."""
     from fedavg_relu.core.metrics import ClientDrift
     from fedavg_relu.core.packed import DriftSums
     from fedavg_relu.flower.client_table import client_row_lists
-    from strategies.packed import PackedFedAvg
 
-    strategy = PackedFedAvg()
-    strategy.setup_drift(initial_params(RunConfig(width=8)), 0.1, gradient_dissimilarity=False)
+    exchange = PackedDriftExchange(DriftSettings(initial_params(RunConfig(width=8)), 0.1, gradient_dissimilarity=False))
     sums = DriftSums()
     drift = ClientDrift(5, 1.0, 0.5, 2.0, 1.5, 0.3, 0.2, 0.1, 0.0)
     sums.add(drift, 1.2)
     values = sums.to_metrics()
     assert values["nonlinear-max"] == -math.inf
-    strategy._parse_packed_drift(_drift_reply(values))  # valid
-    with pytest.raises(ValueError, match="nonlinear-max"):
-        strategy._parse_packed_drift(_drift_reply(dict(values, **{"nonlinear-examples": 5.0})))
+    node = TrainedNode(3, 5, 1.2, 2.0, [3])
+    acc = exchange._new_accumulator()
     rows = client_row_lists([3], [drift], [1.2], [2], False)
-    assert strategy._parse_client_rows(_drift_reply(dict(values, **rows)), 1)[0]["client"] == 3
-    with pytest.raises(ValueError, match="1 per-client rows for num-clients=2"):
-        strategy._parse_client_rows(_drift_reply(dict(values, **rows)), 2)
+    with pytest.raises(wire.Rejected, match="client-ids"):  # client-metrics on: the rows must come
+        exchange._take(acc, _drift_reply(values), node, 1)
+    with pytest.raises(wire.Rejected, match="nonlinear-max"):
+        exchange._take(acc, _drift_reply(dict(values, **rows, **{"nonlinear-examples": 5.0})), node, 1)
+    exchange._take(acc, _drift_reply(dict(values, **rows)), node, 1)  # valid
+    assert acc["rows"][-1]["client"] == 3
+    with pytest.raises(wire.Rejected, match="client-ids"):
+        exchange._take(acc, _drift_reply(dict(values, **rows)), TrainedNode(3, 5, 1.2, 2.0, [4]), 1)

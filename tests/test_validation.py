@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 from fedavg_relu.runtime.local_grid import LocalGrid, ensure_task_identity
 from fedavg_relu.flower.records import params_to_arrays
 from fedavg_relu.flower.validation import Rejected, UpdateRules, check_update
-from strategies import DriftFedAvg
+from flwr.serverapp.strategy import FedAvg
+
+from strategies import DriftRecorder
+from strategies.exchange import DriftSettings
 
 GLOBAL = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([0.5, -0.5], np.float32)}
 KEYS = frozenset({"num-examples", "train-loss", "loss-before"})  # this test's own rules
@@ -19,10 +22,9 @@ RULES = UpdateRules.for_model(GLOBAL, KEYS, max_num_examples=10_000)
 GOOD_METRICS = {"num-examples": 10, "train-loss": 0.3, "loss-before": 0.4}
 
 
-def _strategy() -> DriftFedAvg:
-    strategy = DriftFedAvg(min_available_nodes=1, min_train_nodes=1)
-    strategy.setup_drift(GLOBAL, 0.1, enabled=False, rules=RULES)
-    return strategy
+def _strategy(inner=None) -> DriftRecorder:
+    inner = inner or FedAvg(min_available_nodes=1, min_train_nodes=1)
+    return DriftRecorder(inner, drift=DriftSettings(GLOBAL, 0.1), rules=RULES, measure_drift=False)
 
 
 def _message(node: int, content: RecordDict) -> Message:
@@ -114,7 +116,7 @@ def test_every_kind_of_bad_reply_is_rejected_with_its_reason(bad):
     content, reason = bad
     good = _message(1, _content({k: v + 1 for k, v in GLOBAL.items()}, GOOD_METRICS))
     strategy = _strategy()
-    strategy._drift_global = GLOBAL
+    strategy._global[1] = GLOBAL
     arrays, metrics = strategy.aggregate_train(1, [good, _message(2, content)])
     assert metrics[f"rejected-{reason}"] == 1
     assert metrics["clients-rejected"] == 1 and metrics["clients-trained"] == 1
@@ -172,7 +174,7 @@ def test_valid_update_passes_and_returns_weight():
 
 
 def test_evaluate_replies_are_screened_before_flowers_average():
-    """A directly built DriftFedAvg runs Flower's evaluate phase. Kept: n=10 with loss 0.5 and n=30 with
+    """A recorder around a FedAvg built directly runs Flower's evaluate phase. Kept: n=10 with loss 0.5 and n=30 with
     loss 0.1, so the weighted mean is (10*0.5 + 30*0.1) / 40 = 0.2. Dropped, where Flower's average would
     end the run or be wrecked: an error reply, a reply carrying arrays, num-examples 0, and keys other than
     the first kept reply's. With only the first three bad ones, nothing is left: None."""

@@ -74,22 +74,39 @@ def scaffold_client_control(
 def scaffold_server_update(
     global_params: Params, server_control: Params, local_params: Sequence[Params], control_deltas: Sequence[Params],
     num_examples: Sequence[int], num_clients_total: int, server_learning_rate: float = 1.0,
+    weighting: str = "examples", total_examples: float | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``x <- x + eta_g sum_k p_k (y_k - x)``; ``c <- c + (|S| / N) sum_k p_k dc_k``.
+    """SCAFFOLD's server step with one consistent weighting of the clients.
 
-    ``p_k = n_k / sum n`` over the sampled clients S (the SCAFFOLD paper uses the
-    uniform 1/|S|; weighting by examples keeps eta_g = 1 identical to FedAvg).
+    ``weighting="uniform"`` (the paper's, Karimireddy et al. 2020, eq. 5):
+    ``x <- x + eta_g (1/|S|) sum_S (y_k - x)`` and ``c <- c + (1/N) sum_S dc_k``, so that
+    ``c = (1/N) sum_k c_k`` over all N clients at every round.
+
+    ``weighting="examples"`` (FedAvg's weighting; eta_g = 1 gives FedAvg's model):
+    ``x <- x + eta_g sum_S (n_k/n_S) (y_k - x)`` and ``c <- c + sum_S (n_k/n) dc_k`` with
+    ``n = total_examples`` the examples of all N clients, so that ``c = sum_k (n_k/n) c_k``.
+
+    Either way the invariant holds exactly under partial participation (every c_k starts
+    at 0 with c; only the sampled clients' c_k change, by dc_k).
     """
     p = np.asarray(num_examples, np.float64)
-    p = p / p.sum()
-    share = len(local_params) / max(num_clients_total, len(local_params))
+    if weighting == "uniform":
+        p_model = np.full(len(local_params), 1.0 / len(local_params))
+        p_control = np.full(len(local_params), 1.0 / max(num_clients_total, len(local_params)))
+    elif weighting == "examples":
+        if total_examples is None or total_examples < p.sum():
+            raise ValueError(f"total_examples={total_examples}: expected the examples of all clients (>= {p.sum():.0f})")
+        p_model = p / p.sum()
+        p_control = p / float(total_examples)
+    else:
+        raise ValueError(f"weighting={weighting!r}: expected 'uniform' or 'examples'")
     new_x, new_c = {}, {}
     for name, x in global_params.items():
         x64 = np.asarray(x, np.float64)
-        dy = sum(pk * (np.asarray(y[name], np.float64) - x64) for pk, y in zip(p, local_params, strict=True))
-        dc = sum(pk * np.asarray(d[name], np.float64) for pk, d in zip(p, control_deltas, strict=True))
+        dy = sum(pk * (np.asarray(y[name], np.float64) - x64) for pk, y in zip(p_model, local_params, strict=True))
+        dc = sum(pk * np.asarray(d[name], np.float64) for pk, d in zip(p_control, control_deltas, strict=True))
         new_x[name] = (x64 + server_learning_rate * dy).astype(np.asarray(x).dtype)
-        new_c[name] = (np.asarray(server_control[name], np.float64) + share * dc).astype(np.asarray(x).dtype)
+        new_c[name] = (np.asarray(server_control[name], np.float64) + dc).astype(np.asarray(x).dtype)
     return new_x, new_c
 
 

@@ -12,6 +12,7 @@ This module does not import flwr.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ STRATEGIES = (
     "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
     "fedmedian", "fedtrimmedavg", "krum", "scaffold", "fednova",
 )
+#: Strategies packed mode runs: their server step needs only the weighted mean of the client models.
+PACKED_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+SCAFFOLD_WEIGHTINGS = ("examples", "uniform")
 
 
 class ConfigError(ValueError):
@@ -39,6 +43,14 @@ class ConfigError(ValueError):
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _json_object(text: str) -> bool:
+    """True when ``text`` is a JSON object (``strategy-args``)."""
+    try:
+        return isinstance(json.loads(text or "{}"), dict)
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -77,7 +89,9 @@ class RunConfig:
     weight_decay: float = 0.0  # L2 weight decay of local SGD
     local_epochs: float = 0.0  # > 0: client k runs ceil(local-epochs * n_k / batch) steps (unequal tau_k)
     # --- server --------------------------------------------------------------
-    strategy: str = "fedavg"  # one of STRATEGIES
+    strategy: str = "fedavg"  # one of STRATEGIES, or "package.module:Name" / "/path/file.py:Name" (a Strategy class or factory)
+    strategy_args: str = "{}"  # JSON object of keyword arguments for a "package.module:Name" strategy
+    scaffold_weighting: str = "examples"  # SCAFFOLD: "examples" (n_k-weighted, FedAvg's model step) or "uniform" (the paper's)
     proximal_mu: float = 0.01  # FedProx: weight mu of the proximal term
     server_learning_rate: float = 1.0  # FedAvgM / SCAFFOLD: server step size on the averaged update
     server_momentum: float = 0.9  # FedAvgM: server momentum
@@ -159,7 +173,10 @@ class RunConfig:
             ("batch_size", self.batch_size >= 0, 'an integer >= 0 (0 or "full" = full batch)'),
             ("momentum", 0.0 <= self.momentum < 1.0, "a float in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0 and math.isfinite(self.weight_decay), "a finite float >= 0"),
-            ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+            ("strategy", self.strategy in STRATEGIES or self.user_strategy,
+             f"one of {', '.join(STRATEGIES)}, or 'package.module:Name' naming a Strategy class or factory"),
+            ("strategy_args", _json_object(self.strategy_args), "a JSON object of keyword arguments, e.g. '{\"eta\": 0.1}'"),
+            ("scaffold_weighting", self.scaffold_weighting in SCAFFOLD_WEIGHTINGS, f"one of {SCAFFOLD_WEIGHTINGS}"),
             ("local_epochs", self.local_epochs >= 0 and math.isfinite(self.local_epochs), "a finite float >= 0 (0 = use local-steps)"),
             ("proximal_mu", self.proximal_mu >= 0 and math.isfinite(self.proximal_mu), "a finite float >= 0"),
             ("server_learning_rate", self.server_learning_rate > 0 and math.isfinite(self.server_learning_rate), "a finite float > 0"),
@@ -204,8 +221,13 @@ class RunConfig:
         problems = []
         if self.clients_per_node < 0:
             problems.append(f"clients-per-node={self.clients_per_node!r}: expected an integer >= 0 (0 or 1 = one client per node)")
-        if self.packed and self.strategy != "fedavg":
-            problems.append(f"clients-per-node={self.clients_per_node!r}: expected 0 or 1 with strategy={self.strategy!r} (packed mode runs fedavg only)")
+        if self.packed and self.strategy in STRATEGIES and self.strategy not in PACKED_STRATEGIES:
+            problems.append(
+                f"clients-per-node={self.clients_per_node!r}: expected 0 or 1 with strategy={self.strategy!r}: packed mode "
+                f"runs {', '.join(PACKED_STRATEGIES)} (their server step needs only the weighted mean of the client "
+                f"models); {self.strategy} needs every client's model: run one client per node "
+                f'(flwr run . --federation-config "num-supernodes={self.num_partitions}")'
+            )
         try:
             steps = self.lockstep_steps()
         except ValueError:
@@ -220,6 +242,12 @@ class RunConfig:
                 "drift-metrics=true and local-epochs=0 (the cohort must step in lockstep)"
             )
         return problems
+
+    @property
+    def user_strategy(self) -> bool:
+        """True when ``strategy`` names a strategy to import (``"package.module:Name"``)."""
+        where, sep, name = self.strategy.rpartition(":")
+        return bool(sep and where and name.isidentifier())
 
     @property
     def packed(self) -> bool:

@@ -114,3 +114,65 @@ class LocalModelStore:
 def remove_run(run_id: int, root: Path | None = None) -> None:
     """Remove every node's kept models of run ``run_id`` on this machine (the end of a simulation)."""
     shutil.rmtree((root or spill_root()) / f"run-{int(run_id)}", ignore_errors=True)
+
+
+class ClientStateStore:
+    """A client's state that must outlive one attempt of a run (SCAFFOLD's c_k), versioned.
+
+    A resumed run is a new Flower run (new run id, new node ids), so this store is keyed by
+    the run's ``state_key`` (the same for every attempt of one run folder) and the client's
+    partition id: ``ROOT/state-<key>/client-<partition>/<slot>/round-<r>-<attempt>/``. Each
+    save is one version: the state after training in round ``r`` of attempt ``attempt``.
+
+    Which versions count: an attempt that resumed after round ``R`` sees its own versions and
+    the versions of earlier attempts up to round R (what the checkpoint it resumed from
+    assumed), never an earlier attempt's versions past R (rounds that were redone). On
+    :meth:`save` only what a later resume could still need is kept: the new version and the
+    newest counted version at or before the server's last checkpointed round.
+    """
+
+    def __init__(self, state_key: str, partition_id: int, slot: str, root: Path | None = None) -> None:
+        if not state_key or "/" in state_key or state_key.startswith("."):
+            raise ValueError(f"state_key={state_key!r}: expected a non-empty name without '/'")
+        self.dir = (root or spill_root()) / f"state-{state_key}" / f"client-{int(partition_id)}" / slot
+
+    def _versions(self, attempt: str, resumed_after: int) -> list[tuple[int, Path]]:
+        """(round, folder) of every version this attempt counts, oldest first."""
+        out = []
+        for folder in self.dir.glob("round-*-*"):
+            _, r, owner = folder.name.split("-", 2)
+            if owner == attempt or int(r) <= resumed_after:
+                out.append((int(r), folder))
+        return sorted(out, key=lambda item: item[0])
+
+    def load(self, server_round: int, attempt: str, resumed_after: int) -> dict[str, np.ndarray] | None:
+        """The newest counted version from before round ``server_round`` (None: the client starts from 0)."""
+        earlier = [(r, f) for r, f in self._versions(attempt, resumed_after) if r < server_round]
+        if not earlier:
+            return None
+        folder = earlier[-1][1]
+        return {p.stem.replace("%2F", "/"): np.load(p, allow_pickle=False) for p in folder.glob("*.npy")}
+
+    def save(self, server_round: int, attempt: str, resumed_after: int, checkpointed_round: int,
+             params: Mapping[str, np.ndarray]) -> None:
+        """Keep ``params`` as the state after round ``server_round``; prune what no resume can need."""
+        tmp = self.dir / f".round-{int(server_round)}-{attempt}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, value in params.items():
+            np.save(tmp / f"{_safe(name)}.npy", np.asarray(value), allow_pickle=False)
+        final = self.dir / f"round-{int(server_round)}-{attempt}"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        counted = self._versions(attempt, resumed_after)
+        at_checkpoint = [f for r, f in counted if r <= checkpointed_round and f != final]
+        keep = {final, *at_checkpoint[-1:]}
+        for folder in self.dir.glob("round-*-*"):
+            if folder not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_state(state_key: str, root: Path | None = None) -> None:
+    """Remove every client's kept state of run ``state_key`` on this machine (a completed simulation)."""
+    if state_key:
+        shutil.rmtree((root or spill_root()) / f"state-{state_key}", ignore_errors=True)

@@ -3,7 +3,8 @@
 After every complete round the ServerApp writes ``checkpoint.pt`` in the run
 folder, atomically: the round, the global model's trained parameters, the
 strategy's own state (server momentum and moments, control variates, ...:
-whatever its ``checkpoint_state()`` returns), the metrics history and the
+whatever its ``state_dict()`` returns: the drift recorder's is the wrapped strategy's,
+through the one seam :mod:`strategies.state`), the metrics history and the
 random states (Python's ``random`` drives Flower's client sampling). With
 ``resume = true`` a run continues from there; clients seed their minibatches
 by (seed, partition, round), so a resumed deterministic run repeats the
@@ -44,8 +45,8 @@ class Checkpoint:
 
     def restore(self, strategy: Any) -> None:
         """Put the strategy's state and the random states back."""
-        if hasattr(strategy, "load_checkpoint_state"):
-            strategy.load_checkpoint_state(self.strategy_state)
+        if hasattr(strategy, "load_state_dict"):
+            strategy.load_state_dict(self.strategy_state)
         random.setstate(self.random_state["python"])
         np.random.set_state(self.random_state["numpy"])
         torch.set_rng_state(self.random_state["torch"])
@@ -53,7 +54,7 @@ class Checkpoint:
 
 def save_checkpoint(run_dir: Path, server_round: int, params, strategy: Any, rows, cfg: RunConfig) -> Path:
     """Write ``checkpoint.pt`` for the round just completed (atomically)."""
-    state = strategy.checkpoint_state() if hasattr(strategy, "checkpoint_state") else {}
+    state = strategy.state_dict() if hasattr(strategy, "state_dict") else {}
     payload = {
         "round": int(server_round),
         "params": {k: np.asarray(v) for k, v in params.items()},

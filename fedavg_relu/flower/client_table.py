@@ -2,7 +2,7 @@
 
 A node that simulates many clients sends its per-client rows (the columns of
 :func:`fedavg_relu.core.metrics.client_row`) as one list per column in its drift
-reply's MetricRecord, under :data:`fedavg_relu.flower.protocol.CLIENT_IDS` and
+reply's MetricRecord, under :data:`fedavg_relu.flower.schema.CLIENT_IDS` and
 ``CLIENT_PREFIX + column``: a few floats per client, in one message.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from fedavg_relu.core.metrics import CLIENT_COLUMNS, ClientDrift, client_row
-from fedavg_relu.flower.protocol import CLIENT_IDS, CLIENT_PREFIX
+from fedavg_relu.flower.schema import CLIENT_IDS, CLIENT_PREFIX
 
 
 def client_row_lists(

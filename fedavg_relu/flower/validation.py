@@ -1,7 +1,7 @@
 """Validation of one client update before it may enter an average.
 
 Pure functions on plain values (numpy arrays, dicts): the strategy layer
-(`strategies/drift.py`) extracts them from Flower messages and calls
+(:mod:`strategies.screening`) extracts them from Flower messages and calls
 :func:`check_update`. Every rejection has one reason from :data:`REASONS`, so
 that a round's metrics can count rejections per reason.
 
@@ -16,33 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-REASONS = (
-    "malformed",  # not exactly one ArrayRecord and one MetricRecord, or unreadable arrays
-    "record-layout",  # records named or typed otherwise than the strategy reads (e.g. "weights" for "arrays")
-    "array-names",  # missing or extra arrays
-    "array-shape",  # an array's shape differs from the global model's
-    "array-dtype",  # an array's dtype differs from the global model's
-    "non-finite",  # NaN or inf in an array
-    "metric-keys",  # missing or extra metric keys
-    "num-examples",  # num-examples not a positive integer within the bound
-    "metric-type",  # a metric value that is not a number (e.g. a list where a scalar is read)
-    "non-finite-metric",  # NaN or inf in a metric value
-    "update-norm",  # ||W_k - W^r|| above the configured bound
-    "duplicate-node",  # a second reply of the same node in one round
-    "unexpected-node",  # a reply from a node that was not sampled this round
-    "examples-outlier",  # num-examples far above the round's other replies (max-examples-ratio)
-    "update-outlier",  # ||W_k - W^r|| far above the round's other replies (max-update-ratio)
-)
+from fedavg_relu.flower.schema import MAX_NUM_EXAMPLES, NUM_EXAMPLES, REASONS, TRAIN_METRICS, Rejected, check_metrics
 
-
-class Rejected(Exception):
-    """An update that must not be averaged; ``reason`` is one of :data:`REASONS`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+__all__ = ["REASONS", "OutlierGate", "OutlierRules", "Rejected", "UpdateRules", "check_update", "update_norm"]
 
 
 @dataclass(frozen=True)
@@ -93,13 +69,24 @@ def check_update(
     for name in rules.shapes:
         if not np.isfinite(params[name]).all():
             raise Rejected("non-finite", f"{name} contains NaN or inf")
+    if rules.metric_keys == TRAIN_METRICS.keys:  # the ClientApp's reply: the schema's kinds and bounds
+        check_metrics(TRAIN_METRICS, metrics, {MAX_NUM_EXAMPLES: rules.max_num_examples})
+    else:
+        _check_other_metrics(metrics, rules)
+    if rules.max_update_norm > 0 and global_params is not None:
+        norm = update_norm(params, global_params)
+        if norm > rules.max_update_norm:
+            raise Rejected("update-norm", f"||update|| = {norm:.4g} > max-update-norm = {rules.max_update_norm:.4g}")
+    return int(metrics[NUM_EXAMPLES])  # type: ignore[arg-type]
+
+
+def _check_other_metrics(metrics: Mapping[str, object], rules: UpdateRules) -> None:
+    """Rules with their own metric keys: exactly those keys, finite numbers, a positive bounded count."""
     keys = set(metrics)
     if keys != rules.metric_keys:
         missing, extra = sorted(rules.metric_keys - keys), sorted(keys - rules.metric_keys)
         raise Rejected("metric-keys", f"missing {missing}, unexpected {extra}")
-    n = metrics["num-examples"]
-    if isinstance(n, list):
-        raise Rejected("num-examples", f"num-examples={n!r}: expected a positive integer")
+    n = metrics[NUM_EXAMPLES]
     if isinstance(n, bool) or not isinstance(n, (int, float)) or isinstance(n, float) and not n.is_integer():
         raise Rejected("num-examples", f"num-examples={n!r}: expected a positive integer")
     if not 1 <= n <= rules.max_num_examples:
@@ -109,11 +96,6 @@ def check_update(
             raise Rejected("metric-type", f"{key}={value!r}: expected a number")
         if not math.isfinite(value):
             raise Rejected("non-finite-metric", f"{key}={value!r}")
-    if rules.max_update_norm > 0 and global_params is not None:
-        norm = update_norm(params, global_params)
-        if norm > rules.max_update_norm:
-            raise Rejected("update-norm", f"||update|| = {norm:.4g} > max-update-norm = {rules.max_update_norm:.4g}")
-    return int(n)
 
 
 def update_norm(params: Mapping[str, np.ndarray], global_params: Mapping[str, np.ndarray]) -> float:
