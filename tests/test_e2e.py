@@ -24,17 +24,37 @@ THEORY_KEYS = [
 ]
 
 
-def test_flwr_run_writes_outputs_and_learns(tmp_path):
-    """`flwr run .` (own FLWR_HOME, ports, Ray temp dir): 3 rounds x 4 clients, Dirichlet(0.3).
+USER_STRATEGY = """
+from flwr.serverapp.strategy import FedAvgM
 
-    The run completes, writes config.json / metrics.jsonl / metrics.csv / model.pt, the global loss
-    after round 2 is below the initial loss F(W^0), every THEORY.md metric is finite with drift > 0,
-    and the SuperLink it started is gone afterwards.
+
+class MomentumWithMarker(FedAvgM):
+    \"\"\"A user's own strategy, in a file outside the package: FedAvgM that tags its metrics.\"\"\"
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        metrics["user-strategy-round"] = server_round
+        return arrays, metrics
+"""
+
+
+def test_flwr_run_writes_outputs_and_learns(tmp_path):
+    """`flwr run .` (own FLWR_HOME, ports, Ray temp dir): 3 rounds x 4 clients, Dirichlet(0.3), with a user's
+    strategy defined in a file outside the package (strategy = "/tmp/.../user_strategy.py:MomentumWithMarker",
+    strategy-args for its momentum).
+
+    The run completes, writes config.json / metrics.jsonl / metrics.csv / model.pt, the user's strategy ran
+    (its marker is in every round's metrics) and was measured: every THEORY.md metric is finite with
+    drift > 0; the global loss after round 2 is below the initial loss F(W^0); the SuperLink it started is
+    gone afterwards.
     """
+    user_file = tmp_path / "user_strategy.py"
+    user_file.write_text(USER_STRATEGY)
     overrides = {
         "num-server-rounds": 3, "num-partitions": 4, "dataset": "synthetic", "synthetic-num-examples": 400,
         "partitioner": "dirichlet", "dirichlet-alpha": 0.3, "width": 256, "local-steps": 3,
         "output-dir": str(tmp_path / "runs"), "run-name": "e2e",
+        "strategy": f"{user_file}:MomentumWithMarker", "strategy-args": '{"server_momentum": 0.5}',
     }
     flower = IsolatedFlower(home=tmp_path / "flwr-home")
     with flower:
@@ -51,6 +71,7 @@ def test_flwr_run_writes_outputs_and_learns(tmp_path):
     assert rows[2]["global-loss"] < rows[1]["loss-before"]  # F(W^2) < F(W^0)
     for row in rows[1:]:
         assert row["clients-trained"] == 4 and row["clients-measured"] == 4
+        assert row["user-strategy-round"] == row["round"]
         for key in THEORY_KEYS:
             assert row[key] is not None and math.isfinite(row[key]), key
         assert row["gradient-drift-mean"] > 0

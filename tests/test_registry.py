@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +169,97 @@ def test_strategy_state_checkpointed_for_resume(tmp_path):
         state = torch.load(run_dir / "checkpoint.pt", weights_only=False)["strategy_state"]
         assert set(state) == attrs
         assert all(v is not None for v in state.values())
+
+
+# --- bring your own strategy ---------------------------------------------------------------------
+def test_a_strategy_from_a_file_outside_the_package_is_measured(tmp_path):
+    """strategy = "/path/file.py:HalfStep" (a FedAvg subclass moving half way to the average) with strategy-args:
+    the run is measured like any other, and its model is W^0 + 0.5 (FedAvg's W^1 - W^0) after one round."""
+    module = tmp_path / "my_strategy.py"
+    module.write_text(
+        "from flwr.serverapp.strategy import FedAvg\n"
+        "from fedavg_relu.flower.records import arrays_to_params, params_to_arrays\n"
+        "class HalfStep(FedAvg):\n"
+        "    def __init__(self, step=1.0, **kwargs):\n"
+        "        super().__init__(**kwargs)\n"
+        "        self.step = step\n"
+        "    def configure_train(self, server_round, arrays, config, grid):\n"
+        "        self.current = arrays_to_params(arrays)\n"
+        "        return super().configure_train(server_round, arrays, config, grid)\n"
+        "    def aggregate_train(self, server_round, replies):\n"
+        "        arrays, metrics = super().aggregate_train(server_round, replies)\n"
+        "        avg = arrays_to_params(arrays)\n"
+        "        metrics['half-step'] = self.step\n"
+        "        return params_to_arrays({k: self.current[k] + self.step * (v - self.current[k]) for k, v in avg.items()}), metrics\n"
+    )
+    one = dict(SMALL, **{"num-server-rounds": 1, "output-dir": str(tmp_path)})
+    plain = _final_params(run_in_process(dict(one, **{"run-name": "plain"})))
+    run = run_in_process(dict(one, strategy=f"{module}:HalfStep", **{"strategy-args": '{"step": 0.5}', "run-name": "mine"}))
+    rows = read_metrics(run)
+    assert rows[1]["half-step"] == 0.5 and rows[1]["clients-measured"] == 3 and rows[1]["gradient-drift-mean"] > 0
+    init = RunConfig.from_mapping(SMALL)
+    w0 = get_trainable(build_model(init, 5, 4))
+    mine = _final_params(run)
+    for k in w0:
+        np.testing.assert_allclose(mine[k], w0[k] + 0.5 * (plain[k] - w0[k]), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_user_strategies_are_refused_naming_the_key(tmp_path):
+    """A missing module, a name that is no Strategy, or arguments it does not take: ConfigError before any message."""
+    module = tmp_path / "not_a_strategy.py"
+    module.write_text("def nothing(**kwargs):\n    return 42\n")
+    base = dict(SMALL, **{"output-dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"strategy='no_such_module:Mine': expected one of fedavg.*ModuleNotFoundError"):
+        run_in_process(dict(base, strategy="no_such_module:Mine"))
+    with pytest.raises(ConfigError, match="expected a flwr.serverapp.strategy.Strategy, got int"):
+        run_in_process(dict(base, strategy=f"{module}:nothing"))
+    with pytest.raises(ConfigError, match=r"strategy-args='\{\"bogus\": 1\}': .*does not take them"):
+        run_in_process(dict(base, strategy="flwr.serverapp.strategy:FedAvg", **{"strategy-args": '{"bogus": 1}'}))
+    with pytest.raises(ConfigError, match="strategy-args='\\[1\\]': expected a JSON object"):
+        RunConfig.from_mapping({"strategy-args": "[1]"})
+
+
+def test_flowers_dp_wrapper_composes_with_the_recorder(tmp_path):
+    """examples/dp_fedavg.py: Flower's server-side fixed clipping around FedAvg, inside the recorder.
+
+    With noise 0 and a clipping norm no update reaches, the model equals plain FedAvg's (clipping
+    and noise are the identity); with noise 0.5 it differs, and the drift is still measured against
+    the noised average, every round, from every client.
+    """
+    example = Path(__file__).resolve().parents[1] / "examples" / "dp_fedavg.py"
+    base = dict(SMALL, strategy=f"{example}:dp_fedavg", **{"output-dir": str(tmp_path)})
+    plain = _final_params(run_in_process(dict(SMALL, **{"output-dir": str(tmp_path), "run-name": "plain"})))
+    identity = run_in_process(dict(base, **{"run-name": "id", "strategy-args": '{"noise_multiplier": 0.0, "clipping_norm": 1e6}'}))
+    for k, v in _final_params(identity).items():
+        np.testing.assert_allclose(v, plain[k], rtol=1e-5, atol=1e-6)
+    noisy = run_in_process(dict(base, **{"run-name": "dp", "strategy-args": '{"noise_multiplier": 0.5, "clipping_norm": 1.0}'}))
+    assert max(float(np.abs(v - plain[k]).max()) for k, v in _final_params(noisy).items()) > 1e-3
+    rows = read_metrics(noisy)
+    for row in rows[1:]:
+        assert row["clients-measured"] == 3 and math.isfinite(row["gradient-drift-mean"]) and row["gradient-drift-mean"] > 0
+
+
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_scaffold_server_control_is_the_average_of_the_clients_under_partial_participation(weighting, tmp_path, monkeypatch):
+    """3 non-IID clients, fraction-train = 0.5 (2 of 3 sampled a round), 4 rounds, through the app: the server's c
+    in the checkpoint equals sum_k w_k c_k over the c_k the nodes kept on disk, w_k = n_k / n (examples) or
+    1/3 (uniform), to float32 rounding. A client never sampled has c_k = 0 and still counts in the sum."""
+    monkeypatch.setenv("FEDAVG_RELU_SPILL_DIR", str(tmp_path / "spill"))
+    cfg = RunConfig.from_mapping(dict(SMALL, strategy="scaffold", **{
+        "fraction-train": 0.5, "num-server-rounds": 4, "scaffold-weighting": weighting, "output-dir": str(tmp_path),
+        "run-name": "s",
+    }))
+    run_dir = run_in_process(cfg)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)["strategy_state"]
+    rows = read_metrics(run_dir)
+    assert [r["clients-sampled"] for r in rows[1:]] == [2, 2, 2, 2]
+    n = np.array([len(load_partition(cfg, k)) for k in range(3)], float)
+    w = n / n.sum() if weighting == "examples" else np.full(3, 1 / 3)
+    store = tmp_path / "spill" / f"state-{state['state_key']}"
+    for name, c in state["control"].items():
+        total = np.zeros_like(c, dtype=np.float64)
+        for k in range(3):
+            versions = sorted(store.glob(f"client-{k}/scaffold-control/round-*"), key=lambda p: int(p.name.split("-")[1]))
+            if versions:
+                total += w[k] * np.load(versions[-1] / f"{name}.npy").astype(np.float64)
+        np.testing.assert_allclose(c, total, rtol=1e-5, atol=1e-7, err_msg=name)

@@ -58,9 +58,9 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     text = str(value)
-    if '"' in text or "\n" in text:
-        raise ValueError(f"run-config string values cannot contain double quotes or newlines: {text!r}")
-    return f'"{text}"'
+    if "\n" in text or ('"' in text and "'" in text):
+        raise ValueError(f"run-config string values cannot contain newlines, or both kinds of quotes: {text!r}")
+    return f"'{text}'" if '"' in text else f'"{text}"'
 
 
 def run_config_arg(overrides: Mapping[str, Any]) -> str:
