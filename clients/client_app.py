@@ -23,10 +23,9 @@ from flwr.clientapp import ClientApp
 
 from fedavg_relu.flower import schema as wire
 from fedavg_relu.flower.records import arrays_to_params, params_to_arrays
-from fedavg_relu.core.spill import ClientStateStore
 from fedavg_relu.core.task import client_data, measure_drift, node_seed_id, train_client
 
-from .node import local_store, run_config, settings_from
+from .node import ControlVariates, local_store, run_config, settings_from, split_control
 from .packed_app import cohort, packed_drift, packed_train
 
 # torch 2.13 warns once per worker that `torch.jit.script` is deprecated when a library it calls uses it
@@ -34,7 +33,6 @@ from .packed_app import cohort, packed_drift, packed_train
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
 
 MEASURED_LOSS_KEY = "measured-loss"  # node state: f_k at the model of the last drift exchange
-SCAFFOLD_SLOT = "scaffold-control"  # on-disk slot of SCAFFOLD's c_k, kept across rounds and resumes
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -46,22 +44,17 @@ def train(msg: Message, context: Context) -> Message:
     loss_before = None
     if known is not None and wire.MEASURED_ROUND in config and int(known["server-round"]) == int(config[wire.MEASURED_ROUND]):
         loss_before = float(known["loss"])  # this very model was measured here last round
-    received = arrays_to_params(msg.content[wire.ARRAYS])
-    global_params = {k: v for k, v in received.items() if not k.startswith(wire.SCAFFOLD_CONTROL_PREFIX)}
-    scaffold, control_store = None, None
-    if len(global_params) < len(received):  # SCAFFOLD: the server control variate came along
-        prefix = wire.SCAFFOLD_CONTROL_PREFIX
-        server_c = {k[len(prefix):]: v for k, v in received.items() if k.startswith(prefix)}
-        control_store = scaffold_store(context, config)
-        scaffold = (server_c, control_store.load(server_round, str(config[wire.STATE_ATTEMPT]), int(config[wire.RESUMED_AFTER])))
+    global_params, server_c = split_control(arrays_to_params(msg.content[wire.ARRAYS]))
+    client = int(context.node_config.get("partition-id", context.node_id))
+    controls = ControlVariates(config) if server_c is not None else None  # SCAFFOLD: c came along
+    scaffold = (server_c, controls.load(client)) if controls is not None else None
     outcome = train_client(
         cfg, client_data(cfg, context.node_config), node_seed_id(context.node_config, context.node_id), server_round,
         global_params, settings_from(config, cfg), loss_before, scaffold,
     )
     reply_params = dict(outcome.local_params)
-    if outcome.control_delta is not None and control_store is not None:
-        control_store.save(server_round, str(config[wire.STATE_ATTEMPT]), int(config[wire.RESUMED_AFTER]),
-                           int(config[wire.CHECKPOINTED_ROUND]), outcome.client_control)
+    if outcome.control_delta is not None and controls is not None:
+        controls.save(client, outcome.client_control)
         reply_params.update({wire.SCAFFOLD_DELTA_PREFIX + k: v for k, v in outcome.control_delta.items()})
     store = local_store(context)
     if bool(config.get(wire.KEEP_LOCAL_MODEL, True)):
@@ -78,12 +71,6 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({wire.ARRAYS: params_to_arrays(reply_params), wire.METRICS: metrics})
     return Message(content=content, reply_to=msg)
-
-
-def scaffold_store(context: Context, config) -> ClientStateStore:
-    """Where this client's c_k live: keyed by the run's ``state-key`` and the partition id, not by Flower's ids."""
-    client = int(context.node_config.get("partition-id", context.node_id))
-    return ClientStateStore(str(config[wire.STATE_KEY]), client, SCAFFOLD_SLOT)
 
 
 def drift(msg: Message, context: Context) -> Message:

@@ -32,7 +32,7 @@ from fedavg_relu.core.packed import measure_cohort_drift, train_cohort
 from fedavg_relu.flower.client_table import client_row_lists
 from fedavg_relu.flower.records import arrays_to_params, config_records, params_to_arrays
 
-from .node import local_store, run_config, settings_from
+from .node import ControlVariates, local_store, run_config, settings_from, split_control
 
 COHORT_KEY = "packed-cohort"  # node state: server-round, clients, loss-before
 LOCKSTEP_KEY = "packed-lockstep"  # node state: lockstep sums of the round
@@ -74,10 +74,15 @@ def packed_train(msg: Message, context: Context) -> Message:
     keep = bool(config.get(wire.KEEP_LOCAL_MODEL, True))
     store = local_store(context)
     store.discard()
+    global_params, server_c = split_control(model_params(msg))
+    controls = ControlVariates(config) if server_c is not None else None  # SCAFFOLD: c came along
     cohort_round = train_cohort(
-        cfg, ids, server_round, model_params(msg), settings_from(config, cfg),
+        cfg, ids, server_round, global_params, settings_from(config, cfg),
         known, cfg.lockstep_steps(), keep_local=keep,
         allocate=(lambda shapes: store.allocate(server_round, shapes)) if keep else None,
+        scaffold=(lambda k: (server_c, controls.load(k))) if controls is not None else None,
+        keep_control=controls.save if controls is not None else None,
+        fednova_momentum=float(config[wire.FEDNOVA_MOMENTUM]) if wire.FEDNOVA_MOMENTUM in config else None,
     )
     if keep:
         store.commit(server_round, cohort_round.local_params)
@@ -101,7 +106,13 @@ def packed_train(msg: Message, context: Context) -> Message:
             wire.LOCAL_STEPS: cohort_round.weighted_mean(cohort_round.num_steps),
         }
     )
-    content = RecordDict({wire.ARRAYS: params_to_arrays(cohort_round.mean_params()), wire.METRICS: metrics})
+    reply = cohort_round.mean_params()
+    if wire.FEDNOVA_MOMENTUM in config:  # FedNova: the cohort as one client with its normalised update
+        reply, steps = cohort_round.fednova_reply(global_params, float(config[wire.FEDNOVA_MOMENTUM]))
+        metrics[wire.LOCAL_STEPS] = steps
+    if controls is not None:  # SCAFFOLD: the cohort's example-weighted mean dc_k beside its mean model
+        reply.update({wire.SCAFFOLD_DELTA_PREFIX + k: v for k, v in cohort_round.mean_control_delta().items()})
+    content = RecordDict({wire.ARRAYS: params_to_arrays(reply), wire.METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
 

@@ -27,9 +27,14 @@ class FedNova(FedAvg):
         self.server_learning_rate = server_learning_rate
         self.current_params = None
 
+    #: Packed mode runs it: a cohort replies as one client whose normalised update is its clients' mean
+    #: (fedavg_relu.core.packed.CohortRound.fednova_reply), told by ``fednova-momentum`` in the config.
+    packed_mean_only = True
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Remember W^r, then FedAvg's messages."""
+        """Remember W^r, then FedAvg's messages (with rho, for nodes that train cohorts)."""
         self.current_params = arrays_to_params(arrays)
+        config[wire.FEDNOVA_MOMENTUM] = float(self.momentum)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -46,7 +51,7 @@ class FedNova(FedAvg):
             locals_.append(arrays_to_params(next(iter(array_records(msg.content).values()))))
             metrics = next(iter(metric_records(msg.content).values()))
             sizes.append(int(metrics[self.weighted_by_key]))
-            steps.append(int(metrics[wire.LOCAL_STEPS]))
+            steps.append(float(metrics[wire.LOCAL_STEPS]))
         new_x = fednova_average(self.current_params, locals_, sizes, steps, self.momentum, self.server_learning_rate)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return params_to_arrays(new_x), metrics

@@ -52,7 +52,8 @@ from .exchange import DriftExchange, DriftSettings, PackedDriftExchange, Trained
 from .screening import ReplyScreen, ScreenedRound
 from .state import load_strategy_state, strategy_state
 
-#: Strategies whose server step needs only the example-weighted mean of the client models (packed mode runs them).
+#: Flower's strategies whose server step needs only the example-weighted mean of the client models (packed
+#: mode runs them; the project's SCAFFOLD and FedNova say so themselves with ``packed_mean_only``).
 MEAN_ONLY = ("FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad")
 
 
@@ -76,9 +77,10 @@ def packable(strategy: Strategy) -> bool:
     """True when packed mode can run ``strategy``: its server step needs only the clients' weighted mean.
 
     Flower's FedAvg, FedProx, FedAvgM, FedAdam, FedYogi and FedAdagrad (by class, not subclass:
-    a subclass may change the rule), or any strategy whose class sets ``packed_mean_only = True``.
+    a subclass may change the rule), or any strategy whose ``packed_mean_only`` is true (the project's
+    SCAFFOLD with its example weighting; a user's class may set it).
     """
-    if getattr(type(strategy), "packed_mean_only", False):
+    if getattr(strategy, "packed_mean_only", False):
         return True
     cls = type(strategy)
     return cls.__module__.startswith("flwr.serverapp.strategy") and cls.__name__ in MEAN_ONLY
@@ -123,8 +125,9 @@ class DriftRecorder(Strategy):
             raise TypeError(f"strategy={strategy!r}: expected a flwr.serverapp.strategy.Strategy")
         if cohorts is not None and (strategy is not innermost(strategy) or not packable(strategy)):
             raise ValueError(
-                f"packed mode (clients-per-node > 1) runs strategies whose server step needs only the weighted mean of "
-                f"the client models ({', '.join(MEAN_ONLY)}); {type(strategy).__name__} needs every client's model: "
+                f"packed mode (clients-per-node > 1) runs strategies whose server step needs only sums a cohort can "
+                f"form ({', '.join(MEAN_ONLY)}, SCAFFOLD, FedNova, or a strategy with packed_mean_only = True); "
+                f"{type(strategy).__name__} needs every client's model: "
                 "run one client per node (clients-per-node = 0, and flwr run . --federation-config "
                 '"num-supernodes=<num-partitions>")'
             )

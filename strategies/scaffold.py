@@ -81,6 +81,11 @@ class Scaffold(FedAvg):
         self.current_params: dict[str, np.ndarray] | None = None
         self.num_nodes_total = 0
 
+    @property
+    def packed_mean_only(self) -> bool:
+        """Packed mode can run it with the example weighting: a cohort's reply is its weighted mean y and dc."""
+        return self.weighting == "examples"
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Send W^r together with ``c`` and where the clients' c_k are kept."""
         self.current_params = arrays_to_params(arrays)

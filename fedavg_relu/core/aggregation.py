@@ -19,12 +19,13 @@ import torch
 Params = Mapping[str, np.ndarray]
 
 
-def fednova_normalizer(local_steps: int, momentum: float = 0.0) -> float:
+def fednova_normalizer(local_steps: float, momentum: float = 0.0) -> float:
     """``a_k``: the l1 norm of client k's gradient-accumulation vector.
 
     Plain SGD: ``a_k = tau_k``. Heavy-ball momentum rho (PyTorch's
     ``v <- rho v + g; w <- w - eta v``):
-    ``a_k = (tau_k - rho (1 - rho^tau_k) / (1 - rho)) / (1 - rho)``.
+    ``a_k = (tau_k - rho (1 - rho^tau_k) / (1 - rho)) / (1 - rho)``. Increasing in tau_k, and
+    defined for a real tau_k (a packed cohort reports the one whose a is its clients' mean a_k).
     """
     if momentum == 0.0:
         return float(local_steps)
@@ -32,11 +33,27 @@ def fednova_normalizer(local_steps: int, momentum: float = 0.0) -> float:
     return (local_steps - rho * (1 - rho**local_steps) / (1 - rho)) / (1 - rho)
 
 
+def fednova_steps_for(normalizer: float, momentum: float = 0.0) -> float:
+    """The (real) tau with ``fednova_normalizer(tau, momentum) == normalizer``: bisection to 1e-12 relative."""
+    if momentum == 0.0:
+        return float(normalizer)
+    lo, hi = 0.0, max(1.0, float(normalizer)) * 2 / (1 - momentum) + 1
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if fednova_normalizer(mid, momentum) < normalizer:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
 def fednova_average(
     global_params: Params,
     local_params: Sequence[Params],
     num_examples: Sequence[int],
-    local_steps: Sequence[int],
+    local_steps: Sequence[float],
     momentum: float = 0.0,
     server_learning_rate: float = 1.0,
 ) -> dict[str, np.ndarray]:
@@ -46,7 +63,7 @@ def fednova_average(
     """
     p = np.asarray(num_examples, np.float64)
     p = p / p.sum()
-    a = np.array([fednova_normalizer(int(t), momentum) for t in local_steps])
+    a = np.array([fednova_normalizer(float(t), momentum) for t in local_steps])
     tau_eff = float(p @ a)
     out = {}
     for name, x in global_params.items():

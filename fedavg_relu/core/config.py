@@ -27,8 +27,10 @@ STRATEGIES = (
     "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
     "fedmedian", "fedtrimmedavg", "krum", "scaffold", "fednova",
 )
-#: Strategies packed mode runs: their server step needs only the weighted mean of the client models.
-PACKED_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+#: Strategies packed mode runs: their server step needs only example-weighted means over the clients
+#: (of the models; SCAFFOLD also of the control deltas, with scaffold-weighting = "examples"; FedNova
+#: of the step-normalised updates, which a cohort sums).
+PACKED_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fednova")
 SCAFFOLD_WEIGHTINGS = ("examples", "uniform")
 
 
@@ -228,6 +230,11 @@ class RunConfig:
                 f"models); {self.strategy} needs every client's model: run one client per node "
                 f'(flwr run . --federation-config "num-supernodes={self.num_partitions}")'
             )
+        if self.packed and self.strategy == "scaffold" and self.scaffold_weighting != "examples":
+            problems.append(
+                f"scaffold-weighting={self.scaffold_weighting!r}: expected 'examples' with clients-per-node > 1 (a node's "
+                "reply is its cohort's example-weighted mean); the paper's uniform rule needs one client per node"
+            )
         try:
             steps = self.lockstep_steps()
         except ValueError:
@@ -236,10 +243,10 @@ class RunConfig:
                 f"local steps in [1, local-steps={self.local_steps}]"
             )
             steps = ()
-        if steps and not (self.packed and self.drift_metrics and self.local_epochs == 0):
+        if steps and not (self.packed and self.drift_metrics and self.local_epochs == 0 and self.strategy not in ("scaffold", "fednova")):
             problems.append(
                 f"lockstep-drift-steps={self.lockstep_drift_steps!r}: expected \"\" unless clients-per-node > 1, "
-                "drift-metrics=true and local-epochs=0 (the cohort must step in lockstep)"
+                "drift-metrics=true, local-epochs=0 and a strategy other than scaffold and fednova (the cohort must step in lockstep)"
             )
         return problems
 

@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
-from fedavg_relu.core.aggregation import add_weighted
+from fedavg_relu.core.aggregation import add_weighted, fednova_normalizer, fednova_steps_for
 from fedavg_relu.core.cohort import allocate_arrays, cohort_seeds, measure_cohort_drift_vectorized, train_cohort_vectorized
 from fedavg_relu.core.config import RunConfig
 from fedavg_relu.core.data import load_partition, load_partitions
@@ -255,6 +255,9 @@ class CohortRound:
     local_params: dict[str, np.ndarray] | None = None  # name -> (K, *shape) float32: W_k stacked (when kept)
     lockstep: dict[int, DriftSums] = field(default_factory=dict)  # step t -> sums against W-bar^t
     dtypes: dict[str, np.dtype] = field(default_factory=dict)  # the model's dtype per name
+    control_sum: dict[str, np.ndarray] | None = None  # SCAFFOLD: sum_k n_k (c_k+ - c_k), float64
+    nova_sum: dict[str, np.ndarray] | None = None  # FedNova: sum_k (n_k / a_k) (W^r - W_k), float64
+    nova_weight: float = 0.0  # FedNova: sum_k n_k a_k
 
     def local(self, i: int) -> dict[str, np.ndarray]:
         """Client i's (position in ``client_ids``) local parameters (needs ``keep_local``)."""
@@ -271,6 +274,30 @@ class CohortRound:
         """``S_j / N_j = sum_k n_k W_k / sum_k n_k`` (float64 accumulation, stored in the model's dtype)."""
         total = float(self.num_examples.sum())
         return {name: (acc / total).astype(self.dtypes[name]) for name, acc in self.weighted_sum.items()}
+
+    def fednova_reply(self, global_params: Mapping[str, np.ndarray], momentum: float) -> tuple[dict[str, np.ndarray], float]:
+        """FedNova: the cohort as one client, ``(y_j, tau_j)``, for the server's normalised average.
+
+        With ``A_j = sum_k n_k a_k / N_j`` and ``d_j = sum_k (n_k/N_j)(W^r - W_k)/a_k``, the reply is
+        ``y_j = W^r - A_j d_j`` with ``tau_j`` such that ``a(tau_j) = A_j``: the server's
+        ``(W^r - y_j)/a_j = d_j`` and ``tau_eff = sum_j (N_j/n) A_j`` are then those of the clients.
+        """
+        if self.nova_sum is None:
+            raise ValueError("the cohort trained without FedNova's sums")
+        total = float(self.num_examples.sum())
+        mean_a = self.nova_weight / total
+        params = {
+            name: (np.asarray(global_params[name], np.float64) - mean_a * acc / total).astype(self.dtypes[name])
+            for name, acc in self.nova_sum.items()
+        }
+        return params, fednova_steps_for(mean_a, momentum)
+
+    def mean_control_delta(self) -> dict[str, np.ndarray]:
+        """SCAFFOLD: ``sum_k n_k dc_k / sum_k n_k`` in the model's dtype (needs ``control_sum``)."""
+        if self.control_sum is None:
+            raise ValueError("the cohort trained without SCAFFOLD's control variates")
+        total = float(self.num_examples.sum())
+        return {name: (acc / total).astype(self.dtypes[name]) for name, acc in self.control_sum.items()}
 
 
 def weighted_mean_params(stacked: Mapping[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -294,6 +321,9 @@ def train_cohort(
     keep_local: bool = True,
     vectorized: bool = True,
     allocate=None,
+    scaffold: Callable[[int], tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray] | None]] | None = None,
+    keep_control: Callable[[int, Mapping[str, np.ndarray]], None] | None = None,
+    fednova_momentum: float | None = None,
 ) -> CohortRound:
     """Train every client in ``client_ids`` from ``W^r`` for one round.
 
@@ -311,6 +341,13 @@ def train_cohort(
     will need the W_k): memory of one model however large the cohort. ``allocate``
     supplies the arrays the kept W_k go into (see
     :func:`fedavg_relu.core.cohort.train_cohort_vectorized`; e.g. on disk).
+
+    ``scaffold(k) -> (c, c_k)`` turns on SCAFFOLD for client k (``c_k`` None: zeros): each client
+    trains one after another through :func:`fedavg_relu.core.task.train_client` with the correction
+    ``c - c_k``, ``keep_control(k, c_k+)`` keeps its new control variate, and the round's
+    ``control_sum`` is ``sum_k n_k (c_k+ - c_k)``: with the mean model it is what SCAFFOLD's
+    example-weighted server step needs of the cohort. ``fednova_momentum`` (FedNova's rho) also
+    trains client by client and keeps FedNova's sums (:meth:`CohortRound.fednova_reply`).
     """
     known = known_loss_before or {}
     ids = list(client_ids)
@@ -318,7 +355,9 @@ def train_cohort(
         raise ValueError("a cohort needs at least one client")
     names = list(global_params)
     dtypes = {n: np.asarray(global_params[n]).dtype for n in names}
-    if vectorized and settings.proximal_mu <= 0:
+    if (scaffold is not None or fednova_momentum is not None) and lockstep_steps:
+        raise ValueError("lockstep-drift-steps with SCAFFOLD or FedNova: the cohort trains client by client")
+    if vectorized and settings.proximal_mu <= 0 and scaffold is None and fednova_momentum is None:
         return _train_vectorized(
             cfg, ids, server_round, global_params, settings, known, keep_local or bool(lockstep_steps), dtypes,
             sorted(set(lockstep_steps)), allocate,
@@ -330,16 +369,31 @@ def train_cohort(
     train_loss, loss_before, num_steps = (np.zeros(len(ids)) for _ in range(3))
     num_steps = num_steps.astype(np.int64)
     if not lockstep_steps:
+        control_sum = {n: np.zeros(np.shape(global_params[n]), np.float64) for n in names} if scaffold else None
+        nova = {n: np.zeros(np.shape(global_params[n]), np.float64) for n in names} if fednova_momentum is not None else None
+        nova_weight = 0.0
         for i, k in enumerate(ids):
-            out = train_client(cfg, load_partition(cfg, k), k, server_round, global_params, settings, known.get(k))
+            out = train_client(cfg, load_partition(cfg, k), k, server_round, global_params, settings, known.get(k),
+                               scaffold(k) if scaffold else None)
             for n in names:
                 add_weighted(acc[n], out.local_params[n], out.num_examples)
                 if stacked is not None:
                     stacked[n][i] = out.local_params[n]
+            if control_sum is not None and out.control_delta is not None:
+                for n in names:
+                    add_weighted(control_sum[n], out.control_delta[n], out.num_examples)
+                if keep_control is not None:
+                    keep_control(k, out.client_control)
+            if nova is not None:
+                a_k = fednova_normalizer(out.num_steps, fednova_momentum)
+                nova_weight += out.num_examples * a_k
+                for n in names:
+                    nova[n] += (out.num_examples / a_k) * (np.asarray(global_params[n], np.float64) - out.local_params[n])
             num_examples[i], train_loss[i], loss_before[i], num_steps[i] = (
                 out.num_examples, out.train_loss, out.loss_before, out.num_steps,
             )
-        return CohortRound(ids, num_examples, train_loss, loss_before, num_steps, acc, stacked, dtypes=dtypes)
+        return CohortRound(ids, num_examples, train_loss, loss_before, num_steps, acc, stacked, dtypes=dtypes,
+                           control_sum=control_sum, nova_sum=nova, nova_weight=nova_weight)
     return _train_lockstep(cfg, ids, server_round, global_params, settings, known, set(lockstep_steps), stacked, acc, dtypes)
 
 

@@ -61,6 +61,7 @@ STATE_KEY = "state-key"  # SCAFFOLD: names the run's client state on the nodes' 
 CHECKPOINTED_ROUND = "checkpointed-round"  # SCAFFOLD: the last round the server checkpointed (older c_k may go)
 STATE_ATTEMPT = "state-attempt"  # SCAFFOLD: this attempt of the run (a resume is a new one)
 RESUMED_AFTER = "resumed-after"  # SCAFFOLD: the round this attempt resumed after (0: a fresh run)
+FEDNOVA_MOMENTUM = "fednova-momentum"  # FedNova: rho of its normaliser (a packed cohort then replies FedNova's sums)
 
 # --- MetricRecord keys of a train reply (node -> server) -----------------------------------
 NUM_EXAMPLES = "num-examples"
