@@ -103,6 +103,10 @@ def _preflight(cfg: RunConfig) -> None:
     check_run(cfg)
 
 
+#: ``fedavg-relu run``'s exit code for a run that ran to the end ``degraded`` (summary.json says why).
+EXIT_DEGRADED = 3
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     """How ``fedavg-relu run`` ends: its exit code and the closing lines (the reason last when it failed)."""
@@ -137,7 +141,8 @@ def run_outcome(
     summary: Mapping[str, Any] | None, flwr_status: str, flwr_returncode: int, run_id: int | None, run_dir: Path,
     output: str = "",
 ) -> RunOutcome:
-    """Exit 0 only when ``summary.json`` says completed and Flower says ``finished:completed`` (exit 0).
+    """Exit 0 only when ``summary.json`` says completed and Flower says ``finished:completed`` (exit 0);
+    3 when it says ``degraded`` (a node or client failed every round, or a round measured fewer than two).
 
     ``summary`` is the run folder's ``summary.json`` written by this attempt
     (``None`` when there is none); ``output`` is the ``flwr run`` stream, from
@@ -160,6 +165,8 @@ def run_outcome(
         return RunOutcome(0, lines)
     if status == "completed":  # the ServerApp finished, then something failed after it
         return RunOutcome(1, lines + [f"fedavg-relu: failed: {flwr_says} after the ServerApp wrote its summary"])
+    if status == "degraded" and flwr_ok:  # it ran to the end, but some of it measured nothing
+        return RunOutcome(EXIT_DEGRADED, lines)
     if not any(line.startswith(f"fedavg-relu: {status}: ") for line in lines):
         lines.append(f"fedavg-relu: {status}: no reason given; {flwr_says}")
     return RunOutcome(1, lines)

@@ -5,8 +5,10 @@
 :func:`run_experiment` does the work so that tests can call it with any grid.
 
 How a run ends is written to the run folder's ``summary.json``
-(:func:`fedavg_relu.core.results.write_summary`): ``completed``, or ``failed`` with
-the reason. A run fails when a round loses every client (each one's reply was
+(:func:`fedavg_relu.core.results.write_summary`): ``completed``; ``degraded`` when a
+node or client failed in every round it was sampled, or a round measured fewer than
+two clients of two or more sampled (the summary lists each failing node or client with
+its counts and first error); or ``failed`` with the reason. A run fails when a round loses every client (each one's reply was
 an error, was rejected or never came) or when the runtime lost a worker; the
 ServerApp then raises, so Flower marks the run failed and ``fedavg-relu run``
 exits non-zero.
@@ -261,8 +263,15 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     finally:
         _remove_kept_models(grid)
     writer.close()
-    write_summary(writer.run_dir, "completed", "", num_server_rounds=cfg.num_server_rounds)
-    log(INFO, "fedavg-relu: run completed; outputs in %s", writer.run_dir)
+    degraded = strategy.participation.degraded()
+    write_summary(
+        writer.run_dir, "degraded" if degraded else "completed", degraded, num_server_rounds=cfg.num_server_rounds,
+        failing=strategy.participation.failing(), rounds_measuring_fewer_than_two=strategy.participation.thin_rounds,
+    )
+    if degraded:
+        log(WARNING, "fedavg-relu: run degraded: %s; outputs in %s", degraded, writer.run_dir)
+    else:
+        log(INFO, "fedavg-relu: run completed; outputs in %s", writer.run_dir)
     return writer.run_dir
 
 

@@ -50,6 +50,7 @@ from fedavg_relu.flower.validation import OutlierRules, UpdateRules
 from .cohorts import Cohorts
 from .exchange import DriftExchange, DriftSettings, PackedDriftExchange, TrainedNode
 from .screening import ReplyScreen, ScreenedRound
+from .participation import Participation
 from .state import load_strategy_state, strategy_state
 
 #: Flower's strategies whose server step needs only the example-weighted mean of the client models (packed
@@ -144,6 +145,7 @@ class DriftRecorder(Strategy):
         self.round_metrics: dict[int, dict[str, float]] = {}  # round -> everything recorded (metrics file)
         self.client_rows: dict[int, list[dict[str, Any]]] = {}  # round -> per-client rows (popped by the writer)
         self.round_errors: dict[int, str] = {}  # round -> the most common error text of its train exchange
+        self.participation = Participation("client" if cohorts else "node")  # who failed, for the run's status
         self._initial = {k: v for k, v in drift.initial_params.items()}
         self._global: dict[int, dict] = {}  # round -> W^r (screening's reference for update norms)
         self._sampled: dict[int, list[int]] = {}  # round -> nodes sent a train message
@@ -212,7 +214,15 @@ class DriftRecorder(Strategy):
             for key, value in self.measure_drift(grid, server_round, new_arrays).items():  # 5. the drift exchange
                 record[key] = value
         self._trained.pop(server_round, None)
-        self.round_metrics[server_round] = dict(record)
+        row: dict[str, Any] = dict(record)
+        counted = row.get(wire.CLIENTS_MEASURED, row.get(wire.CLIENTS_TRAINED, 0)) if self.measures_drift else row.get(wire.CLIENTS_TRAINED, 0)
+        self.participation.record_measured(server_round, int(row.get(wire.CLIENTS_SAMPLED, 0)), int(counted))
+        if self.measures_drift and int(counted) < 2:  # nothing to compare: null, never 0
+            for key in wire.PAIRWISE_METRICS:
+                if key in record:
+                    del record[key]
+                row[key] = None
+        self.round_metrics[server_round] = row
         return new_arrays, record
 
     # --- 1. configure --------------------------------------------------------------------------
@@ -275,12 +285,14 @@ class DriftRecorder(Strategy):
             self.round_errors[server_round] = screened.first_error
         arrays, metrics = self._average(server_round, screened)
         row = self._counts(server_round, screened, sampled)
+        self._record_participation(server_round, screened, sampled)
         row[wire.ROUND_SKIPPED] = int(arrays is None)
         if arrays is None:
             log(WARNING, "round %d: no update was aggregated; the global model is unchanged", server_round)
         else:
             row.update(distances_from_init(arrays_to_params(arrays), self._initial))
             self._trained[server_round] = self._trained_nodes(server_round, screened)
+        self._assigned.pop(server_round, None)
         merged = MetricRecord(dict(metrics) if metrics is not None else {})
         for key, value in row.items():
             merged[key] = value
@@ -315,8 +327,20 @@ class DriftRecorder(Strategy):
         })
         return counts
 
+    def _record_participation(self, server_round: int, screened: ScreenedRound, sampled: list[int]) -> None:
+        """Who was sampled and who failed this round (nodes; packed: virtual clients, sharing their node's fate)."""
+        trained = {node for node, _ in screened.trained}
+        failed_nodes = {n: screened.errors.get(n, "no reply within round-timeout") for n in sampled if n not in trained}
+        if self.cohorts is None:
+            self.participation.record(sampled, failed_nodes)
+            return
+        assigned = self._assigned.get(server_round, {})
+        clients = [k for ids in assigned.values() for k in ids]
+        failed = {k: failed_nodes[n] for n, ids in assigned.items() if n in failed_nodes for k in ids}
+        self.participation.record(clients, failed)
+
     def _trained_nodes(self, server_round: int, screened: ScreenedRound) -> list[TrainedNode]:
-        assigned = self._assigned.pop(server_round, {})
+        assigned = self._assigned.get(server_round, {})
         return [
             TrainedNode(node, screened.num_examples[node], before, screened.local_steps.get(node, math.nan), assigned.get(node, []))
             for node, before in screened.trained
@@ -425,12 +449,14 @@ class _NodeSnapshot:
 
 
 def round_summary(row: Mapping[str, Any]) -> str:
-    """The drift part of the console line of a round."""
+    """The drift part of the console line of a round (a metric that is null, e.g. with one client, is left out)."""
     parts = []
-    if "global-loss" in row:
+    if row.get("global-loss") is not None:
         parts.append(f"train-loss {row['global-loss']:.4g}")
-    if "gradient-drift-mean" in row:
+    if row.get("gradient-drift-mean") is not None:
         parts.append(f"drift {row['gradient-drift-mean']:.3g} (rel {row['relative-gradient-drift-mean']:.3g})")
-    if "model-divergence" in row:
+    if row.get("model-divergence") is not None:
         parts.append(f"divergence {row['model-divergence']:.3g}")
+    if row.get(wire.CLIENTS_MEASURED) is not None and row.get(wire.CLIENTS_MEASURED, 0) < row.get(wire.CLIENTS_SAMPLED, 0):
+        parts.append(f"measured {row[wire.CLIENTS_MEASURED]}/{row[wire.CLIENTS_SAMPLED]}")
     return "  ".join(parts)

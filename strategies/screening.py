@@ -64,6 +64,7 @@ class ScreenedRound:
     rejected: list[int] = field(default_factory=list)
     rejected_reasons: dict[str, int] = field(default_factory=dict)
     first_error: str = ""
+    errors: dict[int, str] = field(default_factory=dict)  # node -> why it did not enter the average
 
     def take(self, update: Update) -> None:
         """Count ``update`` as trained (it enters the average)."""
@@ -71,9 +72,10 @@ class ScreenedRound:
         self.local_steps[update.node] = float(update.metrics.get(wire.LOCAL_STEPS, math.nan))
         self.num_examples[update.node] = update.num_examples
 
-    def reject(self, node: int, reason: str) -> None:
+    def reject(self, node: int, reason: str, detail: str = "") -> None:
         """Count a rejected reply of ``node``."""
         self.rejected.append(node)
+        self.errors.setdefault(node, f"reply rejected: {detail or reason}")
         self.rejected_reasons[reason] = self.rejected_reasons.get(reason, 0) + 1
 
     def counts(self, sampled: Iterable[int]) -> dict[str, int]:
@@ -138,7 +140,7 @@ class ReplyScreen:
         for update in held:
             reason = gate.final(update.index) if self.outliers.active else None
             if reason is not None:
-                out.reject(update.node, reason)
+                out.reject(update.node, reason, reason)
                 n, u = gate.stats[update.index]
                 log(WARNING, "round %d: reply of node %d rejected: %s (num-examples %d, ||update|| %.4g)",
                     server_round, update.node, reason, n, u)
@@ -150,7 +152,9 @@ class ReplyScreen:
             else:
                 out.accepted.append(update)
         errors.log_repeats()
-        out.failed.extend(node for node in wanted if node not in seen)  # sent nothing in time
+        silent = [node for node in wanted if node not in seen]  # sent nothing in time
+        out.failed.extend(silent)
+        out.errors.update({node: "no reply within round-timeout" for node in silent})
         out.first_error = errors.most_common() or ""
         return out
 
@@ -169,6 +173,7 @@ class ReplyScreen:
             reason = msg.error.reason or ""
             errors.add(node, reason)
             out.failed.append(node)
+            out.errors[node] = reason or "error reply"
             if is_worker_lost(reason):
                 raise RunAborted(
                     f"the runtime lost the worker serving node {node} ({reason.strip().splitlines()[-1][:200]}). "
@@ -182,7 +187,7 @@ class ReplyScreen:
             n = check_update(params, metrics, self.rules, global_params)
             norm = update_norm(params, global_params) if self.outliers.update_ratio > 0 and global_params else 0.0
         except Rejected as err:
-            out.reject(node, err.reason)
+            out.reject(node, err.reason, str(err))
             log(WARNING, "reply of node %d rejected: %s", node, err)
             return None
         return Update(node, msg, params, metrics, n, norm)

@@ -42,6 +42,18 @@ def test_completed_summary_and_completed_flower_run_exit_0(tmp_path):
     assert outcome.lines[0].startswith("fedavg-relu: run completed: 2 rounds")
 
 
+def test_degraded_summary_exits_3_with_failures_and_unmeasured_in_the_final_lines(tmp_path):
+    """summary.json says degraded (a node failed every round): exit 3, the first line counts failures and
+    unmeasured clients, the reason is last."""
+    reason = "1 node(s) failed in every round they were sampled (node 2: ValueError: 32 features, expected 64)"
+    summary = _summary("degraded", reason, **{"clients-failed": 2, "clients-unmeasured": 0})
+    outcome = run_outcome(summary, "finished:completed", 0, 7, tmp_path)
+    assert outcome.exit_code == 3
+    assert outcome.lines[0] == ("fedavg-relu: run DEGRADED: 2 rounds; client failures 2, rejected replies 0, "
+                                "unmeasured clients 0")
+    assert outcome.lines[-1] == f"fedavg-relu: degraded: {reason}"
+
+
 def test_failed_summary_exits_1_with_the_reason_last(tmp_path):
     """Flower says finished:completed (as it does when every client failed), summary.json says failed: exit 1."""
     reason = "round 2: all 50 clients failed; Ray's memory monitor killed workers"

@@ -254,3 +254,35 @@ def test_streaming_grid_yields_as_pulled_and_names_the_real_node():
     replies = [first, *rest]
     assert [grid.node_of(r) for r in replies] == [2, 3, 4]
     assert replies[1].has_error() and replies[1].metadata.src_node_id == 1
+
+
+# --- a degraded run says so ----------------------------------------------------------------------
+def test_a_node_with_wrong_dimension_data_makes_the_run_degraded_and_its_drift_null(tmp_path):
+    """2 nodes, as in a deployment: node 1 trains partition 0; node 2's own data file has 32 features where the
+    model expects 20. Node 2 fails every round, so the run ends 'degraded' (not 'completed'): summary.json
+    names node 2 with 2 of 2 rounds failed and its first error (the file's dimension), the rounds that
+    measured one client are listed, and the drift metrics that compare clients are null, never 0."""
+    bad = tmp_path / "bad.npz"
+    rng = np.random.default_rng(0)
+    np.savez(bad, x=rng.standard_normal((30, 32)).astype(np.float32), y=rng.integers(0, 4, 30))
+    cfg = RunConfig.from_mapping(dict(SMALL, **{"num-partitions": 2, "output-dir": str(tmp_path), "run-name": "deg"}))
+    nodes = [{"partition-id": 0, "num-partitions": 2}, {"data-path": str(bad)}]
+    run_dir = run_experiment(LocalGrid(build_client_app(), 2, cfg.to_mapping(), nodes), cfg)
+    summary = read_summary(run_dir)
+    assert summary["status"] == "degraded" and "failed in every round" in summary["reason"]
+    assert [(f["node"], f["rounds-sampled"], f["rounds-failed"]) for f in summary["failing"]] == [(2, 2, 2)]
+    assert "32" in summary["failing"][0]["first-error"]
+    assert summary["rounds-measuring-fewer-than-two"] == [1, 2] and summary["clients-failed"] == 2
+    rows = read_metrics(run_dir)
+    for row in rows[1:]:
+        assert row["clients-measured"] == 1 and row["gradient-drift-mean"] is None and row["model-divergence"] is None
+        assert row["global-loss"] > 0  # the one client's own loss stays a number
+
+
+def test_a_run_where_every_client_answered_is_completed_not_degraded(tmp_path):
+    """The same federation with both nodes on partitions: completed, nothing failing, drift a number."""
+    cfg = RunConfig.from_mapping(dict(SMALL, **{"num-partitions": 2, "output-dir": str(tmp_path), "run-name": "ok"}))
+    run_dir = run_experiment(LocalGrid(build_client_app(), 2, cfg.to_mapping()), cfg)
+    summary = read_summary(run_dir)
+    assert (summary["status"], summary["failing"], summary["rounds-measuring-fewer-than-two"]) == ("completed", [], [])
+    assert all(row["gradient-drift-mean"] > 0 for row in read_metrics(run_dir)[1:])

@@ -196,7 +196,7 @@ def read_clients(run_dir: Path | str) -> list[dict[str, Any]]:
 
 
 SUMMARY_NAME = "summary.json"
-SUMMARY_STATUSES = ("completed", "failed", "interrupted")
+SUMMARY_STATUSES = ("completed", "degraded", "failed", "interrupted")
 
 
 def _count_from_metrics(run_dir: Path) -> dict[str, int]:
@@ -210,6 +210,7 @@ def _count_from_metrics(run_dir: Path) -> dict[str, int]:
         "rounds-completed": max(rounds, default=0),
         "clients-failed": int(sum(r.get("clients-failed") or 0 for r in rows)),
         "clients-rejected": int(sum(r.get("clients-rejected") or 0 for r in rows)),
+        "clients-unmeasured": int(sum(r.get("clients-unmeasured") or 0 for r in rows)),
     }
 
 

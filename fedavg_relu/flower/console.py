@@ -87,7 +87,7 @@ def quiet_flower_logs(verbose: bool) -> None:
 
 # --- the closing summary ------------------------------------------------------
 SUMMARY_PREFIX = "fedavg-relu: "
-_STATUS_WORDS = {"completed": "run completed", "failed": "run FAILED", "interrupted": "run INTERRUPTED"}
+_STATUS_WORDS = {"completed": "run completed", "degraded": "run DEGRADED", "failed": "run FAILED", "interrupted": "run INTERRUPTED"}
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
@@ -108,9 +108,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         done = f"{rounds} round{'' if rounds == 1 else 's'}"
     failed = int(summary.get("clients-failed") or 0)
     rejected = int(summary.get("clients-rejected") or 0)
+    unmeasured = int(summary.get("clients-unmeasured") or 0)
     lines = [
         f"{SUMMARY_PREFIX}{_STATUS_WORDS.get(status, 'run ' + status)}: {done}; "
-        f"client failures {failed}, rejected replies {rejected}"
+        f"client failures {failed}, rejected replies {rejected}, unmeasured clients {unmeasured}"
     ]
     if summary.get("run-dir"):
         lines.append(f"{SUMMARY_PREFIX}outputs in {summary['run-dir']}")

@@ -103,8 +103,15 @@ DRIFT_SUMMARY_METRICS = (
     "effective-smoothness-lr-max", "gradient-dissimilarity", "nonlinear-drift-fraction-mean",
     "nonlinear-drift-fraction-max",
 )
-#: Drift metrics that compare clients with each other: ``null`` (absent) unless two or more were measured.
-PAIRWISE_METRICS = ("gradient-dissimilarity",)
+#: Drift metrics that compare clients or need an average of several: ``null`` in metrics.jsonl unless two or
+#: more clients were measured (with one, W^{r+1} is its own model and each would be 0 or 1 by construction).
+PAIRWISE_METRICS = (
+    "model-divergence", "model-divergence-max", "gradient-drift-mean", "gradient-drift-max",
+    "relative-gradient-drift-mean", "relative-gradient-drift-max", "activation-flips-local",
+    "effective-smoothness-mean", "effective-smoothness-max", "effective-smoothness-lr-mean",
+    "effective-smoothness-lr-max", "gradient-dissimilarity", "nonlinear-drift-fraction-mean",
+    "nonlinear-drift-fraction-max",
+)
 
 # --- why a reply is rejected ------------------------------------------------------------------
 REASONS = (
