@@ -611,6 +611,7 @@ _CHECKS: dict[Path, list] = {}
 
 
 def _checks(root: Path, folder: str) -> list:
+    """The prediction checks of a sweep folder, with intervals that draw clients where its run folders have them."""
     key = (root / folder).resolve()
     if key not in _CHECKS:
         import pandas as pd
@@ -618,46 +619,61 @@ def _checks(root: Path, folder: str) -> list:
         predictions = find_module("predictions")
         metrics = pd.read_csv(root / folder / "metrics.csv")
         cells = pd.read_csv(root / folder / "cells.csv")
-        _CHECKS[key] = predictions.check_all(metrics, cells)
+        try:
+            clients = find_module("clients").read_client_tables(root / folder, cells.drop_duplicates("cell-id"))
+        except FileNotFoundError:
+            clients = None  # no per-client rows: the intervals draw seeds only
+        _CHECKS[key] = predictions.check_all(metrics, cells, clients)
     return _CHECKS[key]
 
 
-def _tau_drift(m: Mapping[str, float]) -> str:
-    rates = sorted((float(k.split("lr=")[1]), v) for k, v in m.items() if k.startswith("slope-drift/lr="))
-    return "round-1 drift slope vs τ: " + ", ".join(f"{v:+.2f} at η̃ = {lr:g}" for lr, v in rates)
+def _tau_drift(c) -> str:
+    rates = sorted(float(k.split("lr=")[1]) for k in c.measured if k.startswith("slope-drift/lr="))
+    return "round-1 drift slope vs τ: " + ", ".join(f"{c.with_interval(f'slope-drift/lr={lr:g}', '+.2f')} at η̃ = {lr:g}"
+                                                    for lr in rates)
 
 
-#: Short labels and key numbers of each prediction, for the README (``short=yes``).
-PREDICTION_SHORT: dict[int, tuple[str, Callable[[Mapping[str, float]], str]]] = {
+def _slopes(*keys: str):
+    def text(c) -> str:
+        return "slopes " + ", ".join(c.with_interval(k) for k in keys if k in c.measured)
+    return text
+
+
+#: Short labels and key numbers (with their 95 % intervals) of each prediction, for the README (``short=yes``).
+PREDICTION_SHORT: dict[int, tuple[str, Callable[[Any], str]]] = {
     1: ("wide nets: the loss decays linearly",
-        lambda m: f"ρ = {m['rho-widest']:.3f} per round, r² = {m['r2-widest']:.3f} at m = {m['width-widest']:.0f}"),
-    2: ("‖W^R − W^0‖ falls like m^-1/2", lambda m: f"slope {m['slope']:+.3f}"),
+        lambda c: f"ρ = {c.with_interval('rho-widest', '.3f')} per round, r² = {c.with_interval('r2-widest', '.3f')} "
+                  f"at m = {c.measured['width-widest']:.0f}"),
+    2: ("‖W^R − W^0‖ falls like m^-1/2", lambda c: f"slope {c.with_interval('slope')}"),
     3: ("activation flips fall with width",
-        lambda m: f"slopes {m['slope-init']:+.3f} (vs W^0), {m['slope-local']:+.3f} (W_k vs W^(r+1))"),
+        lambda c: f"slopes {c.with_interval('slope-init')} (vs W^0), {c.with_interval('slope-local')} (W_k vs W^(r+1))"),
     4: ("nonlinear drift falls with m; relative drift flat, smoothness ∝ m, η × smoothness bounded",
-        lambda m: "slopes " + ", ".join(f"{m[k]:+.3f}" for k in ("slope-nonlinear-fraction", "slope-relative-drift",
-                                                                   "slope-smoothness", "slope-smoothness-lr") if k in m)),
+        _slopes("slope-nonlinear-fraction", "slope-relative-drift", "slope-smoothness", "slope-smoothness-lr")),
     5: ("more local steps: lower loss per round, drift grows", _tau_drift),
-    6: ("non-IID: ‖W_fed − W_central‖ shrinks with m", lambda m: f"slope {m['slope-distance']:+.3f}"),
-    7: ("the tangent kernel's change falls like m^-1/2", lambda m: f"slope {m['slope']:+.3f}"),
+    6: ("non-IID: ‖W_fed − W_central‖ shrinks with m", lambda c: f"slope {c.with_interval('slope-distance')}"),
+    7: ("the tangent kernel's change falls like m^-1/2", lambda c: f"slope {c.with_interval('slope')}"),
 }
 
 
 def render_predictions(root: Path, args: Mapping[str, str]) -> str:
     """The checks of ``fedavg_relu.experiments.predictions`` on a sweep's tables (1-7; 7 needs ``ntk-change``).
 
+    Each judged number carries its 95 % bootstrap interval (seeds, and clients where the
+    run folders hold ``clients.csv``); the verdict is agrees / disagrees / undetermined.
     ``rule=yes`` adds the agreement rule; ``short=yes`` gives a short label and the key numbers only.
     """
     checks = _checks(root, args.get("dir", "results/theory-full"))
     if args.get("short", "no") == "yes":
         body = []
         for c in checks:
-            label, numbers = PREDICTION_SHORT.get(c.number, (c.prediction, lambda m: c.summary))
-            body.append([c.number, label, numbers(c.measured) if c.measured else "—", c.verdict])
-        return table(["#", "prediction", "measured", "verdict"], body)
+            label, numbers = PREDICTION_SHORT.get(c.number, (c.prediction, lambda c: c.summary))
+            body.append([c.number, label, numbers(c) if c.measured else "—", c.verdict])
+        return table(["#", "prediction", "measured [95 % interval]", "verdict"], body)
     with_rule = args.get("rule", "no") == "yes"
-    header = ["#", "prediction", "measured"] + (["rule (fixed in code)"] if with_rule else []) + ["verdict"]
-    body = [[c.number, c.prediction, c.summary] + ([c.rule] if with_rule else []) + [c.verdict] for c in checks]
+    header = ["#", "prediction", "measured", "95 % intervals (bootstrap)"] + (["rule (fixed in code)"] if with_rule else []) \
+        + ["verdict"]
+    body = [[c.number, c.prediction, c.summary, c.intervals_text() or "—"] + ([c.rule] if with_rule else []) + [c.verdict]
+            for c in checks]
     return table(header, body)
 
 
