@@ -735,6 +735,136 @@ def render_runs_summary(root: Path, args: Mapping[str, str]) -> str:
     return f"{len(rows)} runs, {total / 60:.1f} min of recorded run time"
 
 
+# --- issue 23: the disagreements explained (prediction 7 decomposed, prediction 5 located) -------------------
+_EXPLAIN: dict[tuple, Any] = {}
+
+
+def _explained(root: Path, what: str, folder: str) -> Any:
+    """Cached tables of ``fedavg_relu.experiments.kernel`` / ``stepsize`` for a sweep folder."""
+    key = (what, (root / folder).resolve())
+    if key not in _EXPLAIN:
+        import pandas as pd
+
+        kernel, stepsize = find_module("kernel"), find_module("stepsize")
+        if what == "kernel-csv":
+            file = root / folder / "kernel.csv"
+            if not file.exists():
+                raise RenderError(f"{folder}/kernel.csv does not exist (python -m fedavg_relu.experiments.kernel {folder})")
+            _EXPLAIN[key] = pd.read_csv(file)
+            return _EXPLAIN[key]
+        metrics = pd.read_csv(root / folder / "metrics.csv")
+        if what == "rounds":
+            _EXPLAIN[key] = kernel.round_table(metrics)
+        elif what == "flip-law":
+            _EXPLAIN[key] = kernel.flip_law(_explained(root, "rounds", folder))
+        elif what == "width-cells":
+            _EXPLAIN[key] = kernel.width_cells(metrics)
+        elif what == "local":
+            cells = pd.read_csv(root / folder / "cells.csv")
+            clients = find_module("clients").read_client_tables(root / folder, cells.drop_duplicates("cell-id"))
+            local = stepsize.local_slopes(metrics, clients)
+            summary = stepsize.range_summary(local)
+            summary["smoothness"] = stepsize.measured_smoothness(stepsize.first_round_cells(metrics))
+            check = find_module("predictions").check_local_steps(metrics, clients)
+            _EXPLAIN[key] = (local, summary, check)
+    return _EXPLAIN[key]
+
+
+def _ci(value: float, low: float, high: float, fmt: str = "+.2f") -> str:
+    return f"{value:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
+
+
+def render_ntk_by_round(root: Path, args: Mapping[str, str]) -> str:
+    """The width slope of ``ntk-change`` and of the flips vs W^0 at rounds ``rounds=`` (default 1,3,10,30),
+    95 % intervals over seeds, and the slope the random-sign flip law gives, (flip slope − 1)/2."""
+    folder = args.get("dir", "results/theory-full")
+    which = tuple(int(r) for r in args.get("rounds", "1,3,10,30").split(","))
+    table_ = find_module("kernel").slope_by_round(_explained(root, "rounds", folder), which)
+    body = [[int(r["round"]), _ci(r["slope-ntk-change"], r["low-ntk-change"], r["high-ntk-change"]),
+             _ci(r["slope-activation-flips-init"], r["low-activation-flips-init"], r["high-activation-flips-init"]),
+             f"{(r['slope-activation-flips-init'] - 1) / 2:+.2f}"] for _, r in table_.iterrows()]
+    return table(["round", "kernel change: slope vs m", "flips vs W^0: slope vs m", "flip law: (flip slope − 1)/2"], body)
+
+
+def render_ntk_saturation(root: Path, args: Mapping[str, str]) -> str:
+    """Per width: seed-mean ``ntk-change`` at round 10 and at the last round, their ratio, the late slope vs round."""
+    table_ = find_module("kernel").saturation(_explained(root, "rounds", args.get("dir", "results/theory-full")))
+    body = [[int(r["width"]), f"{r['ntk-change-r10']:.4f}", f"{r['ntk-change-last']:.4f}", f"{r['ratio-last-to-early']:.2f}",
+             f"{r['late-slope-vs-round']:+.2f}"] for _, r in table_.iterrows()]
+    return table(["width m", "kernel change, round 10", "last round", "last / round 10", "slope vs round, rounds 10..R"], body)
+
+
+def render_ntk_windows(root: Path, args: Mapping[str, str]) -> str:
+    """Slopes of the last round's ``ntk-change`` and flips vs W^0 over sub-ranges of widths (95 % intervals, seeds)."""
+    kernel = find_module("kernel")
+    cells = _explained(root, "width-cells", args.get("dir", "results/theory-full"))
+    ntk = kernel.window_slopes(cells, "ntk-change").set_index("widths")
+    flips = kernel.window_slopes(cells, "activation-flips-init").set_index("widths")
+    body = [[w, _ci(ntk.loc[w, "slope"], ntk.loc[w, "low"], ntk.loc[w, "high"]),
+             _ci(flips.loc[w, "slope"], flips.loc[w, "low"], flips.loc[w, "high"]),
+             f"{(flips.loc[w, 'slope'] - 1) / 2:+.2f}"] for w in ntk.index]
+    return table(["widths", "kernel change: slope", "flips vs W^0: slope", "flip law: (flip slope − 1)/2"], body)
+
+
+def render_ntk_probes(root: Path, args: Mapping[str, str]) -> str:
+    """From ``kernel.csv`` (``dir=``, default results/ntk-probes): the width slope of the final kernel change on
+    held-out and on training probes, per group and number of rounds, 95 % intervals over seeds; the flips'
+    slope and their mean net sign μ on each probe set."""
+    import numpy as np
+
+    unc = find_module("uncertainty")
+    frame = _explained(root, "kernel-csv", args.get("dir", "results/ntk-probes"))
+    body = []
+    for (group, rounds), rows in frame.groupby(["group", "rounds"]):
+        widths = f"{int(rows['width'].min())}-{int(rows['width'].max())}"
+        for probe in ("held-out", "train"):
+            cells = {}
+            for y in (f"ntk-change/{probe}", f"flips/{probe}"):
+                groups = {float(w): list(g[y].astype(float)) for w, g in rows.groupby("width")}
+                xs = sorted(groups)
+                means = [float(np.mean(np.log(groups[x]))) for x in xs]
+                slope = float(np.polyfit(np.log(xs), means, 1)[0])
+                interval = unc.bootstrap_loglog_slope(groups, f"7/probes/{group}/{rounds}/{y}")
+                cells[y] = _ci(slope, interval.low, interval.high)
+            body.append([group, int(rounds), widths, probe, int(rows[f"probes/{probe}"].iloc[0]), cells[f"ntk-change/{probe}"],
+                         cells[f"flips/{probe}"], f"{rows[f'net-sign/{probe}'].mean():+.3f}"])
+    return table(["group", "rounds R", "widths", "probes", "examples", "kernel change: slope vs m", "flips vs W^0: slope vs m",
+                  "net sign μ of the flips (mean)"], body)
+
+
+def render_explain_value(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: one number of the explanations: ``of=flip-law`` (keys of ``kernel.flip_law``), ``of=stepsize``
+    (keys of ``stepsize.range_summary`` and ``smoothness``), ``of=probes`` (``key=max-recorded-gap``: the largest
+    relative gap between the recorded and the recomputed held-out kernel change); ``dir=``, ``fmt=``."""
+    what = args["of"]
+    if what == "flip-law":
+        value = _explained(root, "flip-law", args.get("dir", "results/theory-full"))[args["key"]]
+    elif what == "stepsize":
+        value = _explained(root, "local", args.get("dir", "results/tau-stepsize"))[1][args["key"]]
+    elif what == "probes":
+        frame = _explained(root, "kernel-csv", args.get("dir", "results/ntk-probes"))
+        gap = (frame["ntk-change/held-out"] - frame["ntk-change/recorded"]).abs() / frame["ntk-change/recorded"]
+        value = {"max-recorded-gap": float(gap.max())}[args["key"]]
+    else:
+        raise RenderError(f"of={what!r}: expected flip-law, stepsize or probes")
+    return format(value, args.get("fmt", ""))
+
+
+def render_tau_stepsize(root: Path, args: Mapping[str, str]) -> str:
+    """Per η̃ of the τ × η̃ grid (``dir=``, default results/tau-stepsize): prediction 5's round-1 drift slope over all τ
+    and each consecutive pair's slope with its 95 % interval (seeds and clients), marked * when η τ L̂ ≤ 1."""
+    local, _, check = _explained(root, "local", args.get("dir", "results/tau-stepsize"))
+    pairs = [(int(a), int(b)) for a, b in local[["tau-low", "tau-high"]].drop_duplicates().itertuples(index=False)]
+    body = []
+    for lr, rows in local.groupby("learning-rate"):
+        line = [f"{lr:g}", check.with_interval(f"slope-drift/lr={lr:g}", "+.2f")]
+        for a, b in pairs:
+            r = rows[(rows["tau-low"] == a) & (rows["tau-high"] == b)].iloc[0]
+            line.append(_ci(r["slope"], r["low"], r["high"]) + (" *" if r["inside"] else ""))
+        body.append(line)
+    return table(["η̃", "slope over τ = 1..20"] + [f"τ {a} → {b}" for a, b in pairs], body)
+
+
 # --- one number -------------------------------------------------------------------------------
 _SEGMENT = re.compile(r"\[(?P<sel>[^\]]*)\]|(?P<key>[^.\[]+)")
 
@@ -818,6 +948,12 @@ RENDERERS: dict[str, Renderer] = {
     "client-dominance": Renderer(render_client_dominance, "DIR/runs/*/clients.csv via fedavg_relu.experiments.clients (dir=, group=)"),
     "num": Renderer(render_num, "one value: file= at= [fmt= div= scale=]"),
     "prediction-value": Renderer(render_prediction_value, "one measured number of a prediction: n= key= [fmt=]"),
+    "ntk-by-round": Renderer(render_ntk_by_round, "DIR/metrics.csv via fedavg_relu.experiments.kernel (dir=, rounds=)"),
+    "ntk-saturation": Renderer(render_ntk_saturation, "DIR/metrics.csv via fedavg_relu.experiments.kernel (dir=)"),
+    "ntk-windows": Renderer(render_ntk_windows, "DIR/metrics.csv via fedavg_relu.experiments.kernel (dir=)"),
+    "ntk-probes": Renderer(render_ntk_probes, "results/ntk-probes/kernel.csv (dir=)"),
+    "tau-stepsize": Renderer(render_tau_stepsize, "results/tau-stepsize/{metrics,cells}.csv, runs/*/clients.csv via fedavg_relu.experiments.stepsize (dir=)"),
+    "explain-value": Renderer(render_explain_value, "one number of the explanations: of= key= [dir= fmt=]"),
 }
 
 
