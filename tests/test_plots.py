@@ -154,3 +154,26 @@ def test_theory_figures_skip_missing_groups(tmp_path):
     metrics, cells = theory_tables()
     paths = theory_figures(metrics[metrics["group"] == "tau"], cells.iloc[0:0], tmp_path, formats=("png",))
     assert [p.name for p in paths] == ["fig5_tau_tradeoff.png"]
+
+
+def test_explanation_figures_need_their_data(tmp_path):
+    """With ntk-change and flips in the width group (0.1 m^-3/4 and m^-1/2 per round), 7a-7c are drawn; a tau group
+    with one step size draws no 5b; with three step sizes it does."""
+    from _theory_tables import theory_tables as tables
+
+    from fedavg_relu.experiments.explanations import explanation_figures
+
+    metrics, _ = tables()
+    width = metrics["group"] == "width"
+    trained = width & (metrics["round"] >= 1)
+    metrics.loc[trained, "ntk-change"] = 0.1 * metrics.loc[trained, "width"] ** -0.75 * (1 + 0.01 * metrics.loc[trained, "round"])
+    paths = explanation_figures(metrics, tmp_path, formats=("png",))
+    assert sorted(p.name for p in paths) == ["fig7a_ntk_change_by_round.png", "fig7b_ntk_change_vs_flips.png",
+                                             "fig7c_ntk_slope_by_width_range.png"]
+    tau = metrics[metrics["group"] == "tau"]
+    grid = pd.concat([tau.assign(**{"learning-rate": lr, "cell-id": tau["cell-id"] + f"-{lr}",
+                                    "effective-learning-rate": lr / 8, "effective-smoothness-mean": 8.0})
+                      for lr in (0.1, 0.5, 1.0)])
+    paths = explanation_figures(grid, tmp_path, formats=("png",))
+    assert [p.name for p in paths] == ["fig5b_drift_slope_vs_step_size.png"]
+    assert paths[0].stat().st_size > 1000

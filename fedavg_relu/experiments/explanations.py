@@ -25,6 +25,12 @@ from fedavg_relu.experiments import kernel, stepsize
 from fedavg_relu.experiments.plots import _band, _title, fit_loglog_slope, new_figure, save_figure, seed_stats
 
 
+def _yerr(center, low, high) -> np.ndarray:
+    """Error-bar lengths below and above ``center`` (0 where a percentile end lies on the other side of it)."""
+    center, low, high = (np.asarray(v, float) for v in (center, low, high))
+    return np.vstack([np.maximum(center - low, 0.0), np.maximum(high - center, 0.0)])
+
+
 def plot_ntk_rounds(metrics: pd.DataFrame) -> Figure:
     """Left: ``ntk-change`` by round, one band per width. Right: its width slope at each round (95 % interval)."""
     rounds = kernel.round_table(metrics)
@@ -33,16 +39,16 @@ def plot_ntk_rounds(metrics: pd.DataFrame) -> Figure:
         _band(left, seed_stats(frame, "round", "ntk-change", log=True), "round", f"m={int(width)}", marker="")
     left.set_yscale("log")
     left.set_xlabel("round r")
-    left.set_ylabel("‖Θ(W^r) − Θ(W^0)‖_F / ‖Θ(W^0)‖_F (held-out probes)")
+    left.set_ylabel("relative kernel change (held-out probes)")
     left.legend(fontsize=7, ncol=2)
     by_round = kernel.slope_by_round(rounds, tuple(sorted(int(r) for r in rounds["round"].unique())))
     for y, label in (("ntk-change", "kernel change"), ("activation-flips-init", "flips vs W^0")):
-        err = [by_round[f"slope-{y}"] - by_round[f"low-{y}"], by_round[f"high-{y}"] - by_round[f"slope-{y}"]]
+        err = _yerr(by_round[f"slope-{y}"], by_round[f"low-{y}"], by_round[f"high-{y}"])
         right.errorbar(by_round["round"], by_round[f"slope-{y}"], yerr=err, marker="o", ms=3, capsize=2, label=label)
     right.axhspan(-0.7, -0.3, color="g", alpha=0.1, label="prediction 7's band")
     right.axhline(-0.75, color="k", ls="--", lw=0.8, label="flip law: (−1/2 − 1)/2 = −3/4")
     right.set_xlabel("round r")
-    right.set_ylabel("log-log slope vs width (95 % interval, seeds)")
+    right.set_ylabel("slope vs width (95 %, seeds)")
     right.legend(fontsize=7)
     for ax in (left, right):
         ax.grid(alpha=0.3, which="both")
@@ -89,14 +95,14 @@ def plot_ntk_windows(metrics: pd.DataFrame) -> Figure:
     for shift, (y, label) in enumerate((("ntk-change", "kernel change"), ("activation-flips-init", "flips vs W^0"))):
         table = kernel.window_slopes(cells, y)
         xs = np.arange(len(table)) + 0.1 * (shift - 0.5)
-        ax.errorbar(xs, table["slope"], yerr=[table["slope"] - table["low"], table["high"] - table["slope"]],
+        ax.errorbar(xs, table["slope"], yerr=_yerr(table["slope"], table["low"], table["high"]),
                     fmt="o", ms=4, capsize=3, label=label)
         if y == "activation-flips-init":
             ax.scatter(xs + 0.1, (table["slope"] - 1) / 2, marker="x", color="k", label="flip law: (flip slope − 1)/2")
     ax.set_xticks(np.arange(len(table)), table["widths"], rotation=20, fontsize=7)
     ax.axhspan(-0.7, -0.3, color="g", alpha=0.1, label="prediction 7's band")
     ax.set_xlabel("widths fitted")
-    ax.set_ylabel("log-log slope vs width at the last round (95 % interval, seeds)")
+    ax.set_ylabel("slope vs width, last round (95 %, seeds)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _title(fig, "7c. Is the slope anchored by the small widths? Slopes over sub-ranges of widths", metrics)
@@ -133,7 +139,7 @@ def plot_tau_stepsize(metrics: pd.DataFrame) -> Figure:
         fit = fit_loglog_slope(stats["local-steps"], stats["center"])
         _band(left, stats, "local-steps", f"η̃={lr:g}: slope {fit.slope:+.2f}")
         sub = local[local["learning-rate"] == lr]
-        right.errorbar(sub["eta-tau-L"], sub["slope"], yerr=[sub["slope"] - sub["low"], sub["high"] - sub["slope"]],
+        right.errorbar(sub["eta-tau-L"], sub["slope"], yerr=_yerr(sub["slope"], sub["low"], sub["high"]),
                        fmt="o", ms=4, capsize=2, label=f"η̃={lr:g}")
     left.set_xscale("log", base=2)
     left.set_yscale("log")
