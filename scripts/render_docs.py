@@ -850,6 +850,42 @@ def render_explain_value(root: Path, args: Mapping[str, str]) -> str:
     return format(value, args.get("fmt", ""))
 
 
+def render_width_window(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: the width slope of a width-group metric over ``widths=LOW-HIGH`` with its 95 % interval (seeds,
+    and clients where ``clients.csv`` has the metric): ``y=``, ``reducer=`` (final, mean; default mean), ``dir=``."""
+    import pandas as pd
+
+    folder = args.get("dir", "results/theory-full")
+    low, high = (int(v) for v in args["widths"].split("-"))
+    y, reducer = args["y"], args.get("reducer", "mean")
+    metrics = pd.read_csv(root / folder / "metrics.csv")
+    width = metrics[metrics["group"] == "width"]
+    cells = find_module("plots").per_cell(width, {y: reducer, "effective-learning-rate": "final"})
+    cells = cells[(cells["width"] >= low) & (cells["width"] <= high)]
+    predictions, unc = find_module("predictions"), find_module("uncertainty")
+    clients = _checks_clients(root, folder)
+    groups = predictions._units(cells, "width", y, clients, first=reducer == "first")
+    slope = find_module("plots").fit_loglog_slope(*zip(*[(w, math.exp(sum(math.log(v) for v in unc.unit_values(u)) / len(u)))
+                                                         for w, u in sorted(groups.items())])).slope
+    interval = unc.bootstrap_loglog_slope(groups, f"window/{y}/{low}-{high}")
+    fmt = args.get("fmt", "+.3f")
+    return f"{slope:{fmt}} {interval.format(fmt)}"
+
+
+def _checks_clients(root: Path, folder: str):
+    """The per-client rows of every cell of a sweep folder (None without any), read once."""
+    key = ("clients", (root / folder).resolve())
+    if key not in _EXPLAIN:
+        import pandas as pd
+
+        cells = pd.read_csv(root / folder / "cells.csv")
+        try:
+            _EXPLAIN[key] = find_module("clients").read_client_tables(root / folder, cells.drop_duplicates("cell-id"))
+        except FileNotFoundError:
+            _EXPLAIN[key] = None
+    return _EXPLAIN[key]
+
+
 def render_tau_stepsize(root: Path, args: Mapping[str, str]) -> str:
     """Per η̃ of the τ × η̃ grid (``dir=``, default results/tau-stepsize): prediction 5's round-1 drift slope over all τ
     and each consecutive pair's slope with its 95 % interval (seeds and clients), marked * when η τ L̂ ≤ 1."""
@@ -918,6 +954,19 @@ def render_prediction_value(root: Path, args: Mapping[str, str]) -> str:
     return format(float(check.measured[args["key"]]), args.get("fmt", ""))
 
 
+def render_prediction_interval(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: the 95 % bootstrap interval of one judged number of a prediction, ``[low, high]`` (``n=``, ``key=``, ``fmt=``)."""
+    checks = _checks(root, args.get("dir", "results/theory-full"))
+    check = next(c for c in checks if c.number == int(args["n"]))
+    return check.intervals[args["key"]].format(args.get("fmt", "+.3f"))
+
+
+def render_prediction_verdict(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: a prediction's verdict (agrees / disagrees / undetermined / not measured) (``n=``, ``dir=``)."""
+    checks = _checks(root, args.get("dir", "results/theory-full"))
+    return next(c for c in checks if c.number == int(args["n"])).verdict
+
+
 @dataclass(frozen=True)
 class Renderer:
     """A marker name's function and what it reads."""
@@ -948,6 +997,9 @@ RENDERERS: dict[str, Renderer] = {
     "client-dominance": Renderer(render_client_dominance, "DIR/runs/*/clients.csv via fedavg_relu.experiments.clients (dir=, group=)"),
     "num": Renderer(render_num, "one value: file= at= [fmt= div= scale=]"),
     "prediction-value": Renderer(render_prediction_value, "one measured number of a prediction: n= key= [fmt=]"),
+    "prediction-interval": Renderer(render_prediction_interval, "the 95 % interval of a prediction's number: n= key= [fmt= dir=]"),
+    "prediction-verdict": Renderer(render_prediction_verdict, "a prediction's verdict: n= [dir=]"),
+    "width-window": Renderer(render_width_window, "a width-group slope over widths=LOW-HIGH with its interval: y= [reducer= dir= fmt=]"),
     "ntk-by-round": Renderer(render_ntk_by_round, "DIR/metrics.csv via fedavg_relu.experiments.kernel (dir=, rounds=)"),
     "ntk-saturation": Renderer(render_ntk_saturation, "DIR/metrics.csv via fedavg_relu.experiments.kernel (dir=)"),
     "ntk-windows": Renderer(render_ntk_windows, "DIR/metrics.csv via fedavg_relu.experiments.kernel (dir=)"),
