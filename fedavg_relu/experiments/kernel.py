@@ -21,7 +21,8 @@ And one measurement that needs the models (:func:`probe_kernels`): the kernel ch
 flips recomputed from W^0 (:func:`fedavg_relu.core.task.initial_params`) and a run's final
 model (``model.pt``) on two probe sets, the held-out split (the server's probes) and the
 training inputs; plus the net sign of the flips, ``μ = (on − off)/(on + off)``. Run it as
-``python -m fedavg_relu.experiments.kernel results/ntk-probes`` (writes ``kernel.csv``).
+``python -m fedavg_relu.experiments.kernel results/ntk-probes --figures docs/figures`` (writes
+``kernel.csv`` and figure 7d).
 
 This module does not import flwr.
 """
@@ -215,10 +216,25 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="kernel change on held-out and training probes, from saved models")
     parser.add_argument("sweep_dir")
+    parser.add_argument("--figures", default=None, help="also draw fig7d_ntk_change_probes (png, pdf) into this folder")
+    parser.add_argument("--dpi", type=int, default=110)
+    parser.add_argument("--reuse", action="store_true", help="draw from an existing kernel.csv instead of recomputing it")
     args = parser.parse_args(argv)
-    table = probe_kernels(args.sweep_dir)
-    atomic_write_text(Path(args.sweep_dir) / "kernel.csv", table.to_csv(index=False))
-    print(json.dumps({"cells": len(table), "file": str(Path(args.sweep_dir) / "kernel.csv")}))
+    target = Path(args.sweep_dir) / "kernel.csv"
+    if args.reuse and target.exists():
+        table = pd.read_csv(target)
+    else:
+        table = probe_kernels(args.sweep_dir)
+        atomic_write_text(target, table.to_csv(index=False))
+    report = {"cells": len(table), "file": str(target)}
+    if args.figures:
+        from fedavg_relu.experiments.explanations import plot_ntk_probes  # it builds on this module
+        from fedavg_relu.experiments.plots import save_figure
+
+        metrics = pd.read_csv(Path(args.sweep_dir) / "metrics.csv")
+        report["figures"] = [str(p) for p in save_figure(plot_ntk_probes(table, metrics), Path(args.figures)
+                                                         / "fig7d_ntk_change_probes", dpi=args.dpi)]
+    print(json.dumps(report))
     return 0
 
 
