@@ -807,29 +807,41 @@ def render_ntk_windows(root: Path, args: Mapping[str, str]) -> str:
 
 
 def render_ntk_probes(root: Path, args: Mapping[str, str]) -> str:
-    """From ``kernel.csv`` (``dir=``, default results/ntk-probes): the width slope of the final kernel change on
-    held-out and on training probes, per group and number of rounds, 95 % intervals over seeds; the flips'
-    slope and their mean net sign μ on each probe set."""
+    """From ``kernel.csv`` (``dir=``, default results/ntk-probes): per group, number of rounds and probe set, the width
+    slopes (95 % intervals over seeds) of the final kernel change, of the flips, and of the change the same flips would
+    make with random signs (``paper`` at depth 1), the measured change over that reference at the narrowest and the
+    widest width, and the flips' mean net sign μ."""
     import numpy as np
 
     unc = find_module("uncertainty")
     frame = _explained(root, "kernel-csv", args.get("dir", "results/ntk-probes"))
     body = []
+
+    def slope_ci(rows, y, name):
+        if y not in rows or rows[y].isna().all():
+            return "—"
+        groups = {float(w): list(g[y].astype(float)) for w, g in rows.groupby("width")}
+        xs = sorted(groups)
+        slope = float(np.polyfit(np.log(xs), [float(np.mean(np.log(groups[x]))) for x in xs], 1)[0])
+        interval = unc.bootstrap_loglog_slope(groups, name)
+        return _ci(slope, interval.low, interval.high)
+
     for (group, rounds), rows in frame.groupby(["group", "rounds"]):
-        widths = f"{int(rows['width'].min())}-{int(rows['width'].max())}"
+        lo, hi = int(rows["width"].min()), int(rows["width"].max())
         for probe in ("held-out", "train"):
-            cells = {}
-            for y in (f"ntk-change/{probe}", f"flips/{probe}"):
-                groups = {float(w): list(g[y].astype(float)) for w, g in rows.groupby("width")}
-                xs = sorted(groups)
-                means = [float(np.mean(np.log(groups[x]))) for x in xs]
-                slope = float(np.polyfit(np.log(xs), means, 1)[0])
-                interval = unc.bootstrap_loglog_slope(groups, f"7/probes/{group}/{rounds}/{y}")
-                cells[y] = _ci(slope, interval.low, interval.high)
-            body.append([group, int(rounds), widths, probe, int(rows[f"probes/{probe}"].iloc[0]), cells[f"ntk-change/{probe}"],
-                         cells[f"flips/{probe}"], f"{rows[f'net-sign/{probe}'].mean():+.3f}"])
-    return table(["group", "rounds R", "widths", "probes", "examples", "kernel change: slope vs m", "flips vs W^0: slope vs m",
-                  "net sign μ of the flips (mean)"], body)
+            key = f"7/probes/{group}/{rounds}/{probe}"
+            line = [group, int(rounds), f"{lo}-{hi}", f"{probe} ({int(rows[f'probes/{probe}'].iloc[0])})",
+                    slope_ci(rows, f"ntk-change/{probe}", key), slope_ci(rows, f"flips/{probe}", key + "/flips"),
+                    slope_ci(rows, f"random-sign/{probe}", key + "/random")]
+            if f"random-sign/{probe}" in rows and rows[f"random-sign/{probe}"].notna().all():
+                ratio = rows[f"ntk-change/{probe}"] / rows[f"random-sign/{probe}"]
+                line.append(f"{ratio[rows['width'] == lo].mean():.2f} → {ratio[rows['width'] == hi].mean():.2f}")
+            else:
+                line.append("—")
+            line.append(f"{rows[f'net-sign/{probe}'].mean():+.2f}")
+            body.append(line)
+    return table(["group", "rounds R", "widths", "probes (examples)", "kernel change: slope vs m", "flips vs W^0: slope",
+                  "random-sign reference: slope", "change / reference, narrowest → widest", "net sign μ of the flips"], body)
 
 
 def render_explain_value(root: Path, args: Mapping[str, str]) -> str:
@@ -842,9 +854,22 @@ def render_explain_value(root: Path, args: Mapping[str, str]) -> str:
     elif what == "stepsize":
         value = _explained(root, "local", args.get("dir", "results/tau-stepsize"))[1][args["key"]]
     elif what == "probes":
+        import numpy as np
+
         frame = _explained(root, "kernel-csv", args.get("dir", "results/ntk-probes"))
         gap = (frame["ntk-change/held-out"] - frame["ntk-change/recorded"]).abs() / frame["ntk-change/recorded"]
-        value = {"max-recorded-gap": float(gap.max())}[args["key"]]
+        paper = frame[(frame["group"] == "paper") & (frame["rounds"] == frame["rounds"].max())]
+
+        def slope(rows, y):
+            means = rows.groupby("width")[y].apply(lambda v: float(np.mean(np.log(v))))
+            return float(np.polyfit(np.log(means.index.to_numpy(float)), means.to_numpy(), 1)[0])
+
+        values = {"max-recorded-gap": lambda: float(gap.max()),
+                  "held-out-slope": lambda: slope(paper, "ntk-change/held-out"),
+                  "train-slope": lambda: slope(paper, "ntk-change/train"),
+                  "random-slope-held-out": lambda: slope(paper, "random-sign/held-out"),
+                  "ntk-family-slope": lambda: slope(frame[frame["group"] == "ntk-family"], "ntk-change/held-out")}
+        value = values[args["key"]]()
     else:
         raise RenderError(f"of={what!r}: expected flip-law, stepsize or probes")
     return format(value, args.get("fmt", ""))

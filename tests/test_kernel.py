@@ -110,3 +110,24 @@ def test_paper_kernel_moves_only_through_flips():
     with torch.no_grad():
         ntk.input.weight.mul_(2.0)
     assert ntk_change(ntk_gram(ntk, None, x), before) > 0.1
+
+
+def test_random_sign_reference_of_one_flip_equals_the_change():
+    """One unit flipping is one term: random signs cannot cancel anything, so the reference equals the change.
+
+    Negating row 0 of W_1 flips unit 0 on every probe (its pre-activation changes sign) and moves no other
+    unit: ΔΘ = b_0 H ⊙ Δ_0 exactly, and sqrt(b_0² ||H ⊙ Δ_0||²) = ||ΔΘ||.
+    """
+    from fedavg_relu.experiments.kernel import random_sign_change
+
+    torch.manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(5, 4), dim=1).double()
+    model = ReluMLP("paper", 4, 16, 1, 3).double()
+    theta0 = ntk_gram(model, None, x)
+    s0 = model.forward_with_patterns(x)[1][0]
+    with torch.no_grad():
+        model.hidden[0].weight[0].neg_()
+    s1 = model.forward_with_patterns(x)[1][0]
+    change = ntk_change(ntk_gram(model, None, x), theta0)
+    assert change > 0
+    assert random_sign_change(model, x, s0, s1, theta0) == pytest.approx(change, rel=1e-9)

@@ -183,7 +183,37 @@ def probe_kernel_row(run_dir: Path) -> dict[str, float | int | str]:
         flips, net = flip_counts(before, after)
         row.update({f"ntk-change/{name}": ntk_change(theta, theta0), f"flips/{name}": flips, f"net-sign/{name}": net,
                     f"probes/{name}": int(x.shape[0])})
+        if cfg.model_family == "paper" and cfg.depth == 1:
+            row[f"random-sign/{name}"] = random_sign_change(model, x, before[0], after[0], theta0)
     return row
+
+
+def random_sign_change(model, x, s_init, s_now, theta_init) -> float:
+    """The kernel change the same flips would make with random signs: ``sqrt(Σ_i b_i² ‖H ⊙ Δ_i‖²_F) / ‖Θ⁰‖_F``.
+
+    For the `paper` family at depth 1, ``ΔΘ = Σ_i b_i H ⊙ Δ_i`` with ``H = h hᵀ`` (h = relu(A x),
+    frozen), ``b_i = Σ_j B_ji²`` and ``Δ_i = s_i s_iᵀ − s⁰_i s⁰_iᵀ`` (unit i's on/off states on the
+    probes). Giving each unit's term an independent random sign ε_i makes
+    ``E‖Σ_i ε_i b_i H ⊙ Δ_i‖² = Σ_i b_i² ‖H ⊙ Δ_i‖²``: the random-walk size of the flips. The measured
+    change over this reference is ~1 when the flips' signs cancel and grows with their coherence.
+    With binary states, ``Δ_i² = a + c − 2ac`` for ``a = s_i s_iᵀ``, ``c = s⁰_i s⁰_iᵀ``, so
+    ``‖H ⊙ Δ_i‖² = q(s_i) + q(s⁰_i) − 2 q(s_i ∧ s⁰_i)`` with ``q(v) = vᵀ (H ⊙ H) v``.
+    """
+    import torch
+
+    with torch.no_grad():
+        dtype = torch.float64
+        h = torch.relu(x.to(dtype) @ model.input.weight.to(dtype).T)  # (P, m)
+        h2 = (h @ h.T) ** 2  # (H ⊙ H), (P, P)
+        b = (model.output.weight.to(dtype) ** 2).sum(0)  # (m,)
+        s, s0 = s_now.to(dtype), s_init.to(dtype)
+
+        def q(v):
+            return torch.einsum("xi,xy,yi->i", v, h2, v)
+
+        per_unit = q(s) + q(s0) - 2 * q(s * s0)
+        norm = torch.linalg.matrix_norm(torch.as_tensor(theta_init, dtype=dtype))
+        return float(torch.sqrt((b**2 * per_unit.clamp(min=0)).sum()) / norm)
 
 
 def _load(model, params: dict) -> None:
