@@ -110,21 +110,30 @@ def plot_ntk_windows(metrics: pd.DataFrame) -> Figure:
 
 
 def plot_ntk_probes(table: pd.DataFrame, caption: pd.DataFrame | None = None) -> Figure:
-    """Final kernel change vs width on held-out and on training probes, per group of ``kernel.csv``."""
-    fig, (ax,) = new_figure(width=6.4, height=4.4)
-    for (group, rounds), frame in table.groupby(["group", "rounds"]):
+    """Final kernel change vs width on held-out and training probes (each group's longest runs), with the
+    change the same flips would make with random signs (``random-sign/*``, `paper` depth 1) dashed."""
+    fig, (ax,) = new_figure(width=7.0, height=4.6)
+    longest = table[table["rounds"] == table.groupby("group")["rounds"].transform("max")]
+    for group, frame in longest.groupby("group"):
         for probe, marker in (("held-out", "o"), ("train", "s")):
             stats = seed_stats(frame, "width", f"ntk-change/{probe}", log=True)
             fit = fit_loglog_slope(stats["width"], stats["center"])
-            _band(ax, stats, "width", f"{group}, R={int(rounds)}, {probe} probes: slope {fit.slope:+.2f}", marker=marker)
+            _band(ax, stats, "width", f"{group}, {probe} probes: slope {fit.slope:+.2f}", marker=marker)
+            reference = f"random-sign/{probe}"
+            if reference in frame and frame[reference].notna().all():
+                stats = seed_stats(frame, "width", reference, log=True)
+                fit = fit_loglog_slope(stats["width"], stats["center"])
+                ax.plot(stats["width"], stats["center"], ls="--", lw=1, color=ax.lines[-1].get_color(),
+                        label=f"  same flips, random signs: slope {fit.slope:+.2f}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("width")
     ax.set_ylabel("‖Θ(W^R) − Θ(W^0)‖_F / ‖Θ(W^0)‖_F")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6.5)
     ax.grid(alpha=0.3, which="both")
-    _title(fig, "7d. Held-out vs training-input probes, and every layer trained (ntk family), recomputed from "
-                "W^0 and the saved final models", caption if caption is not None else table)
+    _title(fig, "7d. Held-out vs training-input probes, the flips' random-walk reference, and every layer trained "
+                "(ntk family); recomputed from W^0 and the saved final models",
+           caption if caption is not None else table)
     return fig
 
 

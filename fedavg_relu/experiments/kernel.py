@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         from fedavg_relu.experiments.plots import save_figure
 
         metrics = pd.read_csv(Path(args.sweep_dir) / "metrics.csv")
+        metrics = metrics[metrics["num-server-rounds"] == metrics.groupby("group")["num-server-rounds"].transform("max")]
         report["figures"] = [str(p) for p in save_figure(plot_ntk_probes(table, metrics), Path(args.figures)
                                                          / "fig7d_ntk_change_probes", dpi=args.dpi)]
     print(json.dumps(report))
