@@ -912,18 +912,21 @@ def _checks_clients(root: Path, folder: str):
 
 
 def render_tau_stepsize(root: Path, args: Mapping[str, str]) -> str:
-    """Per η̃ of the τ × η̃ grid (``dir=``, default results/tau-stepsize): prediction 5's round-1 drift slope over all τ
-    and each consecutive pair's slope with its 95 % interval (seeds and clients), marked * when η τ L̂ ≤ 1."""
+    """Per η̃ of the τ × η̃ grid (``dir=``, default results/tau-stepsize): prediction 5's whole rule at that η̃ (on the
+    intervals), its round-1 drift slope over all τ and each consecutive pair's slope with its 95 % interval (seeds and
+    clients), marked * when η τ L̂ ≤ 1."""
     local, _, check = _explained(root, "local", args.get("dir", "results/tau-stepsize"))
     pairs = [(int(a), int(b)) for a, b in local[["tau-low", "tau-high"]].drop_duplicates().itertuples(index=False)]
     body = []
     for lr, rows in local.groupby("learning-rate"):
-        line = [f"{lr:g}", check.with_interval(f"slope-drift/lr={lr:g}", "+.2f")]
+        clauses = [c for c in check.conditions if c.key.endswith(f"/lr={lr:g}")]
+        verdict = {True: "agrees", False: "disagrees", None: "undetermined"}[check.judge_clauses(clauses)]
+        line = [f"{lr:g}", verdict, check.with_interval(f"slope-drift/lr={lr:g}", "+.2f")]
         for a, b in pairs:
             r = rows[(rows["tau-low"] == a) & (rows["tau-high"] == b)].iloc[0]
             line.append(_ci(r["slope"], r["low"], r["high"]) + (" *" if r["inside"] else ""))
         body.append(line)
-    return table(["η̃", "slope over τ = 1..20"] + [f"τ {a} → {b}" for a, b in pairs], body)
+    return table(["η̃", "prediction 5's rule", "drift slope over all τ"] + [f"τ {a} → {b}" for a, b in pairs], body)
 
 
 # --- one number -------------------------------------------------------------------------------

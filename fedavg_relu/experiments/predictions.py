@@ -100,7 +100,11 @@ class Check:
     @property
     def interval_verdict(self) -> bool | None:
         """The rule on the intervals: True (every clause holds throughout), False (one fails throughout), None."""
-        states = [c.judge(self.intervals.get(c.key, uncertainty.Interval(math.nan, math.nan))) for c in self.conditions]
+        return self.judge_clauses(self.conditions)
+
+    def judge_clauses(self, conditions: list[Condition]) -> bool | None:
+        """``conditions`` (some of the rule's clauses) on their intervals, combined as :attr:`interval_verdict` does."""
+        states = [c.judge(self.intervals.get(c.key, uncertainty.Interval(math.nan, math.nan))) for c in conditions]
         if any(state is False for state in states):
             return False
         return True if states and all(states) else None
