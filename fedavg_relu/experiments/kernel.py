@@ -122,7 +122,7 @@ def flip_law(rounds: pd.DataFrame, num_draws: int = 1000) -> dict[str, float]:
             "c-high": c.high, "r2": r2, "slope-flips-only": float(only[0]), "r2-flips-only": r2_only}
 
 
-def window_slopes(cells: pd.DataFrame, y: str, windows=WINDOWS, x: str = "width", prefix: str = "7") -> pd.DataFrame:
+def window_slopes(cells: pd.DataFrame, y: str, windows=WINDOWS, x: str = "width", prefix: str = "window") -> pd.DataFrame:
     """The log-log slope of ``y`` against ``x`` over each window ``(low, high)`` of x, with its 95 % interval."""
     out = []
     for low, high in windows:
