@@ -889,7 +889,7 @@ def render_width_window(root: Path, args: Mapping[str, str]) -> str:
     cells = cells[(cells["width"] >= low) & (cells["width"] <= high)]
     predictions, unc = find_module("predictions"), find_module("uncertainty")
     clients = _checks_clients(root, folder)
-    groups = predictions._units(cells, "width", y, clients, first=reducer == "first")
+    groups = predictions.run_units(cells, "width", y, clients, first=reducer == "first")
     slope = find_module("plots").fit_loglog_slope(*zip(*[(w, math.exp(sum(math.log(v) for v in unc.unit_values(u)) / len(u)))
                                                          for w, u in sorted(groups.items())])).slope
     interval = unc.bootstrap_loglog_slope(groups, f"window/{y}/{low}-{high}")

@@ -149,7 +149,7 @@ CLIENT_METRICS = {
 }
 
 
-def _units(cells: pd.DataFrame, x: str, y: str, clients: pd.DataFrame | None, first: bool = False
+def run_units(cells: pd.DataFrame, x: str, y: str, clients: pd.DataFrame | None, first: bool = False
            ) -> dict[float, list[uncertainty.Unit]]:
     """Design point -> the runs' units of ``y``: a :class:`~fedavg_relu.experiments.uncertainty.ClientPanel`
     when ``clients`` holds the cell's per-client rows with the columns ``y`` needs and ``y`` is a per-client
@@ -180,7 +180,7 @@ def _units(cells: pd.DataFrame, x: str, y: str, clients: pd.DataFrame | None, fi
 
 def _slope_interval(cells: pd.DataFrame, x: str, y: str, clients: pd.DataFrame | None, name: str,
                     first: bool = False) -> uncertainty.Interval:
-    return uncertainty.bootstrap_loglog_slope(_units(cells, x, y, clients, first), name)
+    return uncertainty.bootstrap_loglog_slope(run_units(cells, x, y, clients, first), name)
 
 
 def _group(table: pd.DataFrame, group: str) -> pd.DataFrame:

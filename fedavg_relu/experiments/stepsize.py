@@ -24,7 +24,7 @@ import pandas as pd
 
 from fedavg_relu.experiments import uncertainty
 from fedavg_relu.experiments.plots import fit_loglog_slope, per_cell
-from fedavg_relu.experiments.predictions import _units
+from fedavg_relu.experiments.predictions import run_units
 
 #: The constant c of η ≲ c / (τ L) used to draw the range.
 RANGE_CONSTANT = 1.0
@@ -57,7 +57,7 @@ def local_slopes(metrics: pd.DataFrame, clients: pd.DataFrame | None = None, c: 
         eta = float(frame["effective-learning-rate"].iloc[0])
         for lo, hi in zip(taus, taus[1:], strict=False):
             pair = frame[frame["local-steps"].isin([lo, hi])]
-            groups = _units(pair, "local-steps", "gradient-drift-mean", clients, first=True)
+            groups = run_units(pair, "local-steps", "gradient-drift-mean", clients, first=True)
             interval = uncertainty.bootstrap_loglog_slope(groups, f"5/grid/lr={lr:g}/{lo}-{hi}")
             means = {t: float(np.exp(np.mean(np.log(uncertainty.unit_values(groups[float(t)]))))) for t in (lo, hi)}
             slope = fit_loglog_slope([lo, hi], [means[lo], means[hi]]).slope
