@@ -177,3 +177,21 @@ def test_explanation_figures_need_their_data(tmp_path):
     paths = explanation_figures(grid, tmp_path, formats=("png",))
     assert [p.name for p in paths] == ["fig5b_drift_slope_vs_step_size.png"]
     assert paths[0].stat().st_size > 1000
+
+
+def test_range_dependence_figure_needs_four_widths(tmp_path):
+    """The width group at 64, 256, 1024 plus a copy at 4096 (eta x smoothness 0.5, relative drift 1: slopes 0 over
+    64..1024 and 64..4096): fig4c is drawn; with the three widths alone it is not."""
+    from fedavg_relu.experiments.explanations import explanation_figures, plot_range_dependence
+    from fedavg_relu.experiments.kernel import window_slopes
+
+    metrics, _ = theory_tables()
+    width = metrics[metrics["group"] == "width"]
+    assert explanation_figures(width, tmp_path, formats=("png",)) == []
+    wider = pd.concat([width, width[width["width"] == 1024].assign(width=4096, **{"cell-id": lambda f: f["cell-id"] + "x"})])
+    paths = explanation_figures(wider, tmp_path, formats=("png",))
+    assert [p.name for p in paths] == ["fig4c_slopes_by_width_range.png"]
+    cells = per_cell(wider, {"effective-smoothness-lr-mean": "mean"})
+    table = window_slopes(cells, "effective-smoothness-lr-mean", windows=((64, 1024), (64, 4096)))
+    assert table["slope"].to_numpy() == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert plot_range_dependence(wider).axes[0].get_xscale() == "log"

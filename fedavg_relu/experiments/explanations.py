@@ -3,7 +3,9 @@
 Drawn by :func:`fedavg_relu.experiments.plots.theory_figures` (``fedavg-relu plot``) from a
 sweep's tables when they hold what each needs: the width group's per-round ``ntk-change``
 (prediction 7: :func:`plot_ntk_rounds`, :func:`plot_ntk_flips`, :func:`plot_ntk_windows`) and a
-τ group with at least three step sizes (prediction 5: :func:`plot_tau_stepsize`). The figure of
+τ group with at least three step sizes (prediction 5: :func:`plot_tau_stepsize`); the width
+group's η × smoothness and drift slopes over growing ranges of widths (prediction 4's range
+dependence: :func:`plot_range_dependence`). The figure of
 the two probe sets (:func:`plot_ntk_probes`) reads ``kernel.csv`` of
 :mod:`fedavg_relu.experiments.kernel`, which writes it. Intervals in these figures draw seeds
 only (the tables of ``clients.csv`` are not read here); the rendered tables draw clients too.
@@ -22,7 +24,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from fedavg_relu.experiments import kernel, stepsize
-from fedavg_relu.experiments.plots import _band, _title, fit_loglog_slope, new_figure, save_figure, seed_stats
+from fedavg_relu.experiments.plots import _band, _title, fit_loglog_slope, new_figure, per_cell, save_figure, seed_stats
 
 
 def _yerr(center, low, high) -> np.ndarray:
@@ -169,6 +171,35 @@ def plot_tau_stepsize(metrics: pd.DataFrame) -> Figure:
     return fig
 
 
+def plot_range_dependence(metrics: pd.DataFrame) -> Figure:
+    """Prediction 4's η × smoothness slope (and the other judged width slopes) over widths 64..M for growing M,
+    95 % intervals over seeds, against the rule's bounds."""
+    cells = per_cell(metrics, {"effective-smoothness-lr-mean": "mean", "relative-gradient-drift-mean": "mean",
+                               "nonlinear-drift-fraction-mean": "mean"})
+    widths = sorted(int(w) for w in cells["width"].unique())
+    lowest = widths[0]
+    fig, (ax,) = new_figure(width=6.4, height=4.2)
+    for shift, (y, label, bounds) in enumerate((
+            ("effective-smoothness-lr-mean", "η × smoothness (rule: within ±0.15)", (-0.15, 0.15)),
+            ("relative-gradient-drift-mean", "relative drift (rule: > −0.15)", (-0.15,)))):
+        table = kernel.window_slopes(cells, y, windows=tuple((lowest, w) for w in widths[3:]))
+        if not len(table):
+            continue
+        highs = [int(w.split("-")[1]) for w in table["widths"]]
+        xs = np.array(highs, float) * 2 ** (0.06 * (shift - 0.5))
+        line = ax.errorbar(xs, table["slope"], yerr=_yerr(table["slope"], table["low"], table["high"]), fmt="o", ms=4,
+                           capsize=3, label=label)
+        for bound in bounds:
+            ax.axhline(bound, color=line[0].get_color(), ls=":", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"widest width M of the fit (widths {lowest}..M)")
+    ax.set_ylabel("slope vs width (95 %, seeds)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    _title(fig, "4c. Does the verdict depend on the width range? Prediction 4's slopes over widths 64..M", metrics)
+    return fig
+
+
 def explanation_figures(metrics: pd.DataFrame, out_dir: str | Path, formats: Sequence[str] = ("png", "pdf"),
                         dpi: int = 110) -> list[Path]:
     """The figures whose data ``metrics`` holds (see the module docstring); return the files."""
@@ -179,6 +210,8 @@ def explanation_figures(metrics: pd.DataFrame, out_dir: str | Path, formats: Seq
         paths += save_figure(plot_ntk_rounds(width), out_dir / "fig7a_ntk_change_by_round", formats, dpi)
         paths += save_figure(plot_ntk_flips(width), out_dir / "fig7b_ntk_change_vs_flips", formats, dpi)
         paths += save_figure(plot_ntk_windows(width), out_dir / "fig7c_ntk_slope_by_width_range", formats, dpi)
+    if len(width) and "effective-smoothness-lr-mean" in width and width["width"].nunique() >= 4:
+        paths += save_figure(plot_range_dependence(width), out_dir / "fig4c_slopes_by_width_range", formats, dpi)
     tau = metrics[metrics["group"] == "tau"] if "group" in metrics else metrics.iloc[0:0]
     if len(tau) and tau["learning-rate"].nunique() >= 3:
         paths += save_figure(plot_tau_stepsize(tau), out_dir / "fig5b_drift_slope_vs_step_size", formats, dpi)
