@@ -131,3 +131,37 @@ def test_random_sign_reference_of_one_flip_equals_the_change():
     change = ntk_change(ntk_gram(model, None, x), theta0)
     assert change > 0
     assert random_sign_change(model, x, s0, s1, theta0) == pytest.approx(change, rel=1e-9)
+
+
+def test_probe_kernel_row_from_a_saved_run(tmp_path):
+    """A run folder with W^0 (from the seed) and a final model whose unit 0 of W_1 is negated.
+
+    Negating row 0 flips unit 0 on every probe and nothing else: the flip fraction is 1/m = 1/16 on both probe
+    sets; the held-out change is the kernel change computed directly on the server's probes (the 20 % held-out
+    split of 40 synthetic examples: 8); paper at depth 1 also gets the random-sign reference, which for a single
+    flipped unit equals the change (one term cannot cancel).
+    """
+    import json
+
+    from fedavg_relu.core.config import RunConfig
+    from fedavg_relu.core.data import dataset_shape, load_test
+    from fedavg_relu.core.models import build_model
+    from fedavg_relu.experiments.kernel import probe_kernel_row
+
+    cfg = RunConfig.from_mapping({"dataset": "synthetic", "synthetic-num-examples": 40, "synthetic-input-dim": 8,
+                                  "synthetic-num-classes": 3, "model-family": "paper", "width": 16, "depth": 1,
+                                  "ntk-probe-size": 64, "seed": 3})
+    d, c = dataset_shape(cfg)
+    model = build_model(cfg, d, c)
+    test_x = load_test(cfg).x.to(torch.float32)
+    theta0 = ntk_gram(model, None, test_x)
+    with torch.no_grad():
+        model.hidden[0].weight[0].neg_()
+    expected = ntk_change(ntk_gram(model, None, test_x), theta0)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"config": cfg.to_mapping()}))
+    row = probe_kernel_row(tmp_path)
+    assert row["probes/held-out"] == 8 and row["probes/train"] == 32
+    assert row["flips/held-out"] == pytest.approx(1 / 16) and row["flips/train"] == pytest.approx(1 / 16)
+    assert row["ntk-change/held-out"] == pytest.approx(expected, rel=1e-9)
+    assert row["random-sign/held-out"] == pytest.approx(row["ntk-change/held-out"], rel=1e-6)
