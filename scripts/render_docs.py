@@ -612,6 +612,7 @@ _CHECKS: dict[Path, list] = {}
 
 
 def _checks(root: Path, folder: str) -> list:
+    """The prediction checks of a sweep folder, with intervals that draw clients where its run folders have them."""
     key = (root / folder).resolve()
     if key not in _CHECKS:
         import pandas as pd
@@ -619,46 +620,61 @@ def _checks(root: Path, folder: str) -> list:
         predictions = find_module("predictions")
         metrics = pd.read_csv(root / folder / "metrics.csv")
         cells = pd.read_csv(root / folder / "cells.csv")
-        _CHECKS[key] = predictions.check_all(metrics, cells)
+        try:
+            clients = find_module("clients").read_client_tables(root / folder, cells.drop_duplicates("cell-id"))
+        except FileNotFoundError:
+            clients = None  # no per-client rows: the intervals draw seeds only
+        _CHECKS[key] = predictions.check_all(metrics, cells, clients)
     return _CHECKS[key]
 
 
-def _tau_drift(m: Mapping[str, float]) -> str:
-    rates = sorted((float(k.split("lr=")[1]), v) for k, v in m.items() if k.startswith("slope-drift/lr="))
-    return "round-1 drift slope vs τ: " + ", ".join(f"{v:+.2f} at η̃ = {lr:g}" for lr, v in rates)
+def _tau_drift(c) -> str:
+    rates = sorted(float(k.split("lr=")[1]) for k in c.measured if k.startswith("slope-drift/lr="))
+    return "round-1 drift slope vs τ: " + ", ".join(f"{c.with_interval(f'slope-drift/lr={lr:g}', '+.2f')} at η̃ = {lr:g}"
+                                                    for lr in rates)
 
 
-#: Short labels and key numbers of each prediction, for the README (``short=yes``).
-PREDICTION_SHORT: dict[int, tuple[str, Callable[[Mapping[str, float]], str]]] = {
+def _slopes(*keys: str):
+    def text(c) -> str:
+        return "slopes " + ", ".join(c.with_interval(k) for k in keys if k in c.measured)
+    return text
+
+
+#: Short labels and key numbers (with their 95 % intervals) of each prediction, for the README (``short=yes``).
+PREDICTION_SHORT: dict[int, tuple[str, Callable[[Any], str]]] = {
     1: ("wide nets: the loss decays linearly",
-        lambda m: f"ρ = {m['rho-widest']:.3f} per round, r² = {m['r2-widest']:.3f} at m = {m['width-widest']:.0f}"),
-    2: ("‖W^R − W^0‖ falls like m^-1/2", lambda m: f"slope {m['slope']:+.3f}"),
+        lambda c: f"ρ = {c.with_interval('rho-widest', '.3f')} per round, r² = {c.with_interval('r2-widest', '.3f')} "
+                  f"at m = {c.measured['width-widest']:.0f}"),
+    2: ("‖W^R − W^0‖ falls like m^-1/2", lambda c: f"slope {c.with_interval('slope')}"),
     3: ("activation flips fall with width",
-        lambda m: f"slopes {m['slope-init']:+.3f} (vs W^0), {m['slope-local']:+.3f} (W_k vs W^(r+1))"),
+        lambda c: f"slopes {c.with_interval('slope-init')} (vs W^0), {c.with_interval('slope-local')} (W_k vs W^(r+1))"),
     4: ("nonlinear drift falls with m; relative drift flat, smoothness ∝ m, η × smoothness bounded",
-        lambda m: "slopes " + ", ".join(f"{m[k]:+.3f}" for k in ("slope-nonlinear-fraction", "slope-relative-drift",
-                                                                   "slope-smoothness", "slope-smoothness-lr") if k in m)),
+        _slopes("slope-nonlinear-fraction", "slope-relative-drift", "slope-smoothness", "slope-smoothness-lr")),
     5: ("more local steps: lower loss per round, drift grows", _tau_drift),
-    6: ("non-IID: ‖W_fed − W_central‖ shrinks with m", lambda m: f"slope {m['slope-distance']:+.3f}"),
-    7: ("the tangent kernel's change falls like m^-1/2", lambda m: f"slope {m['slope']:+.3f}"),
+    6: ("non-IID: ‖W_fed − W_central‖ shrinks with m", lambda c: f"slope {c.with_interval('slope-distance')}"),
+    7: ("the tangent kernel's change falls like m^-1/2", lambda c: f"slope {c.with_interval('slope')}"),
 }
 
 
 def render_predictions(root: Path, args: Mapping[str, str]) -> str:
     """The checks of ``fedavg_relu.experiments.predictions`` on a sweep's tables (1-7; 7 needs ``ntk-change``).
 
+    Each judged number carries its 95 % bootstrap interval (seeds, and clients where the
+    run folders hold ``clients.csv``); the verdict is agrees / disagrees / undetermined.
     ``rule=yes`` adds the agreement rule; ``short=yes`` gives a short label and the key numbers only.
     """
     checks = _checks(root, args.get("dir", "results/theory-full"))
     if args.get("short", "no") == "yes":
         body = []
         for c in checks:
-            label, numbers = PREDICTION_SHORT.get(c.number, (c.prediction, lambda m: c.summary))
-            body.append([c.number, label, numbers(c.measured) if c.measured else "—", c.verdict])
-        return table(["#", "prediction", "measured", "verdict"], body)
+            label, numbers = PREDICTION_SHORT.get(c.number, (c.prediction, lambda c: c.summary))
+            body.append([c.number, label, numbers(c) if c.measured else "—", c.verdict])
+        return table(["#", "prediction", "measured [95 % interval]", "verdict"], body)
     with_rule = args.get("rule", "no") == "yes"
-    header = ["#", "prediction", "measured"] + (["rule (fixed in code)"] if with_rule else []) + ["verdict"]
-    body = [[c.number, c.prediction, c.summary] + ([c.rule] if with_rule else []) + [c.verdict] for c in checks]
+    header = ["#", "prediction", "measured", "95 % intervals (bootstrap)"] + (["rule (fixed in code)"] if with_rule else []) \
+        + ["verdict"]
+    body = [[c.number, c.prediction, c.summary, c.intervals_text() or "—"] + ([c.rule] if with_rule else []) + [c.verdict]
+            for c in checks]
     return table(header, body)
 
 
@@ -720,6 +736,200 @@ def render_runs_summary(root: Path, args: Mapping[str, str]) -> str:
     return f"{len(rows)} runs, {total / 60:.1f} min of recorded run time"
 
 
+# --- issue 23: the disagreements explained (prediction 7 decomposed, prediction 5 located) -------------------
+_EXPLAIN: dict[tuple, Any] = {}
+
+
+def _explained(root: Path, what: str, folder: str) -> Any:
+    """Cached tables of ``fedavg_relu.experiments.kernel`` / ``stepsize`` for a sweep folder."""
+    key = (what, (root / folder).resolve())
+    if key not in _EXPLAIN:
+        import pandas as pd
+
+        kernel, stepsize = find_module("kernel"), find_module("stepsize")
+        if what == "kernel-csv":
+            file = root / folder / "kernel.csv"
+            if not file.exists():
+                raise RenderError(f"{folder}/kernel.csv does not exist (python -m fedavg_relu.experiments.kernel {folder})")
+            _EXPLAIN[key] = pd.read_csv(file)
+            return _EXPLAIN[key]
+        metrics = pd.read_csv(root / folder / "metrics.csv")
+        if what == "rounds":
+            _EXPLAIN[key] = kernel.round_table(metrics)
+        elif what == "flip-law":
+            _EXPLAIN[key] = kernel.flip_law(_explained(root, "rounds", folder))
+        elif what == "width-cells":
+            _EXPLAIN[key] = kernel.width_cells(metrics)
+        elif what == "local":
+            cells = pd.read_csv(root / folder / "cells.csv")
+            clients = find_module("clients").read_client_tables(root / folder, cells.drop_duplicates("cell-id"))
+            local = stepsize.local_slopes(metrics, clients)
+            summary = stepsize.range_summary(local)
+            summary["smoothness"] = stepsize.measured_smoothness(stepsize.first_round_cells(metrics))
+            check = find_module("predictions").check_local_steps(metrics, clients)
+            _EXPLAIN[key] = (local, summary, check)
+    return _EXPLAIN[key]
+
+
+def _ci(value: float, low: float, high: float, fmt: str = "+.2f") -> str:
+    return f"{value:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
+
+
+def render_ntk_by_round(root: Path, args: Mapping[str, str]) -> str:
+    """The width slope of ``ntk-change`` and of the flips vs W^0 at rounds ``rounds=`` (default 1,3,10,30),
+    95 % intervals over seeds, and the slope the random-sign flip law gives, (flip slope − 1)/2."""
+    folder = args.get("dir", "results/theory-full")
+    which = tuple(int(r) for r in args.get("rounds", "1,3,10,30").split(","))
+    table_ = find_module("kernel").slope_by_round(_explained(root, "rounds", folder), which)
+    body = [[int(r["round"]), _ci(r["slope-ntk-change"], r["low-ntk-change"], r["high-ntk-change"]),
+             _ci(r["slope-activation-flips-init"], r["low-activation-flips-init"], r["high-activation-flips-init"]),
+             f"{(r['slope-activation-flips-init'] - 1) / 2:+.2f}"] for _, r in table_.iterrows()]
+    return table(["round", "kernel change: slope vs m", "flips vs W^0: slope vs m", "flip law: (flip slope − 1)/2"], body)
+
+
+def render_ntk_saturation(root: Path, args: Mapping[str, str]) -> str:
+    """Per width: seed-mean ``ntk-change`` at round 10 and at the last round, their ratio, the late slope vs round."""
+    table_ = find_module("kernel").saturation(_explained(root, "rounds", args.get("dir", "results/theory-full")))
+    body = [[int(r["width"]), f"{r['ntk-change-r10']:.4f}", f"{r['ntk-change-last']:.4f}", f"{r['ratio-last-to-early']:.2f}",
+             f"{r['late-slope-vs-round']:+.2f}"] for _, r in table_.iterrows()]
+    return table(["width m", "kernel change, round 10", "last round", "last / round 10", "slope vs round, rounds 10..R"], body)
+
+
+def render_ntk_windows(root: Path, args: Mapping[str, str]) -> str:
+    """Slopes of the last round's ``ntk-change`` and flips vs W^0 over sub-ranges of widths (95 % intervals, seeds)."""
+    kernel = find_module("kernel")
+    cells = _explained(root, "width-cells", args.get("dir", "results/theory-full"))
+    ntk = kernel.window_slopes(cells, "ntk-change").set_index("widths")
+    flips = kernel.window_slopes(cells, "activation-flips-init").set_index("widths")
+    body = [[w, _ci(ntk.loc[w, "slope"], ntk.loc[w, "low"], ntk.loc[w, "high"]),
+             _ci(flips.loc[w, "slope"], flips.loc[w, "low"], flips.loc[w, "high"]),
+             f"{(flips.loc[w, 'slope'] - 1) / 2:+.2f}"] for w in ntk.index]
+    return table(["widths", "kernel change: slope", "flips vs W^0: slope", "flip law: (flip slope − 1)/2"], body)
+
+
+def render_ntk_probes(root: Path, args: Mapping[str, str]) -> str:
+    """From ``kernel.csv`` (``dir=``, default results/ntk-probes): per group, number of rounds and probe set, the width
+    slopes (95 % intervals over seeds) of the final kernel change, of the flips, and of the change the same flips would
+    make with random signs (``paper`` at depth 1), the measured change over that reference at the narrowest and the
+    widest width, and the flips' mean net sign μ."""
+    import numpy as np
+
+    unc = find_module("uncertainty")
+    frame = _explained(root, "kernel-csv", args.get("dir", "results/ntk-probes"))
+    body = []
+
+    def slope_ci(rows, y, name):
+        if y not in rows or rows[y].isna().all():
+            return "—"
+        groups = {float(w): list(g[y].astype(float)) for w, g in rows.groupby("width")}
+        xs = sorted(groups)
+        slope = float(np.polyfit(np.log(xs), [float(np.mean(np.log(groups[x]))) for x in xs], 1)[0])
+        interval = unc.bootstrap_loglog_slope(groups, name)
+        return _ci(slope, interval.low, interval.high)
+
+    for (group, rounds), rows in frame.groupby(["group", "rounds"]):
+        lo, hi = int(rows["width"].min()), int(rows["width"].max())
+        for probe in ("held-out", "train"):
+            key = f"7/probes/{group}/{rounds}/{probe}"
+            line = [group, int(rounds), f"{lo}-{hi}", f"{probe} ({int(rows[f'probes/{probe}'].iloc[0])})",
+                    slope_ci(rows, f"ntk-change/{probe}", key), slope_ci(rows, f"flips/{probe}", key + "/flips"),
+                    slope_ci(rows, f"random-sign/{probe}", key + "/random")]
+            if f"random-sign/{probe}" in rows and rows[f"random-sign/{probe}"].notna().all():
+                ratio = rows[f"ntk-change/{probe}"] / rows[f"random-sign/{probe}"]
+                line.append(f"{ratio[rows['width'] == lo].mean():.2f} → {ratio[rows['width'] == hi].mean():.2f}")
+            else:
+                line.append("—")
+            line.append(f"{rows[f'net-sign/{probe}'].mean():+.2f}")
+            body.append(line)
+    return table(["group", "rounds R", "widths", "probes (examples)", "kernel change: slope vs m", "flips vs W^0: slope",
+                  "random-sign reference: slope", "change / reference, narrowest → widest", "net sign μ of the flips"], body)
+
+
+def render_explain_value(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: one number of the explanations: ``of=flip-law`` (keys of ``kernel.flip_law``), ``of=stepsize``
+    (keys of ``stepsize.range_summary`` and ``smoothness``), ``of=probes`` (``key=max-recorded-gap``: the largest
+    relative gap between the recorded and the recomputed held-out kernel change); ``dir=``, ``fmt=``."""
+    what = args["of"]
+    if what == "flip-law":
+        value = _explained(root, "flip-law", args.get("dir", "results/theory-full"))[args["key"]]
+    elif what == "stepsize":
+        value = _explained(root, "local", args.get("dir", "results/tau-stepsize"))[1][args["key"]]
+    elif what == "probes":
+        import numpy as np
+
+        frame = _explained(root, "kernel-csv", args.get("dir", "results/ntk-probes"))
+        gap = (frame["ntk-change/held-out"] - frame["ntk-change/recorded"]).abs() / frame["ntk-change/recorded"]
+        paper = frame[(frame["group"] == "paper") & (frame["rounds"] == frame["rounds"].max())]
+
+        def slope(rows, y):
+            means = rows.groupby("width")[y].apply(lambda v: float(np.mean(np.log(v))))
+            return float(np.polyfit(np.log(means.index.to_numpy(float)), means.to_numpy(), 1)[0])
+
+        values = {"max-recorded-gap": lambda: float(gap.max()),
+                  "held-out-slope": lambda: slope(paper, "ntk-change/held-out"),
+                  "train-slope": lambda: slope(paper, "ntk-change/train"),
+                  "random-slope-held-out": lambda: slope(paper, "random-sign/held-out"),
+                  "ntk-family-slope": lambda: slope(frame[frame["group"] == "ntk-family"], "ntk-change/held-out")}
+        value = values[args["key"]]()
+    else:
+        raise RenderError(f"of={what!r}: expected flip-law, stepsize or probes")
+    return format(value, args.get("fmt", ""))
+
+
+def render_width_window(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: the width slope of a width-group metric over ``widths=LOW-HIGH`` with its 95 % interval (seeds,
+    and clients where ``clients.csv`` has the metric): ``y=``, ``reducer=`` (final, mean; default mean), ``dir=``."""
+    import pandas as pd
+
+    folder = args.get("dir", "results/theory-full")
+    low, high = (int(v) for v in args["widths"].split("-"))
+    y, reducer = args["y"], args.get("reducer", "mean")
+    metrics = pd.read_csv(root / folder / "metrics.csv")
+    width = metrics[metrics["group"] == "width"]
+    cells = find_module("plots").per_cell(width, {y: reducer, "effective-learning-rate": "final"})
+    cells = cells[(cells["width"] >= low) & (cells["width"] <= high)]
+    predictions, unc = find_module("predictions"), find_module("uncertainty")
+    clients = _checks_clients(root, folder)
+    groups = predictions.run_units(cells, "width", y, clients, first=reducer == "first")
+    slope = find_module("plots").fit_loglog_slope(*zip(*[(w, math.exp(sum(math.log(v) for v in unc.unit_values(u)) / len(u)))
+                                                         for w, u in sorted(groups.items())])).slope
+    interval = unc.bootstrap_loglog_slope(groups, f"window/{y}/{low}-{high}")
+    fmt = args.get("fmt", "+.3f")
+    return f"{slope:{fmt}} {interval.format(fmt)}"
+
+
+def _checks_clients(root: Path, folder: str):
+    """The per-client rows of every cell of a sweep folder (None without any), read once."""
+    key = ("clients", (root / folder).resolve())
+    if key not in _EXPLAIN:
+        import pandas as pd
+
+        cells = pd.read_csv(root / folder / "cells.csv")
+        try:
+            _EXPLAIN[key] = find_module("clients").read_client_tables(root / folder, cells.drop_duplicates("cell-id"))
+        except FileNotFoundError:
+            _EXPLAIN[key] = None
+    return _EXPLAIN[key]
+
+
+def render_tau_stepsize(root: Path, args: Mapping[str, str]) -> str:
+    """Per η̃ of the τ × η̃ grid (``dir=``, default results/tau-stepsize): prediction 5's whole rule at that η̃ (on the
+    intervals), its round-1 drift slope over all τ and each consecutive pair's slope with its 95 % interval (seeds and
+    clients), marked * when η τ L̂ ≤ 1."""
+    local, _, check = _explained(root, "local", args.get("dir", "results/tau-stepsize"))
+    pairs = [(int(a), int(b)) for a, b in local[["tau-low", "tau-high"]].drop_duplicates().itertuples(index=False)]
+    body = []
+    for lr, rows in local.groupby("learning-rate"):
+        clauses = [c for c in check.conditions if c.key.endswith(f"/lr={lr:g}")]
+        verdict = {True: "agrees", False: "disagrees", None: "undetermined"}[check.judge_clauses(clauses)]
+        line = [f"{lr:g}", verdict, check.with_interval(f"slope-drift/lr={lr:g}", "+.2f")]
+        for a, b in pairs:
+            r = rows[(rows["tau-low"] == a) & (rows["tau-high"] == b)].iloc[0]
+            line.append(_ci(r["slope"], r["low"], r["high"]) + (" *" if r["inside"] else ""))
+        body.append(line)
+    return table(["η̃", "prediction 5's rule", "drift slope over all τ"] + [f"τ {a} → {b}" for a, b in pairs], body)
+
+
 # --- one number -------------------------------------------------------------------------------
 _SEGMENT = re.compile(r"\[(?P<sel>[^\]]*)\]|(?P<key>[^.\[]+)")
 
@@ -773,6 +983,19 @@ def render_prediction_value(root: Path, args: Mapping[str, str]) -> str:
     return format(float(check.measured[args["key"]]), args.get("fmt", ""))
 
 
+def render_prediction_interval(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: the 95 % bootstrap interval of one judged number of a prediction, ``[low, high]`` (``n=``, ``key=``, ``fmt=``)."""
+    checks = _checks(root, args.get("dir", "results/theory-full"))
+    check = next(c for c in checks if c.number == int(args["n"]))
+    return check.intervals[args["key"]].format(args.get("fmt", "+.3f"))
+
+
+def render_prediction_verdict(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: a prediction's verdict (agrees / disagrees / undetermined / not measured) (``n=``, ``dir=``)."""
+    checks = _checks(root, args.get("dir", "results/theory-full"))
+    return next(c for c in checks if c.number == int(args["n"])).verdict
+
+
 @dataclass(frozen=True)
 class Renderer:
     """A marker name's function and what it reads."""
@@ -803,6 +1026,15 @@ RENDERERS: dict[str, Renderer] = {
     "client-dominance": Renderer(render_client_dominance, "DIR/runs/*/clients.csv via fedavg_relu.experiments.clients (dir=, group=)"),
     "num": Renderer(render_num, "one value: file= at= [fmt= div= scale=]"),
     "prediction-value": Renderer(render_prediction_value, "one measured number of a prediction: n= key= [fmt=]"),
+    "prediction-interval": Renderer(render_prediction_interval, "the 95 % interval of a prediction's number: n= key= [fmt= dir=]"),
+    "prediction-verdict": Renderer(render_prediction_verdict, "a prediction's verdict: n= [dir=]"),
+    "width-window": Renderer(render_width_window, "a width-group slope over widths=LOW-HIGH with its interval: y= [reducer= dir= fmt=]"),
+    "ntk-by-round": Renderer(render_ntk_by_round, "DIR/metrics.csv via fedavg_relu.experiments.kernel (dir=, rounds=)"),
+    "ntk-saturation": Renderer(render_ntk_saturation, "DIR/metrics.csv via fedavg_relu.experiments.kernel (dir=)"),
+    "ntk-windows": Renderer(render_ntk_windows, "DIR/metrics.csv via fedavg_relu.experiments.kernel (dir=)"),
+    "ntk-probes": Renderer(render_ntk_probes, "results/ntk-probes/kernel.csv (dir=)"),
+    "tau-stepsize": Renderer(render_tau_stepsize, "results/tau-stepsize/{metrics,cells}.csv, runs/*/clients.csv via fedavg_relu.experiments.stepsize (dir=)"),
+    "explain-value": Renderer(render_explain_value, "one number of the explanations: of= key= [dir= fmt=]"),
 }
 
 

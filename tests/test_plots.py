@@ -154,3 +154,44 @@ def test_theory_figures_skip_missing_groups(tmp_path):
     metrics, cells = theory_tables()
     paths = theory_figures(metrics[metrics["group"] == "tau"], cells.iloc[0:0], tmp_path, formats=("png",))
     assert [p.name for p in paths] == ["fig5_tau_tradeoff.png"]
+
+
+def test_explanation_figures_need_their_data(tmp_path):
+    """With ntk-change and flips in the width group (0.1 m^-3/4 and m^-1/2 per round), 7a-7c are drawn; a tau group
+    with one step size draws no 5b; with three step sizes it does."""
+    from _theory_tables import theory_tables as tables
+
+    from fedavg_relu.experiments.explanations import explanation_figures
+
+    metrics, _ = tables()
+    width = metrics["group"] == "width"
+    trained = width & (metrics["round"] >= 1)
+    metrics.loc[trained, "ntk-change"] = 0.1 * metrics.loc[trained, "width"] ** -0.75 * (1 + 0.01 * metrics.loc[trained, "round"])
+    paths = explanation_figures(metrics, tmp_path, formats=("png",))
+    assert sorted(p.name for p in paths) == ["fig7a_ntk_change_by_round.png", "fig7b_ntk_change_vs_flips.png",
+                                             "fig7c_ntk_slope_by_width_range.png"]
+    tau = metrics[metrics["group"] == "tau"]
+    grid = pd.concat([tau.assign(**{"learning-rate": lr, "cell-id": tau["cell-id"] + f"-{lr}",
+                                    "effective-learning-rate": lr / 8, "effective-smoothness-mean": 8.0})
+                      for lr in (0.1, 0.5, 1.0)])
+    paths = explanation_figures(grid, tmp_path, formats=("png",))
+    assert [p.name for p in paths] == ["fig5b_drift_slope_vs_step_size.png"]
+    assert paths[0].stat().st_size > 1000
+
+
+def test_range_dependence_figure_needs_four_widths(tmp_path):
+    """The width group at 64, 256, 1024 plus a copy at 4096 (eta x smoothness 0.5, relative drift 1: slopes 0 over
+    64..1024 and 64..4096): fig4c is drawn; with the three widths alone it is not."""
+    from fedavg_relu.experiments.explanations import explanation_figures, plot_range_dependence
+    from fedavg_relu.experiments.kernel import window_slopes
+
+    metrics, _ = theory_tables()
+    width = metrics[metrics["group"] == "width"]
+    assert explanation_figures(width, tmp_path, formats=("png",)) == []
+    wider = pd.concat([width, width[width["width"] == 1024].assign(width=4096, **{"cell-id": lambda f: f["cell-id"] + "x"})])
+    paths = explanation_figures(wider, tmp_path, formats=("png",))
+    assert [p.name for p in paths] == ["fig4c_slopes_by_width_range.png"]
+    cells = per_cell(wider, {"effective-smoothness-lr-mean": "mean"})
+    table = window_slopes(cells, "effective-smoothness-lr-mean", windows=((64, 1024), (64, 4096)))
+    assert table["slope"].to_numpy() == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert plot_range_dependence(wider).axes[0].get_xscale() == "log"

@@ -110,3 +110,41 @@ def test_markdown_table_has_one_row_per_prediction():
     lines = checks_markdown(check_all(metrics, cells)).strip().splitlines()
     assert len(lines) == 8
     assert lines[2].startswith("| 1 |") and lines[-1].startswith("| 6 |")
+
+
+def _client_rows(metrics, values=(0.5, 1.5)):
+    """Per-client rows of the width group: 2 clients of 10 examples, relative drift 0.5 and 1.5 in every round."""
+    import pandas as pd
+
+    rows = []
+    for cell_id in metrics[metrics["group"] == "width"]["cell-id"].unique():
+        for r in range(1, 5):
+            for k, v in enumerate(values):
+                rows.append({"cell-id": cell_id, "round": r, "client": k, "num-examples": 10, "relative-gradient-drift": v})
+    return pd.DataFrame(rows)
+
+
+def test_intervals_without_clients_are_points_for_exact_laws():
+    """Seeds are exact copies (except the log-symmetric spread of distance at m = 64): the intervals of the exact
+    laws are points at the slope, and the verdicts are the point verdicts."""
+    metrics, cells = theory_tables()
+    checks = check_all(metrics, cells)
+    flips = checks[2].intervals["slope-init"]
+    assert (flips.low, flips.high) == pytest.approx((-0.5, -0.5))
+    assert [c.verdict for c in checks] == ["agrees"] * 6
+    assert checks[1].intervals["slope"].low < -0.5 < checks[1].intervals["slope"].high  # the spread at m = 64
+
+
+def test_clients_widen_a_per_client_interval_to_undetermined():
+    """Clients with relative drift 0.5 and 1.5 (mean 1, the table's value): a run drawn with both clients
+    repeated has drift 0.5 or 1.5, so the drift slope's draws range over +-(log 3)/(log 16) = +-0.396 (the
+    extremes at m = 64 and 1024) and the interval straddles the rule's -0.15: prediction 4 is undetermined,
+    though its point slope is 0 and every other clause holds throughout."""
+    metrics, cells = theory_tables()
+    check = check_drift_smoothness(metrics, _client_rows(metrics))
+    interval = check.intervals["slope-relative-drift"]
+    assert check.measured["slope-relative-drift"] == pytest.approx(0.0, abs=1e-9)
+    assert -0.396 <= interval.low < -0.15 and 0.15 < interval.high <= 0.396
+    assert check.agrees is True and check.verdict == "undetermined"
+    smooth = check.intervals["slope-smoothness"]  # no per-client column for it: seeds only, a point
+    assert (smooth.low, smooth.high) == pytest.approx((1.0, 1.0))

@@ -389,7 +389,9 @@ def theory_figures(
 
     Groups read: ``width`` (predictions 1-4), ``tau`` (5; one figure per
     learning rate), ``non-iid`` (6, needs the sweep's ``central-baseline``). A
-    figure whose group is missing is skipped.
+    figure whose group is missing is skipped. Then the figures that explain the
+    disagreements (:mod:`fedavg_relu.experiments.explanations`): 7a-7c from the width
+    group's per-round ``ntk-change``, 5b from a τ group with three or more step sizes.
     """
     out_dir = Path(out_dir)
     paths: list[Path] = []
@@ -436,6 +438,9 @@ def theory_figures(
                     "central-distance-relative": "‖W_fed − W_central‖ / ‖W_fed − W^0‖",
                     "loss-gap": "F(W_fed) − F(W_central)"},
             reference_slope={"central-distance": -0.5}, ax_per_y=True), out_dir / "fig6_central_gap_vs_width", formats, dpi)
+    from fedavg_relu.experiments.explanations import explanation_figures  # it builds on this module
+
+    paths += explanation_figures(metrics, out_dir, formats, dpi)
     return paths
 
 
