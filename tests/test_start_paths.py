@@ -106,14 +106,15 @@ def test_plain_flwr_run_completes_the_default_run(plain_flower, tmp_path):
 
 
 def test_flwr_run_with_three_supernodes_for_ten_clients(plain_flower, tmp_path):
-    """3 SuperNodes for 10 clients: ceil(10/3) = 4 per node (4, 4, 2); both rounds train all 10."""
+    """3 SuperNodes for 10 clients with SCAFFOLD (packed mode beyond FedAvg): ceil(10/3) = 4 per node (4, 4, 2);
+    both rounds train and measure all 10, each virtual client's c_k kept on its node's disk."""
     out = tmp_path / "runs"
     proc, _ = _flwr_run(plain_flower, {"output-dir": str(out), "run-name": "three", "num-server-rounds": 2,
-                                       "width": 256}, federation="num-supernodes=3")
+                                       "width": 256, "strategy": "scaffold"}, federation="num-supernodes=3")
     output = proc.stdout + proc.stderr
     assert _status(plain_flower, output) == "finished:completed", output[-3000:]
     rows = read_metrics(out / "three")
-    assert [r.get("clients-trained") for r in rows[1:]] == [10, 10]
+    assert [(r.get("clients-trained"), r.get("clients-measured")) for r in rows[1:]] == [(10, 10), (10, 10)]
     assert json.loads((out / "three" / "config.json").read_text())["config"]["clients-per-node"] == 4
 
 
