@@ -24,7 +24,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from fedavg_relu.experiments import kernel, stepsize
-from fedavg_relu.experiments.plots import _band, _title, fit_loglog_slope, new_figure, per_cell, save_figure, seed_stats
+from fedavg_relu.experiments.kernel import plot_ntk_probes  # noqa: F401 - one figure per explanation, listed here
+from fedavg_relu.experiments.analysis import _band, _title, fit_loglog_slope, new_figure, per_cell, save_figure, seed_stats
 
 
 def _yerr(center, low, high) -> np.ndarray:
@@ -108,34 +109,6 @@ def plot_ntk_windows(metrics: pd.DataFrame) -> Figure:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _title(fig, "7c. Is the slope anchored by the small widths? Slopes over sub-ranges of widths", metrics)
-    return fig
-
-
-def plot_ntk_probes(table: pd.DataFrame, caption: pd.DataFrame | None = None) -> Figure:
-    """Final kernel change vs width on held-out and training probes (each group's longest runs), with the
-    change the same flips would make with random signs (``random-sign/*``, `paper` depth 1) dashed."""
-    fig, (ax,) = new_figure(width=7.0, height=4.6)
-    longest = table[table["rounds"] == table.groupby("group")["rounds"].transform("max")]
-    for group, frame in longest.groupby("group"):
-        for probe, marker in (("held-out", "o"), ("train", "s")):
-            stats = seed_stats(frame, "width", f"ntk-change/{probe}", log=True)
-            fit = fit_loglog_slope(stats["width"], stats["center"])
-            _band(ax, stats, "width", f"{group}, {probe} probes: slope {fit.slope:+.2f}", marker=marker)
-            reference = f"random-sign/{probe}"
-            if reference in frame and frame[reference].notna().all():
-                stats = seed_stats(frame, "width", reference, log=True)
-                fit = fit_loglog_slope(stats["width"], stats["center"])
-                ax.plot(stats["width"], stats["center"], ls="--", lw=1, color=ax.lines[-1].get_color(),
-                        label=f"  same flips, random signs: slope {fit.slope:+.2f}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("width")
-    ax.set_ylabel("‖Θ(W^R) − Θ(W^0)‖_F / ‖Θ(W^0)‖_F")
-    ax.legend(fontsize=6.5)
-    ax.grid(alpha=0.3, which="both")
-    _title(fig, "7d. Held-out vs training-input probes, the flips' random-walk reference, and every layer trained "
-                "(ntk family); recomputed from W^0 and the saved final models",
-           caption if caption is not None else table)
     return fig
 
 

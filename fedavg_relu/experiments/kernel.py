@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from fedavg_relu.experiments import uncertainty
-from fedavg_relu.experiments.plots import fit_loglog_slope, per_cell, seed_stats
+from fedavg_relu.experiments.analysis import _band, _title, fit_loglog_slope, new_figure, per_cell, seed_stats
 
 #: Sub-ranges of widths (a factor 8 each) for :func:`window_slopes`.
 WINDOWS = ((64, 512), (128, 1024), (256, 2048), (512, 4096), (1024, 8192), (64, 2048), (64, 8192))
@@ -240,6 +241,34 @@ def probe_kernels(sweep_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def plot_ntk_probes(table: pd.DataFrame, caption: pd.DataFrame | None = None) -> Figure:
+    """Final kernel change vs width on held-out and training probes (each group's longest runs), with the
+    change the same flips would make with random signs (``random-sign/*``, `paper` depth 1) dashed."""
+    fig, (ax,) = new_figure(width=7.0, height=4.6)
+    longest = table[table["rounds"] == table.groupby("group")["rounds"].transform("max")]
+    for group, frame in longest.groupby("group"):
+        for probe, marker in (("held-out", "o"), ("train", "s")):
+            stats = seed_stats(frame, "width", f"ntk-change/{probe}", log=True)
+            fit = fit_loglog_slope(stats["width"], stats["center"])
+            _band(ax, stats, "width", f"{group}, {probe} probes: slope {fit.slope:+.2f}", marker=marker)
+            reference = f"random-sign/{probe}"
+            if reference in frame and frame[reference].notna().all():
+                stats = seed_stats(frame, "width", reference, log=True)
+                fit = fit_loglog_slope(stats["width"], stats["center"])
+                ax.plot(stats["width"], stats["center"], ls="--", lw=1, color=ax.lines[-1].get_color(),
+                        label=f"  same flips, random signs: slope {fit.slope:+.2f}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("width")
+    ax.set_ylabel("‖Θ(W^R) − Θ(W^0)‖_F / ‖Θ(W^0)‖_F")
+    ax.legend(fontsize=6.5)
+    ax.grid(alpha=0.3, which="both")
+    _title(fig, "7d. Held-out vs training-input probes, the flips' random-walk reference, and every layer trained "
+                "(ntk family); recomputed from W^0 and the saved final models",
+           caption if caption is not None else table)
+    return fig
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedavg_relu.experiments.kernel SWEEP_DIR``: write ``SWEEP_DIR/kernel.csv``."""
     from fedavg_relu.core.results import atomic_write_text
@@ -258,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(target, table.to_csv(index=False))
     report = {"cells": len(table), "file": str(target)}
     if args.figures:
-        from fedavg_relu.experiments.explanations import plot_ntk_probes  # it builds on this module
-        from fedavg_relu.experiments.plots import save_figure
+        from fedavg_relu.experiments.analysis import save_figure
 
         metrics = pd.read_csv(Path(args.sweep_dir) / "metrics.csv")
         metrics = metrics[metrics["num-server-rounds"] == metrics.groupby("group")["num-server-rounds"].transform("max")]

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from fedavg_relu.experiments import uncertainty
-from fedavg_relu.experiments.plots import (
+from fedavg_relu.experiments.analysis import (
     NONIID_GROUP,
     TAU_GROUP,
     WIDTH_GROUP,

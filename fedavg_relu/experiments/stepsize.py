@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from fedavg_relu.experiments import uncertainty
-from fedavg_relu.experiments.plots import fit_loglog_slope, per_cell
+from fedavg_relu.experiments.analysis import fit_loglog_slope, per_cell
 from fedavg_relu.experiments.predictions import run_units
 
 #: The constant c of η ≲ c / (τ L) used to draw the range.
