@@ -248,16 +248,16 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
             set_trainable(model, arrays_to_params(result.arrays) if len(result.arrays) else start_params)
             writer.save_model({"state_dict": model.state_dict(), "config": cfg.to_mapping()})
     except BaseException as err:
-        writer.close()
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         reason = f"{type(err).__name__}: {err}" if not isinstance(err, RunFailed) else str(err)
         write_summary(writer.run_dir, status, reason, num_server_rounds=cfg.num_server_rounds)
+        writer.close()  # after the summary: the tracker logs it and its status
         log(ERROR, "fedavg-relu: run %s: %s (outputs so far in %s)", status, reason, writer.run_dir)
         raise
     finally:
         _remove_kept_models(grid)
-    writer.close()
     write_summary(writer.run_dir, "completed", "", num_server_rounds=cfg.num_server_rounds)
+    writer.close()
     log(INFO, "fedavg-relu: run completed; outputs in %s", writer.run_dir)
     return writer.run_dir
 
