@@ -171,7 +171,8 @@ class WandbTracker(Tracker):
         self.run = wandb.init(
             mode=os.environ.get("WANDB_MODE", "offline"), dir=str(folder),
             project=os.environ.get("WANDB_PROJECT", DEFAULT_EXPERIMENT), name=run_name, group=group,
-            tags=[f"{k}={v}" for k, v in (tags or {}).items()][:64], id=run_id, resume="allow" if run_id else None,
+            tags=[t for t in (f"{k}={v}" for k, v in (tags or {}).items()) if len(t) <= 64],  # W&B's limit
+            config={f"tag.{k}": v for k, v in (tags or {}).items()}, id=run_id, resume="allow" if run_id else None,
             reinit="create_new", settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
         )
         self.run_id = self.run.id

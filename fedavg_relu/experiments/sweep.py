@@ -68,6 +68,7 @@ to table in one place.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -226,9 +227,39 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError([f"{path}: not valid TOML: {err}"]) from err
 
 
-def load_sweep(path: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> SweepSpec:
-    """Read and validate a sweep TOML file (``output_dir`` overrides ``sweep.output-dir``)."""
-    return parse_sweep(read_toml(path), name=Path(path).stem, output_dir=output_dir)
+def load_sweep(path: str | os.PathLike, output_dir: str | os.PathLike | None = None, **overrides: Any) -> SweepSpec:
+    """Read and validate a sweep TOML file (``output_dir`` overrides ``sweep.output-dir``; ``overrides``:
+    :func:`override_cells`'s keywords)."""
+    return parse_sweep(override_cells(read_toml(path), **overrides), name=Path(path).stem, output_dir=output_dir)
+
+
+def override_cells(data: Mapping[str, Any], seeds: Sequence[int] | None = None, rounds: int | None = None,
+                   tracker: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """A copy of a sweep file's mapping with the command line's choices applied (``None`` leaves a thing as is).
+
+    ``seeds`` becomes every grid's ``seed`` list (and leaves ``[base]``), ``rounds`` is
+    ``[base] num-server-rounds`` (and leaves the grids), ``tracker`` / ``tracking_uri`` are
+    ``[base] tracker`` / ``mlflow-tracking-uri``.
+    """
+    data = copy.deepcopy(dict(data))
+    base = data.setdefault("base", {})
+    grids = data.get("grid", [])
+    grids = [grids] if isinstance(grids, Mapping) else list(grids)
+    if seeds is not None:
+        base.pop("seed", None)
+        for grid in grids:
+            grid["seed"] = list(seeds)
+        if not grids:
+            data["grid"] = {"seed": list(seeds)}
+    if rounds is not None:
+        base["num-server-rounds"] = rounds
+        for grid in grids:
+            grid.pop("num-server-rounds", None)
+    if tracker is not None:
+        base["tracker"] = tracker
+    if tracking_uri is not None:
+        base["mlflow-tracking-uri"] = tracking_uri
+    return data
 
 
 # --- cells --------------------------------------------------------------------
