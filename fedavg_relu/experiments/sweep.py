@@ -395,13 +395,15 @@ def _torch_threads(threads: int) -> Iterator[None]:
 
 @contextmanager
 def _quiet_flower(quiet: bool) -> Iterator[None]:
-    """Raise the ``flwr`` logger to ERROR while cells run (their per-round lines would break the bar)."""
+    """Raise the ``flwr`` logger to CRITICAL while cells run: their per-round lines would break the bar, and
+    the ServerApp's closing ERROR line repeats what the sweep itself reports (a failed cell, with its error, or
+    the one line of an interrupt)."""
     if quiet:
         import flwr.common.logger  # noqa: F401  (configures the logger on import: do that first)
     logger = logging.getLogger("flwr")
     old = logger.level
     if quiet:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
