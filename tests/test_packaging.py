@@ -91,3 +91,17 @@ def test_uv_resolves_torch_to_the_cpu_build_offline(tmp_path):
     assert packages["torch"]["source"] == {"registry": str(tmp_path / "cpu")}  # uv writes local indexes as paths
     assert packages["numpy"]["source"] == {"registry": str(simple)}
     assert not [name for name in packages if name.startswith("nvidia")]
+
+
+@pytest.mark.parametrize("path", ["certificates/ca.key", "certificates/supernode-1.pub", "deploy/server.key",
+                                  "results/x/mlflow.db", "results/x/mlartifacts/1/a.json", "results/x/wandb/run.wandb",
+                                  "results/x/runs/abc/tracking.json"])
+def test_keys_and_tracker_stores_stay_out_of_git(path):
+    """docs/deployment.md's `make_certs.py certificates` writes private keys into the clone, and trackers write their
+    local stores next to results: git ignores them (`git check-ignore` exits 0)."""
+    import shutil
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=ROOT)
+    assert proc.returncode == 0, f"{path} is not ignored by .gitignore"
