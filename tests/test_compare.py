@@ -24,6 +24,12 @@ def test_bad_strategy_in_comparison_is_named_with_choices():
         parse_comparison({"compare": {"strategies": ["fedavg", "fedsgd"]}})
 
 
+def test_misspelled_compare_key_gets_the_closest_key():
+    """compare.stratgies is refused, naming 'strategies' as the key meant."""
+    with pytest.raises(ConfigError, match=r"compare\.stratgies=\['fedavg'\]: unknown key \(did you mean 'strategies'\?\)"):
+        parse_comparison({"compare": {"stratgies": ["fedavg"]}})
+
+
 def test_dotted_partition_name_gets_a_clear_error():
     """[partitions.dirichlet-0.1] unquoted nests a table: the error says to quote the name."""
     with pytest.raises(ConfigError, match="quote names that contain dots"):

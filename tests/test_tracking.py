@@ -108,6 +108,8 @@ def test_sweep_cells_are_one_mlflow_experiment_with_a_run_per_cell(tmp_path):
     assert spec.tracker == "mlflow" and all(c.config.tracker == "none" for c in spec.cells())  # the sweep logs
     result = run_sweep(spec, progress=False)
     assert sorted(result.ran) == sorted(c.cell_id for c in spec.cells()) and not result.failed
+    columns = result.metrics_path.read_text().splitlines()[0].split(",")
+    assert "seed" in columns and "tracker" not in columns and "mlflow-tracking-uri" not in columns  # not cell config
     run_sweep(spec, progress=False)
     runs = mlflow_runs(default_mlflow_uri(tmp_path / "sweep"))["tiny"]
     by_cell = {r["tags"]["cell-id"]: r for r in runs}

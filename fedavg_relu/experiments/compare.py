@@ -64,7 +64,8 @@ def parse_comparison(data: Mapping[str, Any], name: str = "compare", output_dir:
         problems.append(f"{key}: unknown table; expected [compare], [base] and [partitions.NAME]")
     spec = dict(data.get("compare", {}))
     for key in sorted(set(spec) - set(COMPARE_KEYS)):
-        problems.append(f"compare.{key}={spec[key]!r}: unknown key; expected one of {', '.join(COMPARE_KEYS)}")
+        problems.append(f"compare.{key}={spec[key]!r}: unknown key{did_you_mean(key, COMPARE_KEYS)}; "
+                        f"expected one of {', '.join(COMPARE_KEYS)}")
     strategies = spec.get("strategies", ["fedavg"])
     if not isinstance(strategies, list) or not strategies:
         problems.append(f"compare.strategies={strategies!r}: expected a non-empty list of strategy names")

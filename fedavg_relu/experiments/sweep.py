@@ -170,7 +170,8 @@ def parse_sweep(data: Mapping[str, Any], name: str = "sweep", output_dir: str | 
         problems.append(f"{key}: unknown table; expected [sweep], [base] and [grid] / [[grid]]")
     sweep = dict(data.get("sweep", {}))
     for key in sorted(set(sweep) - set(SWEEP_KEYS)):
-        problems.append(f"sweep.{key}={sweep[key]!r}: unknown key; expected one of {', '.join(SWEEP_KEYS)}")
+        problems.append(f"sweep.{key}={sweep[key]!r}: unknown key{did_you_mean(key, SWEEP_KEYS)}; "
+                        f"expected one of {', '.join(SWEEP_KEYS)}")
     name = str(sweep.get("name", name))
     engine = sweep.get("engine", "in-process")
     if engine not in ENGINES:
@@ -654,8 +655,8 @@ def describe(cell: Cell) -> str:
 
 # --- tables -------------------------------------------------------------------
 def config_columns(cfg: RunConfig) -> dict[str, Any]:
-    """The run-config columns of a cell's rows (``output-dir`` and ``run-name`` left out)."""
-    return {k: v for k, v in cfg.to_mapping().items() if k not in RESERVED_KEYS}
+    """The run-config columns of a cell's rows (``output-dir``, ``run-name`` and the tracker keys left out)."""
+    return {k: v for k, v in cfg.to_mapping().items() if k not in RESERVED_KEYS + TRACKING_KEYS}
 
 
 def collect_rows(spec: SweepSpec, cells: Sequence[Cell]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
