@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.core.config import TRACKERS, ConfigError, RunConfig
 from fedavg_relu.runtime.simulation import default_cpus_per_client
 
 
@@ -420,7 +420,7 @@ def _add_cell_options(p: argparse.ArgumentParser, engines: tuple[str, ...]) -> N
     p.add_argument("--max-cells", type=int, help="run at most this many unfinished cells")
     p.add_argument("--engine", choices=engines, help="in-process (default) or simulation (Flower's Ray engine)")
     p.add_argument("--threads", type=int, help="torch threads while cells run (default: sweep.threads, 1)")
-    p.add_argument("--tracker", choices=("none", "mlflow", "wandb"),
+    p.add_argument("--tracker", choices=TRACKERS,
                    help="log every cell to MLflow or W&B (offline), one run per cell under one experiment (default: [base] tracker)")
     p.add_argument("--mlflow-tracking-uri", metavar="URI",
                    help="MLflow store or server (default: [base] mlflow-tracking-uri, else OUTPUT-DIR/mlflow.db)")

@@ -104,11 +104,17 @@ class MlflowTracker(Tracker):
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
                  artifact_folder: str | os.PathLike | None = None, run_id: str | None = None) -> None:
+        import logging
+        import warnings
+
         from mlflow import MlflowClient
 
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
+        with warnings.catch_warnings():  # SQLAlchemy's deprecation notice about MLflow's own store, once per process
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
         else:
