@@ -169,3 +169,55 @@ def test_tracker_keys_are_the_sweeps_not_part_of_a_cell(tmp_path):
     assert [c.cell_id for c in plain.cells()] == [c.cell_id for c in tracked.cells()]
     with pytest.raises(ConfigError, match=r"grid\[main\]\.tracker: one tracker for the whole sweep"):
         parse_sweep({"base": dict(TINY), "grid": {"tracker": ["mlflow", "wandb"]}}, output_dir=tmp_path)
+
+
+class _Recorder:
+    """A tracker that records its calls; ``fail_at`` makes that method raise."""
+
+    kind = "recorder"
+    run_id = "r"
+
+    def __init__(self, fail_at: str = "") -> None:
+        self.calls, self.fail_at = [], fail_at
+
+    def __getattr__(self, name):
+        def call(*args):
+            if name == self.fail_at:
+                raise ConnectionError("tracking server went away")
+            self.calls.append((name, *args))
+        return call
+
+
+def test_a_failing_tracker_warns_once_and_the_run_goes_on(tmp_path, caplog):
+    """log_metrics raises at round 0: one warning naming the error, no later tracker call, every file still written."""
+    tracker = _Recorder(fail_at="log_metrics")
+    writer = RunWriter(tmp_path / "r", tracker=tracker)
+    writer.write_config(RunConfig())
+    for r in range(3):
+        writer.append_round({"round": r, "test-loss": 1.0})
+    writer.close()
+    assert [c[0] for c in tracker.calls] == ["log_params"]
+    warnings = [r.getMessage() for r in caplog.records if "tracker failed" in r.getMessage()]
+    assert len(warnings) == 1 and "ConnectionError: tracking server went away" in warnings[0]
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_close_tags_the_fresh_summarys_status_or_unknown(tmp_path):
+    """close() after write_summary gives the tracker its status; a summary.json older than the writer (a previous
+    attempt's) counts for nothing: status 'unknown'."""
+    import time
+
+    fresh = _Recorder()
+    writer = RunWriter(tmp_path / "a", tracker=fresh)
+    write_summary(tmp_path / "a", "failed", "boom")
+    writer.close()
+    assert fresh.calls[-1] == ("finish", "failed")
+    assert [p.name for p in fresh.calls[-2][1]] == ["summary.json"]
+    write_summary(tmp_path / "b", "completed", "")
+    old = time.time() - 60
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    summary["written-at"] = old
+    (tmp_path / "b" / "summary.json").write_text(json.dumps(summary))
+    stale = _Recorder()
+    RunWriter(tmp_path / "b", tracker=stale).close()
+    assert stale.calls[-1] == ("finish", "unknown")
