@@ -279,7 +279,7 @@ def test_sigint_stops_every_process_and_says_how_to_resume(tmp_path):
     last = max(rounds())
     assert 1 <= last < 40
     assert f"interrupted by SIGINT after round {last} of 40" in output
-    assert "resume=true" in output.splitlines()[-1] and 'run-name="sig"' in output.splitlines()[-1]
+    assert "resume=true" in output.splitlines()[-1] and "run-name='sig'" in output.splitlines()[-1]
     summary = read_summary(runs / "sig")
     assert summary["status"] == "interrupted", summary
     assert left == set(), f"still alive: {left}"

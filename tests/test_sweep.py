@@ -139,8 +139,8 @@ def test_run_resume_and_tables(tmp_path):
 
     metrics, cell_table = read_tables(spec.output_dir)
     assert len(metrics) == 6 and sorted(metrics["round"].unique()) == [0, 1, 2]
-    config_keys = set(RunConfig().to_mapping()) - {"output-dir", "run-name"}
-    assert config_keys <= set(metrics.columns)
+    config_keys = set(RunConfig().to_mapping()) - {"output-dir", "run-name", "tracker", "mlflow-tracking-uri"}
+    assert config_keys <= set(metrics.columns) and "tracker" not in metrics.columns  # the sweep's, not the cells'
     assert {"group", "cell-id", "effective-learning-rate", "global-loss", "gradient-drift-mean"} <= set(metrics.columns)
     assert "metric.gradient-dissimilarity" in metrics.columns
     assert sorted(metrics["seed"].unique()) == [0, 1] and set(metrics["width"]) == {16}
