@@ -243,3 +243,42 @@ def test_ctrl_c_on_compare_prints_one_line_to_resume_and_records_the_reason(tmp_
         [sys.executable, "-m", "fedavg_relu.cli", *argv], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "| iid | fedavg |" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.e2e
+def test_ctrl_c_with_jobs_stops_the_workers_and_marks_every_cell_under_way(tmp_path):
+    """--jobs 2, SIGINT to the parent once both cells write rounds: exit 130, one line, no traceback from the
+    parent or the two spawned workers (they leave Ctrl-C to it and are terminated), both cells recorded
+    'interrupted by SIGINT', and no worker left running."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_FILE.replace("num-server-rounds = 8", "num-server-rounds = 400"))
+    env = {**os.environ, "FEDAVG_RELU_HOME": str(tmp_path)}
+    argv = ["compare", str(path), "--strategies", "fedavg,fedprox", "--seeds", "0", "--jobs", "2", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "fedavg_relu.cli", *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    runs = tmp_path / "runs" / "compare" / "tiny" / "runs"
+    deadline = time.monotonic() + 300
+    while len(list(runs.glob("*/metrics.jsonl"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fedavg-relu compare: interrupted by SIGINT;"), lines
+    reasons = sorted(json.loads((d / "summary.json").read_text())["reason"] for d in runs.iterdir())
+    assert reasons == ["interrupted by SIGINT"] * 2
+    def left() -> list[str]:  # the processes of the command's session still alive
+        ps = subprocess.run(["ps", "-o", "pid=,sid=,args=", "-e"], capture_output=True, text=True).stdout
+        return [line for line in ps.splitlines() if line.split()[1] == str(proc.pid) and "<defunct>" not in line]
+
+    deadline = time.monotonic() + 15
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left(), f"outlived the interrupted comparison: {left()}"
