@@ -36,6 +36,11 @@ sweep's tables:
     global loss and relative gradient drift by round, one line per strategy,
     bands = mean +- std over seeds, titled with the configuration.
 
+:func:`override_comparison` narrows a comparison file (strategies, seeds, rounds) and sets its
+tracker, as ``fedavg-relu compare --strategies ... --seeds ... --rounds ... --tracker ...`` does;
+the command line writes to ``runs/compare/<name>`` unless ``--results`` asks for the file's
+``output-dir``.
+
 This module does not import flwr (the engines do, when runs start).
 """
 

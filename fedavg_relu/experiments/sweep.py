@@ -41,8 +41,8 @@ Outputs, each written atomically (:func:`fedavg_relu.core.results.atomic_write_t
 
 ``<output-dir>/metrics.csv``
     the tidy per-round table: one row per (group, cell, round) with the
-    columns ``group``, ``cell-id``, every run-config key (``output-dir`` and
-    ``run-name`` left out), ``effective-learning-rate``, ``round`` and every
+    columns ``group``, ``cell-id``, every run-config key (``output-dir``,
+    ``run-name`` and the tracker keys left out), ``effective-learning-rate``, ``round`` and every
     metric the run recorded. Configuration columns keep their names; a metric
     named like a run-config key (``gradient-dissimilarity``, ``local-steps``)
     becomes ``metric.<key>``.
@@ -57,6 +57,14 @@ Engines: ``in-process`` (default) runs each cell with
 logic, Flower strategy and ClientApp handlers over an in-process Flower Grid.
 ``simulation`` uses :func:`fedavg_relu.runtime.simulation.simulate` (Flower's Ray
 simulation engine), which costs ~15-20 s of start-up per cell on 2 cores.
+
+Tracking: ``tracker`` / ``mlflow-tracking-uri`` in ``[base]`` (or
+:func:`override_cells`'s, from ``--tracker``) belong to the sweep, not to its cells
+(no part of a cell id): each cell's run folder is logged once it has ended, as one run
+of the experiment named after the sweep (:func:`track_cell`).
+
+Interrupts: :func:`run_sweep` records the cells under way as ``interrupted`` (reason
+``interrupted by SIGINT``) and raises again; a rerun goes on with the unfinished cells.
 
 This module imports flwr only when cells run (the engines, and the quieting of
 Flower's logger); expanding, checking and tabulating a sweep does not.
