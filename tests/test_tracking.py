@@ -188,16 +188,26 @@ class _Recorder:
         return call
 
 
-def test_a_failing_tracker_warns_once_and_the_run_goes_on(tmp_path, caplog):
+def test_a_failing_tracker_warns_once_and_the_run_goes_on(tmp_path):
     """log_metrics raises at round 0: one warning naming the error, no later tracker call, every file still written."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("fedavg_relu.core.results")
+    logger.addHandler(handler)
     tracker = _Recorder(fail_at="log_metrics")
-    writer = RunWriter(tmp_path / "r", tracker=tracker)
-    writer.write_config(RunConfig())
-    for r in range(3):
-        writer.append_round({"round": r, "test-loss": 1.0})
-    writer.close()
+    try:
+        writer = RunWriter(tmp_path / "r", tracker=tracker)
+        writer.write_config(RunConfig())
+        for r in range(3):
+            writer.append_round({"round": r, "test-loss": 1.0})
+        writer.close()
+    finally:
+        logger.removeHandler(handler)
     assert [c[0] for c in tracker.calls] == ["log_params"]
-    warnings = [r.getMessage() for r in caplog.records if "tracker failed" in r.getMessage()]
+    warnings = [r.getMessage() for r in records if "tracker failed" in r.getMessage()]
     assert len(warnings) == 1 and "ConnectionError: tracking server went away" in warnings[0]
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
 
