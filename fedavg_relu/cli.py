@@ -1,5 +1,7 @@
 """``fedavg-relu``: the command line.
 
+Each subcommand and what it does:
+
 ``fedavg-relu run``
     Validate the run config (``pyproject.toml`` defaults + ``--run-config``) and
     check that it can run (:mod:`fedavg_relu.core.preflight`), then ``flwr run`` the
@@ -14,7 +16,11 @@
 ``fedavg-relu sweep CONFIG``
     Run a grid of configurations (resumable) into tidy tables (:mod:`fedavg_relu.experiments.sweep`).
 ``fedavg-relu compare CONFIG``
-    Compare strategies on the same partitions and seeds (:mod:`fedavg_relu.experiments.compare`).
+    Compare strategies on the same partitions and seeds (:mod:`fedavg_relu.experiments.compare`);
+    ``--strategies``, ``--seeds`` and ``--rounds`` narrow it, into ``runs/compare/NAME`` unless
+    ``--results`` rebuilds the committed tables. Sweeps and comparisons share ``--dry-run``,
+    ``--jobs``, ``--seeds``, ``--rounds``, ``--tracker``; Ctrl-C stops them with one line
+    that holds the command to resume (exit 130, or 143 on SIGTERM).
 ``fedavg-relu plot SWEEP_DIR``
     Draw the theory figures from a sweep's tables (:mod:`fedavg_relu.experiments.plots`).
 
@@ -25,7 +31,9 @@ purpose, so the library modules below hold no command-line glue.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import shlex
 import sys
 import time
@@ -35,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.core.config import TRACKERS, ConfigError, RunConfig
 from fedavg_relu.runtime.simulation import default_cpus_per_client
 
 
@@ -72,7 +80,8 @@ def parse_overrides(text: list[str] | None) -> dict[str, Any]:
         given = " ".join(text or [])
         raise ConfigError([
             f"--run-config {given!r}: not KEY=VALUE pairs as flwr run reads them; expected e.g. "
-            "'num-server-rounds=3 partitioner=\"dirichlet\" dirichlet-alpha=0.3' (string values in double quotes). "
+            "--run-config \"num-server-rounds=3 partitioner='dirichlet' dirichlet-alpha=0.3\" "
+            "(string values in single quotes, the whole list in double quotes). "
             f"Flower's parser said: {getattr(err, 'message', err)}"
         ]) from None
 
@@ -97,10 +106,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _preflight(cfg: RunConfig) -> None:
-    """:func:`fedavg_relu.core.preflight.check_run` (raises :class:`ConfigError`)."""
+    """:func:`fedavg_relu.core.preflight.check_run`, and the tracker's package (raises :class:`ConfigError`)."""
     from fedavg_relu.core.preflight import check_run
+    from fedavg_relu.core.tracking import check_available
 
     check_run(cfg)
+    check_available(cfg.tracker)
 
 
 #: ``fedavg-relu run``'s exit code for a run that ran to the end ``degraded`` (summary.json says why).
@@ -172,13 +183,27 @@ def run_outcome(
     return RunOutcome(1, lines)
 
 
+def run_config_text(overrides: Mapping[str, Any]) -> str:
+    """``--run-config "..."`` as the README writes it: string values in single quotes (double where the
+    value holds a single quote), the whole list in shell double quotes."""
+    import json
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return f"'{v}'" if "'" not in str(v) else json.dumps(str(v))
+
+    text = " ".join(f"{k}={value(v)}" for k, v in overrides.items())
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", text) + '"'
+
+
 def resume_command(overrides: Mapping[str, Any], run_dir: Path) -> str:
     """The ``fedavg-relu run`` command that continues ``run_dir`` from its last checkpoint (same config)."""
-    from fedavg_relu.runtime.flower_run import run_config_arg
-
     keep = {k: v for k, v in overrides.items() if k not in ("resume", "run-name", "output-dir")}
     keep.update({"resume": True, "run-name": run_dir.name, "output-dir": str(run_dir.parent)})
-    return f"fedavg-relu run --run-config {shlex.quote(run_config_arg(keep))}"
+    return f"fedavg-relu run --run-config {run_config_text(keep)}"
 
 
 def _last_round(run_dir: Path) -> int | None:
@@ -322,10 +347,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
+DESCRIPTION = """\
+Local SGD / FedAvg on wide ReLU networks as a Flower app, with the gradient drift measured every round.
+
+  fedavg-relu run                                     one simulation (flwr run, isolated), one line per round
+  fedavg-relu run -c "width=4096 partitioner='dirichlet'"   override run-config keys (docs/configuration.md)
+  fedavg-relu validate -c "..."                       check a run config and print it
+  fedavg-relu sweep sweeps/theory-small.toml          a grid of runs into tidy tables (resumable)
+  fedavg-relu compare compare/strategies.toml --strategies fedavg,scaffold --seeds 0 --rounds 4
+                                                      strategies side by side, into runs/compare/NAME
+  fedavg-relu plot results/theory-small               the theory figures from a sweep's tables
+
+Exit codes: 0 done, 1 failed, 2 bad input, 130 / 143 interrupted (SIGINT / SIGTERM)."""
+
+
+def version() -> str:
+    """The installed package's version (the checkout's ``__version__`` when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("fedavg-relu")
+    except PackageNotFoundError:
+        from fedavg_relu import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fedavg-relu``."""
-    parser = argparse.ArgumentParser(prog="fedavg-relu", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="fedavg-relu", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fedavg-relu {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--run-config", "-c", action="append", metavar='"KEY=VALUE ..."',
@@ -357,42 +411,110 @@ def add_sweep_command(subparsers) -> None:
 
     p = subparsers.add_parser("sweep", help="run a grid of configurations (resumable) and collect tidy tables")
     p.add_argument("config", help="sweep TOML file ([sweep], [base], [[grid]])")
-    p.add_argument("--engine", choices=ENGINES, help="in-process (default) or simulation (Flower's Ray engine)")
     p.add_argument("--output-dir", help="override sweep.output-dir")
-    p.add_argument("--dry-run", action="store_true", help="list the cells (and whether each is finished) and exit")
-    p.add_argument("--max-cells", type=int, help="run at most this many unfinished cells")
-    p.add_argument("--threads", type=int, help="torch threads while cells run (default: sweep.threads, 1)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="cells run at once, each in its own process (default 1; memory adds up: ~8.6 GB per width-8192 theory cell)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--verbose", action="store_true", help="keep Flower's per-round log lines")
+    _add_cell_options(p, ENGINES)
     p.add_argument("--figures", metavar="DIR", help="afterwards draw the theory figures into DIR (PNG and PDF)")
     p.set_defaults(func=_cmd_sweep)
 
 
-def _cmd_sweep(args) -> int:
-    from fedavg_relu.experiments.sweep import describe, is_complete, load_sweep, read_tables, run_sweep
+def _add_cell_options(p: argparse.ArgumentParser, engines: tuple[str, ...]) -> None:
+    """The options ``sweep`` and ``compare`` share: which cells, how they run, where they are tracked."""
+    p.add_argument("--seeds", metavar="S,S,...", help="run every cell with these seeds (comma-separated integers)")
+    p.add_argument("--rounds", type=int, metavar="R", help="num-server-rounds of every cell")
+    p.add_argument("--dry-run", action="store_true", help="list the cells (and whether each is finished) and exit")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells run at once, each in its own process (default 1; memory adds up: ~8.6 GB per width-8192 theory cell)")
+    p.add_argument("--max-cells", type=int, help="run at most this many unfinished cells")
+    p.add_argument("--engine", choices=engines, help="in-process (default) or simulation (Flower's Ray engine)")
+    p.add_argument("--threads", type=int, help="torch threads while cells run (default: sweep.threads, 1)")
+    p.add_argument("--tracker", choices=TRACKERS,
+                   help="log every cell to MLflow or W&B (offline), one run per cell under one experiment (default: [base] tracker)")
+    p.add_argument("--mlflow-tracking-uri", metavar="URI",
+                   help="MLflow store or server (default: [base] mlflow-tracking-uri, else OUTPUT-DIR/mlflow.db)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="keep Flower's per-round log lines")
+
+
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ConfigError naming ``flag`` otherwise."""
+    if text is None:
+        return None
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ConfigError([f"{flag}={text!r}: expected comma-separated integers, e.g. {flag} 0,1,2"])
+    return values
+
+
+def _cell_overrides(args) -> dict[str, Any]:
+    """The shared options as :func:`fedavg_relu.experiments.sweep.override_cells` takes them (ConfigError when malformed)."""
+    if args.jobs < 1:
+        raise ConfigError([f"--jobs={args.jobs}: expected an integer >= 1 (cells run at once)"])
+    return {"seeds": _int_list(args.seeds, "--seeds"), "rounds": args.rounds, "tracker": args.tracker,
+            "tracking_uri": args.mlflow_tracking_uri}
+
+
+def _dry_run(cells, output_dir: Path) -> int:
+    from fedavg_relu.experiments.sweep import describe, is_complete
+
+    for cell in cells:
+        print(f"{'done' if is_complete(cell) else 'todo'}  {describe(cell)}")
+    print(f"{len(cells)} cells; outputs in {output_dir}")
+    return 0
+
+
+def _run_cells(command: str, argv: list[str], output_dir: Path, work) -> tuple[int, Any]:
+    """``work()`` with SIGINT/SIGTERM turned into one line with the command that resumes; (exit code, result)."""
+    from fedavg_relu.experiments.sweep import interrupt_reason
+    from fedavg_relu.runtime.flower_run import raise_on_signals
 
     try:
-        spec = load_sweep(args.config, args.output_dir)
+        with raise_on_signals():
+            return 0, work()
+    except BaseException as err:  # RunInterrupted (SIGINT/SIGTERM) or KeyboardInterrupt; anything else goes on up
+        reason = interrupt_reason(err)
+        if reason is None:
+            raise
+        code = 128 + getattr(err, "signum", 2)
+    print(f"\nfedavg-relu {command}: {reason}; finished cells are kept in {output_dir}; "
+          f"resume with: fedavg-relu {shlex.join(argv)}", flush=True)
+    return code, None
+
+
+def _tracker_hint(spec) -> str:
+    if spec.tracker == "mlflow":
+        from fedavg_relu.core.tracking import default_mlflow_uri
+
+        uri = spec.tracking_uri or default_mlflow_uri(spec.output_dir)
+        return f"; MLflow experiment {spec.name!r}: mlflow ui --backend-store-uri {uri}"
+    if spec.tracker == "wandb":
+        return f"; W&B runs (group {spec.name!r}) in {spec.output_dir / 'wandb'}"
+    return ""
+
+
+def _cmd_sweep(args) -> int:
+    from fedavg_relu.experiments.sweep import load_sweep, read_tables, run_sweep
+
+    try:
+        spec = load_sweep(args.config, args.output_dir, **_cell_overrides(args))
         cells = spec.cells()
     except (ConfigError, OSError) as err:
         print(f"fedavg-relu sweep: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
-        for cell in cells:
-            print(f"{'done' if is_complete(cell) else 'todo'}  {describe(cell)}")
-        print(f"{len(cells)} cells; outputs in {spec.output_dir}")
-        return 0
-    if args.jobs < 1:
-        print(f"fedavg-relu sweep: --jobs={args.jobs}: expected an integer >= 1 (cells run at once)", file=sys.stderr)
-        return 2
-    result = run_sweep(spec, engine=args.engine, progress=not args.no_progress, quiet=not args.verbose,
-                       max_cells=args.max_cells, threads=args.threads, jobs=args.jobs)
+        return _dry_run(cells, spec.output_dir)
+    code, result = _run_cells("sweep", args.argv, spec.output_dir, lambda: run_sweep(
+        spec, engine=args.engine, progress=not args.no_progress, quiet=not args.verbose,
+        max_cells=args.max_cells, threads=args.threads, jobs=args.jobs))
+    if result is None:
+        args.fast_exit = True
+        return code
     print(
         f"fedavg-relu sweep {spec.name}: {len(result.ran)} ran, {len(result.skipped)} already finished, "
         f"{len(result.failed)} failed, {len(cells) - len(result.ran) - len(result.skipped) - len(result.failed)} left "
-        f"in {result.seconds:.1f}s; tables {result.metrics_path} and {result.cells_path}"
+        f"in {result.seconds:.1f}s; tables {result.metrics_path} and {result.cells_path}{_tracker_hint(spec)}"
     )
     for cid, err in result.failed.items():
         print(f"  failed {cid}: {err}", file=sys.stderr)
@@ -432,10 +554,17 @@ def _cmd_plot(args) -> int:
 
 def add_compare_command(subparsers) -> None:
     """Add ``fedavg-relu compare CONFIG`` to the CLI's subparsers."""
+    from fedavg_relu.experiments.sweep import ENGINES
+
     p = subparsers.add_parser("compare", help="compare strategies on the same partitions and seeds")
     p.add_argument("config", help="comparison TOML file ([compare], [base], [partitions.NAME])")
-    p.add_argument("--output-dir", help="override compare.output-dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--strategies", metavar="NAME,NAME,...", help="compare only these strategies (default: compare.strategies)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--output-dir", help="the output folder (default: runs/compare/NAME, outside the committed results/)")
+    where.add_argument("--results", action="store_true",
+                       help="write into the file's compare.output-dir (results/strategies for compare/strategies.toml): "
+                            "rebuilds the committed tables, so only with the file's own strategies, seeds and rounds")
+    _add_cell_options(p, ENGINES)
     p.set_defaults(func=_cmd_compare)
 
 
@@ -443,19 +572,54 @@ def _cmd_compare(args) -> int:
     from fedavg_relu.experiments.compare import load_comparison, run_comparison
 
     try:
-        spec, target = load_comparison(args.config, args.output_dir)
+        overrides = _cell_overrides(args)
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies is not None else None
+        if args.results and (strategies or overrides["seeds"] or overrides["rounds"]):
+            raise ConfigError(["--results: rebuilds the committed tables from the file as it is; expected no "
+                               "--strategies, --seeds or --rounds with it (or --output-dir DIR for a narrowed comparison)"])
+        name = Path(args.config).stem
+        output_dir = None if args.results else (args.output_dir or Path("runs") / "compare" / name)
+        spec, target = load_comparison(args.config, output_dir, strategies=strategies, **overrides)
+        cells = spec.cells()
     except (ConfigError, OSError) as err:
         print(f"fedavg-relu compare: {err}", file=sys.stderr)
         return 2
-    path = run_comparison(spec, target, progress=not args.no_progress)
+    if args.dry_run:
+        return _dry_run(cells, spec.output_dir)
+    code, path = _run_cells("compare", args.argv, spec.output_dir, lambda: run_comparison(
+        spec, target, progress=not args.no_progress, engine=args.engine, quiet=not args.verbose,
+        max_cells=args.max_cells, threads=args.threads, jobs=args.jobs))
+    if path is None:
+        args.fast_exit = True
+        return code
     print(path.read_text())
-    print(f"fedavg-relu compare: tables and figures in {spec.output_dir}")
+    print(f"fedavg-relu compare: tables and figures in {spec.output_dir}{_tracker_hint(spec)}")
     return 0
+
+
+def unknown_command(argv: list[str], parser: argparse.ArgumentParser) -> str | None:
+    """The error for a first argument that is no subcommand (with difflib's closest one); ``None`` if it is one."""
+    if not argv or argv[0].startswith("-"):
+        return None
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if argv[0] in commands:
+        return None
+    close = difflib.get_close_matches(argv[0], list(commands), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"fedavg-relu: {argv[0]!r} is not a command{hint}; expected one of {', '.join(commands)} (fedavg-relu --help)"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedavg-relu`` console script."""
-    args = build_parser().parse_args(argv)
+    console = argv is None  # as the console script (not called from Python)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    error = unknown_command(argv, parser)
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    args.argv = argv
     os.environ.setdefault("FEDAVG_RELU_HOME", str(Path.cwd()))
     try:
         code = int(args.func(args))
@@ -463,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `fedavg-relu sweep FILE --dry-run | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
         return 0
-    if argv is None and getattr(args, "fast_exit", False):
+    if console and getattr(args, "fast_exit", False):
         # As the console script, after an interrupt: tearing down flwr's imports takes seconds on a busy
         # machine (measured 6.6 s at load 10); every output is already written and flushed.
         sys.stdout.flush()

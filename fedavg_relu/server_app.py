@@ -197,6 +197,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         strategy = build_strategy(cfg, learning_rate)
     except ConfigError as err:
         write_summary(run_dir, "failed", str(err), num_server_rounds=cfg.num_server_rounds)
+        writer.close()
         raise
     start_params = initial_params(cfg)
     ntk = NtkTracker(model, start_params, test.x, cfg.ntk_probe_size, cfg.seed) if cfg.ntk_probe_size > 0 else None
@@ -254,20 +255,20 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
             set_trainable(model, arrays_to_params(result.arrays) if len(result.arrays) else start_params)
             writer.save_model({"state_dict": model.state_dict(), "config": cfg.to_mapping()})
     except BaseException as err:
-        writer.close()
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         reason = f"{type(err).__name__}: {err}" if not isinstance(err, RunFailed) else str(err)
         write_summary(writer.run_dir, status, reason, num_server_rounds=cfg.num_server_rounds)
+        writer.close()  # after the summary: the tracker logs it and its status
         log(ERROR, "fedavg-relu: run %s: %s (outputs so far in %s)", status, reason, writer.run_dir)
         raise
     finally:
         _remove_kept_models(grid)
-    writer.close()
     degraded = strategy.participation.degraded()
     write_summary(
         writer.run_dir, "degraded" if degraded else "completed", degraded, num_server_rounds=cfg.num_server_rounds,
         failing=strategy.participation.failing(), rounds_measuring_fewer_than_two=strategy.participation.thin_rounds,
     )
+    writer.close()  # after the summary: the tracker logs it and its status
     if degraded:
         log(WARNING, "fedavg-relu: run degraded: %s; outputs in %s", degraded, writer.run_dir)
     else:

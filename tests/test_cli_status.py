@@ -104,9 +104,9 @@ def test_interrupted_summary_without_reason_exits_1(tmp_path):
 def test_resume_command_repeats_the_config_and_names_the_folder(tmp_path):
     """The user's overrides stay (the checkpoint needs the same config); resume, folder and name are set."""
     text = resume_command({"width": 64, "resume": False, "run-name": "old"}, tmp_path / "runs" / "r1")
-    assert text.startswith("fedavg-relu run --run-config '")
-    assert "width=64" in text and "resume=true" in text and "resume=false" not in text and '"old"' not in text
-    assert 'run-name="r1"' in text and f'output-dir="{tmp_path / "runs"}"' in text
+    assert text.startswith('fedavg-relu run --run-config "')  # the README's quoting: single inside double
+    assert "width=64" in text and "resume=true" in text and "resume=false" not in text and "'old'" not in text
+    assert "run-name='r1'" in text and f"output-dir='{tmp_path / 'runs'}'" in text
 
 
 def test_resume_command_parses_to_the_checkpointed_config(tmp_path):
@@ -291,7 +291,7 @@ def test_sigint_stops_every_process_and_says_how_to_resume(tmp_path):
     last = max(rounds())
     assert 1 <= last < 40
     assert f"interrupted by SIGINT after round {last} of 40" in output
-    assert "resume=true" in output.splitlines()[-1] and 'run-name="sig"' in output.splitlines()[-1]
+    assert "resume=true" in output.splitlines()[-1] and "run-name='sig'" in output.splitlines()[-1]
     summary = read_summary(runs / "sig")
     assert summary["status"] == "interrupted", summary
     assert left == set(), f"still alive: {left}"
@@ -306,4 +306,5 @@ def test_a_malformed_run_config_string_exits_2_naming_it_without_a_traceback(com
     assert main([command, "--app", APP_DIR, "-c", "partitioner=dirichlet"]) == 2
     err = capsys.readouterr().err
     assert "--run-config 'partitioner=dirichlet'" in err and 'partitioner=\\"dirichlet\\"' not in err
-    assert 'partitioner="dirichlet"' in err and "Traceback" not in err
+    # the fix it shows is quoted as the README quotes: string values in single quotes inside double quotes
+    assert '--run-config "num-server-rounds=3 partitioner=\'dirichlet\'' in err and "Traceback" not in err

@@ -24,6 +24,12 @@ def test_bad_strategy_in_comparison_is_named_with_choices():
         parse_comparison({"compare": {"strategies": ["fedavg", "fedsgd"]}})
 
 
+def test_misspelled_compare_key_gets_the_closest_key():
+    """compare.stratgies is refused, naming 'strategies' as the key meant."""
+    with pytest.raises(ConfigError, match=r"compare\.stratgies=\['fedavg'\]: unknown key \(did you mean 'strategies'\?\)"):
+        parse_comparison({"compare": {"stratgies": ["fedavg"]}})
+
+
 def test_dotted_partition_name_gets_a_clear_error():
     """[partitions.dirichlet-0.1] unquoted nests a table: the error says to quote the name."""
     with pytest.raises(ConfigError, match="quote names that contain dots"):
@@ -99,3 +105,180 @@ def test_notebook_02_small_mode_executes(tmp_path):
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "small mode: 8 runs" in outputs
     assert "FedAvg mean relative drift" in outputs and "SCAFFOLD / FedAvg drift ratio" in outputs
+
+
+# --- the command line: steering a comparison ------------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+TINY_FILE = """\
+[compare]
+name = "tiny"
+output-dir = "results/tiny"
+strategies = ["fedavg", "fedprox", "scaffold"]
+seeds = [0, 1, 2]
+target-loss = 10.0
+
+[base]
+dataset = "synthetic"
+synthetic-num-examples = 40
+synthetic-input-dim = 6
+synthetic-num-classes = 3
+num-partitions = 2
+batch-size = "full"
+local-steps = 2
+width = 16
+num-server-rounds = 8
+
+[partitions.iid]
+partitioner = "iid"
+"""
+
+
+def test_override_comparison_replaces_strategies_seeds_and_rounds():
+    """--strategies/--seeds replace [compare]'s lists; --rounds sets [base] and leaves partition tables; the
+    file's mapping itself is untouched."""
+    from fedavg_relu.experiments.compare import override_comparison
+
+    data = {"compare": {"strategies": ["fedavg"], "seeds": [0]}, "base": {"num-server-rounds": 8},
+            "partitions": {"iid": {"partitioner": "iid", "num-server-rounds": 5}}}
+    out = override_comparison(data, strategies=["scaffold"], seeds=[3, 4], rounds=2, tracker="mlflow")
+    assert out["compare"] == {"strategies": ["scaffold"], "seeds": [3, 4]}
+    assert out["base"] == {"num-server-rounds": 2, "tracker": "mlflow"} and out["partitions"]["iid"] == {"partitioner": "iid"}
+    assert data["partitions"]["iid"]["num-server-rounds"] == 5 and data["compare"]["seeds"] == [0]
+
+
+def test_cli_compare_dry_run_prints_the_narrowed_cells_outside_results(tmp_path, capsys, monkeypatch):
+    """`compare compare/strategies.toml --strategies fedavg,scaffold --seeds 1 --rounds 2 --dry-run`: 2 strategies x
+    1 seed x 2 partitions = 4 todo cells, each with seed 1 and 2 rounds, into runs/compare/strategies; nothing written."""
+    from fedavg_relu.cli import main
+
+    monkeypatch.setenv("FEDAVG_RELU_HOME", str(tmp_path))
+    argv = ["compare", str(ROOT / "compare" / "strategies.toml"), "--strategies", "fedavg,scaffold", "--seeds", "1",
+            "--rounds", "2", "--dry-run"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cells = [line for line in lines if line.startswith("todo")]
+    assert len(cells) == 4 and all(line.endswith("seed=1") for line in cells)
+    assert sorted(line.split("strategy=")[1].split()[0] for line in cells) == ["fedavg", "fedavg", "scaffold", "scaffold"]
+    assert lines[-1] == f"4 cells; outputs in {tmp_path / 'runs' / 'compare' / 'strategies'}"
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+    from fedavg_relu.experiments.compare import load_comparison
+
+    spec, _ = load_comparison(ROOT / "compare" / "strategies.toml", tmp_path, strategies=["fedavg"], rounds=2)
+    assert {c.config.num_server_rounds for c in spec.cells()} == {2}
+
+
+def test_cli_compare_refuses_bad_steering(tmp_path, capsys, monkeypatch):
+    """--results with --seeds (a partial rebuild of committed tables), a misspelled strategy (closest name offered)
+    and --seeds that are no integers each exit 2 with one clear line."""
+    from fedavg_relu.cli import main
+
+    monkeypatch.setenv("FEDAVG_RELU_HOME", str(tmp_path))
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_FILE)
+    assert main(["compare", str(path), "--results", "--seeds", "1", "--dry-run"]) == 2
+    assert "--results: rebuilds the committed tables from the file as it is" in capsys.readouterr().err
+    assert main(["compare", str(path), "--strategies", "fedavg,scafold", "--dry-run"]) == 2
+    assert "'scafold' is not a strategy; expected names from fedavg" in (err := capsys.readouterr().err)
+    assert "(did you mean 'scaffold'?)" in err
+    assert main(["compare", str(path), "--seeds", "one", "--dry-run"]) == 2
+    assert "--seeds='one': expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_cli_compare_runs_narrowed_cells_outside_results_and_results_flag_writes_there(tmp_path, capsys, monkeypatch):
+    """--strategies fedavg,scaffold --seeds 1 --rounds 2: 2 cells run into runs/compare/tiny, the table has both
+    strategies and 1 seed, results/ stays empty; --results --dry-run points at the file's compare.output-dir."""
+    from fedavg_relu.cli import main
+
+    monkeypatch.setenv("FEDAVG_RELU_HOME", str(tmp_path))
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_FILE)
+    assert main(["compare", str(path), "--strategies", "fedavg,scaffold", "--seeds", "1", "--rounds", "2",
+                 "--no-progress"]) == 0
+    out = tmp_path / "runs" / "compare" / "tiny"
+    table = pd.read_csv(out / "comparison.csv")
+    assert list(table["strategy"]) == ["fedavg", "scaffold"] and set(table["seeds"]) == {1}
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert set(metrics["seed"]) == {1} and metrics["round"].max() == 2
+    assert not (tmp_path / "results").exists()
+    capsys.readouterr()
+    assert main(["compare", str(path), "--results", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"9 cells; outputs in {tmp_path / 'results' / 'tiny'}"
+
+
+@pytest.mark.e2e
+def test_ctrl_c_on_compare_prints_one_line_to_resume_and_records_the_reason(tmp_path):
+    """SIGINT while the first cell runs (300 rounds): exit 130, no traceback, one line naming the command that
+    resumes; the cell's summary.json says interrupted, 'interrupted by SIGINT'. The command it names then
+    finishes the comparison."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_FILE.replace("num-server-rounds = 8", "num-server-rounds = 300"))
+    env = {**os.environ, "FEDAVG_RELU_HOME": str(tmp_path)}
+    argv = ["compare", str(path), "--strategies", "fedavg", "--seeds", "0", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "fedavg_relu.cli", *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "runs" / "compare" / "tiny" / "runs"
+    deadline = time.monotonic() + 300
+    while not list(runs.glob("*/metrics.jsonl")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few rounds in
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, err[-3000:]
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert len(lines) == 1, lines  # the one line, nothing else (no Flower error line, no bar with --no-progress)
+    assert lines[0].startswith("fedavg-relu compare: interrupted by SIGINT; finished cells are kept in "), lines
+    assert lines[0].endswith("resume with: fedavg-relu " + " ".join(argv[:1] + [str(path)] + argv[2:]))
+    (run_dir,) = runs.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["reason"] == "interrupted by SIGINT"
+    done = subprocess.run(  # the resume command: the unfinished cell runs again, and the comparison is written
+        [sys.executable, "-m", "fedavg_relu.cli", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "| iid | fedavg |" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.e2e
+def test_ctrl_c_with_jobs_stops_the_workers_and_marks_every_cell_under_way(tmp_path):
+    """--jobs 2, SIGINT to the parent once both cells write rounds: exit 130, one line, no traceback from the
+    parent or the two spawned workers (they leave Ctrl-C to it and are terminated), both cells recorded
+    'interrupted by SIGINT', and no worker left running."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_FILE.replace("num-server-rounds = 8", "num-server-rounds = 400"))
+    env = {**os.environ, "FEDAVG_RELU_HOME": str(tmp_path)}
+    argv = ["compare", str(path), "--strategies", "fedavg,fedprox", "--seeds", "0", "--jobs", "2", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "fedavg_relu.cli", *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    runs = tmp_path / "runs" / "compare" / "tiny" / "runs"
+    deadline = time.monotonic() + 300
+    while len(list(runs.glob("*/metrics.jsonl"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fedavg-relu compare: interrupted by SIGINT;"), lines
+    reasons = sorted(json.loads((d / "summary.json").read_text())["reason"] for d in runs.iterdir())
+    assert reasons == ["interrupted by SIGINT"] * 2
+    def left() -> list[str]:  # the processes of the command's session still alive
+        ps = subprocess.run(["ps", "-o", "pid=,sid=,args=", "-e"], capture_output=True, text=True).stdout
+        return [line for line in ps.splitlines() if line.split()[1] == str(proc.pid) and "<defunct>" not in line]
+
+    deadline = time.monotonic() + 15
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left(), f"outlived the interrupted comparison: {left()}"

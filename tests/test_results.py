@@ -83,3 +83,23 @@ def test_tensorboard_event_files_hold_the_metrics(tmp_path):
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("global-loss")] == [(1, 0.5), (2, 0.25)]
     assert [(e.step, e.value) for e in acc.Scalars("gradient-drift-mean")] == [(1, 2.0)]  # NaN rounds left out
+
+
+def test_metrics_doc_lists_exactly_the_keys_of_round_0(out_dir):
+    """docs/metrics.md's sentence on round 0 names the keys a real run's round 0 holds (a tiny in-process run),
+    and says ntk-change is absent with ntk-probe-size = 0 (a second run without the probe)."""
+    import re
+    from pathlib import Path
+
+    from fedavg_relu.runtime.simulation import run_in_process
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    sentence = re.search(r"Round 0 holds only (.*?)\.\n", doc, re.S).group(1)
+    documented = re.findall(r"`([a-z-]+)`", sentence.split("(")[0])
+    tiny = {"dataset": "synthetic", "synthetic-num-examples": 40, "synthetic-input-dim": 6, "synthetic-num-classes": 3,
+            "num-partitions": 2, "batch-size": "full", "local-steps": 2, "num-server-rounds": 1, "width": 16}
+    round0 = read_metrics(run_in_process({**tiny, "run-name": "probe"}))[0]
+    assert sorted(round0) == sorted(documented)
+    assert round0["ntk-change"] == 0.0 and "absent with `ntk-probe-size = 0`" in sentence
+    without = read_metrics(run_in_process({**tiny, "run-name": "no-probe", "ntk-probe-size": 0}))[0]
+    assert sorted(without) == sorted(k for k in documented if k != "ntk-change")

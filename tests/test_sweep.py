@@ -139,8 +139,8 @@ def test_run_resume_and_tables(tmp_path):
 
     metrics, cell_table = read_tables(spec.output_dir)
     assert len(metrics) == 6 and sorted(metrics["round"].unique()) == [0, 1, 2]
-    config_keys = set(RunConfig().to_mapping()) - {"output-dir", "run-name"}
-    assert config_keys <= set(metrics.columns)
+    config_keys = set(RunConfig().to_mapping()) - {"output-dir", "run-name", "tracker", "mlflow-tracking-uri"}
+    assert config_keys <= set(metrics.columns) and "tracker" not in metrics.columns  # the sweep's, not the cells'
     assert {"group", "cell-id", "effective-learning-rate", "global-loss", "gradient-drift-mean"} <= set(metrics.columns)
     assert "metric.gradient-dissimilarity" in metrics.columns
     assert sorted(metrics["seed"].unique()) == [0, 1] and set(metrics["width"]) == {16}
@@ -275,3 +275,29 @@ def test_jobs_run_cells_in_processes_of_their_own_with_the_same_numbers(tmp_path
     assert "NotADirectoryError" in result.failed[first.cell_id]
     with pytest.raises(ConfigError, match="jobs=0"):
         run_sweep(broken, progress=False, jobs=0)
+
+
+def test_override_cells_sets_seeds_in_every_grid_and_rounds_in_base():
+    """--seeds replaces each grid's seed list and leaves [base]; --rounds goes to [base] and leaves the grids;
+    a file without grids gets one over the seeds; the input mapping is unchanged."""
+    from fedavg_relu.experiments.sweep import override_cells
+
+    data = {"base": {"seed": 9, "num-server-rounds": 10}, "grid": [{"width": [8], "num-server-rounds": [5]}, {"seed": [0]}]}
+    out = override_cells(data, seeds=[3, 4], rounds=2)
+    assert out["base"] == {"num-server-rounds": 2}
+    assert out["grid"] == [{"width": [8], "seed": [3, 4]}, {"seed": [3, 4]}]
+    assert data["grid"][0] == {"width": [8], "num-server-rounds": [5]} and data["base"]["seed"] == 9
+    assert override_cells({"base": {}}, seeds=[1])["grid"] == {"seed": [1]}
+
+
+def test_cli_sweep_seeds_and_rounds_narrow_the_cells(tmp_path, capsys, monkeypatch):
+    """`sweep F --seeds 5 --rounds 1 --dry-run` on a 2-seed file: one cell, seed 5, 1 round."""
+    monkeypatch.setenv("FEDAVG_RELU_HOME", str(tmp_path))
+    path = tmp_path / "s.toml"
+    base = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY_BASE.items())
+    path.write_text(f'[sweep]\noutput-dir = "out"\n[base]\n{base}\n[grid]\nseed = [0, 1]\n')
+    assert main(["sweep", str(path), "--seeds", "5", "--rounds", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("todo") and out[0].endswith("seed=5") and out[-1].startswith("1 cells;")
+    spec = load_sweep(path, seeds=[5], rounds=1)
+    assert [(c.config.seed, c.config.num_server_rounds) for c in spec.cells()] == [(5, 1)]

@@ -12,9 +12,10 @@ This module does not import flwr.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,13 @@ STRATEGIES = (
 #: of the step-normalised updates, which a cohort sums).
 PACKED_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fednova")
 SCAFFOLD_WEIGHTINGS = ("examples", "uniform")
+TRACKERS = ("none", "mlflow", "wandb")
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'width'?)"`` for the closest of ``choices`` (difflib, cutoff 0.6), else ``""``."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class ConfigError(ValueError):
@@ -113,6 +121,8 @@ class RunConfig:
     client_metrics: bool = True
     ntk_probe_size: int = 64  # P held-out examples on which the server tracks ntk-change each round; 0 = off
     tensorboard: bool = False  # also write TensorBoard event files (needs `tensorboard`)
+    tracker: str = "none"  # one of TRACKERS: also log params, metrics per round and outputs to MLflow or W&B (offline)
+    mlflow_tracking_uri: str = ""  # tracker=mlflow: "" = sqlite store <output-dir>/mlflow.db; or a server's URI
     # --- reliability ---------------------------------------------------------
     max_num_examples: int = 1_000_000_000  # a reply claiming more examples is rejected
     max_update_norm: float = 0.0  # reject updates with ||W_k - W^r|| above this; 0 = no bound
@@ -133,7 +143,8 @@ class RunConfig:
         for key in sorted(values):
             if key not in known:
                 problems.append(
-                    f"{key}={values[key]!r}: unknown key; expected one of {', '.join(sorted(known))}"
+                    f"{key}={values[key]!r}: unknown key{did_you_mean(key, known)}; "
+                    f"expected one of {', '.join(sorted(known))}"
                 )
         parsed: dict[str, Any] = {}
         for key, fld in known.items():
@@ -179,6 +190,7 @@ class RunConfig:
              f"one of {', '.join(STRATEGIES)}, or 'package.module:Name' naming a Strategy class or factory"),
             ("strategy_args", _json_object(self.strategy_args), "a JSON object of keyword arguments, e.g. '{\"eta\": 0.1}'"),
             ("scaffold_weighting", self.scaffold_weighting in SCAFFOLD_WEIGHTINGS, f"one of {SCAFFOLD_WEIGHTINGS}"),
+            ("tracker", self.tracker in TRACKERS, f"one of {', '.join(TRACKERS)}"),
             ("local_epochs", self.local_epochs >= 0 and math.isfinite(self.local_epochs), "a finite float >= 0 (0 = use local-steps)"),
             ("proximal_mu", self.proximal_mu >= 0 and math.isfinite(self.proximal_mu), "a finite float >= 0"),
             ("server_learning_rate", self.server_learning_rate > 0 and math.isfinite(self.server_learning_rate), "a finite float > 0"),
@@ -198,8 +210,11 @@ class RunConfig:
             ("max_examples_ratio", self.max_examples_ratio == 0 or (self.max_examples_ratio >= 1 and math.isfinite(self.max_examples_ratio)), "0 (off) or a finite float >= 1"),
             ("max_update_ratio", self.max_update_ratio == 0 or (self.max_update_ratio >= 1 and math.isfinite(self.max_update_ratio)), "0 (off) or a finite float >= 1"),
         ]
+        choices = {"dataset": DATASETS, "partitioner": PARTITIONERS, "model_family": MODEL_FAMILIES, "loss": LOSSES,
+                   "lr_scaling": LR_SCALINGS, "strategy": STRATEGIES, "tracker": TRACKERS}
         problems = [
             f"{_key(name)}={getattr(self, name)!r}: expected {what}"
+            + (did_you_mean(getattr(self, name), choices[name]) if name in choices else "")
             for name, ok, what in checks
             if not ok
         ]

@@ -7,6 +7,8 @@ config), ``summary.json`` (how the run ended: :func:`write_summary`) and, on
 request, TensorBoard event files under ``tensorboard/``. With ``client-metrics``
 it also holds the per-client table: ``clients.jsonl`` (one JSON object per
 (round, client), appended each round) and ``clients.csv`` (the same table).
+With ``tracker = "mlflow"`` or ``"wandb"`` the same goes to an experiment tracker
+(:mod:`fedavg_relu.core.tracking`), and ``tracking.json`` names the tracker run.
 
 This module does not import flwr.
 """
@@ -17,6 +19,7 @@ import csv
 import datetime as _dt
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -26,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from fedavg_relu.core.config import RunConfig
+from fedavg_relu.core.tracking import TRACKING_FILE, Tracker, default_mlflow_uri, open_tracker, read_tracking_record
+
+_log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -68,13 +74,24 @@ def resolve_run_dir(cfg: RunConfig, now: _dt.datetime | None = None) -> Path:
 
 
 class RunWriter:
-    """Owns one run folder; every write replaces a whole file atomically."""
+    """Owns one run folder; every write replaces a whole file atomically.
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False, rows: list[dict[str, Any]] | None = None) -> None:
+    Side jobs hang off the writes: TensorBoard (``tensorboard``) and an experiment tracker.
+    The tracker is ``tracker`` when given, else the one the run config names, started by
+    :meth:`write_config` (which logs the config as params). Every :meth:`append_round` logs
+    the round's metrics at ``step = round``; :meth:`close` logs the outputs and the status
+    of the ``summary.json`` written since the writer was made, so call it after
+    :func:`write_summary`.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False, rows: list[dict[str, Any]] | None = None,
+                 tracker: Tracker | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = list(rows or [])  # earlier rounds, when resuming
         self._client_rows: list[dict[str, Any]] = []  # clients.jsonl's rows (see resume_clients)
+        self._started = time.time()
+        self.tracker = tracker
         self._tb = None
         if tensorboard:
             try:
@@ -87,6 +104,30 @@ class RunWriter:
         """``config.json``: the run config (kebab-case keys) and derived facts under ``derived``."""
         payload = {"config": cfg.to_mapping(), "derived": dict(extra or {})}
         atomic_write_text(self.run_dir / "config.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        if self.tracker is None and cfg.tracker != "none":
+            self.tracker = self._start_tracker(cfg)
+        self._track("log_params", {**payload["config"], **payload["derived"]})
+
+    def _start_tracker(self, cfg: RunConfig) -> Tracker:
+        """The run config's tracker: a new run, or the recorded one when ``resume`` continues this folder."""
+        record = read_tracking_record(self.run_dir) if cfg.resume else {}
+        uri = cfg.mlflow_tracking_uri or default_mlflow_uri(self.run_dir.parent)
+        same = record.get("tracker") == cfg.tracker and (cfg.tracker != "mlflow" or record.get("tracking-uri") == uri)
+        tracker = open_tracker(cfg.tracker, self.run_dir.parent, self.run_dir.name, tracking_uri=cfg.mlflow_tracking_uri,
+                               tags={"run-dir": str(self.run_dir)}, run_id=record.get("run-id") if same else None)
+        atomic_write_text(self.run_dir / TRACKING_FILE, json.dumps(tracker.record(), indent=1) + "\n")
+        return tracker
+
+    def _track(self, method: str, *args: Any) -> None:
+        """Call the tracker; a tracker that fails warns once and is dropped: the run and its files go on."""
+        if self.tracker is None:
+            return
+        try:
+            getattr(self.tracker, method)(*args)
+        except Exception as err:  # noqa: BLE001 - a tracking server's hiccup must not end a long run
+            _log.warning("fedavg-relu: the %s tracker failed (%s: %s); the run goes on without it",
+                         self.tracker.kind, type(err).__name__, err)
+            self.tracker = None
 
     def append_round(self, row: Mapping[str, Any]) -> None:
         """Add one round's row and rewrite ``metrics.jsonl`` and ``metrics.csv``."""
@@ -95,8 +136,9 @@ class RunWriter:
         lines = "".join(json.dumps(r, sort_keys=False, allow_nan=False) + "\n" for r in self.rows)
         atomic_write_text(self.run_dir / "metrics.jsonl", lines)
         atomic_write_text(self.run_dir / "metrics.csv", rows_to_csv(self.rows))
+        step = int(row.get("round", len(self.rows) - 1))
+        self._track("log_metrics", clean, step)
         if self._tb is not None:
-            step = int(row.get("round", len(self.rows)))
             for key, value in clean.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
                     self._tb.add_scalar(key, value, step)
@@ -162,9 +204,47 @@ class RunWriter:
         return path
 
     def close(self) -> None:
-        """Close the TensorBoard writer if there is one."""
+        """Close the TensorBoard writer; give the tracker the outputs and the status of a ``summary.json``
+        written since this writer was made (``unknown`` without one), and end its run."""
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self.tracker is not None:
+            summary = read_summary(self.run_dir) or {}
+            fresh = float(summary.get("written-at") or 0.0) >= self._started
+            self._track("log_artifacts", run_artifacts(self.run_dir))
+            self._track("finish", str(summary.get("status", "unknown")) if fresh else "unknown")
+            self.tracker = None
+
+
+def run_artifacts(run_dir: Path | str) -> list[Path]:
+    """The files of a run folder a tracker keeps: ``summary.json``, ``config.json``, ``metrics.csv``,
+    the per-client ``clients.csv``, and the figures under ``figures/`` (those that exist)."""
+    run_dir = Path(run_dir)
+    names = ("summary.json", "config.json", "metrics.csv", RunWriter.CLIENTS_CSV)
+    paths = [run_dir / name for name in names if (run_dir / name).is_file()]
+    figures = run_dir / "figures"
+    if figures.is_dir():
+        paths += sorted(p for p in figures.iterdir() if p.suffix in (".png", ".pdf", ".svg"))
+    return paths
+
+
+def track_run_folder(run_dir: Path | str, tracker: Tracker) -> str:
+    """Log a finished run folder to ``tracker``, as a live run would have: config, rounds, outputs, status.
+
+    For runs that did not track themselves (a sweep's cells). Returns the status logged
+    (``summary.json``'s; ``unknown`` without one).
+    """
+    run_dir = Path(run_dir)
+    with open(run_dir / "config.json", encoding="utf-8") as fh:
+        saved = json.load(fh)
+    tracker.log_params({**saved.get("config", {}), **saved.get("derived", {})})
+    for i, row in enumerate(read_metrics(run_dir)):
+        tracker.log_metrics(row, int(row.get("round", i)))
+    status = str((read_summary(run_dir) or {}).get("status", "unknown"))
+    tracker.log_artifacts(run_artifacts(run_dir))
+    tracker.finish(status)
+    return status
 
 
 def rows_to_csv(rows: list[Mapping[str, Any]]) -> str:

@@ -36,20 +36,26 @@ sweep's tables:
     global loss and relative gradient drift by round, one line per strategy,
     bands = mean +- std over seeds, titled with the configuration.
 
+:func:`override_comparison` narrows a comparison file (strategies, seeds, rounds) and sets its
+tracker, as ``fedavg-relu compare --strategies ... --seeds ... --rounds ... --tracker ...`` does;
+the command line writes to ``runs/compare/<name>`` unless ``--results`` asks for the file's
+``output-dir``.
+
 This module does not import flwr (the engines do, when runs start).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedavg_relu.core.config import STRATEGIES, ConfigError
+from fedavg_relu.core.config import STRATEGIES, ConfigError, did_you_mean
 from fedavg_relu.core.results import atomic_write_text
 from fedavg_relu.experiments.sweep import SweepSpec, parse_sweep, read_tables, read_toml, run_sweep
 
@@ -63,14 +69,16 @@ def parse_comparison(data: Mapping[str, Any], name: str = "compare", output_dir:
         problems.append(f"{key}: unknown table; expected [compare], [base] and [partitions.NAME]")
     spec = dict(data.get("compare", {}))
     for key in sorted(set(spec) - set(COMPARE_KEYS)):
-        problems.append(f"compare.{key}={spec[key]!r}: unknown key; expected one of {', '.join(COMPARE_KEYS)}")
+        problems.append(f"compare.{key}={spec[key]!r}: unknown key{did_you_mean(key, COMPARE_KEYS)}; "
+                        f"expected one of {', '.join(COMPARE_KEYS)}")
     strategies = spec.get("strategies", ["fedavg"])
     if not isinstance(strategies, list) or not strategies:
         problems.append(f"compare.strategies={strategies!r}: expected a non-empty list of strategy names")
         strategies = []
     for s in strategies:
         if s not in STRATEGIES:
-            problems.append(f"compare.strategies: {s!r} is not a strategy; expected names from {', '.join(STRATEGIES)}")
+            problems.append(f"compare.strategies: {s!r} is not a strategy; expected names from {', '.join(STRATEGIES)}"
+                            f"{did_you_mean(s, STRATEGIES)}")
     seeds = spec.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         problems.append(f"compare.seeds={seeds!r}: expected a non-empty list of integers")
@@ -107,9 +115,38 @@ def parse_comparison(data: Mapping[str, Any], name: str = "compare", output_dir:
     return parse_sweep(sweep_data, name=name, output_dir=output_dir), float(target)
 
 
-def load_comparison(path: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> tuple[SweepSpec, float]:
-    """Read a comparison TOML file."""
-    return parse_comparison(read_toml(path), name=Path(path).stem, output_dir=output_dir)
+def load_comparison(path: str | os.PathLike, output_dir: str | os.PathLike | None = None,
+                    **overrides: Any) -> tuple[SweepSpec, float]:
+    """Read a comparison TOML file (``overrides``: :func:`override_comparison`'s keywords)."""
+    return parse_comparison(override_comparison(read_toml(path), **overrides), name=Path(path).stem, output_dir=output_dir)
+
+
+def override_comparison(data: Mapping[str, Any], strategies: Sequence[str] | None = None,
+                        seeds: Sequence[int] | None = None, rounds: int | None = None, tracker: str | None = None,
+                        tracking_uri: str | None = None) -> dict[str, Any]:
+    """A copy of a comparison file's mapping with the command line's choices applied (``None``: as the file says).
+
+    ``strategies`` and ``seeds`` replace ``compare.strategies`` / ``compare.seeds``;
+    ``rounds`` is ``[base] num-server-rounds`` (and leaves the partition tables);
+    ``tracker`` / ``tracking_uri`` are ``[base] tracker`` / ``mlflow-tracking-uri``.
+    """
+    data = copy.deepcopy(dict(data))
+    spec = data.setdefault("compare", {})
+    base = data.setdefault("base", {})
+    if strategies is not None:
+        spec["strategies"] = list(strategies)
+    if seeds is not None:
+        spec["seeds"] = list(seeds)
+    if rounds is not None:
+        base["num-server-rounds"] = rounds
+        for keys in data.get("partitions", {}).values():
+            if isinstance(keys, dict):
+                keys.pop("num-server-rounds", None)
+    if tracker is not None:
+        base["tracker"] = tracker
+    if tracking_uri is not None:
+        base["mlflow-tracking-uri"] = tracking_uri
+    return data
 
 
 def rounds_to_target(rounds: np.ndarray, loss: np.ndarray, target: float) -> float:
@@ -212,9 +249,13 @@ def caption_for(spec: SweepSpec, group: str) -> str:
     return ", ".join(f"{k}={v}" for k, v in keys.items()) + f"; seeds {seeds}"
 
 
-def run_comparison(spec: SweepSpec, target: float, progress: bool = True) -> Path:
-    """Run (or resume) the comparison, then write comparison.csv, comparison.md and the figures."""
-    result = run_sweep(spec, progress=progress)
+def run_comparison(spec: SweepSpec, target: float, progress: bool = True, **options: Any) -> Path:
+    """Run (or resume) the comparison, then write comparison.csv, comparison.md and the figures.
+
+    ``options`` go to :func:`~fedavg_relu.experiments.sweep.run_sweep` (``engine``, ``jobs``,
+    ``threads``, ``max_cells``, ``quiet``); an interrupt stops it as it stops a sweep.
+    """
+    result = run_sweep(spec, progress=progress, **options)
     if result.failed:
         raise RuntimeError(f"{len(result.failed)} run(s) failed: {result.failed}")
     return write_comparison(spec, target)

@@ -41,8 +41,8 @@ Outputs, each written atomically (:func:`fedavg_relu.core.results.atomic_write_t
 
 ``<output-dir>/metrics.csv``
     the tidy per-round table: one row per (group, cell, round) with the
-    columns ``group``, ``cell-id``, every run-config key (``output-dir`` and
-    ``run-name`` left out), ``effective-learning-rate``, ``round`` and every
+    columns ``group``, ``cell-id``, every run-config key (``output-dir``,
+    ``run-name`` and the tracker keys left out), ``effective-learning-rate``, ``round`` and every
     metric the run recorded. Configuration columns keep their names; a metric
     named like a run-config key (``gradient-dissimilarity``, ``local-steps``)
     becomes ``metric.<key>``.
@@ -58,6 +58,14 @@ logic, Flower strategy and ClientApp handlers over an in-process Flower Grid.
 ``simulation`` uses :func:`fedavg_relu.runtime.simulation.simulate` (Flower's Ray
 simulation engine), which costs ~15-20 s of start-up per cell on 2 cores.
 
+Tracking: ``tracker`` / ``mlflow-tracking-uri`` in ``[base]`` (or
+:func:`override_cells`'s, from ``--tracker``) belong to the sweep, not to its cells
+(no part of a cell id): each cell's run folder is logged once it has ended, as one run
+of the experiment named after the sweep (:func:`track_cell`).
+
+Interrupts: :func:`run_sweep` records the cells under way as ``interrupted`` (reason
+``interrupted by SIGINT``) and raises again; a rerun goes on with the unfinished cells.
+
 This module imports flwr only when cells run (the engines, and the quieting of
 Flower's logger); expanding, checking and tabulating a sweep does not.
 
@@ -68,6 +76,7 @@ to table in one place.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -85,12 +94,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.core.config import TRACKERS, ConfigError, RunConfig, did_you_mean
 from fedavg_relu.core.results import atomic_write_text, read_metrics
 
 ENGINES = ("in-process", "simulation")
 SWEEP_KEYS = ("name", "output-dir", "engine", "central-baseline", "threads")
 RESERVED_KEYS = ("output-dir", "run-name")  # set per cell by the sweep
+TRACKING_KEYS = ("tracker", "mlflow-tracking-uri")  # the sweep's, not the cells': no part of a cell's identity
 GROUP_KEY = "group"
 DEFAULT_GROUP = "main"
 METRICS_TABLE = "metrics.csv"
@@ -125,6 +135,8 @@ class SweepSpec:
     base: dict[str, Any]
     grids: list[tuple[str, dict[str, list[Any]]]]  # (group, key -> values), in file order
     threads: int = 1  # torch intra-op threads while cells run in this process
+    tracker: str = "none"  # [base] tracker: every finished cell goes to it, one run per cell (see track_cell)
+    tracking_uri: str = ""  # [base] mlflow-tracking-uri; "" = <output-dir>/mlflow.db
 
     def cells(self) -> list[Cell]:
         """The cells of every grid (see :func:`expand_grid`)."""
@@ -140,6 +152,7 @@ class SweepResult:
     ran: list[str] = field(default_factory=list)  # cell ids run now
     skipped: list[str] = field(default_factory=list)  # cell ids already finished
     failed: dict[str, str] = field(default_factory=dict)  # cell id -> error
+    interrupted: list[str] = field(default_factory=list)  # cell ids under way when an interrupt stopped the sweep
     seconds: float = 0.0
 
     @property
@@ -165,7 +178,8 @@ def parse_sweep(data: Mapping[str, Any], name: str = "sweep", output_dir: str | 
         problems.append(f"{key}: unknown table; expected [sweep], [base] and [grid] / [[grid]]")
     sweep = dict(data.get("sweep", {}))
     for key in sorted(set(sweep) - set(SWEEP_KEYS)):
-        problems.append(f"sweep.{key}={sweep[key]!r}: unknown key; expected one of {', '.join(SWEEP_KEYS)}")
+        problems.append(f"sweep.{key}={sweep[key]!r}: unknown key{did_you_mean(key, SWEEP_KEYS)}; "
+                        f"expected one of {', '.join(SWEEP_KEYS)}")
     name = str(sweep.get("name", name))
     engine = sweep.get("engine", "in-process")
     if engine not in ENGINES:
@@ -179,6 +193,12 @@ def parse_sweep(data: Mapping[str, Any], name: str = "sweep", output_dir: str | 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         problems.append(f"sweep.threads={threads!r}: expected an integer >= 1")
     base = dict(data.get("base", {}))
+    tracking = {key: base.pop(key) for key in TRACKING_KEYS if key in base}
+    tracker, tracking_uri = tracking.get("tracker", "none"), tracking.get("mlflow-tracking-uri", "")
+    if tracker not in TRACKERS:
+        problems.append(f"base.tracker={tracker!r}: expected one of {', '.join(TRACKERS)}{did_you_mean(tracker, TRACKERS)}")
+    if not isinstance(tracking_uri, str):
+        problems.append(f"base.mlflow-tracking-uri={tracking_uri!r}: expected a string")
     raw_grids = data.get("grid", [])
     if isinstance(raw_grids, Mapping):
         raw_grids = [raw_grids]
@@ -196,12 +216,15 @@ def parse_sweep(data: Mapping[str, Any], name: str = "sweep", output_dir: str | 
         for key in RESERVED_KEYS:
             if key in keys:
                 problems.append(f"{where}.{key}: set by the sweep (use sweep.output-dir); remove it")
+        for key in TRACKING_KEYS:
+            if key in keys:
+                problems.append(f"{where}.{key}: one tracker for the whole sweep; expected it in [base] (or --{key})")
     if problems:
         raise ConfigError(problems)
     out = Path(output_dir if output_dir is not None else sweep.get("output-dir", f"results/{name}")).expanduser()
     if not out.is_absolute():
         out = _base_dir() / out
-    return SweepSpec(name, out.resolve(), engine, central, base, grids, threads)
+    return SweepSpec(name, out.resolve(), engine, central, base, grids, threads, str(tracker), str(tracking_uri))
 
 
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -213,9 +236,39 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError([f"{path}: not valid TOML: {err}"]) from err
 
 
-def load_sweep(path: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> SweepSpec:
-    """Read and validate a sweep TOML file (``output_dir`` overrides ``sweep.output-dir``)."""
-    return parse_sweep(read_toml(path), name=Path(path).stem, output_dir=output_dir)
+def load_sweep(path: str | os.PathLike, output_dir: str | os.PathLike | None = None, **overrides: Any) -> SweepSpec:
+    """Read and validate a sweep TOML file (``output_dir`` overrides ``sweep.output-dir``; ``overrides``:
+    :func:`override_cells`'s keywords)."""
+    return parse_sweep(override_cells(read_toml(path), **overrides), name=Path(path).stem, output_dir=output_dir)
+
+
+def override_cells(data: Mapping[str, Any], seeds: Sequence[int] | None = None, rounds: int | None = None,
+                   tracker: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """A copy of a sweep file's mapping with the command line's choices applied (``None`` leaves a thing as is).
+
+    ``seeds`` becomes every grid's ``seed`` list (and leaves ``[base]``), ``rounds`` is
+    ``[base] num-server-rounds`` (and leaves the grids), ``tracker`` / ``tracking_uri`` are
+    ``[base] tracker`` / ``mlflow-tracking-uri``.
+    """
+    data = copy.deepcopy(dict(data))
+    base = data.setdefault("base", {})
+    grids = data.get("grid", [])
+    grids = [grids] if isinstance(grids, Mapping) else list(grids)
+    if seeds is not None:
+        base.pop("seed", None)
+        for grid in grids:
+            grid["seed"] = list(seeds)
+        if not grids:
+            data["grid"] = {"seed": list(seeds)}
+    if rounds is not None:
+        base["num-server-rounds"] = rounds
+        for grid in grids:
+            grid.pop("num-server-rounds", None)
+    if tracker is not None:
+        base["tracker"] = tracker
+    if tracking_uri is not None:
+        base["mlflow-tracking-uri"] = tracking_uri
+    return data
 
 
 # --- cells --------------------------------------------------------------------
@@ -351,13 +404,15 @@ def _torch_threads(threads: int) -> Iterator[None]:
 
 @contextmanager
 def _quiet_flower(quiet: bool) -> Iterator[None]:
-    """Raise the ``flwr`` logger to ERROR while cells run (their per-round lines would break the bar)."""
+    """Raise the ``flwr`` logger to CRITICAL while cells run: their per-round lines would break the bar, and
+    the ServerApp's closing ERROR line repeats what the sweep itself reports (a failed cell, with its error, or
+    the one line of an interrupt)."""
     if quiet:
         import flwr.common.logger  # noqa: F401  (configures the logger on import: do that first)
     logger = logging.getLogger("flwr")
     old = logger.level
     if quiet:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -398,7 +453,14 @@ def run_sweep(
         theory sweep peaks at about 8.6 GB.
 
     A failing cell is recorded in ``failed`` and the sweep goes on; the tables
-    hold the finished cells.
+    hold the finished cells. With ``spec.tracker`` every cell that ran (and every
+    finished one not logged yet) goes to the tracker (:func:`track_cell`).
+
+    An interrupt (``KeyboardInterrupt``, or :class:`~fedavg_relu.runtime.flower_run.RunInterrupted`
+    from SIGINT/SIGTERM) stops the cells under way (worker processes are terminated), records
+    each as ``interrupted`` with the reason ``interrupted by SIGINT`` (or the signal's name) in
+    its ``summary.json``, writes the tables of the finished cells, and is raised again; a rerun
+    continues with the unfinished cells.
     """
     from tqdm import tqdm
 
@@ -407,6 +469,10 @@ def run_sweep(
         raise ConfigError([f"engine={engine!r}: expected one of {ENGINES}"])
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError([f"jobs={jobs!r}: expected an integer >= 1 (cells run at once)"])
+    if spec.tracker != "none":
+        from fedavg_relu.core.tracking import check_available
+
+        check_available(spec.tracker)  # before any cell runs
     cells = spec.cells()
     result = SweepResult(spec, cells)
     t0 = time.perf_counter()
@@ -414,13 +480,20 @@ def run_sweep(
     bar = tqdm(total=len(cells), desc=spec.name, unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     with bar:
         todo = _unfinished(spec, cells, result, bar, max_cells)
-        if jobs > 1 and len(todo) > 1:
-            _run_parallel(spec, todo, result, bar, engine, jobs, quiet, threads or spec.threads)
-        else:
-            for cell in todo:
-                bar.set_postfix_str(describe(cell), refresh=True)
-                _record(spec, result, bar, cell,
-                        *_run_one(cell, engine, wants_central(spec, cell), quiet, threads or spec.threads))
+        try:
+            if jobs > 1 and len(todo) > 1:
+                _run_parallel(spec, todo, result, bar, engine, jobs, quiet, threads or spec.threads)
+            else:
+                for cell in todo:
+                    bar.set_postfix_str(describe(cell), refresh=True)
+                    _record(spec, result, bar, cell,
+                            *_run_one(cell, engine, wants_central(spec, cell), quiet, threads or spec.threads))
+        except BaseException as err:
+            reason = interrupt_reason(err)
+            if reason is not None:
+                result.interrupted = _mark_interrupted(todo, result, reason)
+                write_tables(spec, cells)
+            raise
     write_tables(spec, cells)
     result.seconds = time.perf_counter() - t0
     return result
@@ -434,6 +507,7 @@ def _unfinished(spec: SweepSpec, cells: Sequence[Cell], result: SweepResult, bar
     for cell in cells:
         if is_complete(cell):
             result.skipped.append(cell.cell_id)
+            _track(spec, cell, bar)
             if wants_central(spec, cell):
                 try:
                     central_comparison(cell)
@@ -459,7 +533,78 @@ def _record(spec: SweepSpec, result: SweepResult, bar: Any, cell: Cell, error: s
     if central_error is not None:
         result.failed[cell.cell_id] = central_error
         bar.write(f"sweep {spec.name}: centralized baseline of cell {cell.cell_id} failed: {central_error}")
+    if ran:
+        _track(spec, cell, bar)
     bar.update(1)
+
+
+def interrupt_reason(err: BaseException) -> str | None:
+    """``interrupted by SIGINT`` for a ``KeyboardInterrupt``, the signal's for a ``RunInterrupted``; else ``None``."""
+    import signal
+
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted by SIGINT"
+    signum = getattr(err, "signum", None)  # RunInterrupted (fedavg_relu.runtime.flower_run.raise_on_signals)
+    return f"interrupted by {signal.Signals(signum).name}" if isinstance(signum, int) else None
+
+
+def _mark_interrupted(todo: Sequence[Cell], result: SweepResult, reason: str) -> list[str]:
+    """Record every cell of ``todo`` that started and did not end as ``interrupted`` with ``reason``."""
+    from fedavg_relu.core.results import write_summary
+
+    done = set(result.ran) | set(result.failed)
+    marked = []
+    for cell in todo:
+        if cell.cell_id in done or not cell.run_dir.exists() or is_complete(cell):
+            continue
+        write_summary(cell.run_dir, "interrupted", reason, num_server_rounds=cell.config.num_server_rounds,
+                      written_by="fedavg-relu sweep")
+        marked.append(cell.cell_id)
+    return marked
+
+
+# --- experiment tracking --------------------------------------------------------
+def is_tracked(spec: SweepSpec, cell: Cell) -> bool:
+    """True when the cell's run folder was already logged to the sweep's tracker and experiment."""
+    from fedavg_relu.core.tracking import default_mlflow_uri, read_tracking_record
+
+    record = read_tracking_record(cell.run_dir)
+    if record.get("tracker") != spec.tracker or record.get("experiment") != spec.name:
+        return False
+    return spec.tracker != "mlflow" or record.get("tracking-uri") == (spec.tracking_uri or default_mlflow_uri(spec.output_dir))
+
+
+def track_cell(spec: SweepSpec, cell: Cell) -> str:
+    """Log the cell's run folder to the sweep's tracker as one run of the experiment named after the sweep.
+
+    The run is named after the cell's groups and varied keys and tagged ``sweep``,
+    ``cell-id`` and ``group``; an MLflow run logged for the same cell before (a failed
+    attempt, since rerun) is deleted, so the experiment holds one run per cell. The cell's
+    folder records the run in ``tracking.json``. Returns the tracker's run id.
+    """
+    from fedavg_relu.core.results import track_run_folder
+    from fedavg_relu.core.tracking import TRACKING_FILE, open_tracker
+
+    name = f"{'/'.join(cell.groups)}: " + " ".join(f"{k}={cell.values[k]}" for k in cell.varied)
+    tags = {"sweep": spec.name, "cell-id": cell.cell_id, "group": "/".join(cell.groups)}
+    tracker = open_tracker(spec.tracker, spec.output_dir, name, experiment=spec.name,
+                           tracking_uri=spec.tracking_uri, tags=tags)
+    track_run_folder(cell.run_dir, tracker)
+    if hasattr(tracker, "delete_runs_tagged"):
+        tracker.delete_runs_tagged("cell-id", cell.cell_id)
+    atomic_write_text(cell.run_dir / TRACKING_FILE, json.dumps({**tracker.record(), "experiment": spec.name}, indent=1) + "\n")
+    return tracker.run_id
+
+
+def _track(spec: SweepSpec, cell: Cell, bar: Any) -> None:
+    """:func:`track_cell` when the sweep has a tracker and the cell has a run folder not logged yet; a
+    tracker error is a warning on the console (the cell's result stands)."""
+    if spec.tracker == "none" or not (cell.run_dir / "config.json").exists() or is_tracked(spec, cell):
+        return
+    try:
+        track_cell(spec, cell)
+    except Exception as err:  # noqa: BLE001 - the run folder and the tables hold the result anyway
+        bar.write(f"sweep {spec.name}: cell {cell.cell_id} not logged to {spec.tracker}: {type(err).__name__}: {err}")
 
 
 def _run_one(cell: Cell, engine: str, central: bool, quiet: bool, threads: int) -> tuple[str | None, str | None]:
@@ -484,7 +629,8 @@ def _run_parallel(spec: SweepSpec, todo: Sequence[Cell], result: SweepResult, ba
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_ignore_sigint)
     try:
         futures = {pool.submit(_run_one, cell, engine, wants_central(spec, cell), quiet, threads): cell for cell in todo}
         for future in as_completed(futures):
@@ -496,9 +642,18 @@ def _run_parallel(spec: SweepSpec, todo: Sequence[Cell], result: SweepResult, ba
             bar.set_postfix_str(describe(cell), refresh=False)
             _record(spec, result, bar, cell, *outcome)
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
+        for process in list(getattr(pool, "_processes", {}).values()):  # the workers ignore SIGINT: stop them here
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+def _ignore_sigint() -> None:
+    """A worker leaves Ctrl-C to the parent, which stops it (no traceback from every worker of the pool)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def describe(cell: Cell) -> str:
@@ -508,8 +663,8 @@ def describe(cell: Cell) -> str:
 
 # --- tables -------------------------------------------------------------------
 def config_columns(cfg: RunConfig) -> dict[str, Any]:
-    """The run-config columns of a cell's rows (``output-dir`` and ``run-name`` left out)."""
-    return {k: v for k, v in cfg.to_mapping().items() if k not in RESERVED_KEYS}
+    """The run-config columns of a cell's rows (``output-dir``, ``run-name`` and the tracker keys left out)."""
+    return {k: v for k, v in cfg.to_mapping().items() if k not in RESERVED_KEYS + TRACKING_KEYS}
 
 
 def collect_rows(spec: SweepSpec, cells: Sequence[Cell]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
