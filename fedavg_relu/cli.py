@@ -545,7 +545,7 @@ def _cmd_plot(args) -> int:
     metrics, cells = read_tables(args.sweep_dir)
     out = args.out or str(Path(args.sweep_dir) / "figures")
     formats = tuple(args.formats.split(","))
-    paths = theory_figures(metrics, cells, out, formats=formats, dpi=args.dpi)
+    paths = theory_figures(metrics, cells, out, formats=formats, dpi=args.dpi, sweep_dir=args.sweep_dir)
     paths += client_figures(args.sweep_dir, cells, out, formats=formats, dpi=args.dpi)
     for path in paths:
         print(path)

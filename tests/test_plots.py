@@ -195,3 +195,24 @@ def test_range_dependence_figure_needs_four_widths(tmp_path):
     table = window_slopes(cells, "effective-smoothness-lr-mean", windows=((64, 1024), (64, 4096)))
     assert table["slope"].to_numpy() == pytest.approx([0.0, 0.0], abs=1e-12)
     assert plot_range_dependence(wider).axes[0].get_xscale() == "log"
+
+
+def test_plot_draws_fig7d_when_the_sweep_folder_has_a_kernel_table(tmp_path):
+    """`fedavg-relu plot` (theory_figures with sweep_dir) draws fig7d from the sweep's kernel.csv, and not without one."""
+    import shutil
+    from pathlib import Path
+
+    from fedavg_relu.experiments.plots import theory_figures
+    from fedavg_relu.experiments.sweep import read_tables
+
+    root = Path(__file__).resolve().parents[1] / "results" / "ntk-probes"
+    metrics, cells = read_tables(root)
+    assert "fig7d_ntk_change_probes.png" in {p.name for p in theory_figures(
+        metrics, cells, tmp_path / "a", formats=("png",), dpi=40, sweep_dir=root)}
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("metrics.csv", "cells.csv"):
+        if (root / name).exists():
+            shutil.copy(root / name, bare / name)
+    assert "fig7d_ntk_change_probes.png" not in {p.name for p in theory_figures(
+        metrics, cells, tmp_path / "b", formats=("png",), dpi=40, sweep_dir=bare)}

@@ -174,10 +174,19 @@ def plot_range_dependence(metrics: pd.DataFrame) -> Figure:
 
 
 def explanation_figures(metrics: pd.DataFrame, out_dir: str | Path, formats: Sequence[str] = ("png", "pdf"),
-                        dpi: int = 110) -> list[Path]:
-    """The figures whose data ``metrics`` holds (see the module docstring); return the files."""
+                        dpi: int = 110, sweep_dir: str | Path | None = None) -> list[Path]:
+    """The figures whose data ``metrics`` holds (see the module docstring); return the files.
+
+    With ``sweep_dir`` holding a ``kernel.csv`` (written by ``python -m fedavg_relu.experiments.kernel``),
+    also fig7d, the two probe sets.
+    """
     out_dir = Path(out_dir)
     paths: list[Path] = []
+    kernel_table = Path(sweep_dir) / "kernel.csv" if sweep_dir is not None else None
+    if kernel_table is not None and kernel_table.exists():
+        longest = metrics[metrics["num-server-rounds"] == metrics.groupby("group")["num-server-rounds"].transform("max")]
+        paths += save_figure(plot_ntk_probes(pd.read_csv(kernel_table), longest), out_dir / "fig7d_ntk_change_probes",
+                             formats, dpi)
     width = metrics[metrics["group"] == "width"] if "group" in metrics else metrics.iloc[0:0]
     if len(width) and "ntk-change" in width and width["ntk-change"].notna().any():
         paths += save_figure(plot_ntk_rounds(width), out_dir / "fig7a_ntk_change_by_round", formats, dpi)

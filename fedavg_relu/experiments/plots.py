@@ -159,6 +159,7 @@ def theory_figures(
     out_dir: str | Path,
     formats: Sequence[str] = ("png", "pdf"),
     dpi: int = 110,
+    sweep_dir: str | Path | None = None,
 ) -> list[Path]:
     """Draw the six prediction figures of a theory sweep into ``out_dir``; return the files.
 
@@ -213,7 +214,7 @@ def theory_figures(
                     "central-distance-relative": "‖W_fed − W_central‖ / ‖W_fed − W^0‖",
                     "loss-gap": "F(W_fed) − F(W_central)"},
             reference_slope={"central-distance": -0.5}, ax_per_y=True), out_dir / "fig6_central_gap_vs_width", formats, dpi)
-    paths += explanation_figures(metrics, out_dir, formats, dpi)
+    paths += explanation_figures(metrics, out_dir, formats, dpi, sweep_dir=sweep_dir)
     return paths
 
 

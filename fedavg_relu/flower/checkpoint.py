@@ -29,7 +29,10 @@ from fedavg_relu.core.results import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # keys that may differ between the interrupted run and its resumption
-RESUMABLE_CHANGES = frozenset({"resume", "num-server-rounds", "round-timeout", "tensorboard", "checkpoint-every", "verbose"})
+RESUMABLE_CHANGES = frozenset({
+    "resume", "num-server-rounds", "round-timeout", "tensorboard", "checkpoint-every", "verbose", "tracker",
+    "mlflow-tracking-uri",
+})
 
 
 @dataclass
