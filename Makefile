@@ -22,7 +22,7 @@ test: install
 	$(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -m "not e2e and not slow"
 
 bench: install
 	$(PY) benchmarks/drift_overhead.py

@@ -26,6 +26,7 @@ def _history(run_dir):
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_metrics(run_dir)]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     """SIGKILL the process running the server after round 2 of 4, resume: the history equals an uninterrupted run's.
 

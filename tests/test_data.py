@@ -282,6 +282,7 @@ def test_load_test_is_the_central_held_out_split():
     assert torch.equal(test.x, central.test.x) and torch.equal(test.y, central.test.y)
 
 
+@pytest.mark.slow
 def test_synthetic_data_beside_a_fork_does_not_deadlock():
     """make_synthetic in a thread while the main thread forks (as Ray's start does beside the ServerApp thread).
 

@@ -341,6 +341,7 @@ def test_prediction_4_uses_the_nonlinear_fraction_and_7_the_ntk_change():
     assert len(check_all(plain, plain_cells)) == 6 and "slope-nonlinear-fraction" not in check_drift_smoothness(plain).measured
 
 
+@pytest.mark.slow
 def test_mechanism_figures_are_drawn_when_recorded(tmp_path):
     """With both columns recorded, theory_figures adds fig4b (nonlinear fraction) and fig7 (ntk-change) as non-empty PNGs."""
     import matplotlib

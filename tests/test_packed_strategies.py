@@ -31,6 +31,7 @@ SMALL = {
 TIMING = {"seconds", "elapsed", "drift-seconds"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PACKED_STRATEGIES)
 def test_packed_equals_one_client_per_node(name, tmp_path):
     """4 non-IID clients, 2 rounds: on 2 nodes (2 clients each, packed) every recorded metric equals the run
@@ -73,6 +74,7 @@ def test_a_user_strategy_in_packed_mode_must_declare_itself_mean_only(tmp_path):
     assert rows[-1]["clients-measured"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 def test_packed_fednova_with_unequal_local_steps_equals_one_client_per_node(momentum, tmp_path):
     """local-epochs = 1 with batch 8 gives each client its own tau_k = ceil(n_k / 8); FedNova normalises each

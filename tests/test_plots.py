@@ -136,6 +136,7 @@ def test_scaling_figure_legend_carries_the_fitted_slope():
     assert labels[1] == "slope -0.5 (theory)"
 
 
+@pytest.mark.slow
 def test_theory_figures_writes_png_and_pdf_for_all_six(tmp_path):
     """The hand-made table has all three groups: 6 figures x (png, pdf) = 12 non-empty files."""
     metrics, cells = theory_tables()

@@ -208,6 +208,7 @@ def test_uncached_hub_dataset_fails_without_starting_the_cache_probe(monkeypatch
     assert preflight.hf_cache_may_hold("ylecun/mnist")
 
 
+@pytest.mark.slow
 def test_hub_cache_probe_offline_with_an_empty_cache_is_unavailable(monkeypatch, tmp_path):
     """The real child process, offline, with an empty HF_HOME: status 'unavailable' and no network wait."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -60,6 +60,7 @@ def _strategy(name="fedavg", outliers=OutlierRules(0.0, 0.0)):
 
 
 # --- federation size -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fewer_nodes_than_clients_packs_them_with_the_same_result(tmp_path):
     """6 clients on 4 nodes: FedAvg packs 2 per node (ceil(6/4)); every round trains and measures all 6,
     and every metric equals the one-node-per-client run (relative 1e-6; float32 sums in another order)."""
@@ -189,6 +190,7 @@ def test_outlier_gate_holds_only_suspects():
 
 
 # --- replies are streamed, not held ------------------------------------------------------------------
+@pytest.mark.slow
 def test_fedavg_holds_one_reply_at_a_time():
     """A stream of 12 replies: when reply i arrives, at most 3 earlier ones are still alive (the first
     two, held by the outlier gate until they have peers, and reply i-1, still bound to the loop that

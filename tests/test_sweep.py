@@ -248,6 +248,7 @@ def test_cli_dry_run_into_a_closed_pipe_exits_0_without_a_traceback(tmp_path):
 TIMING = {"seconds", "elapsed", "drift-seconds", "train-seconds", "evaluate-seconds"}
 
 
+@pytest.mark.slow
 def test_jobs_run_cells_in_processes_of_their_own_with_the_same_numbers(tmp_path):
     """jobs=2: the two tiny cells run in two spawned processes; every metric of every round equals the
     serial sweep's (same seeds, same code), timings aside; a rerun finds both finished. A cell whose

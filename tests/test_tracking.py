@@ -63,6 +63,7 @@ def _log_run(run_dir, cfg, rounds, status, first=0):
     writer.close()
 
 
+@pytest.mark.slow
 def test_run_writer_logs_to_mlflow_and_a_resumed_run_continues_the_same_run(tmp_path):
     """Rounds 0-1, interrupted (KILLED), then resumed for round 2 (FINISHED): one MLflow run with the config as
     params, test-loss 1/(r+1) at steps 0, 1, 2, the summary and the per-client table as artifacts, status tagged."""
@@ -82,6 +83,7 @@ def test_run_writer_logs_to_mlflow_and_a_resumed_run_continues_the_same_run(tmp_
     assert {"summary.json", "clients.csv", "metrics.csv", "config.json"} <= set(run["artifacts"])
 
 
+@pytest.mark.slow
 def test_serverapp_run_is_tracked_live_in_mlflow(out_dir):
     """A real 2-round run (in-process grid) with tracker=mlflow: its run holds every round of metrics.jsonl at
     step = round, the status of its summary.json, and the artifacts."""
@@ -98,6 +100,7 @@ def test_serverapp_run_is_tracked_live_in_mlflow(out_dir):
     assert run["params"]["num-partitions"] == "2"
 
 
+@pytest.mark.slow
 def test_sweep_cells_are_one_mlflow_experiment_with_a_run_per_cell(tmp_path):
     """Two cells (seeds 0, 1) of sweep 'tiny': experiment 'tiny' holds two finished runs tagged with the cell ids,
     each with the cell's seed as a param and its rounds; a rerun (nothing to run) adds no run."""
@@ -121,6 +124,7 @@ def test_sweep_cells_are_one_mlflow_experiment_with_a_run_per_cell(tmp_path):
         assert [s for s, _ in run["history"]["test-loss"]] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_comparison_cells_are_one_mlflow_experiment_with_a_run_per_cell(tmp_path):
     """fedavg vs fednova, 1 seed, --tracker mlflow: experiment 'cmp' holds one run per strategy, grouped by partition."""
     from fedavg_relu.experiments.compare import override_comparison, parse_comparison, run_comparison
