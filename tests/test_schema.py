@@ -56,3 +56,51 @@ def test_ids_are_unique_and_bounded():
         wire.check_metrics(spec, {"ids": [1, 6]}, {"top": 5})
     with pytest.raises(ValueError, match="unknown rejection reason"):
         wire.Rejected("made-up", "")
+
+
+def test_metric_names_spelt_in_the_experiments_and_the_docs_script_are_the_schemas():
+    """Every string constant in fedavg_relu/experiments/ and scripts/render_docs.py that names a round metric
+    (by its stem) is one the schema lists (ROUND_METRICS, ROUND_METRIC_PATTERNS), a per-client column
+    (core.metrics.CLIENT_COLUMNS) or a column the analyses declare they derive (analysis.DERIVED_COLUMNS):
+    a misspelt or renamed metric fails here, not as an empty figure."""
+    import ast
+    import re
+    from pathlib import Path
+
+    from fedavg_relu.core.metrics import CLIENT_COLUMNS
+    from fedavg_relu.experiments.analysis import DERIVED_COLUMNS
+
+    stem = re.compile(r"^(gradient-drift|relative-gradient-drift|model-divergence|effective-smoothness|activation-flips|"
+                      r"global-loss|local-loss|gradient-dissimilarity|nonlinear-drift-fraction|ntk-change|clients-|"
+                      r"loss-before|loss-ratio|distance-from-init|relative-distance-from-init|round-skipped|drift-rejected|"
+                      r"test-loss|test-accuracy|lockstep-)[a-z0-9/<>=.-]*$")
+    known = [re.compile(p) for p in (*wire.ROUND_METRIC_PATTERNS, *DERIVED_COLUMNS)]
+    root = Path(__file__).resolve().parents[1]
+    unknown = set()
+    for path in [*sorted((root / "fedavg_relu" / "experiments").glob("*.py")), root / "scripts" / "render_docs.py"]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and stem.match(node.value):
+                name = node.value
+                if name in wire.ROUND_METRICS or name in CLIENT_COLUMNS or any(p.fullmatch(name) for p in known):
+                    continue
+                unknown.add(f"{path.name}: {name}")
+    assert not unknown, sorted(unknown)
+    assert "ntk-change-r10" not in wire.ROUND_METRICS and any(p.fullmatch("ntk-change-r10") for p in known)
+
+
+def test_every_key_a_run_records_is_a_schema_round_metric(tmp_path):
+    """A 2-round packed run with lockstep drift (in process): each metrics.jsonl key is in ROUND_METRICS or
+    matches one of ROUND_METRIC_PATTERNS."""
+    import json
+    import re
+
+    from fedavg_relu.runtime.simulation import run_in_process
+
+    run_dir = run_in_process({
+        "dataset": "synthetic", "synthetic-num-examples": 120, "num-partitions": 3, "width": 8, "num-server-rounds": 2,
+        "clients-per-node": 3, "lockstep-drift-steps": "1", "drift-nonlinear": True, "output-dir": str(tmp_path),
+        "run-name": "probe",
+    })
+    keys = {k for line in (run_dir / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
+    patterns = [re.compile(p) for p in wire.ROUND_METRIC_PATTERNS]
+    assert sorted(k for k in keys if k not in wire.ROUND_METRICS and not any(p.fullmatch(k) for p in patterns)) == []

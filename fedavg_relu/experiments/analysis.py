@@ -25,6 +25,9 @@ from matplotlib.figure import Figure
 
 from fedavg_relu.core.config import RunConfig
 
+#: Columns the analyses derive from the recorded metrics (not names a run records; tests/test_schema.py
+#: checks that every other metric name spelt in experiments/ and scripts/render_docs.py is the schema's).
+DERIVED_COLUMNS = (r"loss-ratio-per-(round|step)(/.*)?", r"ntk-change-(last|r\d*)", r"ntk-change/.*", "clients-per-round")
 #: Columns of a sweep table that are not configuration (per-cell bookkeeping).
 CELL_COLUMNS = ("group", "cell-id", "run-dir")
 #: Configuration columns always named in a caption when constant, even at their default.

@@ -103,6 +103,16 @@ DRIFT_SUMMARY_METRICS = (
     "effective-smoothness-lr-max", "gradient-dissimilarity", "nonlinear-drift-fraction-mean",
     "nonlinear-drift-fraction-max",
 )
+#: Every name a run's metrics.jsonl may hold (a user's strategy may add its own): the drift summary, the counts,
+#: the train replies' averages and the rest of a round's row.
+ROUND_METRICS = frozenset(DRIFT_SUMMARY_METRICS + COUNT_METRICS + (
+    "round", TRAIN_LOSS, LOCAL_STEPS, LOSS_BEFORE, "loss-ratio", "distance-from-init", "relative-distance-from-init", "ntk-change",
+    "test-loss", "test-accuracy", DRIFT_SECONDS, LOCKSTEP_NODES, "seconds", "elapsed",
+))
+#: The families of round-metric names (per layer, per reason, per lockstep step).
+ROUND_METRIC_PATTERNS = (
+    r"(relative-)?distance-from-init/.+", r"rejected-[a-z-]+", r"drift-rejected-[a-z-]+", r"lockstep-[a-z-]+/step-\d+",
+)
 #: Drift metrics that compare clients or need an average of several: ``null`` in metrics.jsonl unless two or
 #: more clients were measured (with one, W^{r+1} is its own model and each would be 0 or 1 by construction).
 PAIRWISE_METRICS = (
