@@ -340,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_command(sub)
     add_plot_command(sub)
     add_compare_command(sub)
+    add_deploy_command(sub)
     return parser
 
 
@@ -444,6 +445,43 @@ def _cmd_compare(args) -> int:
     print(path.read_text())
     print(f"fedavg-relu compare: tables and figures in {spec.output_dir}")
     return 0
+
+
+# --- deploy: the hardened SuperLink (docs/deployment.md) ------------------------------------
+def add_deploy_command(subparsers) -> None:
+    """Add ``fedavg-relu deploy superlink`` to the CLI's subparsers."""
+    p = subparsers.add_parser("deploy", help="start deployment services (a loopback-only SuperLink behind nginx)")
+    what = p.add_subparsers(dest="service", required=True)
+    link = what.add_parser(
+        "superlink", help="the SuperLink on 127.0.0.1 and nginx on the public address, forwarding the Fleet API only")
+    link.add_argument("--certs", default="certificates",
+                      help="scripts/make_certs.py output (server.pem must name --public-host; default: certificates)")
+    link.add_argument("--public-host", required=True, help="the address the devices dial (nginx listens there)")
+    link.add_argument("--public-port", type=int, default=9093, help="nginx's port (default 9093)")
+    link.add_argument("--port", type=int, default=9091, help="the SuperLink's port on 127.0.0.1 (default 9091)")
+    link.add_argument("--home", default="superlink",
+                      help="the SuperLink's FLWR_HOME: database, logs, nginx's config and logs (default: superlink)")
+    link.set_defaults(func=_cmd_deploy_superlink)
+
+
+def _cmd_deploy_superlink(args) -> int:
+    from fedavg_relu.runtime.proxy import HardenedSuperLink, serve
+
+    for key in ("public_port", "port"):
+        if not 0 < getattr(args, key) < 65536:
+            print(f"fedavg-relu deploy: --{key.replace('_', '-')}={getattr(args, key)}: expected a port in 1..65535",
+                  file=sys.stderr)
+            return 2
+    try:
+        hardened = HardenedSuperLink(args.certs, args.home, args.public_host, args.public_port, args.port)
+    except (OSError, ValueError) as err:
+        print(f"fedavg-relu deploy: {err}", file=sys.stderr)
+        return 2
+    try:
+        return serve(hardened)
+    except (OSError, RuntimeError) as err:
+        print(f"fedavg-relu deploy: {err}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
