@@ -1,0 +1,123 @@
+"""The proxy's route lists against the installed Flower's SuperLink routes (a contract; seconds, no processes).
+
+``deploy/nginx.conf.template`` forwards exact Fleet paths and refuses the rest. These tests read
+the routes of the SuperLink app that ``flower-superlink`` serves (``flwr.superlink.main.create_app``)
+and the paths Flower's SuperNode calls (``flwr.supernode.fleet_http_client``), and fail when a
+Flower upgrade adds, renames or removes a route, so that the proxy is reviewed before it forwards
+too much or too little.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import subprocess
+
+import pytest
+
+from fedavg_relu.runtime.proxy import (
+    NginxProxy, forwarded_routes, nginx_binary, read_template, refused_prefixes, render_nginx_conf, superlink_routes,
+)
+
+CONF = read_template()
+DIRECTIVES = "\n".join(line.split("#", 1)[0] for line in CONF.splitlines())  # the template without comments
+FLEET = "/v1/fleet/"
+
+
+@pytest.fixture(scope="module")
+def routes() -> set[tuple[str, str]]:
+    return superlink_routes()
+
+
+def supernode_paths() -> set[str]:
+    """Every path Flower's SuperNode sends to the SuperLink (its Fleet HTTP client's ``path=`` literals)."""
+    from flwr.supernode import fleet_http_client  # noqa: PLC0415
+
+    return set(re.findall(r'path="(/[^"]+)"', inspect.getsource(fleet_http_client)))
+
+
+def test_the_proxy_forwards_exactly_flowers_fleet_routes(routes):
+    """The forwarded paths are exactly the SuperLink's /v1/fleet/* routes (12 in flwr 1.42), each
+    to the same path upstream; a Fleet route added or renamed by Flower fails here."""
+    fleet = {path for _, path in routes if path.startswith(FLEET)}
+    forwarded = forwarded_routes(CONF)
+    assert len(fleet) >= 10, sorted(fleet)  # the route table was read, not an empty app
+    assert set(forwarded) == fleet, {"not forwarded": sorted(fleet - set(forwarded)),
+                                     "forwarded, not in Flower": sorted(set(forwarded) - fleet)}
+    assert all(upstream == path for path, upstream in forwarded.items()), forwarded
+
+
+def test_fleet_routes_are_post_only(routes):
+    """Every Fleet route takes POST and nothing else, which the template's `limit_except POST` enforces."""
+    methods = {method for method, path in routes if path.startswith(FLEET)}
+    assert methods == {"POST"}
+    assert DIRECTIVES.count("limit_except POST { deny all; }") == len(forwarded_routes(CONF))
+
+
+def test_the_supernode_calls_only_forwarded_paths():
+    """What Flower's SuperNode calls is what the proxy forwards: nothing it needs is refused, and
+    nothing is forwarded that no SuperNode calls."""
+    called = supernode_paths()
+    assert called, "no path literals found in flwr.supernode.fleet_http_client"
+    assert called == set(forwarded_routes(CONF))
+
+
+def test_every_other_route_falls_under_a_refused_prefix(routes):
+    """Each SuperLink route that is not forwarded starts with one of the template's refused prefixes
+    (Control, Runtime, health, the API docs), and each refused prefix still names a route: a new
+    router prefix in Flower, or a stale entry here, fails the test."""
+    refused = refused_prefixes(CONF)
+    assert {"/v1/control/", "/v1/runtime/"} <= set(refused)
+    others = {path for _, path in routes if not path.startswith(FLEET)}
+    unclassified = sorted(p for p in others if not any(p.startswith(prefix) for prefix in refused))
+    assert not unclassified, f"routes neither forwarded nor refused by name in the template: {unclassified}"
+    stale = [prefix for prefix in refused if not any(p.startswith(prefix) for p in others)]
+    assert not stale, f"refused prefixes that match no SuperLink route any more: {stale}"
+
+
+def test_the_only_other_location_refuses():
+    """Besides the exact Fleet locations, the template has one catch-all that answers 403 and proxies nothing."""
+    locations = re.findall(r"^\s*location\s+(.*?)\s*\{", DIRECTIVES, flags=re.M)
+    assert len(locations) == len(forwarded_routes(CONF)) + 1
+    catch_all = re.search(r"location / \{(.*?)\}", DIRECTIVES, flags=re.S)
+    assert catch_all and catch_all.group(1).split() == ["return", "403;"]
+    assert DIRECTIVES.count("proxy_pass") == len(forwarded_routes(CONF))
+
+
+def test_render_fills_every_placeholder_and_rejects_unknown_ones(tmp_path):
+    """Rendering names the listen address (IPv6 in brackets), the upstream port and the certificate
+    files; a placeholder the renderer does not know is an error naming it."""
+    text = render_nginx_conf(tmp_path / "certs", tmp_path / "p", "10.0.0.5", 9093, 9091)
+    assert "{{" not in text
+    assert "listen 10.0.0.5:9093 ssl;" in text and "server 127.0.0.1:9091;" in text
+    assert f"ssl_certificate {tmp_path / 'certs' / 'server.pem'};" in text
+    assert "listen [::1]:9093 ssl;" in render_nginx_conf(tmp_path, tmp_path, "::1", 9093, 9091)
+    with pytest.raises(ValueError, match=r"placeholders \['port_typo'\]"):
+        render_nginx_conf(tmp_path, tmp_path, "10.0.0.5", 9093, 9091, template=CONF + "# {{port_typo}}\n")
+
+
+def test_nginx_accepts_the_rendered_configuration(tmp_path):
+    """`nginx -t` accepts the rendered template (with real certificates) and refuses a broken one.
+    Skipped where nginx is absent, except in CI (CI=true), where .ci/run installs it."""
+    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from make_certs import make_certificates  # noqa: PLC0415
+
+    try:
+        nginx_binary()
+    except FileNotFoundError as err:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(str(err))
+    make_certificates(tmp_path / "certs", num_nodes=0)
+    proxy = NginxProxy(tmp_path / "certs", tmp_path / "proxy", "127.0.0.1", 9093, 9091)
+    proxy.write_conf()
+    proxy.check()
+    bad = proxy.conf_path.read_text().replace("return 403;", "return 403")
+    proxy.conf_path.write_text(bad)
+    with pytest.raises(RuntimeError, match="nginx -t refused"):
+        proxy.check()
+    assert subprocess.run(proxy.command("-t"), capture_output=True).returncode != 0
