@@ -121,3 +121,52 @@ def test_nginx_accepts_the_rendered_configuration(tmp_path):
     with pytest.raises(RuntimeError, match="nginx -t refused"):
         proxy.check()
     assert subprocess.run(proxy.command("-t"), capture_output=True).returncode != 0
+
+
+def test_the_documented_one_command_is_what_the_cli_parses():
+    """docs/deployment.md's one-command block parses with `fedavg-relu`'s own parser into the deploy
+    subcommand, with the addresses the page then uses (devices dial 10.0.0.5:9093; the operator
+    127.0.0.1:9091)."""
+    import shlex  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from fedavg_relu.cli import _cmd_deploy_superlink, build_parser  # noqa: PLC0415
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", page, flags=re.S) if "fedavg-relu deploy superlink" in b]
+    assert len(blocks) == 1, blocks
+    command = blocks[0].replace("\\\n", " ").split("fedavg-relu ", 1)[1].splitlines()[0]
+    args = build_parser().parse_args(shlex.split(command))
+    assert args.func is _cmd_deploy_superlink
+    assert (args.public_host, args.public_port, args.port) == ("10.0.0.5", 9093, 9091)
+    assert "--superlink 10.0.0.5:9093" in page and 'address = "127.0.0.1:9091"' in page
+    assert "ssh -N -L 9091:127.0.0.1:9091" in page
+
+
+def test_deploy_proxy_renders_the_ratio_and_the_run_it_came_from(tmp_path):
+    """render:deploy-proxy turns a results file into rows whose last cell is proxy / direct
+    (2.0 ms / 1.0 ms -> 2.00×; 9.0 s / 6.0 s -> 1.50×) and names the date and commit of the run."""
+    import importlib.util  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("render_docs_for_proxy", root / "scripts" / "render_docs.py")
+    render_docs = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = render_docs
+    spec.loader.exec_module(render_docs)
+    stat = {"median": 1.0, "p90": 1.5, "n": 400}
+    run = {"round-1": 20.0, "round": 6.0, "node-round": 1.0}
+    data = {"proxy": {
+        "date": "2026-12-07", "commit": "abc1234", "cpus": 2, "loadavg": [1.0, 1.0, 1.0], "nginx": "1.22.1",
+        "config": "paper, m=64", "summary": {
+            "requests": {"direct-keep-alive": stat, "proxy-keep-alive": {**stat, "median": 2.0},
+                         "direct-new-connection": stat, "proxy-new-connection": stat},
+            "runs": {"direct": run, "proxy": {**run, "round": 9.0}}}}}
+    (tmp_path / "proxy.json").write_text(json.dumps(data))
+    text = render_docs.render_deploy_proxy(tmp_path, {"file": "proxy.json"})
+    assert "| 1.00 / 1.50 | 2.00 / 1.50 | 2.00× |" in text
+    assert "| later rounds, s (median) | 6.00 | 9.00 | 1.50× |" in text
+    assert "2026-12-07 at commit abc1234" in text
+    assert "Not measured yet" in render_docs.render_deploy_proxy(tmp_path, {"file": "missing.json"})
