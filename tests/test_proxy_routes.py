@@ -170,3 +170,55 @@ def test_deploy_proxy_renders_the_ratio_and_the_run_it_came_from(tmp_path):
     assert "| later rounds, s (median) | 6.00 | 9.00 | 1.50× |" in text
     assert "2026-12-07 at commit abc1234" in text
     assert "Not measured yet" in render_docs.render_deploy_proxy(tmp_path, {"file": "missing.json"})
+
+
+def _certs_or_skip(tmp_path, hosts=("127.0.0.1", "localhost")):
+    """Certificates in ``tmp_path/certs``; skips where nginx is absent (fails in CI, where .ci/run installs it)."""
+    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    try:
+        nginx_binary()
+    except FileNotFoundError as err:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(str(err))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from make_certs import make_certificates  # noqa: PLC0415
+
+    make_certificates(tmp_path / "certs", hosts=list(hosts), num_nodes=0)
+    return tmp_path / "certs"
+
+
+def test_a_proxy_on_a_taken_address_fails_with_nginxs_reason(tmp_path):
+    """Two proxies on one address: the second start raises with nginx's "Address already in use"
+    instead of mistaking the first one's 403 for its own; the first keeps serving and stops by PID."""
+    from fedavg_relu.runtime.flower_run import free_port, pid_alive  # noqa: PLC0415
+
+    certs = _certs_or_skip(tmp_path)
+    port = free_port()
+    first = NginxProxy(certs, tmp_path / "a", "127.0.0.1", port, 1)
+    second = NginxProxy(certs, tmp_path / "b", "127.0.0.1", port, 1)
+    first.start()
+    try:
+        pid = first.process.pid
+        with pytest.raises(RuntimeError, match="Address already in use"):
+            second.start(timeout=20)
+        assert '"GET /health HTTP/1.1" 403' in first.access_log()
+    finally:
+        first.stop()
+        second.stop()
+    assert not pid_alive(pid)
+
+
+def test_hardened_superlink_refuses_a_certificate_without_the_public_host(tmp_path):
+    """server.pem made for 127.0.0.1/localhost cannot serve devices dialling 10.0.0.5: the error names
+    what the certificate holds and the make_certs command that fixes it; nothing is started."""
+    from fedavg_relu.runtime.proxy import HardenedSuperLink, certificate_names  # noqa: PLC0415
+
+    certs = _certs_or_skip(tmp_path)
+    assert certificate_names(certs / "server.pem") == {"127.0.0.1", "localhost"}
+    with pytest.raises(ValueError, match=r"public_host='10.0.0.5'.*names \['127.0.0.1', 'localhost'\].*--host 10.0.0.5 --force"):
+        HardenedSuperLink(certs, tmp_path / "home", "10.0.0.5")
+    assert not (tmp_path / "home").exists()

@@ -150,6 +150,7 @@ class NginxProxy:
     def write_conf(self) -> Path:
         """Render the template into ``prefix/nginx.conf`` (and create the folders it names)."""
         (self.prefix / "tmp").mkdir(parents=True, exist_ok=True)
+        (self.prefix / "nginx.pid").unlink(missing_ok=True)  # a stale one from an earlier start
         self.conf_path.write_text(
             render_nginx_conf(self.certs, self.prefix, self.listen_host, self.listen_port, self.superlink_port)
         )
@@ -177,11 +178,18 @@ class NginxProxy:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"nginx exited with code {self.process.returncode}: {self.error_log()[-2000:]}")
-            if _status(f"https://{self.address}/health", context) == 403:  # refused here: nginx answers
+            # nginx writes its pid file once it has bound the port: the 403 is then ours, not another server's
+            if self._pid_file_is_ours() and _status(f"https://{self.address}/health", context) == 403:
                 return
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"nginx did not answer on {self.address} within {timeout:.0f}s: {self.error_log()[-2000:]}")
+
+    def _pid_file_is_ours(self) -> bool:
+        try:
+            return self.process is not None and int((self.prefix / "nginx.pid").read_text().strip()) == self.process.pid
+        except (OSError, ValueError):
+            return False
 
     def stop(self) -> None:
         """SIGTERM nginx's process group (master and worker), SIGKILL what is left."""
