@@ -284,7 +284,7 @@ def test_only_the_operator_reaches_the_control_api(lab, tmp_path):
     assert result.status == "finished:completed", result.output[-3000:]  # not stopped by the attempts
     rows = read_metrics(tmp_path / "runs" / "lab")
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert all(r["clients-trained"] == 2 and r["clients-measured"] == 2 for r in rows[1:])
+    assert all(r["clients-trained"] == 2 and r["clients-measured"] == 2 for r in rows[1:]), (rows, result.output[-3000:])
     nodes = operator.nodes()
     assert sorted(int(n["node-id"]) for n in nodes) == sorted(ids)  # no third node registered
     runs = _json_tail(operator.flwr("ls", CONNECTION, "--format", "json").stdout).get("runs", [])
