@@ -208,8 +208,8 @@ def test_only_the_operator_reaches_the_control_api(lab, tmp_path):
     - a 2-round run, started by the operator, completes through the proxy on both devices;
     - meanwhile, from device 1's address (holding the CA and its own registered key) and from the
       intruder's (the CA and a key of its own), the real `flwr supernode register`, `flwr supernode ls`,
-      `flwr ls`, `flwr stop RUN_ID` (during the run) and `flwr run` all fail with nginx's 403, and
-      none had an effect: the run completed (not stopped), no third node and no second run exist;
+      `flwr ls`, `flwr stop RUN_ID` and `flwr run` all fail with nginx's 403, and none had an effect:
+      the run, still going after the stop attempts, completed; no third node and no second run exist;
     - the intruder's own SuperNode through the proxy is refused by node authentication (2004);
     - raw requests from the intruder to every other route of Flower's SuperLink (Control, Runtime,
       health, docs) and to unknown or disguised paths get 403; a Fleet route without a node signature
@@ -261,7 +261,6 @@ def test_only_the_operator_reaches_the_control_api(lab, tmp_path):
     assert started.wait(timeout=180) and "id" in run_out, run_out
     run_id = run_out["id"]
     attacks = {
-        "stop": ["stop", run_id, "lab"],
         "register": ["supernode", "register", str(certs / "supernode-3.pub"), "lab"],
         "supernode ls": ["supernode", "ls", "lab"],
         "ls": ["ls", "lab"],
@@ -271,9 +270,13 @@ def test_only_the_operator_reaches_the_control_api(lab, tmp_path):
                                      superlink_address=public, netns=net.ns("intr"), isolation="subprocess",
                                      max_retries=2, max_wait_time=20)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        stops = {(who, "stop"): pool.submit(_in_ns, where[who], homes[who], _tool("flwr"), "stop", run_id, "lab")
+                 for who in ("device", "intruder")}
+        outcomes = {key: future.result() for key, future in stops.items()}
+        during = operator.status(int(run_id))  # the stop attempts came while the run was going
         futures = {(who, what): pool.submit(_in_ns, where[who], homes[who], _tool("flwr"), *args)
                    for what, args in attacks.items() for who in ("device", "intruder")}
-        outcomes = {key: future.result() for key, future in futures.items()}
+        outcomes.update({key: future.result() for key, future in futures.items()})
     runner.join(timeout=400)
     result = run_out["result"]
     rogue_code = rogue.wait(timeout=120)
@@ -281,6 +284,7 @@ def test_only_the_operator_reaches_the_control_api(lab, tmp_path):
     for (who, what), proc in outcomes.items():
         assert proc.returncode != 0, (who, what, proc.stdout[-2000:])
         assert "403 Forbidden" in proc.stdout + proc.stderr, (who, what, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert not during.startswith("finished"), during
     assert result.status == "finished:completed", result.output[-3000:]  # not stopped by the attempts
     rows = read_metrics(tmp_path / "runs" / "lab")
     assert [r["round"] for r in rows] == [0, 1, 2]
