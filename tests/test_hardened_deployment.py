@@ -133,8 +133,8 @@ except OSError as err:
 context = ssl.create_default_context(cafile=cafile)
 for method, path in requests:
     conn = http.client.HTTPSConnection(host, public, context=context, timeout=10)
-    conn.request(method, path, body=b"" if method == "POST" else None,
-                 headers={"Content-Type": "application/protobuf"} if method == "POST" else {})
+    headers = {"User-Agent": "fedavg-relu-probe", **({"Content-Type": "application/protobuf"} if method == "POST" else {})}
+    conn.request(method, path, body=b"" if method == "POST" else None, headers=headers)
     out["statuses"].append([method, path, conn.getresponse().status])
     conn.close()
 print(json.dumps(out))
@@ -194,10 +194,11 @@ def lab(tmp_path_factory):
         net.down()
 
 
-def _access_log(lab) -> list[tuple[str, str, str, int]]:
-    """(client address, method, path, status) of each request nginx saw."""
+def _access_log(lab) -> list[tuple[str, str, str, int, str]]:
+    """(client address, method, path, status, user agent) of each request nginx saw."""
     text = (lab["home"] / "proxy" / "access.log").read_text(errors="replace")
-    return [(m[1], m[2], m[3], int(m[4])) for m in re.finditer(r'^(\S+) \[[^\]]*\] "(\S+) (\S+)[^"]*" (\d+)', text, re.M)]
+    line = re.compile(r'^(\S+) \[[^\]]*\] "(\S+) (\S+)[^"]*" (\d+) \S+ \S+ "([^"]*)"$', re.M)
+    return [(m[1], m[2], m[3], int(m[4]), m[5]) for m in line.finditer(text)]
 
 
 @pytest.mark.e2e
@@ -211,10 +212,11 @@ def test_only_the_operator_reaches_the_control_api(lab, tmp_path):
       `flwr ls`, `flwr stop RUN_ID` and `flwr run` all fail with nginx's 403, and none had an effect:
       the run, still going after the stop attempts, completed; no third node and no second run exist;
     - the intruder's own SuperNode through the proxy is refused by node authentication (2004);
-    - raw requests from the intruder to every other route of Flower's SuperLink (Control, Runtime,
-      health, docs) and to unknown or disguised paths get 403; a Fleet route without a node signature
-      is forwarded and refused by the SuperLink (401); the SuperLink's own port does not accept
-      connections on the public address, and on the SuperLink host only nginx listens beyond loopback;
+    - raw requests from the intruder and from device 1 to every other route of Flower's SuperLink
+      (Control, Runtime, health, docs) and to unknown or disguised paths get 403; a Fleet route
+      without a node signature is forwarded and refused by the SuperLink (401); the SuperLink's own
+      port does not accept connections on the public address, and on the SuperLink host only nginx
+      listens beyond loopback;
     - device 2's key, unregistered by the operator, ends its SuperNode, which then cannot rejoin.
     """
     net, certs, operator = lab["net"], lab["certs"], lab["operator"]
@@ -232,10 +234,12 @@ def test_only_the_operator_reaches_the_control_api(lab, tmp_path):
     disguised = [("GET", "/"), ("POST", "/v1/unknown"), ("POST", "/v1/fleet/get-run/"), ("GET", "/v1/fleet/get-run"),
                  ("POST", "/v1/fleet/../control/list-nodes"), ("POST", "/v1/fleet/%2e%2e/control/list-nodes"),
                  ("POST", "/v1//control/list-nodes"), ("POST", "/V1/control/list-nodes")]
-    probe = _in_ns(net.ns("intr"), root, sys.executable, "-c", _PROBE, LINK_IP, str(PUBLIC_PORT), str(CONTROL_PORT),
-                   str(cafile), json.dumps(others + disguised + [("POST", "/v1/fleet/get-run")]))
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    raw = json.loads(probe.stdout)
+    raw = {}
+    for host in ("intr", "dev1"):
+        probe = _in_ns(net.ns(host), root, sys.executable, "-c", _PROBE, LINK_IP, str(PUBLIC_PORT), str(CONTROL_PORT),
+                       str(cafile), json.dumps(others + disguised + [("POST", "/v1/fleet/get-run")]))
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        raw[host] = json.loads(probe.stdout)
     listening = _in_ns(net.ns("link"), root, "ss", "-ltnH").stdout
     operator.wait_online(2, timeout=120)
 
@@ -295,22 +299,25 @@ def test_only_the_operator_reaches_the_control_api(lab, tmp_path):
     assert [str(r.get("run-id")) for r in runs] == [run_id]  # no run submitted by anyone else
     assert rogue_code != 0 and "[code: 2004] Failed to activate SuperNode" in rogue.log(), rogue.log()[-2000:]
 
-    # --- what nginx saw: devices' traffic was Fleet only and forwarded; control calls were refused --
+    # --- what nginx saw: the SuperNodes called Fleet paths only, all forwarded; control calls were refused --
     log = _access_log(lab)
-    by_device = [e for e in log if e[0] in DEVICE_IPS and e[2].startswith("/v1/fleet/")]
-    assert by_device and all(status == 200 for *_, status in by_device), [e for e in by_device if e[3] != 200]
+    assert len(log) == len((lab["home"] / "proxy" / "access.log").read_text().splitlines())  # every line parsed
+    supernodes = [e for e in log if e[0] in DEVICE_IPS and e[4] != "fedavg-relu-probe" and not e[2].startswith("/v1/control/")]
+    assert supernodes and all(path.startswith("/v1/fleet/") and status == 200 for _, _, path, status, _ in supernodes), \
+        [e for e in supernodes if e[3] != 200 or not e[2].startswith("/v1/fleet/")]
     for who, address in (("device", DEVICE_IPS[0]), ("intruder", INTRUDER_IP)):
-        control = {(m, p): s for a, m, p, s in log if a == address and p.startswith("/v1/control/")}
+        control = {(m, p): s for a, m, p, s, _ in log if a == address and p.startswith("/v1/control/")}
         for path in ("register-node", "list-nodes", "list-runs", "stop-run", "start-run"):
             assert control.get(("POST", f"/v1/control/{path}")) == 403, (who, path, control)
 
-    # --- the raw probe and the listening sockets ---------------------------------------------
-    statuses = {(m, p): s for m, p, s in raw["statuses"]}
-    refused = {key: s for key, s in statuses.items() if key != ("POST", "/v1/fleet/get-run")}
-    assert len(refused) == len(others) + len(disguised) and set(refused.values()) == {403}, \
-        {k: s for k, s in refused.items() if s != 403}
-    assert statuses[("POST", "/v1/fleet/get-run")] == 401  # forwarded; the SuperLink wants a node signature
-    assert raw["internal-port"] == "ConnectionRefusedError"
+    # --- the raw probes and the listening sockets -------------------------------------------
+    for host, found in raw.items():
+        statuses = {(m, p): s for m, p, s in found["statuses"]}
+        refused = {key: s for key, s in statuses.items() if key != ("POST", "/v1/fleet/get-run")}
+        assert len(refused) == len(others) + len(disguised) and set(refused.values()) == {403}, \
+            (host, {k: s for k, s in refused.items() if s != 403})
+        assert statuses[("POST", "/v1/fleet/get-run")] == 401, host  # forwarded; the SuperLink wants a signature
+        assert found["internal-port"] == "ConnectionRefusedError", host
     public_sockets = {line.split()[3] for line in listening.splitlines()
                       if not line.split()[3].startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:"))}
     assert public_sockets == {public}, listening

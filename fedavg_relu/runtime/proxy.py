@@ -197,7 +197,7 @@ class NginxProxy:
         stop_process_group(proc, term_wait=5.0)
 
     def access_log(self) -> str:
-        """One line per request: ``ADDRESS [TIME] "METHOD PATH HTTP/1.1" STATUS BYTES SECONDS``."""
+        """One line per request: ``ADDRESS [TIME] "METHOD PATH HTTP/1.1" STATUS BYTES SECONDS "USER-AGENT"``."""
         path = self.prefix / "access.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
