@@ -270,24 +270,13 @@ class Deployment:
         return list(payload["nodes"])
 
     def wait_online(self, count: int, timeout: float = 60.0) -> list[int]:
-        """Wait until ``count`` nodes are online; their ids.
-
-        Each ``flwr supernode ls`` costs seconds of CPU (importing flwr), which SuperNodes that are
-        still importing torch need too. So it first waits, reading log files only, until ``count``
-        of the SuperNodes started here have logged their node id (Flower logs it once the SuperLink
-        activated the node), then asks the SuperLink.
-        """
+        """Wait until ``count`` nodes are online; their ids."""
         deadline = time.monotonic() + timeout
-        while (sum("SuperNode ID:" in node.log() for node in self.supernodes) < count
-               and time.monotonic() < deadline and any(node.alive() for node in self.supernodes)):
-            time.sleep(0.2)
         online: list[int] = []
-        while True:  # at least one look, even when the logs used up the time
+        while time.monotonic() < deadline:
             online = [int(n["node-id"]) for n in self.nodes() if n.get("status") == "online"]
             if len(online) >= count:
                 return online
-            if time.monotonic() >= deadline:
-                break
             time.sleep(1.0)
         raise TimeoutError(f"{len(online)} of {count} SuperNodes online after {timeout:.0f}s")
 
