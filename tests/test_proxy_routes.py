@@ -222,3 +222,60 @@ def test_hardened_superlink_refuses_a_certificate_without_the_public_host(tmp_pa
     with pytest.raises(ValueError, match=r"public_host='10.0.0.5'.*names \['127.0.0.1', 'localhost'\].*--host 10.0.0.5 --force"):
         HardenedSuperLink(certs, tmp_path / "home", "10.0.0.5")
     assert not (tmp_path / "home").exists()
+
+
+class _FakeHardened:
+    """What :func:`serve` uses of a HardenedSuperLink, with `sleep` processes for the SuperLink and nginx."""
+
+    def __init__(self, superlink_seconds: float) -> None:
+        from pathlib import Path  # noqa: PLC0415
+        from types import SimpleNamespace  # noqa: PLC0415
+
+        self.seconds = superlink_seconds
+        self.certs, self.home = Path("/certs"), Path("/home")
+        self.control_address, self.public_address = "127.0.0.1:9091", "10.0.0.5:9093"
+        self.deployment, self.proxy = SimpleNamespace(superlink=None), SimpleNamespace(process=None)
+        self.stopped = False
+
+    def start(self) -> None:
+        self.deployment.superlink = subprocess.Popen(["sleep", str(self.seconds)])
+        self.proxy.process = subprocess.Popen(["sleep", "60"])
+
+    def stop(self) -> None:
+        for proc in (self.deployment.superlink, self.proxy.process):
+            proc.kill()
+            proc.wait()
+        self.stopped = True
+
+
+def test_serve_stops_both_and_fails_when_the_superlink_dies():
+    """The SuperLink exits on its own 0.5 s after start: serve() says so, stops nginx too and returns 1,
+    after printing the devices' address, the SSH tunnel and the operator's config.toml section."""
+    from fedavg_relu.runtime.proxy import serve  # noqa: PLC0415
+
+    fake, lines = _FakeHardened(0.5), []
+    assert serve(fake, say=lines.append, poll=0.1) == 1
+    text = "\n".join(lines)
+    assert fake.stopped and fake.proxy.process.returncode is not None
+    assert "--superlink 10.0.0.5:9093" in text and "ssh -N -L 9091:127.0.0.1:9091" in text
+    assert '[superlink.lab]\naddress = "127.0.0.1:9091"' in text
+    assert text.splitlines()[-1].startswith("flower-superlink exited (code 0); stopping")
+
+
+def test_serve_returns_0_after_sigterm():
+    """SIGTERM while serving: serve() stops both, returns 0 (the one command's normal end) and puts
+    the previous SIGTERM handler back."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from fedavg_relu.runtime.proxy import serve  # noqa: PLC0415
+
+    fake, before = _FakeHardened(60), signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        assert serve(fake, say=lambda _: None, poll=0.1) == 0
+    finally:
+        timer.cancel()
+    assert fake.stopped and signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back

@@ -26,7 +26,6 @@ import grp
 import os
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -292,16 +291,6 @@ class HardenedSuperLink:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
-    """Whether a TCP connection to ``host:port`` is accepted."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
 
 
 def operator_connection(name: str, control_address: str, cafile: str | os.PathLike) -> str:
