@@ -10,8 +10,9 @@ section tells an operator to do by hand:
 2. A ``config.toml`` connection (``[superlink.deploy]``: ``address`` and
    ``root-certificates``) so that ``flwr`` verifies the SuperLink's certificate.
 3. ``flwr supernode register KEY.pub deploy`` for each SuperNode public key.
-4. ``flower-supernode`` processes, each with its private key, its own Runtime API
-   port and a ``--node-config`` (``data-path=...``). With ``isolation="process"``
+4. ``flower-supernode`` processes, each with its private key, its own ``FLWR_HOME``
+   (as on a device of its own), its own Runtime API port and a ``--node-config``
+   (``data-path=...``). With ``isolation="process"``
    (the default here, the fast path) each also gets a long-running
    :mod:`fedavg_relu.runtime.clientapp_worker`; with ``"subprocess"`` Flower starts one
    ``flwr-clientapp`` process per message.
@@ -90,6 +91,7 @@ class SuperNode:
     worker_log_path: Path | None = None
     args: list[str] = field(default_factory=list)
     worker_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # its own FLWR_HOME, as on a device of its own
 
     def alive(self) -> bool:
         """Whether the SuperNode process is still running."""
@@ -334,19 +336,24 @@ class Deployment:
                 fh.write(secrets.token_bytes(32))
             secret_args = ["--superexec-auth-secret-file", str(secret)]
             args += secret_args
+        # Each SuperNode and its worker get a FLWR_HOME of their own, as devices have: in a shared one,
+        # two workers unpacking the same FAB into $FLWR_HOME/apps raced (one found the folder without
+        # its pyproject.toml and failed its train task).
+        node_env = {**self.env, "FLWR_HOME": str(self.home / "nodes" / name)}
+        Path(node_env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
         log_path = self.home / f"{name}.out"
         if timestamps:
             process = subprocess.Popen(
-                args, env=self.env, cwd=self.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                args, env=node_env, cwd=self.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
             threading.Thread(target=_timestamp_lines, args=(process.stdout, log_path), daemon=True).start()
         else:
             with open(log_path, "wb") as out:
                 process = subprocess.Popen(
-                    args, env=self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    args, env=node_env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
                 )
-        node = SuperNode(name, process, runtime_port, log_path, args=args)
+        node = SuperNode(name, process, runtime_port, log_path, args=args, env=node_env)
         if isolation == "process":
             node.worker_args = [
                 *in_netns(netns), sys.executable, "-m", "fedavg_relu.runtime.clientapp_worker",
@@ -365,7 +372,7 @@ class Deployment:
         node.worker_log_path = self.home / f"{node.name}-worker.out"
         with open(node.worker_log_path, "ab") as out:
             node.worker = subprocess.Popen(
-                node.worker_args, env=self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
+                node.worker_args, env=node.env or self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         return node.worker
