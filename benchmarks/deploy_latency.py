@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """Per-round latency of a SuperNode in a real deployment, and what one client needs on a device.
 
-Two parts, each printed as a Markdown table (the README's "Deployment" section quotes them):
+Parts, each printed as a Markdown table (the README's "Deployment" section quotes them):
 
 ``size``     the model's parameter count and wire size at the run config, and the peak
              memory (RSS) of one client's training step and drift measurement, each in a
              fresh Python process so that earlier peaks do not hide it.
 ``stop``     seconds from SIGTERM to exit of a ClientApp worker (idle with torch loaded, and
              1 s into a long train task) and of a SuperNode, in a 1-node deployment.
+``proxy``    the cost of the hardened deployment's nginx (:mod:`fedavg_relu.runtime.proxy`), all on
+             loopback: request latency of a Fleet call to the SuperLink directly and through nginx
+             (kept-alive connection, and a new TLS connection per request), then the ``latency``
+             measurement (process isolation) without and with nginx in front. Date and commit go
+             into the results, which docs/deployment.md renders (``render:deploy-proxy``).
 ``latency``  a TLS + node-auth deployment on loopback (:class:`fedavg_relu.runtime.deploy.Deployment`)
              with 2 SuperNodes, run once with Flower's default isolation (a new
              ``flwr-clientapp`` process per message) and once with ``--isolation process`` and
@@ -22,6 +27,8 @@ Usage::
     python benchmarks/deploy_latency.py size -c "width=4096"
     python benchmarks/deploy_latency.py latency --rounds 5
     python benchmarks/deploy_latency.py stop
+    python benchmarks/deploy_latency.py proxy -c "dataset='synthetic' width=64" --rounds 6 \
+        --json benchmarks/results/deploy/proxy.json
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,19 +159,34 @@ def node_message_times(log: str) -> list[tuple[str, float]]:
     return out
 
 
-def measure_latency(overrides: dict, isolation: str, rounds: int, certs: Path, work: Path) -> dict:
-    """One deployment run of ``rounds`` rounds with 2 SuperNodes in ``isolation`` mode."""
-    from fedavg_relu.runtime.deploy import Deployment
+@contextmanager
+def _superlink(certs: Path, home: Path, proxy: bool):
+    """(Deployment, the address SuperNodes dial): the SuperLink alone, or behind nginx (both on loopback)."""
+    from fedavg_relu.runtime.deploy import Deployment  # noqa: PLC0415
+    from fedavg_relu.runtime.flower_run import free_port  # noqa: PLC0415
+    from fedavg_relu.runtime.proxy import HardenedSuperLink  # noqa: PLC0415
+
+    if proxy:
+        with HardenedSuperLink(certs, home, "127.0.0.1", public_port=free_port(), port=free_port()) as hardened:
+            yield hardened.deployment, hardened.public_address
+    else:
+        with Deployment(certs, home=home) as dep:
+            yield dep, dep.address
+
+
+def measure_latency(overrides: dict, isolation: str, rounds: int, certs: Path, work: Path, proxy: bool = False) -> dict:
+    """One deployment run of ``rounds`` rounds with 2 SuperNodes in ``isolation`` mode (through nginx if ``proxy``)."""
     from fedavg_relu.core.results import read_metrics
 
+    name = f"{isolation}-proxy" if proxy else isolation
     run = {**overrides, "num-server-rounds": rounds, "num-partitions": 2,
-           "output-dir": str(work / "runs"), "run-name": isolation, "round-timeout": 600.0}
+           "output-dir": str(work / "runs"), "run-name": name, "round-timeout": 600.0}
     t0 = time.perf_counter()
-    with Deployment(certs, home=work / f"home-{isolation}") as dep:
+    with _superlink(certs, work / f"home-{name}", proxy) as (dep, address):
         for i in (1, 2):
             dep.register(certs / f"supernode-{i}.pub")
         nodes = [dep.start_supernode(certs / f"supernode-{i}", {"partition-id": i - 1}, isolation=isolation,
-                                     timestamps=True) for i in (1, 2)]
+                                     timestamps=True, superlink_address=address) for i in (1, 2)]
         dep.wait_online(2, timeout=120)
         ready = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -173,12 +196,12 @@ def measure_latency(overrides: dict, isolation: str, rounds: int, certs: Path, w
             raise RuntimeError(f"{isolation}: run ended {result.status}:\n{result.output[-3000:]}")
         messages = [node_message_times(n.log()) for n in nodes]
         worker_peak = [_peak_rss_mib(n.worker.pid) for n in nodes if n.worker is not None]
-    rows = read_metrics(work / "runs" / isolation)[1:]
+    rows = read_metrics(work / "runs" / name)[1:]
     unmeasured = [r["round"] for r in rows if r.get("clients-measured") != 2]
     if unmeasured:  # the drift state must survive between a round's two exchanges in either mode
         raise RuntimeError(f"{isolation}: rounds {unmeasured} lack drift measurements of both nodes")
     return {
-        "isolation": isolation, "rounds": rows, "worker-peak-mib": worker_peak, "messages": messages, "run-seconds": total, "setup-seconds": ready,
+        "isolation": isolation, "proxy": proxy, "rounds": rows, "worker-peak-mib": worker_peak, "messages": messages, "run-seconds": total, "setup-seconds": ready,
     }
 
 
@@ -229,6 +252,99 @@ def print_latency(results: list[dict], config: str) -> None:
         if r.get("worker-peak-mib"):
             print(f"\nPeak RSS of the long-running ClientApp workers after the run: "
                   f"{', '.join(f'{m:.0f}' for m in r['worker-peak-mib'])} MiB")
+
+
+# --- proxy: the cost of nginx in front of the SuperLink -----------------------------------
+def _request_ms(host: str, port: int, cafile: Path, count: int, reuse: bool) -> list[float]:
+    """Milliseconds of ``count`` POSTs of an unsigned Fleet ``get-run`` (the SuperLink answers 401 after its
+    middleware ran), over one kept-alive TLS connection (``reuse``) or a new one each time (TLS handshake included)."""
+    import http.client  # noqa: PLC0415
+    import ssl  # noqa: PLC0415
+
+    context = ssl.create_default_context(cafile=str(cafile))
+    conn, out = None, []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        if conn is None:
+            conn = http.client.HTTPSConnection(host, port, context=context, timeout=30)
+        conn.request("POST", "/v1/fleet/get-run", body=b"", headers={"Content-Type": "application/protobuf"})
+        response = conn.getresponse()
+        response.read()
+        out.append((time.perf_counter() - t0) * 1000)
+        if response.status != 401:
+            raise RuntimeError(f"{host}:{port}: get-run without a node signature answered {response.status}, not 401")
+        if not reuse:
+            conn.close()
+            conn = None
+    if conn is not None:
+        conn.close()
+    return out
+
+
+def measure_requests(certs: Path, home: Path, count: int) -> dict:
+    """Request latency to the SuperLink directly and through nginx, interleaved in blocks of 20."""
+    from fedavg_relu.runtime.flower_run import free_port  # noqa: PLC0415
+    from fedavg_relu.runtime.proxy import HardenedSuperLink  # noqa: PLC0415
+
+    samples: dict = {f"{route}-{mode}": [] for route in ("direct", "proxy") for mode in ("keep-alive", "new-connection")}
+    with HardenedSuperLink(certs, home, "127.0.0.1", public_port=free_port(), port=free_port()) as hardened:
+        targets = {"direct": hardened.deployment.port, "proxy": hardened.proxy.listen_port}
+        for route, port in targets.items():  # warm-up (imports, first handshakes, nginx's upstream keepalive)
+            _request_ms("127.0.0.1", port, certs / "ca.crt", 20, reuse=True)
+        for _ in range(max(1, count // 20)):
+            for route, port in targets.items():
+                for mode, reuse in (("keep-alive", True), ("new-connection", False)):
+                    samples[f"{route}-{mode}"] += _request_ms("127.0.0.1", port, certs / "ca.crt", 20, reuse)
+    return samples
+
+
+def _git_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=ROOT).stdout.strip()
+    return (proc.stdout.strip() or "unknown") + ("+uncommitted" if dirty else "")
+
+
+def measure_proxy(overrides: dict, rounds: int, requests: int, certs: Path, work: Path) -> dict:
+    """Request latency and round latency (2 SuperNodes, process isolation) without and with the proxy."""
+    import datetime as dt  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    from fedavg_relu.runtime.proxy import nginx_binary  # noqa: PLC0415
+
+    nginx = subprocess.run([nginx_binary(), "-v"], capture_output=True, text=True).stderr.strip()
+    out = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "commit": _git_commit(),
+        "cpus": os.cpu_count(), "nginx": nginx.split("/", 1)[-1], "rounds": rounds,
+        "requests": measure_requests(certs, work / "home-requests", requests),
+        "runs": [measure_latency(overrides, "process", rounds, certs, work, proxy=proxy) for proxy in (False, True)],
+        "loadavg": list(os.getloadavg()),
+    }
+    return out
+
+
+def summarize_proxy(r: dict) -> dict:
+    """Medians: request ms per route and mode; per run the summary of :func:`summarize_latency`."""
+    requests = {key: {"median": statistics.median(v), "p90": statistics.quantiles(v, n=10)[-1], "n": len(v)}
+                for key, v in r["requests"].items()}
+    runs = {("proxy" if run["proxy"] else "direct"): summarize_latency(run) for run in r["runs"]}
+    return {"requests": requests, "runs": runs}
+
+
+def print_proxy(r: dict, config: str) -> None:
+    s = summarize_proxy(r)
+    print(f"\n### The proxy's cost ({config}; {r['date']}, commit {r['commit']}, {r['cpus']} CPUs, nginx {r['nginx']})\n")
+    print("| request (unsigned Fleet get-run, answered 401 by the SuperLink) | direct ms (median / p90) "
+          "| through nginx ms | ratio |\n| --- | --- | --- | --- |")
+    for mode in ("keep-alive", "new-connection"):
+        d, p = s["requests"][f"direct-{mode}"], s["requests"][f"proxy-{mode}"]
+        print(f"| {mode} | {d['median']:.2f} / {d['p90']:.2f} | {p['median']:.2f} / {p['p90']:.2f} | "
+              f"{p['median'] / d['median']:.2f}x |")
+    print("\n| SuperLink | round 1 s | later rounds s (median) | node time per round s | per train / drift msg s |"
+          "\n| --- | --- | --- | --- | --- |")
+    for name, x in s["runs"].items():
+        print(f"| {name} | {x['round-1']:.1f} | {x['round']:.2f} | {x['node-round']:.3f} | "
+              f"{x['train-msg']:.3f} / {x['drift-msg']:.3f} |")
 
 
 # --- stop ---------------------------------------------------------------------------
@@ -298,7 +414,8 @@ def print_stop(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", nargs="?", choices=["size", "latency", "stop", "all"], default="all")
+    parser.add_argument("part", nargs="?", choices=["size", "latency", "stop", "proxy", "all"], default="all")
+    parser.add_argument("--requests", type=int, default=400, help="requests per route and mode in `proxy` (default 400)")
     parser.add_argument("-c", "--run-config", default="", help="run-config overrides, e.g. \"width=4096\"")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per latency run (default 4)")
     parser.add_argument("--isolation", choices=["subprocess", "process", "both"], default="both")
@@ -321,6 +438,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = RunConfig.from_mapping(overrides)
         print_latency(raw["latency"], f"{cfg.model_family}, m={cfg.width}, {cfg.dataset}, tau={cfg.local_steps}, "
                       f"{args.rounds} rounds, overrides: {' '.join(f'{k}={toml_value(v)}' for k, v in overrides.items()) or 'none'}")
+    if args.part in ("proxy", "all"):
+        from make_certs import make_certificates
+
+        with tempfile.TemporaryDirectory(prefix="fr-deploy-proxy-") as tmp:
+            make_certificates(Path(tmp) / "certs", num_nodes=2)
+            raw["proxy"] = measure_proxy(overrides, args.rounds, args.requests, Path(tmp) / "certs", Path(tmp))
+        cfg = RunConfig.from_mapping(overrides)
+        raw["proxy"]["config"] = (f"{cfg.model_family}, m={cfg.width}, {cfg.dataset}, tau={cfg.local_steps}, "
+                                  f"2 SuperNodes with process isolation, {args.rounds} rounds")
+        raw["proxy"]["summary"] = summarize_proxy(raw["proxy"])
+        print_proxy(raw["proxy"], raw["proxy"]["config"])
     if args.part in ("stop", "all"):
         from make_certs import make_certificates
 
@@ -329,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
             raw["stop"] = measure_stop(Path(tmp) / "certs", Path(tmp))
         print_stop(raw["stop"])
     if args.json:
-        Path(args.json).write_text(json.dumps(raw, indent=1, default=str))
+        from fedavg_relu.core.results import atomic_write_text  # noqa: PLC0415
+
+        atomic_write_text(Path(args.json), json.dumps(raw, indent=1, default=str))
     return 0
 
 

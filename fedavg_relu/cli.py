@@ -8,8 +8,8 @@ Each subcommand and what it does:
     app on a private simulation SuperLink (own FLWR_HOME, ports and Ray temp
     dir; every process stopped by PID afterwards), stream one line per round,
     and end with the run's ``summary.json``: exit 0 only when it says
-    ``completed`` and Flower says ``finished:completed``, else 1 with the reason
-    as the last line. SIGINT / SIGTERM stop every process of the run within
+    ``completed`` and Flower says ``finished:completed``, 3 when it says ``degraded``,
+    else 1 with the reason as the last line. SIGINT / SIGTERM stop every process of the run within
     seconds, print the round reached and how to resume, and exit 130 / 143.
 ``fedavg-relu validate``
     Only the validation step.
@@ -358,7 +358,7 @@ Local SGD / FedAvg on wide ReLU networks as a Flower app, with the gradient drif
                                                       strategies side by side, into runs/compare/NAME
   fedavg-relu plot results/theory-small               the theory figures from a sweep's tables
 
-Exit codes: 0 done, 1 failed, 2 bad input, 130 / 143 interrupted (SIGINT / SIGTERM)."""
+Exit codes: 0 done, 1 failed, 2 bad input, 3 degraded (run), 130 / 143 interrupted (SIGINT / SIGTERM)."""
 
 
 def version() -> str:
@@ -401,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_command(sub)
     add_plot_command(sub)
     add_compare_command(sub)
+    add_deploy_command(sub)
     return parser
 
 
@@ -607,6 +608,43 @@ def unknown_command(argv: list[str], parser: argparse.ArgumentParser) -> str | N
     close = difflib.get_close_matches(argv[0], list(commands), n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"fedavg-relu: {argv[0]!r} is not a command{hint}; expected one of {', '.join(commands)} (fedavg-relu --help)"
+
+
+# --- deploy: the hardened SuperLink (docs/deployment.md) ------------------------------------
+def add_deploy_command(subparsers) -> None:
+    """Add ``fedavg-relu deploy superlink`` to the CLI's subparsers."""
+    p = subparsers.add_parser("deploy", help="start deployment services (a loopback-only SuperLink behind nginx)")
+    what = p.add_subparsers(dest="service", required=True)
+    link = what.add_parser(
+        "superlink", help="the SuperLink on 127.0.0.1 and nginx on the public address, forwarding the Fleet API only")
+    link.add_argument("--certs", default="certificates",
+                      help="scripts/make_certs.py output (server.pem must name --public-host; default: certificates)")
+    link.add_argument("--public-host", required=True, help="the address the devices dial (nginx listens there)")
+    link.add_argument("--public-port", type=int, default=9093, help="nginx's port (default 9093)")
+    link.add_argument("--port", type=int, default=9091, help="the SuperLink's port on 127.0.0.1 (default 9091)")
+    link.add_argument("--home", default="superlink",
+                      help="the SuperLink's FLWR_HOME: database, logs, nginx's config and logs (default: superlink)")
+    link.set_defaults(func=_cmd_deploy_superlink)
+
+
+def _cmd_deploy_superlink(args) -> int:
+    from fedavg_relu.runtime.proxy import HardenedSuperLink, serve
+
+    for key in ("public_port", "port"):
+        if not 0 < getattr(args, key) < 65536:
+            print(f"fedavg-relu deploy: --{key.replace('_', '-')}={getattr(args, key)}: expected a port in 1..65535",
+                  file=sys.stderr)
+            return 2
+    try:
+        hardened = HardenedSuperLink(args.certs, args.home, args.public_host, args.public_port, args.port)
+    except (OSError, ValueError) as err:
+        print(f"fedavg-relu deploy: {err}", file=sys.stderr)
+        return 2
+    try:
+        return serve(hardened)
+    except (OSError, RuntimeError) as err:
+        print(f"fedavg-relu deploy: {err}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

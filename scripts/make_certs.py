@@ -7,7 +7,9 @@ Writes into ``OUT_DIR`` (default ``certificates/``):
 ``ca.crt``, ``ca.key``     a private certificate authority (the SuperNodes and ``flwr``
                            trust ``ca.crt``; keep ``ca.key`` off the devices)
 ``server.pem``,            the SuperLink's TLS certificate, signed by the CA, with a
-``server.key``             subjectAltName for every ``--host`` (IP addresses and DNS names)
+``server.key``             subjectAltName for every ``--host`` (IP addresses and DNS names),
+                           plus ``127.0.0.1`` and ``localhost`` always: the operator's ``flwr``
+                           and the proxy reach the hardened SuperLink on its loopback
 ``supernode-K``,           one ECDSA P-384 key pair per SuperNode in OpenSSH format: the
 ``supernode-K.pub``        private key for ``flower-supernode --auth-supernode-private-key``,
                            the public key for ``flwr supernode register``
@@ -172,7 +174,8 @@ def make_certificates(
         kept += [out / name for name in CA_FILES + SERVER_FILES]
     else:
         ca_key, ca_cert = make_ca(days)
-        server_key, server_cert = make_server_cert(ca_key, ca_cert, list(hosts), days)
+        names = [*hosts, *(h for h in DEFAULT_HOSTS if h not in hosts)]  # loopback: operator and proxy
+        server_key, server_cert = make_server_cert(ca_key, ca_cert, names, days)
         _write(out / "ca.key", _key_pem(ca_key), private=True)
         _write(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
         _write(out / "server.key", _key_pem(server_key), private=True)
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--host", action="append", dest="hosts",
         help="an address the SuperNodes and flwr use to reach the SuperLink (IP or DNS name); "
-        "repeat for several (default: 127.0.0.1 and localhost)",
+        "repeat for several (127.0.0.1 and localhost are always added)",
     )
     parser.add_argument("--nodes", type=int, default=2, help="number of SuperNode key pairs (default: 2)")
     parser.add_argument("--days", type=int, default=365, help="certificate validity in days (default: 365)")

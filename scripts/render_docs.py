@@ -519,6 +519,32 @@ def render_deploy_stop(root: Path, args: Mapping[str, str]) -> str:
     return table(["process, state", "seconds from SIGTERM to exit", "exit code"], rows)
 
 
+def render_deploy_proxy(root: Path, args: Mapping[str, str]) -> str:
+    """Request and round latency without and with nginx in front of the SuperLink
+    (``benchmarks/deploy_latency.py proxy --json FILE``), with the run's date and commit."""
+    path = args.get("file", "benchmarks/results/deploy/proxy.json")
+    if not (root / path).exists():
+        return _missing(path, f"python benchmarks/deploy_latency.py proxy --json {path}")
+    data = _json(root, path)["proxy"]
+    req, runs = data["summary"]["requests"], data["summary"]["runs"]
+    rows = []
+    for mode, label in (("keep-alive", "one request, kept-alive TLS connection, ms (median / p90)"),
+                        ("new-connection", "one request on a new TLS connection, ms (median / p90)")):
+        d, p = req[f"direct-{mode}"], req[f"proxy-{mode}"]
+        rows.append([label, f"{d['median']:.2f} / {d['p90']:.2f}", f"{p['median']:.2f} / {p['p90']:.2f}",
+                     f"{p['median'] / d['median']:.2f}×"])
+    for key, label, fmt in (("round-1", "round 1, s", ".1f"), ("round", "later rounds, s (median)", ".2f"),
+                            ("node-round", "a node's time per round (train + drift message, received → reply sent), s", ".2f")):
+        d, p = runs["direct"][key], runs["proxy"][key]
+        rows.append([label, format(d, fmt), format(p, fmt), f"{p / d:.2f}×"])
+    n = req["direct-keep-alive"]["n"]
+    note = (f"\n\n*Measured {data['date']} at commit {data['commit']} on {data['cpus']} CPUs (load average "
+            f"{data['loadavg'][0]:.1f} at the end), nginx {data['nginx']}, everything on loopback. Requests: {n} per "
+            f"cell, an unsigned Fleet `get-run` (the SuperLink's middleware answers 401), direct and through nginx "
+            f"interleaved in blocks of 20. Rounds: {data['config']}.*")
+    return table(["", "SuperLink directly", "through nginx", "nginx / direct"], rows) + note
+
+
 def render_drift_overhead(root: Path, args: Mapping[str, str]) -> str:
     """Seconds per round with each measurement on, and the ratio to all off (``benchmarks/drift_overhead.py --out FILE``)."""
     path = args.get("file", "benchmarks/results/drift_overhead.json")
@@ -1017,6 +1043,7 @@ RENDERERS: dict[str, Renderer] = {
     "scale-targets": Renderer(render_scale_targets, "DIR/scale.json"),
     "memory-table": Renderer(render_memory_table, "benchmarks/results/memory/memory.json (file=)"),
     "deploy-stop": Renderer(render_deploy_stop, "benchmarks/results/deploy/stop.json (file=)"),
+    "deploy-proxy": Renderer(render_deploy_proxy, "benchmarks/results/deploy/proxy.json (file=)"),
     "drift-overhead": Renderer(render_drift_overhead, "benchmarks/results/drift_overhead.json (file=)"),
     "strategies-comparison": Renderer(render_strategies_comparison, "results/strategies/comparison.csv, compare/strategies.toml"),
     "strategies-summary": Renderer(render_strategies_summary, "results/strategies/comparison.csv"),

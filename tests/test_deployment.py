@@ -449,17 +449,21 @@ def _documented_block(needle: str) -> str:
 def test_documented_superlink_command_works_from_a_fresh_shell(certs, tmp_path):
     """docs/deployment.md's SuperLink commands, run as written by `bash` with an empty environment
     (PATH=/usr/bin:/bin, no virtualenv) in the project folder, with only the certificate folder,
-    host, port and database swapped in: the SuperLink answers /health over TLS. The same command
-    as `.venv/bin/flower-superlink` without `source .venv/bin/activate` dies: it starts
+    port, database and the virtualenv swapped in (the docs' `.venv` is this interpreter's own
+    environment, wherever it lives): the SuperLink answers /health over TLS. The same command as
+    `VENV/bin/flower-superlink` without `source VENV/bin/activate` dies: it starts
     flower-superexec by name."""
     import ssl  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
     block = _documented_block("flower-superlink")
-    assert "source .venv/bin/activate" in block
+    assert "source .venv/bin/activate" in block and "--host 127.0.0.1 --port 9091" in block
+    env_bin = venv_bin()
+    if not (env_bin / "activate").exists():
+        pytest.skip(f"{env_bin} has no activate script: this interpreter does not run in a virtualenv")
     port = free_port()
-    script = (block.replace("certificates/", f"{certs}/").replace("10.0.0.5", "127.0.0.1")
-              .replace("9093", str(port)).replace("state.db", str(tmp_path / "state.db")))
+    script = (block.replace("certificates/", f"{certs}/").replace("--port 9091", f"--port {port}")
+              .replace("state.db", str(tmp_path / "state.db")).replace(".venv/bin/", f"{env_bin}/"))
     env = {"HOME": str(tmp_path), "PATH": BARE_PATH, "FLWR_HOME": str(tmp_path / "flwr"),
            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
@@ -481,7 +485,7 @@ def test_documented_superlink_command_works_from_a_fresh_shell(certs, tmp_path):
         stop_groups([proc])
     assert healthy, proc.stdout.read().decode(errors="replace")[-3000:]
     full_path_only = "\n".join(line for line in script.splitlines() if "activate" not in line)
-    without_venv = start(full_path_only.replace("flower-superlink \\", ".venv/bin/flower-superlink \\"))
+    without_venv = start(full_path_only.replace("flower-superlink \\", f"{env_bin}/flower-superlink \\"))
     try:
         out, _ = without_venv.communicate(timeout=90)
     finally:

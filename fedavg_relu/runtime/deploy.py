@@ -10,8 +10,9 @@ section tells an operator to do by hand:
 2. A ``config.toml`` connection (``[superlink.deploy]``: ``address`` and
    ``root-certificates``) so that ``flwr`` verifies the SuperLink's certificate.
 3. ``flwr supernode register KEY.pub deploy`` for each SuperNode public key.
-4. ``flower-supernode`` processes, each with its private key, its own Runtime API
-   port and a ``--node-config`` (``data-path=...``). With ``isolation="process"``
+4. ``flower-supernode`` processes, each with its private key, its own ``FLWR_HOME``
+   (as on a device of its own), its own Runtime API port and a ``--node-config``
+   (``data-path=...``). With ``isolation="process"``
    (the default here, the fast path) each also gets a long-running
    :mod:`fedavg_relu.runtime.clientapp_worker`; with ``"subprocess"`` Flower starts one
    ``flwr-clientapp`` process per message.
@@ -90,6 +91,7 @@ class SuperNode:
     worker_log_path: Path | None = None
     args: list[str] = field(default_factory=list)
     worker_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # its own FLWR_HOME, as on a device of its own
 
     def alive(self) -> bool:
         """Whether the SuperNode process is still running."""
@@ -141,10 +143,18 @@ class Deployment:
     home
         The ``FLWR_HOME`` of every process started here (a temporary folder if None;
         removed on stop unless ``keep_home``).
+    address
+        ``HOST:PORT`` of the SuperLink (default: 127.0.0.1 and a free port). :meth:`start`
+        binds it; without :meth:`start` the object drives a SuperLink started elsewhere
+        (``fedavg-relu deploy superlink``): ``flwr`` commands, SuperNodes, runs.
+    netns
+        A network namespace (``ip netns``) in which :meth:`flwr` and :meth:`run` execute,
+        i.e. the host the operator's commands come from (tests across hosts).
     """
 
     def __init__(
-        self, certs_dir: str | os.PathLike, home: str | os.PathLike | None = None, keep_home: bool = False
+        self, certs_dir: str | os.PathLike, home: str | os.PathLike | None = None, keep_home: bool = False,
+        address: str | None = None, netns: str | None = None,
     ) -> None:
         self.certs = Path(certs_dir).resolve()
         for name in ("ca.crt", "server.pem", "server.key"):
@@ -154,9 +164,9 @@ class Deployment:
         self.home = Path(home or tempfile.mkdtemp(prefix="fedavg-relu-deploy-")).resolve()
         self.home.mkdir(parents=True, exist_ok=True)
         self.keep_home = keep_home
-        self.host = "127.0.0.1"
-        self.port = free_port()
-        self.address = f"{self.host}:{self.port}"
+        self.host, self.port = split_address(address) if address else ("127.0.0.1", free_port())
+        self.address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        self.netns = netns
         self.superlink: subprocess.Popen | None = None
         self.supernodes: list[SuperNode] = []
         self.env = dict(os.environ)
@@ -189,6 +199,9 @@ class Deployment:
     # --- SuperLink ----------------------------------------------------------
     def start(self, timeout: float = 60.0) -> None:
         """Start ``flower-superlink`` with TLS and SuperNode authentication; wait for /health."""
+        if self.netns is not None:
+            raise ValueError(f"netns={self.netns!r}: start the SuperLink inside the namespace "
+                             "(`ip netns exec NS fedavg-relu deploy superlink ...`), not from here")
         out = open(self.home / "superlink.out", "wb")  # noqa: SIM115 - the child keeps it
         self.superlink = subprocess.Popen(
             [
@@ -235,7 +248,8 @@ class Deployment:
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """``flwr ARGS`` against this deployment (its FLWR_HOME, so its config.toml)."""
         return subprocess.run(
-            [_tool("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home
+            [*in_netns(self.netns), _tool("flwr"), *args], env=self.env, capture_output=True, text=True,
+            timeout=timeout, cwd=self.home,
         )
 
     def register(self, public_key: str | os.PathLike, name: str | None = None) -> int:
@@ -281,6 +295,7 @@ class Deployment:
         timestamps: bool = False,
         runtime_secret: bool = True,
         superlink_address: str | None = None,
+        netns: str | None = None,
     ) -> SuperNode:
         """Start a ``flower-supernode`` (plus a ClientApp worker with ``isolation="process"``).
 
@@ -292,12 +307,14 @@ class Deployment:
         ``--superexec-auth-secret-file`` (0600), so that no other local process can acquire
         the node's tasks from its Runtime API. ``superlink_address`` replaces this deployment's
         address (e.g. a proxy in front of the SuperLink; its certificate must name the host).
+        ``netns`` runs the SuperNode and its worker in that network namespace (another host).
         """
         if isolation not in ("process", "subprocess"):
             raise ValueError(f"isolation={isolation!r}: expected 'process' or 'subprocess'")
         name = name or f"supernode-{len(self.supernodes) + 1}"
         runtime_port = free_port()
         args = [
+            *in_netns(netns),
             _tool("flower-supernode"),
             "--superlink", superlink_address or self.address,
             "--root-certificates", str(root_certificates or self.certs / "ca.crt"),
@@ -319,22 +336,27 @@ class Deployment:
                 fh.write(secrets.token_bytes(32))
             secret_args = ["--superexec-auth-secret-file", str(secret)]
             args += secret_args
+        # Each SuperNode and its worker get a FLWR_HOME of their own, as devices have: in a shared one,
+        # two workers unpacking the same FAB into $FLWR_HOME/apps raced (one found the folder without
+        # its pyproject.toml and failed its train task).
+        node_env = {**self.env, "FLWR_HOME": str(self.home / "nodes" / name)}
+        Path(node_env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
         log_path = self.home / f"{name}.out"
         if timestamps:
             process = subprocess.Popen(
-                args, env=self.env, cwd=self.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                args, env=node_env, cwd=self.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
             threading.Thread(target=_timestamp_lines, args=(process.stdout, log_path), daemon=True).start()
         else:
             with open(log_path, "wb") as out:
                 process = subprocess.Popen(
-                    args, env=self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    args, env=node_env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
                 )
-        node = SuperNode(name, process, runtime_port, log_path, args=args)
+        node = SuperNode(name, process, runtime_port, log_path, args=args, env=node_env)
         if isolation == "process":
             node.worker_args = [
-                sys.executable, "-m", "fedavg_relu.runtime.clientapp_worker",
+                *in_netns(netns), sys.executable, "-m", "fedavg_relu.runtime.clientapp_worker",
                 "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure", *secret_args, "--preload", "torch",
             ]
             self.start_worker(node)
@@ -350,7 +372,7 @@ class Deployment:
         node.worker_log_path = self.home / f"{node.name}-worker.out"
         with open(node.worker_log_path, "ab") as out:
             node.worker = subprocess.Popen(
-                node.worker_args, env=self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
+                node.worker_args, env=node.env or self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         return node.worker
@@ -369,7 +391,7 @@ class Deployment:
         ``on_line(line)`` sees every line of the stream as it arrives (tests use it to act
         in the middle of a run).
         """
-        cmd = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        cmd = [*in_netns(self.netns), _tool("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         if overrides:
             cmd += ["--run-config", run_config_arg(overrides)]
         proc = subprocess.Popen(
@@ -403,6 +425,19 @@ class Deployment:
         proc = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
         runs = _json_tail(proc.stdout).get("runs", [])
         return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``("HOST", PORT)`` of ``"HOST:PORT"`` (``"[::1]:9091"`` for IPv6); a clear error otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address={address!r}: expected HOST:PORT with a port in 1..65535")
+    return host.strip("[]"), int(port)
+
+
+def in_netns(netns: str | None) -> list[str]:
+    """The command prefix that runs a program in network namespace ``netns`` (none for None)."""
+    return [] if netns is None else ["ip", "netns", "exec", netns]
 
 
 def stop_groups(procs: Iterable[subprocess.Popen | None], term_wait: float = 10.0) -> float:
