@@ -203,24 +203,36 @@ def test_unregistered_key_and_wrong_ca_are_refused(deployment, run_with_intruder
 
 
 @e2e
-def test_missing_data_file_fails_only_that_node(deployment, run_with_intruders, certs, tmp_path):
-    """A registered SuperNode whose data-path does not exist: its reply carries the reason (in the
-    ServerApp's log), it is counted in clients-failed, and the run completes with the other two."""
-    deployment.register(certs / "supernode-5.pub", name="device-without-data")
-    missing = tmp_path / "missing.npz"
-    node = deployment.start_supernode(certs / "supernode-5", {"data-path": str(missing)}, name="no-data")
+def test_a_node_with_wrong_dimension_data_fails_alone_and_the_run_is_degraded(deployment, run_with_intruders, certs, tmp_path):
+    """A registered SuperNode whose own data file has 32 features where the model expects 20: its reply carries
+    the reason (in the ServerApp's log), it is counted in clients-failed, the other two train and are measured,
+    and the run, which Flower reports finished:completed, ends 'degraded' in summary.json naming that node with
+    its first error; `fedavg-relu run`'s decision (run_outcome) on it is exit 3."""
+    from fedavg_relu.cli import run_outcome
+    from fedavg_relu.core.results import read_summary
+
+    deployment.register(certs / "supernode-5.pub", name="device-with-wrong-data")
+    wrong = tmp_path / "wrong.npz"
+    x, y = make_synthetic(60, 32, 4, 0.0, seed=5)
+    np.savez(wrong, x=x, y=y)
+    node = deployment.start_supernode(certs / "supernode-5", {"data-path": str(wrong)}, name="wrong-data")
     try:
         deployment.wait_online(3, timeout=60)
         result = deployment.run(
-            APP_DIR, {**RUN, "num-server-rounds": 1, "output-dir": str(tmp_path), "run-name": "no-data"}, timeout=300
+            APP_DIR, {**RUN, "num-server-rounds": 1, "output-dir": str(tmp_path), "run-name": "wrong"}, timeout=300
         )
     finally:
         node.stop()
     assert result.status == "finished:completed", result.output[-3000:]
-    assert f"data-path={str(missing)!r}: no such file" in result.output
-    row = read_metrics(tmp_path / "no-data")[1]
+    assert "32" in result.output and str(wrong) in result.output
+    row = read_metrics(tmp_path / "wrong")[1]
     assert row["clients-sampled"] == 3 and row["clients-trained"] == 2 and row["clients-failed"] == 1
     assert row["clients-measured"] == 2 and row["round-skipped"] == 0
+    summary = read_summary(tmp_path / "wrong")
+    assert summary["status"] == "degraded" and len(summary["failing"]) == 1
+    assert summary["failing"][0]["rounds-failed"] == summary["failing"][0]["rounds-sampled"] == 1
+    assert "32" in summary["failing"][0]["first-error"]
+    assert run_outcome(summary, result.status, result.returncode, result.run_id, tmp_path / "wrong").exit_code == 3
 
 
 @e2e
