@@ -20,7 +20,7 @@ from fedavg_relu.core.config import ConfigError, RunConfig
 from fedavg_relu.core.data import load_partition
 from fedavg_relu.core.metrics import ClientDrift, summarize_drift
 from fedavg_relu.core.packed import (
-    DriftSums, node_clients, sample_clients, summarize_drift_sums, train_cohort, weighted_mean_params,
+    DriftSums, node_clients, summarize_drift_sums, train_cohort, weighted_mean_params,
 )
 from fedavg_relu.core.results import read_metrics
 from fedavg_relu.runtime.simulation import run_in_process
@@ -140,14 +140,6 @@ def test_node_clients_and_bad_partition():
     assert node_clients(2, 4, 10) == [8, 9]
     with pytest.raises(ValueError, match="partition-id=3"):
         node_clients(3, 4, 10)
-
-
-def test_sample_clients_is_seeded_and_sized_like_flower():
-    """ceil(0.25 * 10) = 3 distinct sorted clients, the same for the same (seed, round); all at fraction 1."""
-    a = sample_clients(10, 0.25, 7, 3)
-    assert len(a) == 3 and a == sorted(set(a)) and a == sample_clients(10, 0.25, 7, 3)
-    assert a != sample_clients(10, 0.25, 7, 4) or a != sample_clients(10, 0.25, 8, 3)
-    assert sample_clients(10, 1.0, 0, 1) == list(range(10))
 
 
 def test_config_rules_of_packed_mode():

@@ -54,7 +54,7 @@ from fedavg_relu.core.models import get_trainable, set_trainable
 from fedavg_relu.core.training import LocalSGDSettings, client_seed, evaluate, iter_local_sgd
 
 
-# --- who holds and who trains which virtual client -------------------------------
+# --- who holds which virtual client (the server decides: strategies/cohorts.py) ------
 def node_clients(partition_id: int, clients_per_node: int, num_partitions: int) -> list[int]:
     """The virtual clients (partition ids) node ``partition_id`` simulates: ``jK .. min(jK+K, P)-1``."""
     first = partition_id * clients_per_node
@@ -64,19 +64,6 @@ def node_clients(partition_id: int, clients_per_node: int, num_partitions: int) 
             f"but num-partitions={num_partitions} (expected partition-id < {math.ceil(num_partitions / clients_per_node)})"
         )
     return list(range(first, min(first + clients_per_node, num_partitions)))
-
-
-def sample_clients(num_partitions: int, fraction: float, seed: int, server_round: int) -> list[int]:
-    """The virtual clients that train in ``server_round``: ``ceil(fraction * P)`` of them, seeded, sorted.
-
-    The same count Flower's FedAvg samples in the standard path (``min_train_nodes``
-    = ceil); which clients differs from the standard path unless ``fraction = 1``.
-    """
-    size = max(1, math.ceil(fraction * num_partitions))
-    if size >= num_partitions:
-        return list(range(num_partitions))
-    rng = np.random.default_rng([seed, server_round, 0x5A3])
-    return sorted(int(k) for k in rng.choice(num_partitions, size=size, replace=False))
 
 
 # --- drift as sums ------------------------------------------------------------------
