@@ -695,7 +695,7 @@ def main() -> None:
             "drift": ns.drift, "tmp": tempfile.mkdtemp(prefix="scale-bench-")}
     import torch
 
-    t_start = time.perf_counter()
+    t_start, stamp = time.perf_counter(), run_stamp()
     peaks = {t: matmul_peak(t) for t in (1, 2)}
     plain = {t: plain_loop_seconds(args, t, ns.clients_per_round) for t in (1, 2)}
     flops = train_flops(args) * ns.clients_per_round
@@ -759,6 +759,7 @@ def main() -> None:
         profile = profile if std else old.get("profile", profile)
     add_growth(scan)
     meta = {
+        **stamp, "load-at-end": [round(v, 2) for v in os.getloadavg()],
         "machine": f"{os.cpu_count()} CPUs", "torch": torch.__version__, "width": ns.width,
         "clients-per-round": ns.clients_per_round, "examples-per-client": ns.examples, "local-steps": ns.local_steps,
         "input-dim": ns.input_dim,
@@ -769,7 +770,7 @@ def main() -> None:
         "seconds": time.perf_counter() - t_start,
     }
     if merged_from is not None:  # the table's header stays the first run's; say what was rerun and when
-        rerun = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "paths": sorted({r["path"] for r in rows_here}),
+        rerun = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "git commit": stamp["git commit"], "paths": sorted({r["path"] for r in rows_here}),
                  "scan": sorted({f"{s['path']} x {s['virtual-clients']}" for s in scan_here}),
                  "matmul-peak-gflops": meta["matmul-peak-gflops"], "seconds": meta["seconds"]}
         meta = dict(merged_from, reruns=[*merged_from.get("reruns", []), rerun])

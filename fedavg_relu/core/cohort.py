@@ -290,7 +290,7 @@ def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings,
     rows = torch.arange(k).unsqueeze(1)
     params: dict[str, torch.Tensor] = {}  # name -> (k, *shape) once the clients differ
     buffers: dict[str, torch.Tensor] = {}
-    folded: dict[str, np.ndarray] = {}  # name -> sum_k W_k^tau (float64), when the last update is folded
+    folded: set[str] = set()  # names whose last update was folded into out.weighted_sum
     lr, wd, momentum = settings.learning_rate, settings.weight_decay, settings.momentum
     losses = torch.zeros(steps, k, dtype=torch.float64)
 
@@ -307,8 +307,16 @@ def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings,
         shared = name not in params
         base = start[name] if shared else params[name]
         if momentum == 0 and last and out.local_params is None:
-            total = (k * base.double()) if shared else base.sum(0, dtype=torch.float64)
-            folded[name] = ((1.0 - lr * wd) * total - lr * grad_sum().double()).numpy()
+            # n sum_k W_k^tau = n (1 - eta wd) sum_k W_k^{tau-1} - n eta sum_k g_k, added in place to the
+            # float64 running sum (float32 operands promoted as they are read: no float64 temporaries)
+            acc = torch.from_numpy(out.weighted_sum[name])
+            decay = float(n) * (1.0 - lr * wd)
+            if shared:
+                acc.add_(base, alpha=decay * k)
+            else:
+                acc.add_(base.sum(0, dtype=torch.float64), alpha=decay)
+            acc.add_(grad_sum(), alpha=-float(n) * lr)
+            folded.add(name)
             return
         if momentum == 0:
             if shared:
@@ -373,10 +381,9 @@ def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings,
         yield t + 1, params
     for name in start:
         if name in folded:
-            out.weighted_sum[name] += float(n) * folded[name]
             continue
         stack = params[name]
-        out.weighted_sum[name] += float(n) * stack.sum(0, dtype=torch.float64).numpy()
+        torch.from_numpy(out.weighted_sum[name]).add_(stack.sum(0, dtype=torch.float64), alpha=float(n))
         if out.local_params is not None:
             out.local_params[name][positions] = stack.numpy()
     out.train_loss[positions] = losses.mean(0).numpy()
