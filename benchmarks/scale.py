@@ -26,6 +26,17 @@ measured alone):
     :mod:`fedavg_relu.core.cohort`), torch on both cores (``simulate()``'s default for one node).
 ``packed-2nodes``
     The same split over two nodes of 50 virtual clients, 1 CPU and one torch thread each.
+``pfl`` / ``pfl-2proc``
+    pfl-research 0.6 (the ``bench`` extra) on the same network, data, tau and learning
+    rate (:mod:`pfl_peer`): one process with torch on 2 threads, or 2 ``torchrun``
+    worker processes with 1 thread each.
+
+No path evaluates inside its timed rounds: this project's ServerApp evaluates the
+global model after each round, and :func:`child_ours` times that evaluation and
+takes it out of the round (stock Flower and pfl evaluate nothing there); the NTK
+probe is off. ``benchmarks/headline.py`` (``make bench``) runs the headline
+subset of these paths at tau = 1 and 5; every results file records its date,
+commit and load (:func:`run_stamp`).
 
 Measured (medians over rounds 2..R; round 1 holds the actors' start):
 client-updates per second; framework overhead per client-round (round time
