@@ -47,6 +47,13 @@ PATHS = ("stock-default", "pfl", "pfl-2proc", "packed")
 PFL_PATHS = ("pfl", "pfl-2proc")
 
 
+def wait_quiet(load: float, at_most: float) -> None:
+    """Sleep until the machine's 1-minute load average is below ``load`` (or ``at_most`` seconds have passed)."""
+    deadline = time.monotonic() + at_most
+    while os.getloadavg()[0] >= load and time.monotonic() < deadline:
+        time.sleep(5.0)
+
+
 def summarize(path: str, runs: list[dict], clients: int, flops: float, peak2: float, roofline_s: float) -> dict:
     """One row: the median steady round of ``runs`` (each :func:`scale.run_child`'s result) and what follows."""
     row = {"path": path, "layout": scale.PATH_LABELS[path], "actors": scale.ACTORS[path],
@@ -63,6 +70,7 @@ def summarize(path: str, runs: list[dict], clients: int, flops: float, peak2: fl
         "flops-fraction-of-peak": flops / t / peak2,
         "fraction-of-gemm-roofline": roofline_s / t,
         "peak-pss-gib": max(r["peak_pss"] for r in ok) / 2**30,
+        "run-medians-s": [r["round_s"] for r in ok], "run-loads": [r["load"] for r in ok if "load" in r],
     })
     for key in ("eval_seconds", "handler_seconds"):
         values = [s for r in ok for s in r.get(key, [])[1:]]
@@ -80,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per child run")
     parser.add_argument("--out", default=str(scale.ROOT / "benchmarks" / "results"))
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="LOAD",
+                        help="before each child run, wait (up to --wait-max s) until the 1-min load is below LOAD")
+    parser.add_argument("--wait-max", type=float, default=600.0)
     ns = parser.parse_args(argv)
     paths = [p for p in ns.paths.split(",") if p]
     if not scale.pfl_installed():
@@ -101,8 +112,12 @@ def main(argv: list[str] | None = None) -> None:
         runs: dict[str, list[dict]] = {p: [] for p in paths}
         for rep in range(ns.repeats):
             for path in paths:
+                if ns.wait_quiet > 0:
+                    wait_quiet(ns.wait_quiet, ns.wait_max)
+                load_before = os.getloadavg()[0]
                 res = scale.run_child({"args": args, "path": path, "num_partitions": ns.clients, "per_round": ns.clients},
                                       ns.timeout)
+                res["load"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
                 runs[path].append(res)
                 print(f"tau={tau} repeat {rep + 1} {path}: " + (f"median {res['round_s']:.3f}s" if "error" not in res
                       else f"failed {res['error'][-200:]!r}"), flush=True)
@@ -123,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{os.cpu_count()} CPUs", "torch": torch.__version__, "pfl": _version("pfl"), "flwr": _version("flwr"),
         "workload": f"{scale.INPUT_DIM} -> 4096 -> {scale.NUM_CLASSES}, {ns.clients} clients x 32 examples, "
                     "every client every round, full-batch SGD at lr 0.1, cross-entropy",
-        "clients-per-round": ns.clients, "rounds": ns.rounds, "repeats": ns.repeats,
+        "clients-per-round": ns.clients, "rounds": ns.rounds, "repeats": ns.repeats, "wait-quiet": ns.wait_quiet,
         "matmul-peak-gflops": peaks, "seconds": time.perf_counter() - t_start,
     })
     out = Path(ns.out)
