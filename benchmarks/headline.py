@@ -101,12 +101,16 @@ def main(argv: list[str] | None = None) -> None:
 
     started, t_start = scale.run_stamp(), time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="headline-")
+    if ns.wait_quiet > 0:
+        wait_quiet(ns.wait_quiet, ns.wait_max)
     peaks = {str(t): scale.matmul_peak(t) / 1e9 for t in (1, 2)}
     print(f"{started['date']} commit {started['git commit']} load {started['load']}; matmul peak {peaks} GFLOP/s", flush=True)
     taus = {}
     for tau in [int(v) for v in ns.taus.split(",")]:
         args = {"width": 4096, "input_dim": scale.INPUT_DIM, "examples": 32, "local_steps": tau, "rounds": ns.rounds,
                 "drift": False, "tmp": tmp}
+        if ns.wait_quiet > 0:
+            wait_quiet(ns.wait_quiet, ns.wait_max)
         roof = scale.gemm_roofline(args, ns.clients)
         flops = scale.train_flops(args) * ns.clients
         runs: dict[str, list[dict]] = {p: [] for p in paths}
