@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scale  # noqa: E402
 
-PATHS = ("stock-default", "pfl", "pfl-2proc", "packed")
+PATHS = ("stock-default", "pfl", "pfl-2proc", "packed-2nodes", "packed")
 PFL_PATHS = ("pfl", "pfl-2proc")
 
 

@@ -447,7 +447,7 @@ def round_gemms(args: dict, clients: int) -> list[dict]:
     return items
 
 
-def gemm_roofline(args: dict, clients: int, threads: int = 2, reps: int = 5) -> dict:
+def gemm_roofline(args: dict, clients: int, threads: int = 2, reps: int = 20) -> dict:
     """This machine's matmul rate at each of the round's GEMM shapes (:func:`round_gemms`) on ``threads`` threads.
 
     Each product is timed at its own shape (best of ``reps``, after a warm-up), so

@@ -475,6 +475,10 @@ def render_scale_targets(root: Path, args: Mapping[str, str]) -> str:
 
 
 # --- benchmarks/results: headline.py and profile_packed.py (dated, with their commit) -------------
+#: Above this 1-minute load average (2 cores) a run shared the machine with other work.
+QUIET_LOAD = 3.0
+
+
 def stamp_text(meta: Mapping[str, Any]) -> str:
     """``measured <date> at commit <sha>, load <1-min>`` of a results file's ``meta`` (what every measured
     number carries); older files say their commit was recorded later from git history."""
@@ -484,6 +488,8 @@ def stamp_text(meta: Mapping[str, Any]) -> str:
     text = f"measured {meta['date']} at commit `{commit[:10]}`"
     if meta.get("load"):
         text += f", load {meta['load'][0]:.1f}"
+        if meta["load"][0] > QUIET_LOAD:
+            text += " (a loaded machine: re-measure on a quiet one)"
     if meta.get("commit-note"):
         text += " (commit recorded later, from git history)"
     return text
