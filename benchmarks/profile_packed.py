@@ -17,8 +17,10 @@ per tau, in one run:
 3. **Through Flower's simulation engine** (:func:`scale.run_child`, as the
    benchmark runs it): each round's time, its test evaluation, and the ClientApp's
    train handler timed inside the Ray worker. ``flower simulation messaging`` is
-   that round (evaluation out) minus the in-process round (evaluation out): the Ray
-   actor round trip, the message store and the polling of Flower's runtime.
+   the simulated round's time outside the handler minus the in-process round's time
+   outside its handler (evaluation out of both): the Ray actor round trip, the message
+   store and the polling of Flower's runtime. Taking each run's own handler out makes
+   the estimate insensitive to a burst of load on the training of one run.
 
 Jitter: the spread (min, median, max) of the simulated rounds, of the handler
 inside the worker, and of the rest (round - handler).
@@ -128,14 +130,19 @@ def in_process(args: dict, clients: int, profile: bool, interval: float) -> dict
                 profiler.stop()
                 window["seconds"] = time.perf_counter() - window["start"]
 
+    from clients.client_app import build_client_app
+
+    handler_file = Path(args["tmp"]) / f"handler-in-process-{args['local_steps']}-{int(profile)}.txt"
+    handler_file.unlink(missing_ok=True)
     server_app.evaluate = timed_evaluate
     try:
-        run_dir = run_in_process(scale.run_config(args, clients, clients, "packed"))
+        run_dir = run_in_process(scale.run_config(args, clients, clients, "packed"),
+                                 client_app=build_client_app(mods=[scale.handler_timer(str(handler_file))]))
     finally:
         server_app.evaluate = original
     rows = [r for r in read_metrics(run_dir) if r["round"] >= 1]
     out = {"round-s": [float(r["seconds"]) - e for r, e in zip(rows, evals[-len(rows):], strict=True)],
-           "eval-s": evals[-len(rows):]}
+           "eval-s": evals[-len(rows):], "handler-s": [float(v) for v in handler_file.read_text().split()]}
     if profiler is not None:
         session = profiler.last_session
         parts = split_frames(session.root_frame())
@@ -180,11 +187,15 @@ def main(argv: list[str] | None = None) -> None:
         evaluation = parts.pop(EVALUATION, 0.0)
         scale_to = local_round / max(sum(parts.values()), 1e-12)
         split = {k: v * scale_to for k, v in parts.items()}
-        split[MESSAGING] = sim_round - local_round
+        # messaging: what the simulated round spends outside its handler, less what the in-process round spends
+        # outside its handler (both measured on their own handler, so a burst of load on the training cancels)
+        local_handler = statistics.median(plain["handler-s"][steady])
+        split[MESSAGING] = (sim_round - statistics.median(handler)) - (local_round - local_handler)
         taus[str(tau)] = {
             "split-s": split, "evaluation-s": statistics.median(sim["eval_seconds"][steady]),
             "evaluation-profiled-s": evaluation,
             "simulated-round-s": sim_round, "in-process-round-s": local_round,
+            "simulated-handler-s": statistics.median(handler), "in-process-handler-s": local_handler,
             "profiled-round-s": prof["profiled-round-s"], "profile-raw-s": prof["profile"],
             "jitter": {"simulated-round-s": spread(sim["round_seconds"][steady]), "handler-s": spread(handler),
                        "round-minus-handler-s": spread(rest), "in-process-round-s": spread(plain["round-s"][steady])},

@@ -599,7 +599,12 @@ def render_profile_split(root: Path, args: Mapping[str, str]) -> str:
             row.append(f"{v * 1e3:.1f} ({v / b['simulated-round-s']:.0%})")
         rows.append(row)
     rows.append(["**round, simulated (evaluation out)**"] + [f"{data['taus'][t]['simulated-round-s'] * 1e3:.1f}" for t in taus])
-    rows.append(["of it in process (LocalGrid, no Ray)"] + [f"{data['taus'][t]['in-process-round-s'] * 1e3:.1f}" for t in taus])
+    rows.append(["round in process (LocalGrid, no Ray; evaluation out)"]
+                + [f"{data['taus'][t]['in-process-round-s'] * 1e3:.1f}" for t in taus])
+    if all("simulated-handler-s" in data["taus"][t] for t in taus):
+        rows.append(["train handler inside the Ray worker (simulated)"]
+                    + [f"{data['taus'][t]['simulated-handler-s'] * 1e3:.1f}" for t in taus])
+        rows.append(["train handler in process"] + [f"{data['taus'][t]['in-process-handler-s'] * 1e3:.1f}" for t in taus])
     rows.append(["cohort training alone, outside Flower (best of 4)"]
                 + [f"{data['taus'][t]['cohort-training-alone-s'] * 1e3:.1f}" for t in taus])
     rows.append(["test evaluation (400 examples; taken out of the round)"] + [f"{data['taus'][t]['evaluation-s'] * 1e3:.1f}" for t in taus])
