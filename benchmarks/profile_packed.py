@@ -16,11 +16,14 @@ per tau, in one run:
    the split of (1) is scaled to them.
 3. **Through Flower's simulation engine** (:func:`scale.run_child`, as the
    benchmark runs it): each round's time, its test evaluation, and the ClientApp's
-   train handler timed inside the Ray worker. ``flower simulation messaging`` is
-   the simulated round's time outside the handler minus the in-process round's time
-   outside its handler (evaluation out of both): the Ray actor round trip, the message
-   store and the polling of Flower's runtime. Taking each run's own handler out makes
-   the estimate insensitive to a burst of load on the training of one run.
+   train handler timed inside the Ray worker.
+
+The split of a simulated round (evaluation out) adds up to it: the train handler
+inside the worker, cut into the profile's client-side parts (``client: ...``, the
+samples under ``packed_train``) in their profiled proportions; the server's parts,
+scaled to the unprofiled in-process round outside its handler; and ``flower
+simulation messaging``, the rest: the Ray actor round trip, the message store and
+the polling of Flower's runtime.
 
 Jitter: the spread (min, median, max) of the simulated rounds, of the handler
 inside the worker, and of the rest (round - handler).
@@ -78,22 +81,26 @@ def part_of(file_path: str, function: str) -> str | None:
     return None
 
 
+#: The ClientApp's train handler: a frame of it on the stack puts a sample on the client side.
+HANDLER = ("clients/packed_app.py", "packed_train")
+CLIENT = "client: "
+
+
 def split_frames(root) -> dict[str, float]:
-    """Seconds per part of a pyinstrument frame tree, each sample charged to the innermost part on its stack."""
+    """Seconds per part of a pyinstrument frame tree, each sample charged to the innermost part on its stack;
+    parts inside the ClientApp's train handler are prefixed ``client: ``."""
     out: dict[str, float] = {}
-    todo = [(root, None)]
+    todo = [(root, None, False)]
     while todo:
-        frame, part = todo.pop()
-        part = part_of(frame.file_path or "", frame.function or "") or part
-        if not frame.children:
-            key = part or OVERHEAD
-            out[key] = out.get(key, 0.0) + frame.time
-        else:
-            own = frame.time - sum(c.time for c in frame.children)
-            if own > 0:
-                key = part or OVERHEAD
-                out[key] = out.get(key, 0.0) + own
-            todo.extend((c, part) for c in frame.children)
+        frame, part, client = todo.pop()
+        path, function = (frame.file_path or "").replace("\\", "/"), frame.function or ""
+        part = part_of(path, function) or part
+        client = client or (path.endswith(HANDLER[0]) and function == HANDLER[1])
+        own = frame.time - sum(c.time for c in frame.children)
+        if own > 0:
+            key = (CLIENT if client else "") + (part or OVERHEAD)
+            out[key] = out.get(key, 0.0) + own
+        todo.extend((c, part, client) for c in frame.children)
     return out
 
 
@@ -182,20 +189,24 @@ def main(argv: list[str] | None = None) -> None:
         sim_round = statistics.median(sim["round_seconds"][steady])
         handler = sim.get("handler_seconds", [])[steady]
         rest = [r - h for r, h in zip(sim["round_seconds"][steady], handler, strict=True)]
-        # the profile's parts (evaluation apart), scaled from the profiled rounds to the unprofiled ones
+        # the round = the train handler inside the Ray worker (its parts in the profile's proportions)
+        #           + the server's parts (the profile's, scaled to the unprofiled in-process round outside its handler)
+        #           + messaging (the rest of the simulated round)
         parts = dict(prof["profile"])
         evaluation = parts.pop(EVALUATION, 0.0)
-        scale_to = local_round / max(sum(parts.values()), 1e-12)
-        split = {k: v * scale_to for k, v in parts.items()}
-        # messaging: what the simulated round spends outside its handler, less what the in-process round spends
-        # outside its handler (both measured on their own handler, so a burst of load on the training cancels)
         local_handler = statistics.median(plain["handler-s"][steady])
-        split[MESSAGING] = (sim_round - statistics.median(handler)) - (local_round - local_handler)
+        sim_handler = statistics.median(handler)
+        client = {k: v for k, v in parts.items() if k.startswith(CLIENT)}
+        server = {k: v for k, v in parts.items() if not k.startswith(CLIENT)}
+        split = {k: v * sim_handler / max(sum(client.values()), 1e-12) for k, v in client.items()}
+        server_s = local_round - local_handler
+        split.update({k: v * server_s / max(sum(server.values()), 1e-12) for k, v in server.items()})
+        split[MESSAGING] = sim_round - sim_handler - server_s
         taus[str(tau)] = {
             "split-s": split, "evaluation-s": statistics.median(sim["eval_seconds"][steady]),
             "evaluation-profiled-s": evaluation,
             "simulated-round-s": sim_round, "in-process-round-s": local_round,
-            "simulated-handler-s": statistics.median(handler), "in-process-handler-s": local_handler,
+            "simulated-handler-s": sim_handler, "in-process-handler-s": local_handler,
             "profiled-round-s": prof["profiled-round-s"], "profile-raw-s": prof["profile"],
             "jitter": {"simulated-round-s": spread(sim["round_seconds"][steady]), "handler-s": spread(handler),
                        "round-minus-handler-s": spread(rest), "in-process-round-s": spread(plain["round-s"][steady])},
