@@ -24,8 +24,11 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not e2e and not slow"
 
+# the headline comparison (packed vs pfl-research vs stock Flower at tau 1 and 5; <= 10 min on 2 cores),
+# then the pages that render it; benchmarks/drift_overhead.py and benchmarks/scale.py run by themselves
 bench: install
-	$(PY) benchmarks/drift_overhead.py
+	$(PY) benchmarks/headline.py
+	$(PY) scripts/render_docs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

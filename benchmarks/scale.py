@@ -26,6 +26,17 @@ measured alone):
     :mod:`fedavg_relu.core.cohort`), torch on both cores (``simulate()``'s default for one node).
 ``packed-2nodes``
     The same split over two nodes of 50 virtual clients, 1 CPU and one torch thread each.
+``pfl`` / ``pfl-2proc``
+    pfl-research 0.6 (the ``bench`` extra) on the same network, data, tau and learning
+    rate (:mod:`pfl_peer`): one process with torch on 2 threads, or 2 ``torchrun``
+    worker processes with 1 thread each.
+
+No path evaluates inside its timed rounds: this project's ServerApp evaluates the
+global model after each round, and :func:`child_ours` times that evaluation and
+takes it out of the round (stock Flower and pfl evaluate nothing there); the NTK
+probe is off. ``benchmarks/headline.py`` (``make bench``) runs the headline
+subset of these paths at tau = 1 and 5; every results file records its date,
+commit and load (:func:`run_stamp`).
 
 Measured (medians over rounds 2..R; round 1 holds the actors' start):
 client-updates per second; framework overhead per client-round (round time
@@ -79,6 +90,7 @@ def run_config(args: dict, num_partitions: int, per_round: int, path: str) -> di
         "fraction-train": per_round / num_partitions, "num-server-rounds": args["rounds"],
         "drift-metrics": bool(args.get("drift", False)), "save-model": False, "output-dir": args["tmp"],
         "checkpoint-every": 0,  # stock Flower writes no checkpoint; ours (~14 ms, an fsync) only after the last round
+        "ntk-probe-size": 0,  # no NTK probe: neither pfl nor stock Flower measures anything in a round
         "run-name": f"{path}-{num_partitions}-{per_round}",
     }
     if path == "packed":  # one node holding every virtual client, torch on both cores
@@ -169,13 +181,79 @@ def child_stock(args: dict, num_partitions: int, per_round: int, cpus: int | Non
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def child_ours(args: dict, num_partitions: int, per_round: int, path: str) -> list[float]:
-    """This project's app (standard or packed) through simulate(); returns round seconds."""
+def child_ours(args: dict, num_partitions: int, per_round: int, path: str) -> dict:
+    """This project's app (standard or packed) through simulate(); returns round seconds without evaluation.
+
+    The ServerApp evaluates the global model on the test split after every round
+    (``fedavg_relu.server_app``'s ``evaluate``); pfl and stock Flower evaluate
+    nothing in their timed rounds. Here that call is timed (a wrapper set on the
+    ServerApp module in this child process only) and its seconds are taken out of
+    each round: ``round_seconds`` holds rounds without evaluation, ``eval_seconds``
+    the evaluations. The NTK probe is off (``ntk-probe-size = 0``). In packed mode a
+    client mod also times the ClientApp's train handler inside the worker
+    (``handler_seconds``, one per round): what the node itself spends.
+    """
+    import fedavg_relu.server_app as server_app
     from fedavg_relu.core.results import read_metrics
     from fedavg_relu.runtime.simulation import simulate
 
-    run_dir = simulate(run_config(args, num_partitions, per_round, path), num_cpus_per_client=THREADS[path])
-    return [float(r["seconds"]) for r in read_metrics(run_dir) if r["round"] >= 1]
+    evals: list[float] = []
+    original = server_app.evaluate
+
+    def timed_evaluate(*a, **k):
+        t = time.perf_counter()
+        try:
+            return original(*a, **k)
+        finally:
+            evals.append(time.perf_counter() - t)
+
+    server_app.evaluate = timed_evaluate
+    handler_file = Path(args["tmp"]) / f"handler-{path}-{num_partitions}-{per_round}.txt"
+    handler_file.unlink(missing_ok=True)
+    mods = [handler_timer(str(handler_file))] if path.startswith("packed") else []
+    try:
+        run_dir = simulate(run_config(args, num_partitions, per_round, path), num_cpus_per_client=THREADS[path],
+                           client_mods=mods)
+    finally:
+        server_app.evaluate = original
+    rows = [r for r in read_metrics(run_dir) if r["round"] >= 1]
+    evals = evals[-len(rows):] if rows else []  # call 0 evaluated W^0 (round 0)
+    out = {"round_seconds": [float(r["seconds"]) - e for r, e in zip(rows, evals, strict=True)], "eval_seconds": evals}
+    if handler_file.exists():
+        out["handler_seconds"] = [float(v) for v in handler_file.read_text().split()]
+    return out
+
+
+def handler_timer(path: str):
+    """A ClientApp mod that appends the seconds of every ``train.packed`` handler call to ``path``."""
+
+    def mod(message, context, call_next):
+        t = time.perf_counter()
+        reply = call_next(message, context)
+        if message.metadata.message_type == "train.packed":
+            with open(path, "a") as fh:
+                fh.write(f"{time.perf_counter() - t}\n")
+        return reply
+
+    return mod
+
+
+def child_pfl(args: dict, num_partitions: int, path: str) -> dict:
+    """pfl-research on the same workload (:mod:`pfl_peer`): in this process (``pfl``: 2 threads) or as
+    ``torchrun`` workers (``pfl-2proc``: 2 processes x 1 thread)."""
+    spec = dict(args, clients=num_partitions, threads=THREADS[path])
+    out = Path(args["tmp"]) / f"pfl-{path}.json"
+    script = str(ROOT / "benchmarks" / "pfl_peer.py")
+    if ACTORS[path] == 1:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import pfl_peer
+
+        return pfl_peer.run_spec(spec)
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS[path]))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ACTORS[path]}",
+                    script, json.dumps(spec), str(out)], check=True, env=env, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
 
 
 def child_main(spec: dict) -> None:
@@ -186,10 +264,13 @@ def child_main(spec: dict) -> None:
     args, path, num_partitions, per_round = spec["args"], spec["path"], spec["num_partitions"], spec["per_round"]
     t0 = time.perf_counter()
     if path.startswith("stock"):
-        seconds = child_stock(args, num_partitions, per_round, None if path == "stock-default" else 1)
+        result = {"round_seconds": child_stock(args, num_partitions, per_round, None if path == "stock-default" else 1)}
+    elif path.startswith("pfl"):
+        result = child_pfl(args, num_partitions, path)
     else:
-        seconds = child_ours(args, num_partitions, per_round, path)
-    Path(spec["out"]).write_text(json.dumps({"round_seconds": seconds, "total_seconds": time.perf_counter() - t0}))
+        result = child_ours(args, num_partitions, per_round, path)
+    result["total_seconds"] = time.perf_counter() - t0
+    Path(spec["out"]).write_text(json.dumps(result))
 
 
 # --- parent: memory of a process tree ----------------------------------------------------------
@@ -314,6 +395,91 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 6) -> float:
     return best
 
 
+def round_gemms(args: dict, clients: int) -> list[dict]:
+    """The matrix products of one packed round (drift off, plain SGD, full batch), as the cohort kernel forms them.
+
+    Mirrors :func:`fedavg_relu.core.cohort.train_cohort_vectorized` for this workload
+    (``d -> m -> c``, ``n`` examples per client): the clients are stepped in chunks of
+    ``k``; at step 1 the weights are still shared, so the forward products and the
+    output layer's input gradient are plain products over the chunk's ``k n`` rows;
+    from step 2 on every product is batched over the chunk's clients (``bmm``). The
+    weight gradients are batched per client, except at the last step, where only
+    their sum over the chunk is needed (one plain product over the stacked examples).
+    Each entry: ``name``, ``batch`` (0: a plain product), ``m, k, n`` (an ``m x k``
+    times ``k x n`` product), ``count`` (how many per round), ``flops`` (all of them).
+    """
+    from fedavg_relu.core.stacked import CHUNK_BYTES, chunk_size
+
+    n, d, m, c = args["examples"], args.get("input_dim", INPUT_DIM), args["width"], NUM_CLASSES
+    tau = args["local_steps"]
+    if tau == 1:  # nothing per client is materialized: chunked by activations
+        per_chunk = max(1, CHUNK_BYTES // (4 * (m + c) * n))
+    else:
+        per_chunk = chunk_size(d * m + m + m * c + c, False)
+    sizes = [min(per_chunk, clients - first) for first in range(0, clients, per_chunk)]
+    out: dict[tuple, dict] = {}
+
+    def add(name: str, batch: int, mm: int, kk: int, nn: int) -> None:
+        key = (name, batch, mm, kk, nn)
+        item = out.setdefault(key, {"name": name, "batch": batch, "m": mm, "k": kk, "n": nn, "count": 0})
+        item["count"] += 1
+
+    for k in sizes:
+        for t in range(1, tau + 1):
+            shared, last = t == 1, t == tau
+            if shared:
+                add("forward, layer 1", 0, k * n, d, m)
+                add("forward, layer 2", 0, k * n, m, c)
+                add("input gradient, layer 2", 0, k * n, c, m)
+            else:
+                add("forward, layer 1", k, n, d, m)
+                add("forward, layer 2", k, n, m, c)
+                add("input gradient, layer 2", k, n, c, m)
+            if last:
+                add("weight gradient, layer 2 (summed)", 0, c, k * n, m)
+                add("weight gradient, layer 1 (summed)", 0, m, k * n, d)
+            else:
+                add("weight gradient, layer 2", k, c, n, m)
+                add("weight gradient, layer 1", k, m, n, d)
+    items = list(out.values())
+    for item in items:
+        item["flops"] = 2.0 * max(item["batch"], 1) * item["m"] * item["k"] * item["n"] * item["count"]
+    return items
+
+
+def gemm_roofline(args: dict, clients: int, threads: int = 2, reps: int = 20) -> dict:
+    """This machine's matmul rate at each of the round's GEMM shapes (:func:`round_gemms`) on ``threads`` threads.
+
+    Each product is timed at its own shape (best of ``reps``, after a warm-up), so
+    ``roofline-s``, the sum over the round's products, is the time the round's
+    matrix products take at the rates this machine reaches at those shapes: a round
+    cannot be faster than that (the ReLU, softmax and update passes come on top).
+    ``gflops`` is the round's FLOPs over that time.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    items = round_gemms(args, clients)
+    total_s = flops = 0.0
+    for item in items:
+        b, mm, kk, nn = item["batch"], item["m"], item["k"], item["n"]
+        a = torch.randn(b, mm, kk) if b else torch.randn(mm, kk)
+        w = torch.randn(b, kk, nn) if b else torch.randn(kk, nn)
+        out = torch.empty(b, mm, nn) if b else torch.empty(mm, nn)
+        op = torch.bmm if b else torch.mm
+        op(a, w, out=out)
+        best = math.inf
+        for _ in range(reps):
+            t = time.perf_counter()
+            op(a, w, out=out)
+            best = min(best, time.perf_counter() - t)
+        item["seconds"] = best * item["count"]
+        item["gflops"] = item["flops"] / item["seconds"] / 1e9
+        total_s += item["seconds"]
+        flops += item["flops"]
+    return {"threads": threads, "products": items, "roofline-s": total_s, "flops": flops, "gflops": flops / total_s / 1e9}
+
+
 def plain_loop_seconds(args: dict, threads: int, clients: int) -> float:
     """Seconds to train ``clients`` clients in a plain loop (one persistent model, weights reset per client)."""
     import torch
@@ -430,9 +596,84 @@ def profile_standard(args: dict, clients: int = 20) -> dict:
 
 
 # --- parent: the report ----------------------------------------------------------------------------
-PATHS = ("stock-default", "stock-1cpu", "standard", "packed-2nodes", "packed")
-ACTORS = {"stock-default": 1, "stock-1cpu": 2, "standard": 2, "packed-2nodes": 2, "packed": 1}
-THREADS = {"stock-default": 2, "stock-1cpu": 1, "standard": 1, "packed-2nodes": 1, "packed": 2}
+PATHS = ("stock-default", "stock-1cpu", "standard", "pfl", "pfl-2proc", "packed-2nodes", "packed")
+ACTORS = {"stock-default": 1, "stock-1cpu": 2, "standard": 2, "pfl": 1, "pfl-2proc": 2, "packed-2nodes": 2, "packed": 1}
+THREADS = {"stock-default": 2, "stock-1cpu": 1, "standard": 1, "pfl": 2, "pfl-2proc": 1, "packed-2nodes": 1, "packed": 2}
+#: What the paths are, in words (the results name each one's layout).
+PATH_LABELS = {
+    "stock-default": "stock Flower FedAvg, default backend (1 actor x 2 threads)",
+    "stock-1cpu": "stock Flower FedAvg, 1 CPU per client (2 actors x 1 thread)",
+    "standard": "this project, one node per client (2 actors x 1 thread)",
+    "pfl": "pfl-research 0.6, torch backend, 1 process x 2 threads",
+    "pfl-2proc": "pfl-research 0.6, torch backend, 2 worker processes x 1 thread (torchrun)",
+    "packed-2nodes": "this project, packed: 2 nodes x 1 thread",
+    "packed": "this project, packed: 1 node x 2 threads",
+}
+
+#: The files of the packed hot path: cohort training, the packed strategy and client, the messaging seam.
+#: ``tests/test_bench_regression.py`` fails when one of them changed after the commit a results file records.
+HOT_PATH_FILES = (
+    "fedavg_relu/core/stacked.py",
+    "fedavg_relu/core/cohort.py",
+    "fedavg_relu/core/packed.py",
+    "strategies/recorder.py",
+    "strategies/cohorts.py",
+    "strategies/exchange.py",
+    "strategies/screening.py",
+    "clients/packed_app.py",
+    "clients/node.py",
+    "fedavg_relu/flower/seam.py",
+    "fedavg_relu/flower/streaming.py",
+)
+
+
+def git(*argv: str, root: Path = ROOT) -> str | None:
+    """``git argv`` in ``root`` (default: this repository); its stripped output, None if git fails or is absent."""
+    try:
+        out = subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_stamp() -> dict:
+    """When and on what code a run ran: UTC date, ``git commit`` (HEAD), whether the hot path had uncommitted
+    changes, the last commit that touched the hot path, and the machine's load averages (1, 5, 15 min)."""
+    dirty = git("status", "--porcelain", "--", *HOT_PATH_FILES)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "git commit": git("rev-parse", "HEAD"),
+        "hot-path-commit": git("log", "-1", "--format=%H", "--", *HOT_PATH_FILES),
+        "hot-path-dirty": bool(dirty) if dirty is not None else None,
+        "load": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def hot_path_changes(recorded: str, files=HOT_PATH_FILES, root: Path = ROOT) -> list[str]:
+    """The hot-path files whose last commit is not in ``recorded``'s history and whose content differs from it.
+
+    ``git log -1 --format=%H -- files`` is the last commit that touched the hot
+    path; when ``recorded`` (the commit a results file was measured at) contains it,
+    nothing changed since: ``[]``. Otherwise the files that differ between the two
+    commits (a change made and undone again is no change). Raises ``LookupError``
+    when ``root`` is no git checkout or does not hold ``recorded``.
+    """
+    if git("rev-parse", "--git-dir", root=root) is None:
+        raise LookupError(f"{root} is not a git checkout")
+    if git("cat-file", "-e", f"{recorded}^{{commit}}", root=root) is None:
+        raise LookupError(f"commit {recorded} is not in this clone")
+    last = git("log", "-1", "--format=%H", "--", *files, root=root)
+    if not last or git("merge-base", "--is-ancestor", last, recorded, root=root) is not None:
+        return []
+    changed = git("diff", "--name-only", recorded, last, "--", *files, root=root)
+    return sorted(changed.split()) if changed else []
+
+
+def pfl_installed() -> bool:
+    """True when pfl-research can be imported (the ``bench`` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("pfl") is not None
 
 
 def main() -> None:
@@ -469,7 +710,7 @@ def main() -> None:
             "drift": ns.drift, "tmp": tempfile.mkdtemp(prefix="scale-bench-")}
     import torch
 
-    t_start = time.perf_counter()
+    t_start, stamp = time.perf_counter(), run_stamp()
     peaks = {t: matmul_peak(t) for t in (1, 2)}
     plain = {t: plain_loop_seconds(args, t, ns.clients_per_round) for t in (1, 2)}
     flops = train_flops(args) * ns.clients_per_round
@@ -533,6 +774,7 @@ def main() -> None:
         profile = profile if std else old.get("profile", profile)
     add_growth(scan)
     meta = {
+        **stamp, "load-at-end": [round(v, 2) for v in os.getloadavg()],
         "machine": f"{os.cpu_count()} CPUs", "torch": torch.__version__, "width": ns.width,
         "clients-per-round": ns.clients_per_round, "examples-per-client": ns.examples, "local-steps": ns.local_steps,
         "input-dim": ns.input_dim,
@@ -543,7 +785,7 @@ def main() -> None:
         "seconds": time.perf_counter() - t_start,
     }
     if merged_from is not None:  # the table's header stays the first run's; say what was rerun and when
-        rerun = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "paths": sorted({r["path"] for r in rows_here}),
+        rerun = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "git commit": stamp["git commit"], "paths": sorted({r["path"] for r in rows_here}),
                  "scan": sorted({f"{s['path']} x {s['virtual-clients']}" for s in scan_here}),
                  "matmul-peak-gflops": meta["matmul-peak-gflops"], "seconds": meta["seconds"]}
         meta = dict(merged_from, reruns=[*merged_from.get("reruns", []), rerun])

@@ -367,6 +367,7 @@ def render_scale_run(root: Path, args: Mapping[str, str]) -> str:
     peak, loop = m["matmul-peak-gflops"], m["plain-loop-s"]
     out = m["outside-flower-2-threads"]
     return (
+        f"Run {stamp_text(m)}. "
         f"Workload: {m['input-dim']} → {m['width']} → 10, {m['clients-per-round']} clients per round, "
         f"{m['examples-per-client']} examples and {m['local-steps']} full-batch step(s) per client, drift metrics "
         f"{'on' if m['drift-metrics'] else 'off'}, {m['rounds']} rounds; "
@@ -421,9 +422,11 @@ def render_scale_workloads(root: Path, args: Mapping[str, str]) -> str:
         out = m["outside-flower-2-threads"]
         shares = "—" if packed is None else (f"{packed['flops-fraction-of-peak']:.2f} / {out['packed-compute-fraction-of-peak']:.2f}"
                                              f" / {out['centralized-step-fraction-of-peak']:.2f}")
-        rows.append([label, rate("stock-default"), rate("standard"), rate("packed"), rate("packed-2nodes"), shares])
+        rows.append([label, rate("stock-default"), rate("standard"), rate("packed"), rate("packed-2nodes"), shares,
+                     stamp_text(m)])
     return table(["workload (64 or 256 → 4096 → 10, 100 clients/round, 32 examples)", "stock-default", "standard",
-                  "packed (1 × 2)", "packed-2nodes", "packed FLOP share: round / training alone / plain step"], rows)
+                  "packed (1 × 2)", "packed-2nodes", "packed FLOP share: round / training alone / plain step",
+                  "when"], rows)
 
 
 #: The performance targets scale.json is judged against.
@@ -470,6 +473,153 @@ def render_scale_targets(root: Path, args: Mapping[str, str]) -> str:
                      f"packed {peak['peak-pss-gib']:.2f} GiB PSS ({peak['peak-rss-gib']:.2f} GiB RSS)",
                      yes[peak["peak-pss-gib"] <= TARGET_MEMORY_GIB]])
     return table(["target", "measured", "met?"], rows)
+
+
+# --- benchmarks/results: headline.py and profile_packed.py (dated, with their commit) -------------
+#: Above this 1-minute load average (2 cores) a run shared the machine with other work.
+QUIET_LOAD = 3.0
+
+
+def stamp_text(meta: Mapping[str, Any]) -> str:
+    """``measured <date> at commit <sha>, load <1-min>`` of a results file's ``meta`` (what every measured
+    number carries); older files say their commit was recorded later from git history."""
+    commit = meta.get("git commit")
+    if not meta.get("date") or not commit:
+        raise RenderError("the results file records no date or no git commit: re-run its benchmark")
+    text = f"measured {meta['date']} at commit `{commit[:10]}`"
+    if meta.get("load"):
+        text += f", load {meta['load'][0]:.1f}"
+        if meta["load"][0] > QUIET_LOAD:
+            text += " (a loaded machine: re-measure on a quiet one)"
+    if meta.get("commit-note"):
+        text += " (commit recorded later, from git history)"
+    return text
+
+
+def render_bench_stamp(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: when and on what commit the run behind ``file=`` (a JSON with ``meta``) was measured."""
+    return stamp_text(_json(root, args["file"])["meta"])
+
+
+HEADLINE = "benchmarks/results/headline.json"
+#: The issue's targets for the headline comparison: packed vs pfl's best, vs stock-default, share of the peak at tau 5.
+TARGET_X_PFL, TARGET_X_STOCK, TARGET_PEAK_TAU5 = 3.0, 30.0, 0.5
+
+
+def render_headline_table(root: Path, args: Mapping[str, str]) -> str:
+    """Every path of ``headline.json`` at every tau: round time, client-updates/s, ratios, shares of the peak."""
+    data = _json(root, args.get("file", HEADLINE))
+    m = data["meta"]
+    lines = [f"{m['workload']}; {m['repeats']} interleaved runs of {m['rounds']} rounds per path, median of the "
+             f"steady rounds; {m['machine']}, torch {m['torch']}, flwr {m['flwr']}, pfl {m['pfl']}; 2048² matmul "
+             f"{m['matmul-peak-gflops']['1']:.0f} GFLOP/s on 1 thread, {m['matmul-peak-gflops']['2']:.0f} on 2; "
+             f"{stamp_text(m)} (load {m['load-at-end'][0]:.1f} at the end).", ""]
+    rows = []
+    for tau, block in data["taus"].items():
+        for p in block["paths"]:
+            if "round-s" not in p:
+                rows.append([tau, p["path"], p["layout"], "failed", "", "", "", "", ""])
+                continue
+            best = " (pfl's best)" if p["path"] == block.get("pfl-best") else ""
+            rows.append([
+                tau, f"{p['path']}{best}", p["layout"],
+                f"{p['round-s']:.3f} ({p['round-s-min']:.3f}–{p['round-s-max']:.3f})",
+                f"{p['client-updates-per-s']:.0f}", f"{p.get('x-stock-default', math.nan):.1f}",
+                f"{p.get('x-pfl-best', math.nan):.2f}", f"{p['flops-fraction-of-peak']:.2f}",
+                f"{p['fraction-of-gemm-roofline']:.2f}",
+            ])
+    lines.append(table(["τ", "path", "layout", "round s (min–max)", "client-updates/s", "× stock-default", "× pfl's best",
+                        "FLOP/s / 2048² peak", "share of the GEMM roofline"], rows))
+    return "\n".join(lines)
+
+
+def render_headline_targets(root: Path, args: Mapping[str, str]) -> str:
+    """The issue's targets for packed mode, judged on ``headline.json`` (every number and verdict computed here)."""
+    data = _json(root, args.get("file", HEADLINE))
+    yes = {True: "yes", False: "**no**"}
+    rows = []
+    for tau, block in data["taus"].items():
+        packed = _path(block, "packed")
+        if packed is None or "round-s" not in packed:
+            continue
+        if "x-pfl-best" in packed:
+            rows.append([f"τ = {tau}: packed ≥ {TARGET_X_PFL:g}× pfl's best ({block['pfl-best']})",
+                         f"{packed['x-pfl-best']:.2f}×", yes[packed["x-pfl-best"] >= TARGET_X_PFL]])
+        if "x-stock-default" in packed:
+            rows.append([f"τ = {tau}: packed ≥ {TARGET_X_STOCK:g}× stock-default", f"{packed['x-stock-default']:.1f}×",
+                         yes[packed["x-stock-default"] >= TARGET_X_STOCK]])
+        if tau == "5":
+            share = packed["flops-fraction-of-peak"]
+            rows.append([f"τ = 5: the whole round ≥ {TARGET_PEAK_TAU5:.0%} of the matmul peak",
+                         f"{share:.2f} of the 2048² peak; {packed['fraction-of-gemm-roofline']:.2f} of the round's GEMMs "
+                         "timed at their own shapes", yes[share >= TARGET_PEAK_TAU5]])
+    return table(["target", "measured", "met?"], rows)
+
+
+def render_headline_num(root: Path, args: Mapping[str, str]) -> str:
+    """Inline: ``key=`` of path ``path=`` at ``tau=`` in ``headline.json`` (``fmt=``)."""
+    data = _json(root, args.get("file", HEADLINE))
+    row = _path(data["taus"][args["tau"]], args["path"])
+    if row is None or args["key"] not in row:
+        raise RenderError(f"headline.json has no {args['key']!r} for {args['path']} at tau={args['tau']}")
+    return format(row[args["key"]], args.get("fmt", ""))
+
+
+def render_gemm_roofline(root: Path, args: Mapping[str, str]) -> str:
+    """The round's matrix products at ``tau=`` (``headline.json``): shape, count, rate at that shape, seconds."""
+    data = _json(root, args.get("file", HEADLINE))
+    roof = data["taus"][args["tau"]]["gemm-roofline"]
+    rows = []
+    for item in sorted(roof["products"], key=lambda i: -i["seconds"]):
+        shape = (f"{item['batch']} × " if item["batch"] else "") + f"({item['m']} × {item['k']}) · ({item['k']} × {item['n']})"
+        rows.append([item["name"], shape, item["count"], f"{item['flops'] / 1e9:.2f}", f"{item['gflops']:.0f}",
+                     f"{item['seconds'] * 1e3:.1f}"])
+    rows.append(["all of the round's products", "", "", f"{roof['flops'] / 1e9:.2f}", f"{roof['gflops']:.0f}",
+                 f"{roof['roofline-s'] * 1e3:.1f}"])
+    return table(["product", "shape (batch × A · B)", "per round", "GFLOP", "GFLOP/s at this shape (2 threads)", "ms"],
+                 rows)
+
+
+PROFILE = "benchmarks/results/profile.json"
+
+
+def render_profile_split(root: Path, args: Mapping[str, str]) -> str:
+    """Where a packed round's time goes at each tau of ``profile.json``: ms per round and share, then the jitter."""
+    data = _json(root, args.get("file", PROFILE))
+    taus = list(data["taus"])
+    parts: list[str] = []
+    for block in data["taus"].values():
+        parts += [k for k in block["split-s"] if k not in parts]
+    order = sorted(parts, key=lambda k: -max(b["split-s"].get(k, 0.0) for b in data["taus"].values()))
+    rows = []
+    for part in order:
+        row = [part]
+        for tau in taus:
+            b = data["taus"][tau]
+            v = b["split-s"].get(part, 0.0)
+            row.append(f"{v * 1e3:.1f} ({v / b['simulated-round-s']:.0%})")
+        rows.append(row)
+    rows.append(["**round, simulated (evaluation out)**"] + [f"{data['taus'][t]['simulated-round-s'] * 1e3:.1f}" for t in taus])
+    rows.append(["round in process (LocalGrid, no Ray; evaluation out)"]
+                + [f"{data['taus'][t]['in-process-round-s'] * 1e3:.1f}" for t in taus])
+    if all("simulated-handler-s" in data["taus"][t] for t in taus):
+        rows.append(["train handler inside the Ray worker (simulated)"]
+                    + [f"{data['taus'][t]['simulated-handler-s'] * 1e3:.1f}" for t in taus])
+        rows.append(["train handler in process"] + [f"{data['taus'][t]['in-process-handler-s'] * 1e3:.1f}" for t in taus])
+    rows.append(["cohort training alone, outside Flower (best of 4)"]
+                + [f"{data['taus'][t]['cohort-training-alone-s'] * 1e3:.1f}" for t in taus])
+    rows.append(["test evaluation (400 examples; taken out of the round)"] + [f"{data['taus'][t]['evaluation-s'] * 1e3:.1f}" for t in taus])
+    head = f"{data['meta']['clients-per-round']} clients per round, {data['meta']['rounds']} rounds per measurement; {stamp_text(data['meta'])}."
+    jitter = []
+    for tau in taus:
+        j = data["taus"][tau]["jitter"]
+        for key, label in (("simulated-round-s", "simulated round"), ("handler-s", "train handler inside the Ray worker"),
+                           ("round-minus-handler-s", "round − handler (server, messaging)"),
+                           ("in-process-round-s", "in-process round")):
+            v = j[key]
+            jitter.append([tau, label, f"{v['min'] * 1e3:.1f}", f"{v['median'] * 1e3:.1f}", f"{v['max'] * 1e3:.1f}"])
+    return "\n".join([head, "", table(["part", *(f"τ = {t}: ms per round (share)" for t in taus)], rows), "",
+                      table(["τ", "rounds 2–R", "min ms", "median ms", "max ms"], jitter)])
 
 
 # --- benchmarks/results: memory.py and drift_overhead.py -----------------------------------
@@ -1041,6 +1191,12 @@ RENDERERS: dict[str, Renderer] = {
     "scale-profile": Renderer(render_scale_profile, "DIR/scale.json"),
     "scale-workloads": Renderer(render_scale_workloads, "DIR/scale.json for each of dirs=a,b,..."),
     "scale-targets": Renderer(render_scale_targets, "DIR/scale.json"),
+    "bench-stamp": Renderer(render_bench_stamp, "inline: date, commit and load of a results file's meta (file=)"),
+    "headline-table": Renderer(render_headline_table, "benchmarks/results/headline.json (file=)"),
+    "headline-targets": Renderer(render_headline_targets, "benchmarks/results/headline.json (file=)"),
+    "headline-num": Renderer(render_headline_num, "inline: one value of headline.json: tau= path= key= [fmt=]"),
+    "gemm-roofline": Renderer(render_gemm_roofline, "benchmarks/results/headline.json: the round's GEMMs at tau="),
+    "profile-split": Renderer(render_profile_split, "benchmarks/results/profile.json (file=)"),
     "memory-table": Renderer(render_memory_table, "benchmarks/results/memory/memory.json (file=)"),
     "deploy-stop": Renderer(render_deploy_stop, "benchmarks/results/deploy/stop.json (file=)"),
     "deploy-proxy": Renderer(render_deploy_proxy, "benchmarks/results/deploy/proxy.json (file=)"),

@@ -111,6 +111,7 @@ def train_cohort_vectorized(
     widths = sum(int(start[spec.weight].shape[0]) if spec.weight in start else int(frozen[spec.weight].shape[0])
                  for spec in specs)
     runs = []
+    fold: dict[str, torch.Tensor] = {}  # name -> sum over folded chunks of n sum_k W_k^tau (float32)
     for n in np.unique(sizes):  # one group per local data size: same steps, same batch
         members = [int(i) for i in np.flatnonzero(sizes == n)]
         batch = int(n) if settings.batch_size <= 0 else min(settings.batch_size, int(n))
@@ -121,7 +122,8 @@ def train_cohort_vectorized(
             per_chunk = chunk_size(num_trained, settings.momentum > 0, budget)
         for first in range(0, len(members), per_chunk):
             chunk = members[first : first + per_chunk]
-            run = _train_chunk(specs, frozen, start, [datas[i] for i in chunk], [seeds[i] for i in chunk], settings, chunk, out)
+            run = _train_chunk(specs, frozen, start, [datas[i] for i in chunk], [seeds[i] for i in chunk], settings, chunk, out,
+                               fold)
             if not lockstep_steps:
                 for _ in run:  # one chunk after another
                     pass
@@ -129,6 +131,8 @@ def train_cohort_vectorized(
                 runs.append((chunk, run))
     if lockstep_steps:
         _lockstep(runs, trained, start, size, settings, sizes, set(lockstep_steps), on_step)
+    for name, acc in fold.items():
+        out.weighted_sum[name] += acc.double().numpy()
     return out
 
 
@@ -266,7 +270,8 @@ def _ratio(num: float, den: float) -> float:
     return 0.0 if num == 0 else math.nan
 
 
-def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings, positions, out: CohortTraining):
+def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings, positions, out: CohortTraining,
+                 fold: dict[str, torch.Tensor] | None = None):
     """Step ``datas`` (equal sizes) together; write their outcome into ``out`` at ``positions``.
 
     A generator: yields ``(t, params)`` after step t (``params``: the stacked trained
@@ -290,25 +295,38 @@ def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings,
     rows = torch.arange(k).unsqueeze(1)
     params: dict[str, torch.Tensor] = {}  # name -> (k, *shape) once the clients differ
     buffers: dict[str, torch.Tensor] = {}
-    folded: dict[str, np.ndarray] = {}  # name -> sum_k W_k^tau (float64), when the last update is folded
+    folded: dict[str, torch.Tensor] = {}  # name -> n sum_k W_k^tau of this chunk (float32), folded without ``fold``
     lr, wd, momentum = settings.learning_rate, settings.weight_decay, settings.momentum
     losses = torch.zeros(steps, k, dtype=torch.float64)
 
     def current(name: str) -> torch.Tensor:
         return params[name] if name in params else start[name] if name in start else frozen[name]
 
-    def update(name: str, grad_k: Callable[[], torch.Tensor], step_k, grad_sum: Callable[[], torch.Tensor], last: bool) -> None:
+    def update(name: str, grad_k: Callable[[], torch.Tensor], step_k, add_grad_sum, last: bool) -> None:
         """``torch.optim.SGD``'s step on every client's parameter ``name``.
 
         ``grad_k()``: the (k, *shape) gradients; ``step_k(base, alpha)``: ``base + alpha * g``
         formed without writing g (in place when ``base`` is the stacked parameter);
-        ``grad_sum()``: ``sum_k g_k``.
+        ``add_grad_sum(acc, alpha)``: ``acc += alpha * sum_k g_k`` (for a weight, inside the product).
         """
         shared = name not in params
         base = start[name] if shared else params[name]
         if momentum == 0 and last and out.local_params is None:
-            total = (k * base.double()) if shared else base.sum(0, dtype=torch.float64)
-            folded[name] = ((1.0 - lr * wd) * total - lr * grad_sum().double()).numpy()
+            # n sum_k W_k^tau = n (1 - eta wd) sum_k W_k^{tau-1} - n eta sum_k g_k, accumulated over the chunks
+            # in one float32 tensor (added to the float64 sum once, after the last chunk)
+            acc = fold.get(name) if fold is not None else None
+            if acc is None:
+                acc = torch.zeros_like(start[name])
+                if fold is not None:
+                    fold[name] = acc
+                else:
+                    folded[name] = acc
+            decay = float(n) * (1.0 - lr * wd)
+            if shared:
+                acc.add_(base, alpha=decay * k)
+            else:
+                acc.add_(base.sum(0), alpha=decay)
+            add_grad_sum(acc, -float(n) * lr)
             return
         if momentum == 0:
             if shared:
@@ -354,9 +372,9 @@ def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings,
                         base.baddbmm_(g_out.transpose(1, 2), h_in, alpha=alpha * a) if inplace
                         else torch.baddbmm(base, g_out.transpose(1, 2), h_in, alpha=alpha * a)
                     ),
-                    lambda g_out=g_out, h_in=h_in, a=a: (
-                        g_out.reshape(-1, g_out.shape[2]).T @ h_in.reshape(-1, h_in.shape[2])
-                    ).mul_(a),
+                    lambda acc, alpha, g_out=g_out, h_in=h_in, a=a: acc.addmm_(
+                        g_out.reshape(-1, g_out.shape[2]).T, h_in.reshape(-1, h_in.shape[2]), alpha=alpha * a
+                    ),
                     last,
                 )
             if spec.bias_trained:
@@ -366,17 +384,19 @@ def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings,
                     lambda base, alpha, inplace, g_out=g_out: (
                         base.add_(g_out.sum(1), alpha=alpha) if inplace else torch.add(base, g_out.sum(1), alpha=alpha)
                     ),
-                    lambda g_out=g_out: g_out.sum((0, 1)),
+                    lambda acc, alpha, g_out=g_out: acc.add_(g_out.sum((0, 1)), alpha=alpha),
                     last,
                 )
             grad = below
         yield t + 1, params
     for name in start:
         if name in folded:
-            out.weighted_sum[name] += float(n) * folded[name]
+            out.weighted_sum[name] += folded[name].double().numpy()
+            continue
+        if fold is not None and name in fold:
             continue
         stack = params[name]
-        out.weighted_sum[name] += float(n) * stack.sum(0, dtype=torch.float64).numpy()
+        torch.from_numpy(out.weighted_sum[name]).add_(stack.sum(0, dtype=torch.float64), alpha=float(n))
         if out.local_params is not None:
             out.local_params[name][positions] = stack.numpy()
     out.train_loss[positions] = losses.mean(0).numpy()

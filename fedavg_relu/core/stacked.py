@@ -111,14 +111,31 @@ def forward(specs, weight_of: Callable[[str], torch.Tensor], x: torch.Tensor) ->
     for i, spec in enumerate(specs):
         inputs.append(h)
         w = weight_of(spec.weight)
-        pre = torch.bmm(h, w.transpose(1, 2)) if w.dim() == 3 else torch.matmul(h, w.T)
-        if spec.scale != 1.0:
-            pre.mul_(spec.scale)
-        if spec.bias is not None:
-            bias = weight_of(spec.bias)
-            pre.add_(bias.unsqueeze(1) if bias.dim() == 2 else bias)
+        bias = weight_of(spec.bias) if spec.bias is not None else None
+        pre = _affine(h, w, bias, spec.scale)
         h = pre.relu_() if i < len(specs) - 1 else pre
     return h, inputs
+
+
+def _affine(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """``scale * h @ w^T + bias`` in one product: the bias and the scale go into the GEMM (``addmm``/``baddbmm``),
+    not into two more passes over the ``(k, n, out)`` result.
+
+    ``h`` is ``(k, n, in)``; ``w`` a shared ``(out, in)`` or stacked ``(k, out, in)``;
+    ``bias`` a shared ``(out,)``, a stacked ``(k, out)`` or None.
+    """
+    k, n, _ = h.shape
+    if w.dim() == 2 and (bias is None or bias.dim() == 1):  # all shared: one plain product over the k n rows
+        flat = h.reshape(k * n, h.shape[2])
+        if bias is None:
+            out = torch.mm(flat, w.T)
+            return (out.mul_(scale) if scale != 1.0 else out).view(k, n, -1)
+        return torch.addmm(bias, flat, w.T, alpha=scale).view(k, n, -1)
+    wt = w.transpose(1, 2) if w.dim() == 3 else w.T.expand(k, *w.T.shape)
+    if bias is None:
+        out = torch.bmm(h, wt)
+        return out.mul_(scale) if scale != 1.0 else out
+    return torch.baddbmm(bias.unsqueeze(1) if bias.dim() == 2 else bias, h, wt, alpha=scale)
 
 
 def loss_and_grad(logits: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
