@@ -1,4 +1,4 @@
-"""Tests for packed mode: fedavg_relu.core.packed, clients/packed_app.py and strategies/packed.py.
+"""Tests for packed mode: fedavg_relu.core.packed, clients/packed_app.py and the recorder's cohorts (strategies/cohorts.py).
 
 Tolerances: a packed node sends its cohort's weighted mean model in float32
 (accumulated in float64), and Flower then averages the node means in float32,
