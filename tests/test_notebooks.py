@@ -108,12 +108,14 @@ def test_theory_notebook_runs_in_small_mode(tmp_path, monkeypatch):
     figures = sorted(p.name for p in (tmp_path / "sweep" / "figures").glob("*.png"))
     assert "fig1_loss_vs_round.png" in figures and "fig6_central_gap_vs_width.png" in figures
     # fig1-4, fig4b (the small sweep sets drift-nonlinear), fig6, fig5 at two learning rates, fig7
-    # (ntk-change is recorded by default) and the per-client section's fig8
+    # (ntk-change is recorded by default), the per-client section's fig8, and the explanations the width
+    # group's data allows (fig4c, fig7a-c; fig5b needs three step sizes, fig7d a kernel.csv)
     assert figures == sorted([
         "fig1_loss_vs_round.png", "fig2_distance_vs_width.png", "fig3_flips_vs_width.png",
-        "fig4_drift_smoothness_vs_width.png", "fig4b_nonlinear_drift_vs_width.png",
+        "fig4_drift_smoothness_vs_width.png", "fig4b_nonlinear_drift_vs_width.png", "fig4c_slopes_by_width_range.png",
         "fig5_tau_tradeoff_lr0.1.png", "fig5_tau_tradeoff_lr1.png",
-        "fig6_central_gap_vs_width.png", "fig7_ntk_change_vs_width.png", "fig8_client_drift_by_width.png",
+        "fig6_central_gap_vs_width.png", "fig7_ntk_change_vs_width.png", "fig7a_ntk_change_by_round.png",
+        "fig7b_ntk_change_vs_flips.png", "fig7c_ntk_slope_by_width_range.png", "fig8_client_drift_by_width.png",
     ]), figures
     # the per-client section: the dominant client's table, one row per width of the non-iid group
     assert "top-share" in "".join(

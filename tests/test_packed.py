@@ -9,6 +9,8 @@ are sums divided by sums instead of p-weighted dot products: relative 1e-6.
 
 from __future__ import annotations
 
+import json
+
 import logging
 import math
 
@@ -344,8 +346,10 @@ def test_packed_sampling_sends_only_to_holders(tmp_path):
     cohorts = [n for t, n in seen if t == "query.cohort"]
     assert sorted(cohorts) == [1, 2, 3, 4]  # asked once
     assert 3 <= len(trains) <= 6  # 3 rounds x (1 or 2 nodes)
-    chosen = [sample_clients(8, 0.25, 0, r) for r in (1, 2, 3)]
-    assert len(trains) == sum(len({k // 2 for k in c}) for c in chosen)
+    rows = [json.loads(line) for line in (tmp_path / "frac" / "clients.jsonl").read_text().splitlines()]
+    chosen = [[r["client"] for r in rows if r["round"] == rnd] for rnd in (1, 2, 3)]  # the clients FedAvg sampled
+    assert all(len(c) == 2 for c in chosen)
+    assert len(trains) == sum(len({k // 2 for k in c}) for c in chosen)  # one message per node holding one
 
 
 def test_invalid_packed_reply_is_rejected_and_counted_in_virtual_clients(tmp_path):

@@ -28,6 +28,8 @@ Items, in the order below:
 10. :func:`install_bounded_object_pulls`, :func:`is_http_grid`: a deployment's grid
     (``flwr.superlink.grid.http_grid.HttpGrid``) and the module-level ``pull_objects``
     its ``pull_messages`` calls (:mod:`fedavg_relu.flower.reply_deadline`).
+11. :func:`superlink_http_app`: the SuperLink's HTTP app (``flwr.superlink.main.create_app``),
+    whose routes the hardened deployment's proxy allows or refuses (:mod:`fedavg_relu.runtime.proxy`).
 
 Contracts the project relies on without code here (``tests/test_flower_contract.py``
 checks them too):
@@ -402,3 +404,16 @@ def install_bounded_object_pulls(deadline, backoff_cap: float) -> None:
     pull_objects.bounded_by_deadline = True  # type: ignore[attr-defined]
     pull_objects.__wrapped__ = flower_pull_objects  # type: ignore[attr-defined]
     http_grid.pull_objects = pull_objects
+
+
+# --- 11. the SuperLink's HTTP app (its routes) ---------------------------------------------
+def superlink_http_app():
+    """The installed Flower's SuperLink HTTP app, built as ``flower-superlink`` builds it, nothing started.
+
+    Relies on: ``flwr.superlink.main.create_app()`` (flwr 1.42.0) taking no required arguments and
+    returning a FastAPI app with in-memory state; the hardened deployment reads its routes
+    (``tests/test_proxy_routes.py`` fails when they change).
+    """
+    from flwr.superlink.main import create_app  # noqa: PLC0415 - a deployment-only import
+
+    return create_app()

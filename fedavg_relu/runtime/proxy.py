@@ -68,14 +68,15 @@ def refused_prefixes(conf: str) -> list[str]:
 def superlink_routes() -> set[tuple[str, str]]:
     """``(method, path)`` of every route of the installed Flower's SuperLink HTTP app.
 
-    Builds the app as ``flower-superlink`` does (``flwr.superlink.main.create_app``, no
-    configuration: in-memory state, nothing started) and walks its routers.
+    Builds the app as ``flower-superlink`` does (:func:`fedavg_relu.flower.seam.superlink_http_app`,
+    no configuration: in-memory state, nothing started) and walks its routers.
     """
     from fastapi.routing import iter_route_contexts  # noqa: PLC0415
-    from flwr.superlink.main import create_app  # noqa: PLC0415
+
+    from fedavg_relu.flower.seam import superlink_http_app  # noqa: PLC0415
 
     routes = set()
-    for context in iter_route_contexts(create_app().routes):
+    for context in iter_route_contexts(superlink_http_app().routes):
         for method in context.methods or ():
             routes.add((method, context.path))
     return routes
