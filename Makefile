@@ -4,6 +4,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_CONFIG ?=
+# pytest-xdist workers: the end-to-end tests mostly wait on processes they start (SuperLinks, SuperNodes,
+# Ray, round timeouts), so two workers overlap that waiting; --dist loadscope keeps each test file on one
+# worker, so a file's module fixtures (one deployment, one rendering) start once
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: install run test test-fast bench clean
 
@@ -19,10 +24,10 @@ run: install
 	$(VENV)/bin/fedavg-relu run $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
 
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not e2e and not slow"
+	$(PYTEST) -m "not e2e and not slow"
 
 # the headline comparison (packed vs pfl-research vs stock Flower at tau 1 and 5; <= 10 min on 2 cores),
 # then the pages that render it; benchmarks/drift_overhead.py and benchmarks/scale.py run by themselves
