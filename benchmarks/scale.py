@@ -379,18 +379,23 @@ def run_child_once(spec: dict, timeout: float) -> dict:
 
 
 # --- parent: references measured in this process ------------------------------------------------------
-def matmul_peak(threads: int, n: int = 2048, reps: int = 6) -> float:
-    """Best-of-3 FLOP/s of an n x n float32 matmul on ``threads`` threads."""
+def matmul_peak(threads: int, n: int = 2048, reps: int = 6, device: str = "cpu") -> float:
+    """Best-of-3 FLOP/s of an n x n float32 matmul on ``threads`` threads (on ``device``: a GPU's, timed to its sync)."""
     import torch
 
+    from fedavg_relu.core.device import synchronize
+
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    on = torch.device(device)
+    a, b = torch.randn(n, n, device=on), torch.randn(n, n, device=on)
     a @ b
+    synchronize(on)
     best = 0.0
     for _ in range(3):
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
+        synchronize(on)
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
     return best
 

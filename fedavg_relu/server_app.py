@@ -46,6 +46,7 @@ from strategies.registry import build_strategy
 from fedavg_relu.core.config import PACKED_STRATEGIES, ConfigError, RunConfig
 from fedavg_relu.flower.console import quiet_flower_logs
 from fedavg_relu.core.data import dataset_shape, load_test
+from fedavg_relu.core.device import resolve_device
 from fedavg_relu.core.mechanism import ntk_change, ntk_gram, probe_indices
 from fedavg_relu.core.models import build_model, num_trainable, set_trainable
 from fedavg_relu.flower.records import arrays_to_params, params_to_arrays
@@ -153,16 +154,19 @@ class NtkTracker:
 
     Θ(W^0) is computed once (closed form, :func:`fedavg_relu.core.mechanism.ntk_gram`);
     each :meth:`change` costs one forward pass of the P probes, their ``P c`` output
-    directions carried down to the lowest trained layer, and a few ``P x P`` Grams.
+    directions carried down to the lowest trained layer, and a few ``P x P`` Grams,
+    on ``device`` (the run's ``device`` on the server's machine).
     """
 
-    def __init__(self, model, initial_params, x_test: torch.Tensor, size: int, seed: int) -> None:
+    def __init__(self, model, initial_params, x_test: torch.Tensor, size: int, seed: int,
+                 device: torch.device | None = None) -> None:
+        self.device = device
         self.x_probe = x_test[probe_indices(len(x_test), size, seed)]
-        self.theta_init = ntk_gram(model, initial_params, self.x_probe)
+        self.theta_init = ntk_gram(model, initial_params, self.x_probe, device=device)
 
     def change(self, model) -> float:
         """``||Θ(W) − Θ(W^0)||_F / ||Θ(W^0)||_F`` at the model's current trained parameters W."""
-        return ntk_change(ntk_gram(model, None, self.x_probe), self.theta_init)
+        return ntk_change(ntk_gram(model, None, self.x_probe, device=self.device), self.theta_init)
 
 
 def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
@@ -200,7 +204,8 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         writer.close()
         raise
     start_params = initial_params(cfg)
-    ntk = NtkTracker(model, start_params, test.x, cfg.ntk_probe_size, cfg.seed) if cfg.ntk_probe_size > 0 else None
+    ntk = (NtkTracker(model, start_params, test.x, cfg.ntk_probe_size, cfg.seed, resolve_device(cfg.device))
+           if cfg.ntk_probe_size > 0 else None)
     random.seed(cfg.seed)  # Flower samples clients with Python's `random`: make runs repeatable
     if checkpoint:
         checkpoint.restore(strategy)

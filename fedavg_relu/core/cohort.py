@@ -29,6 +29,11 @@ Clients whose local data sizes differ are grouped by size (each group has one
 number of steps and one batch size). FedProx's proximal term and SCAFFOLD's
 correction are not supported here (packed mode runs FedAvg only).
 
+Both functions compute on ``device`` (default: the model's): the received numpy
+arrays, the frozen weights and each chunk's data move there, the minibatch orders are
+drawn on the CPU and their indices moved, and what is returned comes back as numpy
+(:mod:`fedavg_relu.core.device`; on the CPU every move is a no-op).
+
 This module does not import flwr.
 """
 
@@ -41,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedavg_relu.core.device import CPU
 from fedavg_relu.core.mechanism import stacked_gauss_newton
 from fedavg_relu.core.metrics import ClientDrift
 from fedavg_relu.core.models import ReluMLP
@@ -73,6 +79,7 @@ def train_cohort_vectorized(
     lockstep_steps: Sequence[int] = (),
     on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
     allocate: Callable[[dict[str, tuple[tuple[int, ...], np.dtype]]], dict[str, np.ndarray]] | None = None,
+    device: torch.device | None = None,
 ) -> CohortTraining:
     """Train clients ``datas[i]`` (``x`` (n_i, d), ``y`` (n_i,)) from ``global_params`` with seeds ``seeds[i]``.
 
@@ -88,7 +95,8 @@ def train_cohort_vectorized(
 
     ``allocate`` (name -> (shape, dtype) -> name -> array) supplies the arrays the kept
     W_k are written into, e.g. disk-backed ones (:meth:`fedavg_relu.core.spill.LocalModelStore.allocate`);
-    default: ``np.empty`` in memory.
+    default: ``np.empty`` in memory. ``device``: where the cohort trains (default: the model's);
+    ``on_step`` then sees tensors on the CPU.
     """
     if settings.proximal_mu > 0:
         raise ValueError("proximal-mu > 0 is not supported by vectorized cohort training")
@@ -97,8 +105,8 @@ def train_cohort_vectorized(
     if lockstep_steps and not keep_local:
         raise ValueError("lockstep needs the local models (keep_local=True)")
     budget = CHUNK_BYTES if budget is None else budget
-    specs, frozen, trained = prepare(model)
-    start = {name: torch.as_tensor(np.asarray(global_params[name])) for name in trained}
+    specs, frozen, trained, device = prepare(model, device)
+    start = {name: torch.as_tensor(np.asarray(global_params[name]), device=device) for name in trained}
     num_trained = sum(int(t.numel()) for t in start.values())
     size = len(datas)
     sizes = np.array([len(d) for d in datas], np.int64)
@@ -123,7 +131,7 @@ def train_cohort_vectorized(
         for first in range(0, len(members), per_chunk):
             chunk = members[first : first + per_chunk]
             run = _train_chunk(specs, frozen, start, [datas[i] for i in chunk], [seeds[i] for i in chunk], settings, chunk, out,
-                               fold)
+                               fold, device)
             if not lockstep_steps:
                 for _ in run:  # one chunk after another
                     pass
@@ -132,7 +140,7 @@ def train_cohort_vectorized(
     if lockstep_steps:
         _lockstep(runs, trained, start, size, settings, sizes, set(lockstep_steps), on_step)
     for name, acc in fold.items():
-        out.weighted_sum[name] += acc.double().numpy()
+        out.weighted_sum[name] += acc.double().cpu().numpy()
     return out
 
 
@@ -159,7 +167,7 @@ def _lockstep(runs, trained, start, size, settings, sizes, steps_wanted, on_step
             stacked = {name: torch.empty((size, *start[name].shape), dtype=start[name].dtype) for name in trained}
             for chunk, params in current:
                 for name in trained:
-                    stacked[name][chunk] = params[name]
+                    stacked[name][chunk] = params[name].cpu()
             on_step(t, stacked)
     for _, run in runs:
         for _ in run:  # writes the chunk's outcome
@@ -176,6 +184,7 @@ def measure_cohort_drift_vectorized(
     with_gradient: bool = False,
     budget: int | None = None,
     nonlinear: bool = False,
+    device: torch.device | None = None,
 ) -> tuple[list, dict[str, np.ndarray] | None]:
     """:func:`fedavg_relu.core.metrics.measure_client_drift` for stacked clients.
 
@@ -193,11 +202,13 @@ def measure_cohort_drift_vectorized(
     (one hand-written jvp and one backward per chunk, reusing the forward at W^{r+1}),
     and Δg_k is the drift already formed; the values are
     :func:`fedavg_relu.core.mechanism.measure_cohort_nonlinear_drift_vectorized`'s.
+    ``device``: where it is measured (default: the model's).
     """
     budget = CHUNK_BYTES if budget is None else budget
-    specs, frozen, trained = prepare(model)
-    at_global = {n: torch.as_tensor(np.asarray(global_params[n])) for n in trained}
-    at_init = {n: torch.as_tensor(np.asarray(init_params[n])) for n in trained} if init_params is not None else None
+    specs, frozen, trained, device = prepare(model, device)
+    at_global = {n: torch.as_tensor(np.asarray(global_params[n]), device=device) for n in trained}
+    at_init = ({n: torch.as_tensor(np.asarray(init_params[n]), device=device) for n in trained}
+               if init_params is not None else None)
     input_measured = model.family != "paper"
     sizes = np.array([len(d) for d in datas], np.int64)
     drifts: list = [None] * len(datas)
@@ -208,9 +219,9 @@ def measure_cohort_drift_vectorized(
         for first in range(0, len(members), per_chunk):
             chunk = members[first : first + per_chunk]
             k = len(chunk)
-            x = torch.stack([datas[i].x for i in chunk])
-            y = torch.stack([datas[i].y for i in chunk])
-            local = {name: torch.as_tensor(np.asarray(local_params[name])[chunk]) for name in trained}
+            x = torch.stack([datas[i].x for i in chunk]).to(device)
+            y = torch.stack([datas[i].y for i in chunk]).to(device)
+            local = {name: torch.as_tensor(np.asarray(local_params[name])[chunk], device=device) for name in trained}
 
             def weights(values):
                 return lambda name: values[name] if name in values else frozen[name]
@@ -246,9 +257,14 @@ def measure_cohort_drift_vectorized(
             units = sum(m[0].numel() for m in masks_g)
             flips_l = sum((a != b).reshape(k, -1).sum(1) for a, b in zip(masks_l, masks_g, strict=True))
             flips_i = (
-                sum((a != b).reshape(k, -1).sum(1) for a, b in zip(masks_g, init_masks, strict=True))
+                sum((a != b).reshape(k, -1).sum(1) for a, b in zip(masks_g, init_masks, strict=True)).cpu()
                 if init_masks is not None else None
             )
+            # the per-client values, on the CPU in one transfer each (no-ops there)
+            loss_g, loss_l, norm_g, norm_l, drift, distance, flips_l = (
+                t.cpu() for t in (loss_g, loss_l, norm_g, norm_l, drift, distance, flips_l)
+            )
+            residual = residual.cpu() if residual is not None else None
             for j, i in enumerate(chunk):
                 drifts[i] = ClientDrift(
                     num_examples=int(n), loss_at_global=float(loss_g[j]), loss_at_local=float(loss_l[j]),
@@ -260,7 +276,7 @@ def measure_cohort_drift_vectorized(
                 )
             if grad_sum is not None:
                 for name in trained:
-                    grad_sum[name] += float(n) * grads_g[name].sum(0, dtype=torch.float64).numpy()
+                    grad_sum[name] += float(n) * grads_g[name].sum(0, dtype=torch.float64).cpu().numpy()
     return drifts, grad_sum
 
 
@@ -271,7 +287,7 @@ def _ratio(num: float, den: float) -> float:
 
 
 def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings, positions, out: CohortTraining,
-                 fold: dict[str, torch.Tensor] | None = None):
+                 fold: dict[str, torch.Tensor] | None = None, device: torch.device = CPU):
     """Step ``datas`` (equal sizes) together; write their outcome into ``out`` at ``positions``.
 
     A generator: yields ``(t, params)`` after step t (``params``: the stacked trained
@@ -289,15 +305,15 @@ def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings,
     n = len(datas[0])
     steps = settings.steps_for(n)
     batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
-    x = torch.stack([d.x for d in datas])  # (k, n, d)
-    y = torch.stack([d.y for d in datas])  # (k, n)
-    orders = [minibatch_indices(n, batch, steps, torch.Generator().manual_seed(s)) for s in seeds]
-    rows = torch.arange(k).unsqueeze(1)
+    x = torch.stack([d.x for d in datas]).to(device)  # (k, n, d)
+    y = torch.stack([d.y for d in datas]).to(device)  # (k, n)
+    orders = [minibatch_indices(n, batch, steps, torch.Generator().manual_seed(s)) for s in seeds]  # on the CPU
+    rows = torch.arange(k, device=device).unsqueeze(1)
     params: dict[str, torch.Tensor] = {}  # name -> (k, *shape) once the clients differ
     buffers: dict[str, torch.Tensor] = {}
     folded: dict[str, torch.Tensor] = {}  # name -> n sum_k W_k^tau of this chunk (float32), folded without ``fold``
     lr, wd, momentum = settings.learning_rate, settings.weight_decay, settings.momentum
-    losses = torch.zeros(steps, k, dtype=torch.float64)
+    losses = torch.zeros(steps, k, dtype=torch.float64, device=device)
 
     def current(name: str) -> torch.Tensor:
         return params[name] if name in params else start[name] if name in start else frozen[name]
@@ -350,7 +366,7 @@ def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings,
         if orders[0] is None:
             xb, yb = x, y
         else:
-            idx = torch.stack([o[t] for o in orders])  # (k, b)
+            idx = torch.stack([o[t] for o in orders]).to(device)  # (k, b)
             xb, yb = x[rows, idx], y[rows, idx]
         logits, inputs = forward(specs, current, xb)
         losses[t], grad = loss_and_grad(logits, yb, settings.loss)
@@ -391,14 +407,15 @@ def _train_chunk(specs, frozen, start, datas, seeds, settings: LocalSGDSettings,
         yield t + 1, params
     for name in start:
         if name in folded:
-            out.weighted_sum[name] += folded[name].double().numpy()
+            out.weighted_sum[name] += folded[name].double().cpu().numpy()
             continue
         if fold is not None and name in fold:
             continue
         stack = params[name]
-        torch.from_numpy(out.weighted_sum[name]).add_(stack.sum(0, dtype=torch.float64), alpha=float(n))
+        torch.from_numpy(out.weighted_sum[name]).add_(stack.sum(0, dtype=torch.float64).cpu(), alpha=float(n))
         if out.local_params is not None:
-            out.local_params[name][positions] = stack.numpy()
+            out.local_params[name][positions] = stack.cpu().numpy()
+    losses = losses.cpu()
     out.train_loss[positions] = losses.mean(0).numpy()
     out.first_loss[positions] = losses[0].numpy()
     out.num_steps[positions] = steps

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,13 @@ STRATEGIES = (
 PACKED_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fednova")
 SCAFFOLD_WEIGHTINGS = ("examples", "uniform")
 TRACKERS = ("none", "mlflow", "wandb")
+#: What ``device`` accepts (:func:`is_device_spec`); :mod:`fedavg_relu.core.device` resolves it.
+DEVICE_EXPECTED = '"auto", "cpu", "cuda" or "cuda:N" (N a GPU index >= 0)'
+
+
+def is_device_spec(value: str) -> bool:
+    """True for ``"auto"``, ``"cpu"``, ``"cuda"`` and ``"cuda:N"`` (N a non-negative integer)."""
+    return re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value) is not None
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -133,6 +141,8 @@ class RunConfig:
     # --- scale (packed mode; README "Scale and speed") ------------------------
     clients_per_node: int = 0  # 0/1: one Flower node = one client; K > 1: node j simulates virtual clients jK..jK+K-1
     lockstep_drift_steps: str = ""  # packed mode: local steps t at which to record drift against W-bar^t ("1,5", "all"; "" = none)
+    # --- device --------------------------------------------------------------
+    device: str = "auto"  # where training, drift and the mechanism metrics run; "auto" = cuda when present, else cpu (each machine decides)
 
     # ------------------------------------------------------------------------
     @classmethod
@@ -209,6 +219,7 @@ class RunConfig:
             ("max_update_norm", self.max_update_norm >= 0 and math.isfinite(self.max_update_norm), "a finite float >= 0 (0 = no bound)"),
             ("max_examples_ratio", self.max_examples_ratio == 0 or (self.max_examples_ratio >= 1 and math.isfinite(self.max_examples_ratio)), "0 (off) or a finite float >= 1"),
             ("max_update_ratio", self.max_update_ratio == 0 or (self.max_update_ratio >= 1 and math.isfinite(self.max_update_ratio)), "0 (off) or a finite float >= 1"),
+            ("device", is_device_spec(self.device), DEVICE_EXPECTED),
         ]
         choices = {"dataset": DATASETS, "partitioner": PARTITIONERS, "model_family": MODEL_FAMILIES, "loss": LOSSES,
                    "lr_scaling": LR_SCALINGS, "strategy": STRATEGIES, "tracker": TRACKERS}

@@ -63,6 +63,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn import functional as F
 
+from fedavg_relu.core.device import module_device
 from fedavg_relu.core.stacked import (
     CHUNK_BYTES, chunk_size, forward, gradients, layer_specs, loss_and_grad, per_client_sq_norm, prepare,
     retain_freed_memory,
@@ -94,11 +95,11 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def _as_tensors(params: Params, names: Sequence[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _as_tensors(params: Params, names: Sequence[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"parameters lack the trained names {missing}")
-    return {n: torch.as_tensor(np.asarray(params[n]) if not torch.is_tensor(params[n]) else params[n]).to(dtype)
+    return {n: torch.as_tensor(np.asarray(params[n]) if not torch.is_tensor(params[n]) else params[n]).to(device, dtype)
             for n in names}
 
 
@@ -147,13 +148,13 @@ def gauss_newton_product(
     One jvp (``J v``) and one vjp (``Jᵀ (H J v)``) through ``torch.func``; J is
     never formed. Returns the product, the outputs at ``at`` (n, c) and the vjp
     function (``u (n, c) -> (Jᵀ u per name,)``), which a caller may reuse, e.g. for
-    the gradient at ``at``.
+    the gradient at ``at``. Runs on the model's device.
     """
     names = trainable_names(model)
-    dtype = _dtype(model)
-    w = _as_tensors(at, names, dtype)
-    v = _as_tensors(direction, names, dtype)
-    x = x.to(dtype)
+    dtype, device = _dtype(model), module_device(model)
+    w = _as_tensors(at, names, dtype, device)
+    v = _as_tensors(direction, names, dtype, device)
+    x = x.to(device, dtype)
 
     def outputs(p):
         return functional_call(model, p, (x,))
@@ -192,20 +193,22 @@ def nonlinear_drift(
         (the one at W̄ from the same vjp, one backward more).
 
     Cost: one jvp and one vjp at W̄ (about three forward passes), plus what is
-    not given: a backward at W̄, a forward and backward at W_k.
+    not given: a backward at W̄, a forward and backward at W_k. Runs on the model's
+    device (the data and parameters move there).
     """
     retain_freed_memory()  # m x m temporaries: reuse freed blocks instead of page-faulting new ones
     names = trainable_names(model)
-    dtype = _dtype(model)
-    w_local = _as_tensors(local_params, names, dtype)
-    w_global = _as_tensors(global_params, names, dtype)
+    dtype, device = _dtype(model), module_device(model)
+    x, y = x.to(device), y.to(device)
+    w_local = _as_tensors(local_params, names, dtype, device)
+    w_global = _as_tensors(global_params, names, dtype, device)
     delta = {n: w_local[n] - w_global[n] for n in names}
     gn, out, pullback = gauss_newton_product(model, w_global, delta, x, loss)
     del delta
     if grad_global is None:
         (g_global,) = pullback(loss_output_gradient(out, y, loss))
     else:
-        g_global = _as_tensors(grad_global, names, dtype)
+        g_global = _as_tensors(grad_global, names, dtype, device)
     del pullback
     if grad_local is None:  # our own tensors: the drift is formed in place
         x_ = x.to(dtype)
@@ -213,7 +216,7 @@ def nonlinear_drift(
         for n in names:
             drift[n].sub_(g_global[n])
     else:
-        g_local = _as_tensors(grad_local, names, dtype)
+        g_local = _as_tensors(grad_local, names, dtype, device)
         drift = {n: g_local[n] - g_global[n] for n in names}
     del g_global
     drift_norm = math.sqrt(_sq(drift.values()))
@@ -259,7 +262,7 @@ def _stacked_jvp(specs, weight_of, inputs: list[torch.Tensor], delta_of) -> torc
         if i < last:
             dh = None if dpre is None else dpre.mul_(inputs[i + 1] > 0)
         else:
-            return dpre if dpre is not None else torch.zeros(h.shape[0], h.shape[1], w.shape[-2], dtype=h.dtype)
+            return dpre if dpre is not None else torch.zeros(h.shape[0], h.shape[1], w.shape[-2], dtype=h.dtype, device=h.device)
     raise AssertionError("no layers")
 
 
@@ -284,16 +287,18 @@ def measure_cohort_nonlinear_drift_vectorized(
     datas: Sequence,
     loss: str,
     budget: int | None = None,
+    device: torch.device | None = None,
 ) -> list[NonlinearDrift]:
     """:func:`nonlinear_drift` for stacked clients (``local_params``: name -> ``(K, *shape)``).
 
     Clients are grouped by data size and cut into chunks of ``budget`` bytes of
     weights, as in :func:`fedavg_relu.core.cohort.measure_cohort_drift_vectorized`.
-    Per chunk: forward and backward at W̄ and at W_k, one jvp and one backward.
+    Per chunk: forward and backward at W̄ and at W_k, one jvp and one backward, on
+    ``device`` (default: the model's).
     """
-    specs, frozen, trained = prepare(model)
+    specs, frozen, trained, device = prepare(model, device)
     budget = CHUNK_BYTES if budget is None else budget
-    at_global = {n: torch.as_tensor(np.asarray(global_params[n])) for n in trained}
+    at_global = {n: torch.as_tensor(np.asarray(global_params[n]), device=device) for n in trained}
     sizes = np.array([len(d) for d in datas], np.int64)
     out: list = [None] * len(datas)
     per_chunk = chunk_size(sum(int(t.numel()) for t in at_global.values()), True, budget)
@@ -305,9 +310,9 @@ def measure_cohort_nonlinear_drift_vectorized(
         members = [int(i) for i in np.flatnonzero(sizes == n)]
         for first in range(0, len(members), per_chunk):
             chunk = members[first : first + per_chunk]
-            x = torch.stack([datas[i].x for i in chunk])
-            y = torch.stack([datas[i].y for i in chunk])
-            local = {name: torch.as_tensor(np.asarray(local_params[name])[chunk]) for name in trained}
+            x = torch.stack([datas[i].x for i in chunk]).to(device)
+            y = torch.stack([datas[i].y for i in chunk]).to(device)
+            local = {name: torch.as_tensor(np.asarray(local_params[name])[chunk], device=device) for name in trained}
             delta = {name: local[name] - at_global[name] for name in trained}
             logits, inputs = forward(specs, weights(at_global), x)
             _, g = loss_and_grad(logits, y, loss)
@@ -319,9 +324,9 @@ def measure_cohort_nonlinear_drift_vectorized(
             grads_l = gradients(specs, weights(local), inputs, g)
             del inputs, logits, g
             drift = {name: grads_l[name] - grads_g[name] for name in trained}
-            drift_norm = per_client_sq_norm(drift.values()).sqrt()
-            residual = per_client_sq_norm(drift[name] - gn[name] for name in trained).sqrt()
-            linear = per_client_sq_norm(gn.values()).sqrt()
+            drift_norm = per_client_sq_norm(drift.values()).sqrt().cpu()
+            residual = per_client_sq_norm(drift[name] - gn[name] for name in trained).sqrt().cpu()
+            linear = per_client_sq_norm(gn.values()).sqrt().cpu()
             for j, i in enumerate(chunk):
                 out[i] = NonlinearDrift(
                     fraction=_ratio(float(residual[j]), float(drift_norm[j])),
@@ -348,21 +353,26 @@ def _check_outputs(outputs: str) -> None:
         raise ValueError(f"outputs={outputs!r}: expected trace or all")
 
 
-def ntk_gram(model: nn.Module, params: Params | None, x_probe: torch.Tensor, outputs: str = "trace") -> torch.Tensor:
-    """The empirical NTK Gram of the trained parameters on ``x_probe`` (float64).
+def ntk_gram(
+    model: nn.Module, params: Params | None, x_probe: torch.Tensor, outputs: str = "trace", device: torch.device | None = None,
+) -> torch.Tensor:
+    """The empirical NTK Gram of the trained parameters on ``x_probe`` (float64, on the CPU).
 
     ``outputs="trace"``: ``(n, n)``, summed over the c outputs (the recorded
     metric's choice); ``"all"``: ``(n c, n c)``, row ``i * c + j`` for output j of
     example i. ``params`` (trained names) default to the model's own. Closed form
-    for a :class:`~fedavg_relu.core.models.ReluMLP` (:func:`ntk_gram_closed_form`),
-    ``torch.func`` otherwise (:func:`ntk_gram_autodiff`).
+    for a :class:`~fedavg_relu.core.models.ReluMLP` (:func:`ntk_gram_closed_form`, computed
+    on ``device``, default the model's), ``torch.func`` otherwise (:func:`ntk_gram_autodiff`,
+    on the model's device).
     """
     if isinstance(model, ReluMLP):
-        return ntk_gram_closed_form(model, params, x_probe, outputs)
+        return ntk_gram_closed_form(model, params, x_probe, outputs, device)
     return ntk_gram_autodiff(model, params, x_probe, outputs)
 
 
-def ntk_gram_closed_form(model: ReluMLP, params: Params | None, x_probe: torch.Tensor, outputs: str = "trace") -> torch.Tensor:
+def ntk_gram_closed_form(
+    model: ReluMLP, params: Params | None, x_probe: torch.Tensor, outputs: str = "trace", device: torch.device | None = None,
+) -> torch.Tensor:
     """:func:`ntk_gram` from the layers' inputs and back-propagated output directions.
 
     ``Θ = Σ_{trained W_l} s_l² (h_l h_lᵀ) ⊙ G_l + Σ_{trained b_l} G_l`` with ``G_l`` the Gram of
@@ -370,16 +380,18 @@ def ntk_gram_closed_form(model: ReluMLP, params: Params | None, x_probe: torch.T
     ``δ`` starts at ``e_j`` on the outputs and is carried down only as far as the
     lowest trained layer. Cost: one forward, ``n c`` rows back through each layer
     above the lowest trained one, and the small Grams (float64); memory ``O(n c m)``.
+    Computed on ``device`` (default: the model's), returned on the CPU.
     """
     _check_outputs(outputs)
     specs = layer_specs(model)
     names = trainable_names(model)
     dtype = _dtype(model)
-    values = dict(model.named_parameters())
+    device = module_device(model) if device is None else torch.device(device)
+    values = {name: p.to(device) for name, p in model.named_parameters()}
     if params is not None:
-        values.update(_as_tensors(params, names, dtype))
+        values.update(_as_tensors(params, names, dtype, device))
     with torch.no_grad():
-        x = x_probe.to(dtype)
+        x = x_probe.to(device, dtype)
         inputs = []
         h = x
         for i, spec in enumerate(specs):
@@ -390,8 +402,8 @@ def ntk_gram_closed_form(model: ReluMLP, params: Params | None, x_probe: torch.T
             h = torch.relu(pre) if i < len(specs) - 1 else pre
         n, c = x.shape[0], h.shape[1]
         lowest = min(i for i, s in enumerate(specs) if s.weight_trained or s.bias_trained)
-        delta = torch.eye(c, dtype=dtype).expand(n, c, c)  # (n, c, out_l): ∂out_j(x_i)/∂pre_l
-        theta = torch.zeros((n, n) if outputs == "trace" else (n * c, n * c), dtype=torch.float64)
+        delta = torch.eye(c, dtype=dtype, device=device).expand(n, c, c)  # (n, c, out_l): ∂out_j(x_i)/∂pre_l
+        theta = torch.zeros((n, n) if outputs == "trace" else (n * c, n * c), dtype=torch.float64, device=device)
         for i in range(len(specs) - 1, lowest - 1, -1):
             spec = specs[i]
             if spec.weight_trained or spec.bias_trained:
@@ -413,7 +425,7 @@ def ntk_gram_closed_form(model: ReluMLP, params: Params | None, x_probe: torch.T
                 delta = (delta @ values[spec.weight]) * (inputs[i] > 0).unsqueeze(1).to(dtype)
                 if spec.scale != 1.0:
                     delta = delta * spec.scale
-    return theta
+    return theta.cpu()
 
 
 def ntk_gram_autodiff(
@@ -431,19 +443,20 @@ def ntk_gram_autodiff(
     each), so memory stays bounded at any width, at the price of recomputing rows:
     about ``(rows / block) · rows`` row gradients and ``rows² P`` multiply-adds
     (rows = n per output for the trace, n c for all pairs; P trained scalars).
+    Computed on the model's device, returned on the CPU.
     """
     _check_outputs(outputs)
     names = trainable_names(model)
-    dtype = _dtype(model)
+    dtype, device = _dtype(model), module_device(model)
     own = dict(model.named_parameters())
-    w = _as_tensors(params if params is not None else {k: own[k].detach() for k in names}, names, dtype)
-    x = x_probe.to(dtype)
+    w = _as_tensors(params if params is not None else {k: own[k].detach() for k in names}, names, dtype, device)
+    x = x_probe.to(device, dtype)
     n = x.shape[0]
     with torch.no_grad():
         c = functional_call(model, w, (x[:1],)).shape[1]
     numel = sum(int(t.numel()) for t in w.values())
     per_block = max(1, budget // (2 * numel * w[names[0]].element_size()))
-    eye = torch.eye(c, dtype=dtype)
+    eye = torch.eye(c, dtype=dtype, device=device)
 
     def row_gradient(p, xi, e):
         return grad(lambda q: (functional_call(model, q, (xi.unsqueeze(0),))[0] * e).sum())(p)
@@ -452,11 +465,11 @@ def ntk_gram_autodiff(
 
     def gram(rows: list[tuple[int, int]]) -> torch.Tensor:
         blocks = [rows[s : s + per_block] for s in range(0, len(rows), per_block)]
-        out = torch.zeros(len(rows), len(rows), dtype=torch.float64)
+        out = torch.zeros(len(rows), len(rows), dtype=torch.float64, device=device)
 
         def jac(block):
-            ex = torch.tensor([i for i, _ in block])
-            oj = torch.tensor([j for _, j in block])
+            ex = torch.tensor([i for i, _ in block], device=device)
+            oj = torch.tensor([j for _, j in block], device=device)
             return {k: v.reshape(len(block), -1) for k, v in rows_of(w, x[ex], eye[oj]).items()}
 
         for a, block_a in enumerate(blocks):
@@ -473,8 +486,8 @@ def ntk_gram_autodiff(
 
     with torch.no_grad():
         if outputs == "trace":
-            return sum(gram([(i, j) for i in range(n)]) for j in range(c))
-        return gram([(i, j) for i in range(n) for j in range(c)])
+            return sum(gram([(i, j) for i in range(n)]) for j in range(c)).cpu()
+        return gram([(i, j) for i in range(n) for j in range(c)]).cpu()
 
 
 def ntk_change(theta_now: torch.Tensor | np.ndarray, theta_init: torch.Tensor | np.ndarray) -> float:

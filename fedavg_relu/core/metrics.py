@@ -19,6 +19,7 @@ from dataclasses import MISSING, asdict, dataclass
 import numpy as np
 import torch
 
+from fedavg_relu.core.device import module_device
 from fedavg_relu.core.mechanism import nonlinear_drift
 from fedavg_relu.core.models import ReluMLP, set_trainable
 from fedavg_relu.core.training import full_gradient
@@ -154,8 +155,11 @@ def measure_client_drift(
     patterns come from the same forward passes. With ``nonlinear`` also the
     nonlinear drift fraction (:func:`fedavg_relu.core.mechanism.nonlinear_drift`, given
     both gradients: one jvp and one vjp more). Returns the scalars and the
-    gradient at W^{r+1} (numpy, per trained parameter).
+    gradient at W^{r+1} (numpy, per trained parameter). Runs on the model's device
+    (``x`` and ``y`` move there; ``init_patterns`` must be there already).
     """
+    device = module_device(model)
+    x, y = x.to(device), y.to(device)
     set_trainable(model, local_params)
     at_local = full_gradient(model, x, y, loss)
     set_trainable(model, global_params)

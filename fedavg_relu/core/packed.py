@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from fedavg_relu.core.aggregation import add_weighted, fednova_normalizer, fedno
 from fedavg_relu.core.cohort import allocate_arrays, cohort_seeds, measure_cohort_drift_vectorized, train_cohort_vectorized
 from fedavg_relu.core.config import RunConfig
 from fedavg_relu.core.data import load_partition, load_partitions
+from fedavg_relu.core.device import resolve_device
 from fedavg_relu.core.metrics import ClientDrift, measure_client_drift
 from fedavg_relu.core.task import initial_params, measure_drift, train_client, working_model
 from fedavg_relu.core.models import get_trainable, set_trainable
@@ -386,7 +387,7 @@ def train_cohort(
 
 def _train_vectorized(cfg, ids, server_round, global_params, settings, known, keep_local, dtypes, lockstep=(), allocate=None) -> CohortRound:
     datas = load_partitions(cfg, ids)
-    model = working_model(cfg)
+    model = working_model(cfg, resolve_device(cfg.device))  # the cohort trains where the model is
     per_step: dict[int, DriftSums] = {}
     sizes = np.array([len(d) for d in datas], np.int64)
 
@@ -420,8 +421,10 @@ def _train_vectorized(cfg, ids, server_round, global_params, settings, known, ke
 
 
 def _train_lockstep(cfg, ids, server_round, global_params, settings, known, steps, stacked, acc, dtypes) -> CohortRound:
-    probe = working_model(cfg)
+    device = resolve_device(cfg.device)
+    probe = working_model(cfg, device)
     datas = [load_partition(cfg, k) for k in ids]
+    datas = [replace(d, x=d.x.to(device), y=d.y.to(device)) for d in datas]  # once for training and every measurement
     models, runs, before = [], [], []
     for k, data in zip(ids, datas, strict=True):
         model = copy.deepcopy(probe)
@@ -486,7 +489,7 @@ def measure_cohort_drift(
     """
     if vectorized:
         drifts, grad_sum = measure_cohort_drift_vectorized(
-            working_model(cfg), local_params, global_params, initial_params(cfg),
+            working_model(cfg, resolve_device(cfg.device)), local_params, global_params, initial_params(cfg),
             load_partitions(cfg, client_ids), cfg.loss, with_gradient, nonlinear=nonlinear,
         )
         sums = DriftSums()

@@ -24,6 +24,9 @@ Without this module the clients find out, each one, in every round.
    with one TCP connection (:data:`HUB_CONNECT_TIMEOUT` seconds); unreachable
    is a problem that names ``dataset`` and the two data sets shipped with the
    project. (Online, ``datasets`` itself retries for ~35 s before it fails.)
+4. **the device**: ``device = "cuda"`` (or ``"cuda:N"``) needs that GPU on this machine
+   (:func:`fedavg_relu.core.device.device_problem`). In a deployment whose server has no
+   GPU but whose SuperNodes do, ``"auto"`` lets each node decide.
 
 Every problem is one ``key=value: ... expected ...`` line of one
 :class:`~fedavg_relu.core.config.ConfigError`.
@@ -55,6 +58,7 @@ import numpy as np
 
 from fedavg_relu.core import data
 from fedavg_relu.core.config import ConfigError, RunConfig
+from fedavg_relu.core.device import device_problem
 
 #: Training pools up to this many bytes stay in data.py's per-process caches after the check,
 #: for clients in the same process (LocalGrid, packed nodes, the centralized baseline); larger
@@ -96,10 +100,11 @@ def check_run(cfg: RunConfig, data_paths: Sequence[str | os.PathLike] = ()) -> N
 
 def run_problems(cfg: RunConfig, data_paths: Sequence[str | os.PathLike] = ()) -> list[str]:
     """The problems :func:`check_run` raises, as a list (empty: the run can start)."""
+    problems = [p for p in [device_problem(cfg.device)] if p is not None]
     if cfg.dataset in data.HUB_DATASETS:
-        problems = hub_problems(cfg, check_partitions=not data_paths)
+        problems += hub_problems(cfg, check_partitions=not data_paths)
     else:
-        problems = builtin_problems(cfg, check_partitions=not data_paths)
+        problems += builtin_problems(cfg, check_partitions=not data_paths)
     for path in data_paths:
         problems.extend(data_file_problems(cfg, path))
     return problems

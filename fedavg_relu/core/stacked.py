@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from fedavg_relu.core.device import module_device
 from fedavg_relu.core.models import ReluMLP, ScaledLinear
 
 #: Bytes of trained weights (and momentum buffers) per chunk of clients stepped together:
@@ -83,12 +84,16 @@ def layer_specs(model: ReluMLP) -> list[LayerSpec]:
     return specs
 
 
-def prepare(model: ReluMLP) -> tuple[list[LayerSpec], dict[str, torch.Tensor], list[str]]:
-    """Heap settings (once per process), the layers, the frozen tensors and the trained names of ``model``."""
+def prepare(
+    model: ReluMLP, device: torch.device | None = None,
+) -> tuple[list[LayerSpec], dict[str, torch.Tensor], list[str], torch.device]:
+    """Heap settings (once per process), the layers, the frozen tensors, the trained names of ``model``
+    and the device to compute on: ``device``, default the model's (the frozen tensors are moved there)."""
     retain_freed_memory()
-    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    device = module_device(model) if device is None else torch.device(device)
+    frozen = {name: p.detach().to(device) for name, p in model.named_parameters() if not p.requires_grad}
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    return layer_specs(model), frozen, trained
+    return layer_specs(model), frozen, trained, device
 
 
 def chunk_size(num_trained: int, momentum: bool, budget: int | None = None) -> int:

@@ -9,6 +9,7 @@ This module does not import flwr.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ import torch
 from fedavg_relu.core.aggregation import scaffold_client_control
 from fedavg_relu.core.config import RunConfig
 from fedavg_relu.core.data import TensorData, dataset_shape, load_data_file, load_partition
+from fedavg_relu.core.device import CPU, resolve_device
 from fedavg_relu.core.metrics import ClientDrift, activation_patterns, measure_client_drift
 from fedavg_relu.core.models import ReluMLP, build_model, get_trainable, set_trainable
 from fedavg_relu.core.training import LocalSGDSettings, client_seed, evaluate, run_local_sgd
@@ -36,13 +38,19 @@ def _initial_model(cfg: RunConfig) -> ReluMLP:
     return build_model(cfg, input_dim, num_classes)
 
 
-def working_model(cfg: RunConfig) -> ReluMLP:
-    """A per-process model of the run's architecture (its frozen layers are W^0's).
+@functools.lru_cache(maxsize=2)
+def _model_on(cfg: RunConfig, device: torch.device) -> ReluMLP:
+    return copy.deepcopy(_initial_model(cfg)).to(device)
 
-    The same object is returned on every call; callers load the trained
-    parameters they need into it before use.
+
+def working_model(cfg: RunConfig, device: torch.device = CPU) -> ReluMLP:
+    """A per-process model of the run's architecture (its frozen layers are W^0's) on ``device``.
+
+    The same object is returned on every call (one per device); callers load the
+    trained parameters they need into it before use.
     """
-    return _initial_model(cfg.only(*_MODEL_FIELDS))
+    key = cfg.only(*_MODEL_FIELDS)
+    return _initial_model(key) if device.type == "cpu" else _model_on(key, device)
 
 
 @functools.lru_cache(maxsize=2)
@@ -86,20 +94,23 @@ def train_client(
     same forward pass, so no extra pass is needed.
     ``scaffold = (c, c_k)`` (``c_k`` None on a node's first round: zeros) turns on
     SCAFFOLD's gradient correction ``c - c_k`` and its option-II control update.
+    Runs on ``cfg.device`` (:func:`fedavg_relu.core.device.resolve_device`).
     """
-    model = working_model(cfg)
+    device = resolve_device(cfg.device)
+    model = working_model(cfg, device)
     set_trainable(model, global_params)
+    x, y = data.x.to(device), data.y.to(device)
     n = len(data)
     from_first_step = loss_before is None and settings.first_loss_is_full_loss(n)
     if loss_before is None and not from_first_step:
-        loss_before, _ = evaluate(model, data.x, data.y, settings.loss)
+        loss_before, _ = evaluate(model, x, y, settings.loss)
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, partition_id, server_round))
     correction = None
     if scaffold is not None:
         server_c, client_c = scaffold
         client_c = client_c or {k: np.zeros_like(v) for k, v in server_c.items()}
         correction = {k: torch.from_numpy(np.asarray(server_c[k] - client_c[k])) for k in server_c}
-    result = run_local_sgd(model, data.x, data.y, settings, generator, correction)
+    result = run_local_sgd(model, x, y, settings, generator, correction)
     local = get_trainable(model)
     if from_first_step:
         loss_before = result.first_batch_loss
@@ -122,12 +133,14 @@ def measure_drift(
 
     Costs two full-data gradients and one forward pass (patterns at W^0); with
     ``nonlinear`` (``drift-nonlinear``) one jvp and one vjp more for the nonlinear
-    drift fraction, reusing both gradients.
+    drift fraction, reusing both gradients. Runs on ``cfg.device``.
     """
-    model = working_model(cfg)
+    device = resolve_device(cfg.device)
+    model = working_model(cfg, device)
     set_trainable(model, initial_params(cfg))
-    init_patterns = activation_patterns(model, data.x)
-    return measure_client_drift(model, local_params, global_params, data.x, data.y, cfg.loss, init_patterns, nonlinear)
+    x, y = data.x.to(device), data.y.to(device)
+    init_patterns = activation_patterns(model, x)
+    return measure_client_drift(model, local_params, global_params, x, y, cfg.loss, init_patterns, nonlinear)
 
 
 def client_data(cfg: RunConfig, node_config: Mapping[str, object]) -> TensorData:

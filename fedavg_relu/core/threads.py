@@ -5,7 +5,8 @@ threads than the actor's share oversubscribe the cores that other actors use (tw
 actors x two threads on two cores thrash), fewer leave cores idle. Ray exports
 ``OMP_NUM_THREADS`` for its workers, but torch may have been imported (and its pool
 sized) before; :func:`configure_torch_threads` sets the pool explicitly, once per
-process. ``FEDAVG_RELU_THREADS`` overrides everything.
+process. ``FEDAVG_RELU_THREADS`` overrides everything. The pool is the CPU's: with
+``device = "cuda"`` (:mod:`fedavg_relu.core.device`) it runs only the host-side work.
 
 This module does not import flwr.
 """

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedavg_relu.core.device import module_device
 from fedavg_relu.core.models import ReluMLP, compute_loss
 
 
@@ -117,14 +118,18 @@ def iter_local_sgd(
 
     Returns (``StopIteration.value``) the :class:`LocalSGDResult`. Lets a caller step
     a cohort of clients in lockstep with exactly the updates ``run_local_sgd`` makes.
+    Runs on the model's device (``x``, ``y`` and ``correction`` move there); the
+    minibatch order is drawn on the CPU by ``generator`` whatever the device.
     """
     n = x.shape[0]
     if n == 0:
         raise ValueError("client has no training examples")
+    device = module_device(model)
+    x, y = x.to(device), y.to(device)  # no-ops when they are there already
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else None
-    extra = [correction[name] for name, _ in named] if correction is not None else None
+    extra = [correction[name].to(device) for name, _ in named] if correction is not None else None
     num_steps = settings.steps_for(n)
     optimizer = torch.optim.SGD(
         params,
@@ -140,7 +145,7 @@ def iter_local_sgd(
         if batches is None:
             xb, yb = x, y
         else:
-            idx = batches[step]
+            idx = batches[step].to(device)
             xb, yb = x[idx], y[idx]
         optimizer.zero_grad(set_to_none=True)
         loss = compute_loss(model(xb), yb, settings.loss)
@@ -184,8 +189,10 @@ def full_gradient(model: ReluMLP, x: torch.Tensor, y: torch.Tensor, loss: str) -
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, batch_size: int = 4096) -> tuple[float, float]:
-    """Mean loss and accuracy (argmax of the output) on ``(x, y)``."""
+    """Mean loss and accuracy (argmax of the output) on ``(x, y)``, on the model's device."""
     model.eval()
+    device = module_device(model)
+    x, y = x.to(device), y.to(device)
     total_loss, correct, n = 0.0, 0, x.shape[0]
     if n == 0:
         raise ValueError("cannot evaluate on an empty data set")

@@ -31,7 +31,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # keys that may differ between the interrupted run and its resumption
 RESUMABLE_CHANGES = frozenset({
     "resume", "num-server-rounds", "round-timeout", "tensorboard", "checkpoint-every", "verbose", "tracker",
-    "mlflow-tracking-uri",
+    "mlflow-tracking-uri", "device",
 })
 
 
