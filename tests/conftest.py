@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from fedavg_relu.runtime.local_grid import ensure_task_identity
+# The suite computes on the CPU on every machine: run-config `device` defaults to "auto", which on a
+# GPU machine would move the bit-for-bit equality tests onto cuda. Set before torch is imported;
+# benchmarks/gpu_check.py is the device's own check.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest  # noqa: E402
+
+from fedavg_relu.runtime.local_grid import ensure_task_identity  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
