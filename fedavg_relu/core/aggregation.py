@@ -1,7 +1,8 @@
 """Server-side update rules that Flower does not ship (numpy and torch, no flwr).
 
-``add_weighted``
-    ``acc += w * value`` in float64, in place: the running sums of streamed averages.
+``add_weighted`` / ``squared_difference``
+    ``acc += w * value`` in float64, in place (the running sums of streamed averages),
+    and ``||a - b||^2`` in float64: both in cache-sized pieces (:data:`PIECE`).
 ``fednova_average``
     FedNova (Wang et al., NeurIPS 2020): normalised averaging that removes the
     objective inconsistency of clients running different numbers of local steps.
@@ -11,12 +12,19 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 Params = Mapping[str, np.ndarray]
+
+#: Elements per piece of :func:`add_weighted` and :func:`squared_difference`. A mixed-dtype
+#: (float32 into float64) add over a whole 2048 x 2048 array took 10 ms here; the same add in
+#: pieces of 64 Ki elements, which stay in the L2 cache while they are cast and added, 2 ms.
+#: The per-element arithmetic is the same, so the sums are bit-identical.
+PIECE = 1 << 16
 
 
 def fednova_normalizer(local_steps: float, momentum: float = 0.0) -> float:
@@ -127,9 +135,42 @@ def scaffold_server_update(
     return new_x, new_c
 
 
+def _flat(array: np.ndarray) -> torch.Tensor:
+    """A flat tensor over ``array``'s memory (a copy only when it is not C-contiguous), read-only use only."""
+    with warnings.catch_warnings():  # a read-only array (decoded from a message) is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(array)).reshape(-1)
+
+
 def add_weighted(acc: np.ndarray, value: np.ndarray, weight: float) -> None:
     """``acc += weight * value`` in acc's float64, in place, without a float64 temporary of ``value``.
 
-    A read-only ``value`` (e.g. an array decoded from a message) is copied once in its own dtype.
+    ``acc`` must be C-contiguous (an accumulator from ``np.zeros``); ``value`` is only read
+    (a read-only array decoded from a message is not copied). Runs in pieces of :data:`PIECE`.
     """
-    torch.from_numpy(acc).add_(torch.from_numpy(np.require(value, requirements=["C", "W"])), alpha=weight)
+    if not acc.flags.c_contiguous or not acc.flags.writeable:
+        raise ValueError("add_weighted: the accumulator must be a writable C-contiguous array")
+    if np.shape(value) != acc.shape:
+        raise ValueError(f"add_weighted: value of shape {np.shape(value)} added to an accumulator of shape {acc.shape}")
+    total, part = torch.from_numpy(acc).reshape(-1), _flat(value)
+    for start in range(0, total.numel(), PIECE):
+        total[start : start + PIECE].add_(part[start : start + PIECE], alpha=weight)
+
+
+def squared_difference(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor | None = None) -> float:
+    """``||a - b||_F^2`` (``||a||_F^2`` when ``b`` is None) accumulated in float64, in pieces of
+    :data:`PIECE` (no full-size temporary).
+
+    ``a`` and ``b`` (numpy arrays or tensors of the same shape and device) are only read.
+    """
+    x = a.reshape(-1) if isinstance(a, torch.Tensor) else _flat(a)
+    y = None if b is None else b.reshape(-1) if isinstance(b, torch.Tensor) else _flat(b)
+    if y is not None and x.shape != y.shape:
+        raise ValueError(f"squared_difference: shapes differ: {tuple(np.shape(a))} and {tuple(np.shape(b))}")
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, x.numel(), PIECE):
+        d = x[start : start + PIECE].double()
+        if y is not None:
+            d = d - y[start : start + PIECE].double()
+        total += torch.dot(d, d)
+    return float(total)

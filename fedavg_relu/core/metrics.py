@@ -19,6 +19,7 @@ from dataclasses import MISSING, asdict, dataclass
 import numpy as np
 import torch
 
+from fedavg_relu.core.aggregation import squared_difference
 from fedavg_relu.core.device import module_device
 from fedavg_relu.core.mechanism import nonlinear_drift
 from fedavg_relu.core.models import ReluMLP, set_trainable
@@ -29,7 +30,7 @@ def squared_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -
     """``sum_l ||a_l - b_l||_F^2`` over the (identical) keys of ``a`` and ``b``."""
     if set(a) != set(b):
         raise ValueError(f"parameter names differ: {sorted(set(a) ^ set(b))}")
-    return float(sum(np.sum((np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)) ** 2) for k in a))
+    return float(sum(squared_difference(a[k], b[k]) for k in a))
 
 
 def distances_from_init(current: Mapping[str, np.ndarray], init: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -42,9 +43,8 @@ def distances_from_init(current: Mapping[str, np.ndarray], init: Mapping[str, np
     out: dict[str, float] = {}
     total_sq, init_sq = 0.0, 0.0
     for name in init:
-        w0 = np.asarray(init[name], np.float64)
-        diff_sq = float(np.sum((np.asarray(current[name], np.float64) - w0) ** 2))
-        norm0_sq = float(np.sum(w0**2))
+        diff_sq = squared_difference(current[name], init[name])
+        norm0_sq = squared_difference(init[name])
         total_sq += diff_sq
         init_sq += norm0_sq
         out[f"distance-from-init/{name}"] = math.sqrt(diff_sq)
@@ -170,15 +170,14 @@ def measure_client_drift(
         fraction = nonlinear_drift(
             model, local_params, global_params, x, y, loss, grad_local=at_local.grads, grad_global=at_global.grads,
         ).fraction
-    delta = [torch.from_numpy(np.asarray(local_params[n])) - torch.from_numpy(np.asarray(global_params[n])) for n in names]
     drift = ClientDrift(
         num_examples=int(x.shape[0]),
         loss_at_global=at_global.loss,
         loss_at_local=at_local.loss,
         grad_norm_global=_norm(at_global.grads[n] for n in names),
         grad_norm_local=_norm(at_local.grads[n] for n in names),
-        gradient_drift=_norm(at_local.grads[n] - at_global.grads[n] for n in names),
-        param_distance=_norm(delta),
+        gradient_drift=math.sqrt(sum(squared_difference(at_local.grads[n], at_global.grads[n]) for n in names)),
+        param_distance=math.sqrt(sum(squared_difference(local_params[n], global_params[n]) for n in names)),
         flips_local=flip_fraction(at_local.patterns, at_global.patterns),
         flips_init=flip_fraction(at_global.patterns, init_patterns) if init_patterns is not None else math.nan,
         nonlinear_fraction=fraction,

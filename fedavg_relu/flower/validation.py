@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedavg_relu.core.aggregation import squared_difference
 from fedavg_relu.flower.schema import MAX_NUM_EXAMPLES, NUM_EXAMPLES, REASONS, TRAIN_METRICS, Rejected, check_metrics
 
 __all__ = ["REASONS", "OutlierGate", "OutlierRules", "Rejected", "UpdateRules", "check_update", "update_norm"]
@@ -104,8 +105,7 @@ def update_norm(params: Mapping[str, np.ndarray], global_params: Mapping[str, np
     for k, value in params.items():
         if k not in global_params:  # e.g. SCAFFOLD's control-variate deltas travel beside the model
             continue
-        diff = np.asarray(value, np.float64) - np.asarray(global_params[k], np.float64)
-        total += float(np.dot(diff.ravel(), diff.ravel()))
+        total += squared_difference(value, global_params[k])
     return math.sqrt(total)
 
 
