@@ -28,6 +28,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
+from fedavg_relu.core.aggregation import squared_difference
 from fedavg_relu.core.metrics import ClientDrift, client_row, summarize_drift
 from fedavg_relu.core.packed import DriftSums, lockstep_metrics, summarize_drift_sums
 from fedavg_relu.flower import schema as wire
@@ -151,7 +152,7 @@ class DriftExchange:
     def _new_accumulator(self) -> dict[str, Any]:
         return {"drifts": [], "before": [], "rows": [], "grad_sum": None, "clients": set()}
 
-    def _gradient(self, reply: Message, record: str, dtype_check: bool = True) -> dict[str, np.ndarray] | None:
+    def _gradient(self, reply: Message, record: str) -> dict[str, np.ndarray] | None:
         """The reply's gradient arrays (``record``), checked against W^0's names, shapes, real dtype, finiteness."""
         if not self.settings.gradient_dissimilarity:
             return None
@@ -207,7 +208,7 @@ class DriftExchange:
         mean_grad_sq = None
         if acc["grad_sum"] is not None and len(drifts) >= 2:  # dissimilarity compares clients: two at least
             total = float(sum(d.num_examples for d in drifts))
-            mean_grad_sq = float(sum(np.sum((g / total) ** 2) for g in acc["grad_sum"].values()))
+            mean_grad_sq = sum(squared_difference(g) for g in acc["grad_sum"].values()) / total**2
         out = summarize_drift(drifts, self.settings.learning_rate, mean_grad_sq)
         if drifts:
             p = np.array([d.num_examples for d in drifts], np.float64)
@@ -268,7 +269,7 @@ class PackedDriftExchange(DriftExchange):
                 if value < 0:
                     raise Rejected("metric-bounds", f"lockstep step {t}: {key}={value}: expected >= 0")
             out[t] = step
-        if len(values) > 0 and not steps and any(str(k).startswith(wire.LOCKSTEP_PREFIX) for k in values):
+        if not steps and any(str(k).startswith(wire.LOCKSTEP_PREFIX) for k in values):
             raise Rejected("metric-keys", "lockstep sums without lockstep-steps")
         return out
 

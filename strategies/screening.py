@@ -47,8 +47,8 @@ class ScreenedRound:
         node -> the local steps it reported (the per-client table).
     num_examples
         node -> the ``num-examples`` of its valid update (a drift reply must repeat it).
-    failed, rejected
-        Nodes whose reply was an error (or never came) / was rejected.
+    rejected
+        Nodes whose reply was rejected (``counts`` derives the failed ones: sampled, neither trained nor rejected).
     rejected_reasons
         Rejections per reason.
     first_error
@@ -60,7 +60,6 @@ class ScreenedRound:
     trained: list[tuple[int, float]] = field(default_factory=list)
     local_steps: dict[int, float] = field(default_factory=dict)
     num_examples: dict[int, int] = field(default_factory=dict)
-    failed: list[int] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
     rejected_reasons: dict[str, int] = field(default_factory=dict)
     first_error: str = ""
@@ -153,7 +152,6 @@ class ReplyScreen:
                 out.accepted.append(update)
         errors.log_repeats()
         silent = [node for node in wanted if node not in seen]  # sent nothing in time
-        out.failed.extend(silent)
         out.errors.update({node: "no reply within round-timeout" for node in silent})
         out.first_error = errors.most_common() or ""
         return out
@@ -172,7 +170,6 @@ class ReplyScreen:
         if msg.has_error():
             reason = msg.error.reason or ""
             errors.add(node, reason)
-            out.failed.append(node)
             out.errors[node] = reason or "error reply"
             if is_worker_lost(reason):
                 raise RunAborted(
