@@ -17,6 +17,12 @@ It reports the median seconds per round (rounds >= 1) of each setting and its
 ratio to ``off``, measured in one run. The drift exchange's share falls as the
 local work (tau x batch) grows, which is why there are two cases.
 
+**The floor.** The same run times what the drift exchange cannot avoid: the two
+full-data gradients of every client (at W_k and at W^{r+1},
+:func:`fedavg_relu.core.training.full_gradient` on each client's data, nothing
+else: no messages, no checks, no spill), and reports ``(off + floor) / off``, the
+ratio the drift setting would have with every other cost of the exchange at zero.
+
 Usage::
 
     python benchmarks/drift_overhead.py [--width 2048] [--rounds 4] [--repeats 3] [--out FILE]
@@ -34,6 +40,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import scale  # noqa: E402  (benchmarks/: run_stamp)
 
 from fedavg_relu.core.results import atomic_write_text, read_metrics  # noqa: E402
 from fedavg_relu.runtime.simulation import run_in_process  # noqa: E402
@@ -44,6 +53,28 @@ def round_seconds(cfg: dict) -> float:
     run_dir = run_in_process(cfg)
     rows = read_metrics(run_dir)
     return statistics.median(r["seconds"] for r in rows if r["round"] >= 1)
+
+
+def gradient_floor(cfg: dict, repeats: int = 5) -> float:
+    """Median seconds of two full-data gradients per client, over every client of ``cfg`` (the drift's compute)."""
+    from fedavg_relu.core.config import RunConfig
+    from fedavg_relu.core.data import load_partitions
+    from fedavg_relu.core.models import set_trainable
+    from fedavg_relu.core.task import initial_params, working_model
+    from fedavg_relu.core.training import full_gradient
+
+    run = RunConfig.from_mapping(cfg)
+    model = working_model(run)
+    set_trainable(model, initial_params(run))
+    datas = load_partitions(run, range(run.num_partitions))
+    times = []
+    for _ in range(repeats + 1):  # the first pass warms up
+        t = time.perf_counter()
+        for data in datas:
+            full_gradient(model, data.x, data.y, run.loss)
+            full_gradient(model, data.x, data.y, run.loss)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -81,17 +112,20 @@ def main() -> None:
                 }
                 times[setting].append(round_seconds(cfg))
         seconds = {s: statistics.median(v) for s, v in times.items()}
+        floor = gradient_floor({"dataset": "digits", "num-partitions": 10, "width": args.width, **extra})
         table.append({"case": name, "round-seconds": seconds,
                       "ratio-to-off": {s: v / seconds["off"] for s, v in seconds.items()},
-                      "all-seconds": times})
+                      "all-seconds": times, "drift-gradients-s": floor,
+                      "floor-ratio": (seconds["off"] + floor) / seconds["off"]})
     print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"digits, 10 clients, paper m={args.width}, {args.rounds} rounds x {args.repeats} repeats, in process")
     print(f"{'case':30s} " + " ".join(f"{s:>22s}" for s in settings))
     for row in table:
         print(f"{row['case']:30s} " + " ".join(
-            f"{row['round-seconds'][s]:10.3f} s ({row['ratio-to-off'][s]:5.2f}x)" for s in settings))
+            f"{row['round-seconds'][s]:10.3f} s ({row['ratio-to-off'][s]:5.2f}x)" for s in settings)
+            + f"   floor: two gradients per client {row['drift-gradients-s']:.3f} s ({row['floor-ratio']:.2f}x)")
     if args.out:
-        meta = {"width": args.width, "rounds": args.rounds, "repeats": args.repeats, "cpus": os.cpu_count(),
+        meta = {**scale.run_stamp(), "width": args.width, "rounds": args.rounds, "repeats": args.repeats, "cpus": os.cpu_count(),
                 "torch-threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
                 "workload": "digits, 10 clients, paper family, in-process grid", "settings": settings}
         atomic_write_text(Path(args.out), json.dumps({"meta": meta, "rows": table}, indent=2) + "\n")

@@ -703,12 +703,16 @@ def render_drift_overhead(root: Path, args: Mapping[str, str]) -> str:
     data = _json(root, path)
     meta = data["meta"]
     settings = list(meta["settings"])
+    floor = all("drift-gradients-s" in r for r in data["rows"])
     header = ["case"] + [f"{s} s/round (× off)" if s != "off" else "off s/round" for s in settings]
+    header += ["floor: 2 gradients/client s (× off)"] if floor else []
     body = [[r["case"]] + [f"{r['round-seconds'][s]:.3f}" + (f" ({r['ratio-to-off'][s]:.2f}×)" if s != "off" else "")
-                           for s in settings] for r in data["rows"]]
+                           for s in settings]
+            + ([f"{r['drift-gradients-s']:.3f} ({r['floor-ratio']:.2f}×)"] if floor else []) for r in data["rows"]]
     note = (f"\n\n*{meta['workload']}, width {meta['width']}, {meta['rounds']} rounds × {meta['repeats']} repeats per "
             f"setting, medians of rounds ≥ 1; {meta['cpus']} CPUs, {meta['torch-threads']} torch threads, "
-            f"load average {meta['loadavg'][0]:.1f} at the end.*")
+            f"load average {meta['loadavg'][0]:.1f} at the end"
+            + (f"; {stamp_text(meta)}" if meta.get("git commit") else "") + ".*")
     return table(header, body) + note
 
 
