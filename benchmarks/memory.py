@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.scale import PeakSampler  # noqa: E402
+from benchmarks.scale import PeakSampler, run_stamp  # noqa: E402
 
 GIB = 2**30
 
@@ -159,10 +159,10 @@ def main() -> None:
         return
     tmp = Path(tempfile.mkdtemp(prefix="fr-mem-"))
     rows: list[dict] = []
-    meta = {"width": args.width, "local-steps": args.local_steps, "rounds": args.rounds, "round-timeout": args.round_timeout,
+    meta = {**run_stamp(), "width": args.width, "local-steps": args.local_steps, "rounds": args.rounds, "round-timeout": args.round_timeout,
             "partitioner": args.partitioner,
             "dirichlet-alpha": args.alpha, "dataset": "digits", "model-family": "paper", "cpus": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d"), "memory-gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB}
+            "memory-gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB}
     try:
         for clients in args.clients:
             for path in args.paths:
