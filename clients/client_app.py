@@ -22,7 +22,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedavg_relu.flower import schema as wire
-from fedavg_relu.flower.records import arrays_to_params, params_to_arrays
+from fedavg_relu.flower.records import arrays_to_params, arrays_to_views, params_to_arrays
 from fedavg_relu.core.task import client_data, measure_drift, node_seed_id, train_client
 
 from .node import ControlVariates, local_store, run_config, settings_from, split_control
@@ -44,13 +44,14 @@ def train(msg: Message, context: Context) -> Message:
     loss_before = None
     if known is not None and wire.MEASURED_ROUND in config and int(known["server-round"]) == int(config[wire.MEASURED_ROUND]):
         loss_before = float(known["loss"])  # this very model was measured here last round
-    global_params, server_c = split_control(arrays_to_params(msg.content[wire.ARRAYS]))
+    # read-only views of the message's bytes: loaded into the model (one copy), never written
+    global_params, server_c = split_control(arrays_to_views(msg.content[wire.ARRAYS]))
     client = int(context.node_config.get("partition-id", context.node_id))
     controls = ControlVariates(config) if server_c is not None else None  # SCAFFOLD: c came along
     scaffold = (server_c, controls.load(client)) if controls is not None else None
     outcome = train_client(
         cfg, client_data(cfg, context.node_config), node_seed_id(context.node_config, context.node_id), server_round,
-        global_params, settings_from(config, cfg), loss_before, scaffold,
+        global_params, settings_from(config, cfg), loss_before, scaffold, copy=False,  # sent and kept below, at once
     )
     reply_params = dict(outcome.local_params)
     if outcome.control_delta is not None and controls is not None:

@@ -33,7 +33,7 @@ from fedavg_relu.core.metrics import ClientDrift, client_row, summarize_drift
 from fedavg_relu.core.packed import DriftSums, lockstep_metrics, summarize_drift_sums
 from fedavg_relu.flower import schema as wire
 from fedavg_relu.flower.client_table import client_rows_from_lists
-from fedavg_relu.flower.records import array_records, arrays_to_params, metric_records, release
+from fedavg_relu.flower.records import array_records, arrays_to_views, metric_records, release
 from fedavg_relu.flower.schema import Rejected
 from fedavg_relu.flower.streaming import node_of
 
@@ -160,7 +160,7 @@ class DriftExchange:
         if record not in records:
             raise Rejected("record-layout", f"the drift reply lacks the {record!r} ArrayRecord")
         try:
-            gradient = arrays_to_params(records[record])
+            gradient = arrays_to_views(records[record])  # read-only: checked and summed
         except Exception as err:  # noqa: BLE001 - unreadable bytes, unknown dtype
             raise Rejected("malformed", f"unreadable gradient: {type(err).__name__}: {err}") from err
         ref = self.settings.initial_params

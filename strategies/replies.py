@@ -19,7 +19,7 @@ from flwr.common.logger import log
 
 from fedavg_relu.core.aggregation import add_weighted
 from fedavg_relu.flower import schema as wire
-from fedavg_relu.flower.records import array_records, arrays_to_params, metric_records, params_to_arrays
+from fedavg_relu.flower.records import array_records, arrays_to_views, metric_records, params_to_arrays
 from fedavg_relu.flower.validation import Rejected, check_record_layout
 
 
@@ -119,7 +119,7 @@ def extract_update(msg: Message, layout: Mapping[str, str] | None = None) -> tup
     if layout is not None:
         check_record_layout({name: type(record).__name__ for name, record in content.items()}, layout)
     try:
-        params = arrays_to_params(next(iter(array_records(content).values())))
+        params = arrays_to_views(next(iter(array_records(content).values())))  # read-only: only checked and summed
     except Exception as err:  # unreadable bytes, unknown dtype, ...
         raise Rejected("malformed", f"unreadable arrays: {type(err).__name__}: {err}") from err
     return params, dict(next(iter(metric_records(content).values())))

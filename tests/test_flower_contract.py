@@ -545,3 +545,41 @@ def test_fast_paths_are_active_in_a_real_simulation(tmp_path):
     assert counts.get("extractor-woken-by-store", 0) >= counts["extractor-delivered"] - 2, counts
     assert counts.get("pull-interval-lowered", 0) == 1, counts
     assert vce_api.add_messages_to_queue is original
+
+
+# --- Array bytes: records.array_view reads Flower's .npy bytes in place ----------------------------
+@pytest.mark.parametrize("value", [
+    np.arange(12, dtype=np.float32).reshape(3, 4), np.array(2.5), np.arange(5, dtype=np.int64),
+    np.zeros((0, 3), np.float32), np.array([True, False]), np.arange(6, dtype=">f4").reshape(2, 3),
+    np.array([1 + 2j], np.complex64), np.linspace(0, 1, 7, dtype=np.float16),
+])
+def test_array_view_reads_what_flowers_array_numpy_reads(value):
+    """Flower's Array keeps np.save's bytes (stype numpy.ndarray); array_view maps them in place: same dtype,
+    shape and values as Array.numpy(), read-only, no copy of the data. A Flower release that serializes
+    arrays otherwise fails here (or array_view falls back to Array.numpy())."""
+    from flwr.app import Array
+
+    from fedavg_relu.flower.records import array_view
+
+    array = Array(value)
+    assert array.stype == seam.NUMPY_STYPE and array.data[:6] == b"\x93NUMPY"
+    expected, view = array.numpy(), array_view(array)
+    assert view.dtype == expected.dtype and view.shape == expected.shape
+    assert np.array_equal(view, expected)
+    assert not view.flags.writeable
+    if value.size:
+        assert np.shares_memory(view, np.frombuffer(array.data, np.uint8))  # in place, not a copy
+
+
+def test_array_view_falls_back_or_fails_like_flower():
+    """A Fortran-ordered array falls back to Array.numpy(); truncated bytes raise as np.load does."""
+    from flwr.app import Array
+
+    from fedavg_relu.flower.records import array_view
+
+    fortran = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert np.array_equal(array_view(Array(fortran)), fortran)
+    broken = Array(np.arange(10, dtype=np.float32))
+    broken.__dict__["data"] = broken.data[:-4]
+    with pytest.raises(ValueError):
+        array_view(broken)

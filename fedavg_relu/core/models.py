@@ -107,10 +107,11 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def get_trainable(model: nn.Module) -> dict[str, np.ndarray]:
-    """Copies of the trained parameters as numpy arrays, keyed by parameter name."""
+def get_trainable(model: nn.Module, copy: bool = True) -> dict[str, np.ndarray]:
+    """The trained parameters as numpy arrays, keyed by parameter name: copies, or with
+    ``copy=False`` (CPU models) views of the parameters' memory, valid until the model changes."""
     return {
-        name: p.detach().cpu().numpy().copy()
+        name: p.detach().cpu().numpy().copy() if copy or p.device.type != "cpu" else p.detach().numpy()
         for name, p in model.named_parameters()
         if p.requires_grad
     }
@@ -122,13 +123,17 @@ def set_trainable(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
     expected = trainable_names(model)
     if sorted(params) != sorted(expected):
         raise ValueError(f"parameter names {sorted(params)} do not match the model's {sorted(expected)}")
-    values = {name: torch.as_tensor(np.asarray(params[name])) for name in expected}
+    values = {name: np.asarray(params[name]) for name in expected}
     for name, value in values.items():  # check everything before changing anything
         if tuple(value.shape) != tuple(own[name].shape):
             raise ValueError(f"parameter {name}: shape {tuple(value.shape)} != model's {tuple(own[name].shape)}")
     with torch.no_grad():
         for name, value in values.items():
-            own[name].copy_(value)
+            target = own[name]
+            if target.device.type == "cpu" and target.is_contiguous():
+                np.copyto(target.detach().numpy(), value, casting="same_kind")  # one copy; `value` may be a read-only view
+            else:
+                target.copy_(torch.from_numpy(np.array(value)))
 
 
 def compute_loss(output: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:

@@ -86,6 +86,7 @@ def train_client(
     settings: LocalSGDSettings,
     loss_before: float | None = None,
     scaffold: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray] | None] | None = None,
+    copy: bool = True,
 ) -> TrainOutcome:
     """Set W_k <- W^r and run tau_k local steps, deterministic in (seed, partition, round).
 
@@ -95,6 +96,9 @@ def train_client(
     ``scaffold = (c, c_k)`` (``c_k`` None on a node's first round: zeros) turns on
     SCAFFOLD's gradient correction ``c - c_k`` and its option-II control update.
     Runs on ``cfg.device`` (:func:`fedavg_relu.core.device.resolve_device`).
+    ``copy=False``: ``local_params`` are views of this process's working model (no 268 MB copy
+    at width 8192), valid only until the next call here: for a caller that sends and keeps them
+    at once (the ClientApp's train handler), not one that trains several clients in turn.
     """
     device = resolve_device(cfg.device)
     model = working_model(cfg, device)
@@ -111,7 +115,7 @@ def train_client(
         client_c = client_c or {k: np.zeros_like(v) for k, v in server_c.items()}
         correction = {k: torch.from_numpy(np.asarray(server_c[k] - client_c[k])) for k in server_c}
     result = run_local_sgd(model, x, y, settings, generator, correction)
-    local = get_trainable(model)
+    local = get_trainable(model, copy=copy)
     if from_first_step:
         loss_before = result.first_batch_loss
     outcome = TrainOutcome(local, result.num_examples, result.mean_batch_loss, loss_before, result.num_steps)

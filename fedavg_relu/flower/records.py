@@ -14,11 +14,15 @@ such cycles made by code we do not own (Flower's own strategies read
 from __future__ import annotations
 
 import gc
+import io
+import math
 import threading
 from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedavg_relu.flower.seam import NUMPY_STYPE
 
 
 def params_to_arrays(params: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -27,8 +31,40 @@ def params_to_arrays(params: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 def arrays_to_params(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """The ``name -> numpy array`` dict of an ``ArrayRecord``."""
+    """The ``name -> numpy array`` dict of an ``ArrayRecord`` (writable copies)."""
     return {name: array.numpy() for name, array in record.items()}
+
+
+def array_view(array: Array) -> np.ndarray:
+    """``array.numpy()`` without the copy: a read-only view of the Array's ``.npy`` bytes.
+
+    Flower 1.42 keeps an ``Array`` of stype ``numpy.ndarray`` as the bytes ``np.save`` wrote
+    (``Array.from_numpy_ndarray``), and ``Array.numpy()`` copies them out with ``np.load``: at
+    width 8192 that is 268 MB copied (and its pages faulted in) per model received. Here the
+    header is parsed and the data mapped in place. A Fortran-ordered or object array, another
+    stype, or bytes that are not a whole ``.npy`` fall back to (or fail like) ``array.numpy()``.
+    ``tests/test_flower_contract.py`` checks the format against Flower's own ``Array``.
+    For readers only: the view must not be written to or wrapped by torch for writing.
+    """
+    data = array.data
+    if array.stype != NUMPY_STYPE or not isinstance(data, bytes):
+        return array.numpy()
+    head = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(head)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(head)
+    except ValueError:
+        return array.numpy()  # raises as Flower does
+    count = math.prod(shape)
+    if fortran_order or dtype.hasobject or head.tell() + count * dtype.itemsize != len(data):
+        return array.numpy()
+    return np.frombuffer(data, dtype=dtype, count=count, offset=head.tell()).reshape(shape)
+
+
+def arrays_to_views(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """:func:`arrays_to_params` without copies: read-only views (:func:`array_view`), for readers only."""
+    return {name: array_view(array) for name, array in record.items()}
 
 
 def array_records(content: RecordDict) -> dict[str, ArrayRecord]:

@@ -30,6 +30,8 @@ Items, in the order below:
     its ``pull_messages`` calls (:mod:`fedavg_relu.flower.reply_deadline`).
 11. :func:`superlink_http_app`: the SuperLink's HTTP app (``flwr.superlink.main.create_app``),
     whose routes the hardened deployment's proxy allows or refuses (:mod:`fedavg_relu.runtime.proxy`).
+12. :data:`NUMPY_STYPE`: ``flwr.common.constant.SType.NUMPY``, the stype of an ``Array`` whose
+    ``data`` is the bytes ``np.save`` wrote (read in place by :func:`fedavg_relu.flower.records.array_view`).
 
 Contracts the project relies on without code here (``tests/test_flower_contract.py``
 checks them too):
@@ -68,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.common import log
+from flwr.common.constant import SType
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 #: The flwr release every item here was last checked against.
@@ -75,6 +78,9 @@ CHECKED_WITH = "1.42.0"
 
 #: Fast path -> times it ran in this process (keys: see :func:`_count`'s callers).
 fast_path_counts: Counter[str] = Counter()
+
+#: Item 12: the stype of an ``Array`` holding ``np.save``'s bytes (Flower's ``Array.from_numpy_ndarray``).
+NUMPY_STYPE: str = SType.NUMPY
 _counts_lock = threading.Lock()
 
 
