@@ -58,18 +58,27 @@ def fedavg_round_numpy(params: dict, xs: list, ys: list, steps: int, lr: float) 
     return {k: np.mean([o[k] for o in outs], axis=0) for k in params}
 
 
-def test_one_pfl_round_is_one_fedavg_round():
-    """3 clients x 6 examples, 4 inputs -> 7 hidden -> 3 classes, 2 local steps of lr 0.5: pfl == numpy to 1e-6."""
+def _pfl_round(seed: int, clients: int, examples: int, hidden: int, torch_seed: int):
+    """One pfl FedAvg round (4 inputs -> ``hidden`` -> 3 classes, 2 local steps of lr 0.5) on random clients.
+
+    Returns the start state, pfl's state after the round, and the clients' inputs and labels.
+    """
     import torch
 
     peer = _peer()
-    rng = np.random.default_rng(3)
-    xs = [rng.normal(size=(6, 4)).astype(np.float32) for _ in range(3)]
-    ys = [rng.integers(0, 3, size=6) for _ in range(3)]
-    torch.manual_seed(1)
-    start = {k: v.detach().clone() for k, v in peer.classifier(7, 4, 3).state_dict().items()}
-    _, state = peer.fedavg_rounds([torch.from_numpy(x) for x in xs], [torch.from_numpy(y) for y in ys], 7, 3,
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(size=(examples, 4)).astype(np.float32) for _ in range(clients)]
+    ys = [rng.integers(0, 3, size=examples) for _ in range(clients)]
+    torch.manual_seed(torch_seed)
+    start = {k: v.detach().clone() for k, v in peer.classifier(hidden, 4, 3).state_dict().items()}
+    _, state = peer.fedavg_rounds([torch.from_numpy(x) for x in xs], [torch.from_numpy(y) for y in ys], hidden, 3,
                                   steps=2, lr=0.5, rounds=1, initial_state=start)
+    return start, state, xs, ys
+
+
+def test_one_pfl_round_is_one_fedavg_round():
+    """3 clients x 6 examples, 4 inputs -> 7 hidden -> 3 classes, 2 local steps of lr 0.5: pfl == numpy to 1e-6."""
+    start, state, xs, ys = _pfl_round(seed=3, clients=3, examples=6, hidden=7, torch_seed=1)
     expected = fedavg_round_numpy({k: v.numpy() for k, v in start.items()}, [x.astype(np.float64) for x in xs], ys, 2, 0.5)
     moved = max(float(np.abs(expected[k] - start[k].numpy()).max()) for k in expected)
     assert moved > 1e-2  # the round changed the model: the comparison below is not trivially true
@@ -79,15 +88,6 @@ def test_one_pfl_round_is_one_fedavg_round():
 
 def test_pfl_round_differs_from_a_wrong_fedavg():
     """The comparison can fail: one local step instead of two gives another model (off by more than 1e-3)."""
-    import torch
-
-    peer = _peer()
-    rng = np.random.default_rng(4)
-    xs = [rng.normal(size=(5, 4)).astype(np.float32) for _ in range(2)]
-    ys = [rng.integers(0, 3, size=5) for _ in range(2)]
-    torch.manual_seed(2)
-    start = {k: v.detach().clone() for k, v in peer.classifier(6, 4, 3).state_dict().items()}
-    _, state = peer.fedavg_rounds([torch.from_numpy(x) for x in xs], [torch.from_numpy(y) for y in ys], 6, 3,
-                                  steps=2, lr=0.5, rounds=1, initial_state=start)
+    start, state, xs, ys = _pfl_round(seed=4, clients=2, examples=5, hidden=6, torch_seed=2)
     wrong = fedavg_round_numpy({k: v.numpy() for k, v in start.items()}, [x.astype(np.float64) for x in xs], ys, 1, 0.5)
     assert max(float(np.abs(state[k].numpy() - wrong[k]).max()) for k in wrong) > 1e-3

@@ -99,20 +99,7 @@ def test_render_fills_every_placeholder_and_rejects_unknown_ones(tmp_path):
 def test_nginx_accepts_the_rendered_configuration(tmp_path):
     """`nginx -t` accepts the rendered template (with real certificates) and refuses a broken one.
     Skipped where nginx is absent, except in CI (CI=true), where .ci/run installs it."""
-    import os  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from make_certs import make_certificates  # noqa: PLC0415
-
-    try:
-        nginx_binary()
-    except FileNotFoundError as err:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(str(err))
-    make_certificates(tmp_path / "certs", num_nodes=0)
+    _certs_or_skip(tmp_path)
     proxy = NginxProxy(tmp_path / "certs", tmp_path / "proxy", "127.0.0.1", 9093, 9091)
     proxy.write_conf()
     proxy.check()

@@ -57,7 +57,7 @@ import numpy as np
 
 from fedavg_relu.core.config import STRATEGIES, ConfigError, did_you_mean
 from fedavg_relu.core.results import atomic_write_text
-from fedavg_relu.experiments.sweep import SweepSpec, parse_sweep, read_tables, read_toml, run_sweep
+from fedavg_relu.experiments.sweep import SweepSpec, override_base, parse_sweep, read_tables, read_toml, run_sweep
 
 COMPARE_KEYS = ("name", "output-dir", "strategies", "seeds", "target-loss", "engine")
 
@@ -137,15 +137,7 @@ def override_comparison(data: Mapping[str, Any], strategies: Sequence[str] | Non
         spec["strategies"] = list(strategies)
     if seeds is not None:
         spec["seeds"] = list(seeds)
-    if rounds is not None:
-        base["num-server-rounds"] = rounds
-        for keys in data.get("partitions", {}).values():
-            if isinstance(keys, dict):
-                keys.pop("num-server-rounds", None)
-    if tracker is not None:
-        base["tracker"] = tracker
-    if tracking_uri is not None:
-        base["mlflow-tracking-uri"] = tracking_uri
+    override_base(base, list(data.get("partitions", {}).values()), rounds, tracker, tracking_uri)
     return data
 
 

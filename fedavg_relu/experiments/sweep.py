@@ -260,15 +260,26 @@ def override_cells(data: Mapping[str, Any], seeds: Sequence[int] | None = None, 
             grid["seed"] = list(seeds)
         if not grids:
             data["grid"] = {"seed": list(seeds)}
+    override_base(base, grids, rounds, tracker, tracking_uri)
+    return data
+
+
+def override_base(base: dict[str, Any], tables: Sequence[Any], rounds: int | None, tracker: str | None,
+                  tracking_uri: str | None) -> None:
+    """The command line's ``rounds`` / ``tracker`` / ``tracking_uri`` into ``base`` (``None``: as the file says).
+
+    ``rounds`` becomes ``[base] num-server-rounds`` and is removed from every table of ``tables``
+    (grids or partition settings) that is a mapping, so the command line wins everywhere.
+    """
     if rounds is not None:
         base["num-server-rounds"] = rounds
-        for grid in grids:
-            grid.pop("num-server-rounds", None)
+        for table in tables:
+            if isinstance(table, dict):
+                table.pop("num-server-rounds", None)
     if tracker is not None:
         base["tracker"] = tracker
     if tracking_uri is not None:
         base["mlflow-tracking-uri"] = tracking_uri
-    return data
 
 
 # --- cells --------------------------------------------------------------------
