@@ -615,7 +615,8 @@ PATH_LABELS = {
     "packed": "this project, packed: 1 node x 2 threads",
 }
 
-#: The files of the packed hot path: cohort training, the packed strategy and client, the messaging seam.
+#: The files of the hot path: cohort training, the packed strategy and client, the messaging seam, the records
+#: codec, reply screening and sums, and the standard ClientApp.
 #: ``tests/test_bench_regression.py`` fails when one of them changed after the commit a results file records.
 HOT_PATH_FILES = (
     "fedavg_relu/core/stacked.py",
@@ -629,6 +630,11 @@ HOT_PATH_FILES = (
     "clients/node.py",
     "fedavg_relu/flower/seam.py",
     "fedavg_relu/flower/streaming.py",
+    "fedavg_relu/flower/records.py",
+    "fedavg_relu/flower/validation.py",
+    "fedavg_relu/core/aggregation.py",
+    "strategies/replies.py",
+    "clients/client_app.py",
 )
 
 

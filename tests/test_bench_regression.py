@@ -1,6 +1,7 @@
 """No silent regressions: the headline numbers were measured on the hot path as it is now.
 
-``benchmarks/results/headline.json`` records the commit it was measured at
+``benchmarks/results/headline.json`` (and ``scale.json``, ``profile.json``: every results
+file the docs render from a hot-path measurement) records the commit it was measured at
 (``meta["git commit"]``). When a file of ``scale.HOT_PATH_FILES`` (cohort training,
 the packed strategy and client, the messaging seam) has changed since, the numbers
 in the README and docs describe code that no longer exists: re-run ``make bench``
@@ -39,11 +40,20 @@ def test_headline_results_record_when_and_on_what_they_ran():
     assert len(meta["load"]) == 3
 
 
-def test_hot_path_unchanged_since_the_headline_run():
+#: Results files the README and docs render that measure the hot path, and the command that re-makes each.
+HOT_PATH_RESULTS = {
+    "headline.json": "make bench",
+    "scale.json": "python benchmarks/scale.py",
+    "profile.json": "python benchmarks/profile_packed.py",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOT_PATH_RESULTS))
+def test_hot_path_unchanged_since_the_results_were_measured(name):
     scale = _scale()
     if scale.git("rev-parse", "--git-dir") is None:
         pytest.skip("not a git checkout: cannot tell which commit the hot path is at")
-    recorded = json.loads(HEADLINE.read_text())["meta"]["git commit"]
+    recorded = json.loads((HEADLINE.parent / name).read_text())["meta"]["git commit"]
     try:
         changed = scale.hot_path_changes(recorded)
     except LookupError as err:
@@ -51,8 +61,8 @@ def test_hot_path_unchanged_since_the_headline_run():
             pytest.skip(f"shallow clone: {err}")
         raise
     assert not changed, (
-        f"{changed} changed after commit {recorded[:12]}, where benchmarks/results/headline.json was measured: "
-        "re-run `make bench` and commit benchmarks/results/headline.json"
+        f"{changed} changed after commit {recorded[:12]}, where benchmarks/results/{name} was measured: "
+        f"re-run `{HOT_PATH_RESULTS[name]}` and commit benchmarks/results/{name}"
     )
 
 
