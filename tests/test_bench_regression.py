@@ -1,6 +1,6 @@
 """No silent regressions: the headline numbers were measured on the hot path as it is now.
 
-``benchmarks/results/headline.json`` (and ``scale.json``, ``profile.json``: every results
+``benchmarks/results/headline.json`` (and ``scale.json``, ``profile.json``, ``drift_overhead.json``: every results
 file the docs render from a hot-path measurement) records the commit it was measured at
 (``meta["git commit"]``). When a file of ``scale.HOT_PATH_FILES`` (cohort training,
 the packed strategy and client, the messaging seam) has changed since, the numbers
@@ -45,6 +45,7 @@ HOT_PATH_RESULTS = {
     "headline.json": "make bench",
     "scale.json": "python benchmarks/scale.py",
     "profile.json": "python benchmarks/profile_packed.py",
+    "drift_overhead.json": "python benchmarks/drift_overhead.py --repeats 3 --out benchmarks/results/drift_overhead.json",
 }
 
 
